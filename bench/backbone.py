@@ -1,0 +1,106 @@
+"""The one transformer family every method builds on.
+
+DiT-style blocks (Peebles & Xie 2023, as in SEDD's DDiT and MDLM's DIT): pre-LayerNorm
+attention + MLP, each modulated by adaLN (shift, scale, gate) computed from a conditioning
+vector c = MLP(sinusoidal(t)). Bidirectional SDPA attention for diffusion; the same blocks with
+causal attention (and t ≡ 0) are the autoregressive GPT-2 baseline, so a "matching size"
+comparison compares objectives, not architectures (MDLM's ``small-ar``).
+
+Inputs: token ids (B, L) or precomputed embeddings (B, L, hidden) for continuous methods; the
+conditioning scalar per sequence t (B,), a time in [0, 1] (embedded as 1000·t, DiT's range;
+zeros when unused, as for the AR baseline).
+Output: logits (B, L, vocab_out), or the final hidden states with ``return_hidden=True``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.config import BackboneConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of a scalar per sequence, (B,) → (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BackboneConfig, causal: bool):
+        super().__init__()
+        d = cfg.hidden
+        self.heads, self.causal, self.dropout = cfg.heads, causal, cfg.dropout
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_ratio * d, d))
+        self.adaLN = nn.Linear(cfg.cond_dim, 6 * d)
+        nn.init.zeros_(self.adaLN.weight)
+        nn.init.zeros_(self.adaLN.bias)
+
+    def forward(self, x, c):
+        B, L, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
+        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        a = F.dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), self.dropout, self.training)
+        x = x + (1 + g1[:, None]) * a
+        m = F.dropout(self.mlp(modulate(self.norm2(x), sh2, sc2)), self.dropout, self.training)
+        return x + (1 + g2[:, None]) * m
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: BackboneConfig, vocab_in: int, vocab_out: int, seq_len: int,
+                 causal: bool = False):
+        super().__init__()
+        self.cfg, self.causal, self.seq_len = cfg, causal, seq_len
+        d = cfg.hidden
+        self.tok = nn.Embedding(vocab_in, d)
+        self.pos = nn.Parameter(torch.zeros(seq_len, d))
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.cond_dim), nn.SiLU(),
+                                   nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.layers))
+        self.norm_f = nn.LayerNorm(d, elementwise_affine=False)
+        self.adaLN_f = nn.Linear(cfg.cond_dim, 2 * d)
+        nn.init.zeros_(self.adaLN_f.weight)
+        nn.init.zeros_(self.adaLN_f.bias)
+        self.head = nn.Linear(d, vocab_out)
+        nn.init.zeros_(self.head.weight)  # start from uniform predictions (as MDLM/DiT)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, tokens=None, t=None, embeds=None, return_hidden: bool = False):
+        x = self.tok(tokens) if embeds is None else embeds
+        B, L, _ = x.shape
+        if L > self.seq_len:
+            raise ValueError(f"sequence of {L} tokens exceeds the backbone's seq_len {self.seq_len}")
+        x = x + self.pos[:L]
+        if t is None:
+            t = torch.zeros(B, device=x.device)
+        c = F.silu(self.t_mlp(timestep_embedding(1000 * t, self.cfg.cond_dim).to(x.dtype)))
+        for blk in self.blocks:
+            x = blk(x, c)
+        sh, sc = self.adaLN_f(c).chunk(2, dim=-1)
+        x = modulate(self.norm_f(x), sh, sc)
+        return x if return_hidden else self.head(x)
+
+
+def count_params(module: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in module.parameters())
+    emb = sum(p.numel() for n, p in module.named_parameters() if n.endswith(("tok.weight", "pos")))
+    return {"params": total, "params_non_embedding": total - emb}

@@ -1,0 +1,357 @@
+"""Typed configuration: the single source of every schema (suite YAML, run specs, protocol).
+
+The CLI, YAML validation and ``tdbench methods`` all derive from these pydantic models.
+Validation errors become one-line :class:`UserError` messages naming the YAML key path,
+e.g. ``suite.yaml: sizes.tiny.heads: heads (3) must divide hidden (128)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
+
+from bench.errors import UserError
+
+PROTOCOL_VERSION = "tdbench-lik/1"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- data
+class DatasetRef(BaseModel):
+    """A dataset by registry name plus its parameters, e.g. ``{name: markov, vocab: 32}``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def key(self) -> str:
+        """Display name: ``markov(order=1,seed=7,vocab=32)``, or just ``austen``."""
+        p = self.params
+        return self.name if not p else self.name + "(" + ",".join(f"{k}={p[k]}" for k in sorted(p)) + ")"
+
+
+class TokenizerConfig(Strict):
+    """``gpt2`` (offline, OpenAI ids) or ``bpe`` (byte-level BPE trained on the train split)."""
+
+    name: Literal["gpt2", "bpe"] = "gpt2"
+    vocab_size: Optional[PositiveInt] = None  # bpe only; default 8000
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name == "gpt2" and self.vocab_size is not None:
+            raise ValueError("vocab_size is fixed (50257) for the gpt2 tokenizer")
+        if self.name == "bpe" and self.vocab_size is not None and self.vocab_size < 260:
+            raise ValueError("a byte-level BPE needs vocab_size >= 260")
+        return self
+
+
+class DataConfig(Strict):
+    train: DatasetRef
+    eval: list[DatasetRef] = Field(min_length=1)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_len: PositiveInt = 128
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _str_ref(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _str_refs(cls, v):
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _str_tok(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+
+# ----------------------------------------------------------------------------- model sizes
+class BackboneConfig(Strict):
+    """Transformer dimensions. ``cond_dim`` is the width of the time-conditioning vector."""
+
+    layers: PositiveInt
+    hidden: PositiveInt
+    heads: PositiveInt
+    cond_dim: PositiveInt = 128
+    mlp_ratio: PositiveInt = 4
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide hidden ({self.hidden})")
+        return self
+
+
+NAMED_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(layers=2, hidden=128, heads=4),
+    "small": dict(layers=12, hidden=768, heads=12),   # SEDD/MDLM small (GPT-2 small)
+    "medium": dict(layers=24, hidden=1024, heads=16),  # SEDD/MDLM medium (GPT-2 medium)
+}
+
+
+# ----------------------------------------------------------------------------- training
+class TrainConfig(Strict):
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 16          # global batch (sequences per optimizer step)
+    lr: PositiveFloat = 1e-3
+    warmup: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    ema: float = Field(0.0, ge=0.0, lt=1.0)  # 0 disables; SEDD/MDLM use 0.9999
+    ckpt_every: PositiveInt = 100
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+
+
+# ----------------------------------------------------------------------------- evaluation
+class EvalConfig(Strict):
+    """The suite's ``eval:`` block: the knobs of the likelihood protocol."""
+
+    t_samples: PositiveInt = 8                    # K: t samples per sequence
+    t_sampling: Literal["stratified", "antithetic", "iid"] = "stratified"
+    t_min: float = Field(0.0, ge=0.0, lt=1.0)     # 0 keeps the bound valid (no truncation)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    packing: Literal["eos_per_doc", "bos_eos_per_block", "none"] = "eos_per_doc"
+    max_blocks: Optional[PositiveInt] = 256       # first N blocks of each eval set's test split
+    batch_size: PositiveInt = 32
+    seed: int = 1234
+    samples: int = Field(0, ge=0)                 # unconditional samples written per run
+    sample_steps: PositiveInt = 64
+
+
+class Protocol(Strict):
+    """The likelihood-evaluation protocol, recorded beside every number.
+
+    Tokens counted: every real token of the test split after packing, i.e. the document's
+    tokens plus the one EOS appended per document (``eos_per_doc``, SEDD's convention); the
+    padding of the last partial block never counts; an injected BOS (``bos_eos_per_block``)
+    never counts, the injected EOS does. Perplexity = exp(sum NLL / sum counted tokens).
+    """
+
+    version: str = PROTOCOL_VERSION
+    tokenizer: str
+    seq_len: int
+    packing: str
+    counted: str
+    t_samples: int
+    t_sampling: str
+    t_min: float
+    confidence: float
+    max_blocks: Optional[int]
+    split: str = "test"
+
+    @property
+    def id(self) -> str:
+        return short_hash(self.model_dump())[:8]
+
+
+def tokenizer_key(tok: TokenizerConfig) -> str:
+    return tok.name if tok.name == "gpt2" else f"bpe-{tok.vocab_size or 8000}"
+
+
+# ----------------------------------------------------------------------------- launching
+class LaunchConfig(Strict):
+    executor: Literal["local", "debug", "slurm"] = "local"
+    parallel: Optional[PositiveInt] = None   # local: runs at once (default: min(#runs, cores))
+    threads: Optional[PositiveInt] = None    # torch threads per run (default: cores / parallel)
+    cluster: Optional[str] = None            # slurm profile name or path
+    timeout_min: PositiveInt = 60
+
+
+# ----------------------------------------------------------------------------- methods
+class MethodEntry(Strict):
+    """One row of the suite's ``methods:`` list: registry name, display label, parameters
+    (validated by the method's own ``Params`` schema, defaults filled in)."""
+
+    method: str
+    label: Optional[str] = None
+    params: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------- suite
+class Suite(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig
+    sizes: dict[str, Optional[dict[str, Any]]] = Field(min_length=1)
+    methods: list[dict[str, Any]] = Field(min_length=1)
+    baseline: Optional[str] = "ar"
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    seeds: list[int] = Field([0], min_length=1)
+    launch: LaunchConfig = LaunchConfig()
+
+
+class RunSpec(Strict):
+    """A fully resolved run: everything that determines its numbers (not where it runs)."""
+
+    method: str
+    label: str
+    params: dict[str, Any]
+    size: str
+    backbone: BackboneConfig
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    seed: int
+    protocol_version: str = PROTOCOL_VERSION
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.method}-{self.size}-s{self.seed}-{short_hash(self.model_dump(mode='json'))[:10]}"
+
+    def protocol(self) -> Protocol:
+        e = self.eval
+        counted = {"eos_per_doc": "document tokens + appended EOS; padding excluded",
+                   "bos_eos_per_block": "block tokens + EOS; injected BOS and padding excluded",
+                   "none": "all tokens; padding excluded"}[e.packing]
+        return Protocol(tokenizer=tokenizer_key(self.data.tokenizer), seq_len=self.data.seq_len,
+                        packing=e.packing, counted=counted, t_samples=e.t_samples,
+                        t_sampling=e.t_sampling, t_min=e.t_min, confidence=e.confidence,
+                        max_blocks=e.max_blocks)
+
+
+def short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- loading
+def keypath(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part:
+            out += ("." if out else "") + str(part)
+    return out or "<top>"
+
+
+def first_error(e: ValidationError, prefix=()) -> str:
+    err = e.errors()[0]
+    loc = tuple(prefix) + tuple(x for x in err["loc"] if not str(x).startswith("function-"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{keypath(loc)}: {msg}"
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def resolve_sizes(suite: Suite) -> dict[str, BackboneConfig]:
+    out = {}
+    for name, dims in suite.sizes.items():
+        base = dict(NAMED_SIZES.get(name, {}))
+        if dims is None and not base:
+            raise UserError(f"sizes.{name}: not a named size ({', '.join(NAMED_SIZES)}); "
+                            "give layers, hidden, heads")
+        base.update(dims or {})
+        try:
+            out[name] = BackboneConfig(**base)
+        except ValidationError as e:
+            raise UserError(first_error(e, ("sizes", name))) from None
+    return out
+
+
+def resolve_methods(suite: Suite) -> list[MethodEntry]:
+    """Validate each ``methods[i]`` against the registry and the method's Params schema."""
+    from bench.registry import get_method
+
+    entries = list(suite.methods)
+    names = [m.get("method") for m in entries]
+    if suite.baseline and suite.baseline not in names:
+        entries.append({"method": suite.baseline})
+    out = []
+    for i, raw in enumerate(entries):
+        where = f"methods[{i}]" if i < len(suite.methods) else "baseline"
+        raw = dict(raw)
+        name = raw.pop("method", None)
+        label = raw.pop("label", None)
+        if not isinstance(name, str):
+            raise UserError(f"{where}.method: required (a registered method name)")
+        try:
+            cls = get_method(name)
+        except UserError as e:
+            raise UserError(f"{where}.method: {e}") from None
+        variant = raw.pop("variant", None)
+        if variant is not None:
+            if variant not in cls.variants:
+                from bench.errors import did_you_mean
+                raise UserError(f"{where}.variant: {did_you_mean(str(variant), cls.variants)}")
+            raw = {**cls.variants[variant], **raw}
+        try:
+            params = cls.Params(**raw)
+        except ValidationError as e:
+            raise UserError(first_error(e, (where,))) from None
+        if label is not None and not isinstance(label, str):
+            raise UserError(f"{where}.label: must be a string")
+        out.append(MethodEntry(method=name, label=label or cls.default_label(params),
+                               params=params.model_dump(mode="json")))
+    labels = [m.label for m in out]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise UserError(f"methods: duplicate label(s) {sorted(dup)}; give each a distinct 'label'")
+    return out
+
+
+def load_suite(path: str | Path) -> tuple[Suite, list[RunSpec]]:
+    """Read and validate a suite, expand it into run specs. Raises UserError on bad input."""
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        suite = Suite(**raw)
+    except ValidationError as e:
+        raise UserError(f"{path}: {first_error(e)}") from None
+    try:
+        specs = expand(suite)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return suite, specs
+
+
+def expand(suite: Suite) -> list[RunSpec]:
+    from bench.data import validate_data_config
+
+    sizes = resolve_sizes(suite)
+    methods = resolve_methods(suite)
+    validate_data_config(suite.data)
+    specs = []
+    from bench.registry import get_method
+
+    for size, bb in sizes.items():
+        for m in methods:
+            get_method(m.method).check_compatible(m.params, suite.data, where=f"methods[{m.label}]")
+            for seed in suite.seeds:
+                specs.append(RunSpec(method=m.method, label=m.label, params=m.params, size=size,
+                                     backbone=bb, data=suite.data, train=suite.train,
+                                     eval=suite.eval, seed=seed))
+    return specs

@@ -1,0 +1,88 @@
+"""Tokenizers: GPT-2 BPE offline from the files shipped in the package (ids identical to
+OpenAI's), a byte-level BPE trained on the training split (cached, deterministic), and the
+identity "tokenizer" of synthetic sources."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+GPT2_DIR = Path(__file__).parent / "assets" / "gpt2"
+EOT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """The harness-facing interface: ``encode_batch``, ``decode``, ``vocab_size``, ``eos_id``."""
+
+    key: str
+    vocab_size: int
+    eos_id: int
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, tok, key: str):
+        self._tok = tok
+        self.key = key
+        self.vocab_size = tok.get_vocab_size()
+        self.eos_id = tok.token_to_id(EOT)
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids):
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class IdentityTokenizer(Tokenizer):
+    """Synthetic sources emit token ids directly; there is no EOS."""
+
+    def __init__(self, vocab_size: int):
+        self.key = f"identity-{vocab_size}"
+        self.vocab_size = vocab_size
+        self.eos_id = -1
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def gpt2() -> Tokenizer:
+    from tokenizers import Tokenizer as _T
+    from tokenizers.models import BPE
+    from tokenizers import decoders, pre_tokenizers
+
+    vocab = json.loads((GPT2_DIR / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in
+              (GPT2_DIR / "merges.txt").read_text(encoding="utf-8").split("\n")[1:] if line]
+    tok = _T(BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOT])
+    return HFTokenizer(tok, "gpt2")
+
+
+def train_bpe(texts: list[str], vocab_size: int, path: Path, key: str) -> Tokenizer:
+    """Byte-level BPE trained on ``texts``; cached at ``path`` (written atomically)."""
+    from tokenizers import Tokenizer as _T, ByteLevelBPETokenizer
+
+    if path.is_file():
+        return HFTokenizer(_T.from_file(str(path)), key)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
+                            show_progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    bpe.save(str(tmp))
+    os.replace(tmp, path)
+    return HFTokenizer(_T.from_file(str(path)), key)
+
+
+def encode_to_array(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.int32) for ids in tok.encode_batch(texts)]

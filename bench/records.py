@@ -1,0 +1,78 @@
+"""Run records and other files written atomically (temp file + rename): never half-written."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+from bench.errors import UserError
+
+STATUSES = ("complete", "failed", "running")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_record(path: Path) -> dict:
+    """Read and check a result.json; UserError naming the file if it is corrupt."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: corrupt run record ({type(e).__name__}: {e})") from None
+    if not isinstance(rec, dict) or rec.get("status") not in STATUSES or "spec" not in rec:
+        raise UserError(f"{path}: corrupt run record (missing 'status' or 'spec')")
+    if rec["status"] == "complete":
+        for i, m in enumerate(rec.get("metrics", [])):
+            if not isinstance(m, dict) or not all(k in m for k in ("dataset", "metric", "value", "bound")):
+                raise UserError(f"{path}: corrupt run record (metrics[{i}] incomplete)")
+    return rec
+
+
+def record_status(run_dir: Path) -> str:
+    """complete | failed | running | pending (no record) | corrupt."""
+    p = Path(run_dir) / "result.json"
+    if not p.exists():
+        return "pending"
+    try:
+        return read_record(p)["status"]
+    except UserError:
+        return "corrupt"
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str, world_size: int, threads: int) -> dict:
+    import accelerate
+    import torch
+
+    import bench
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "tdbench": bench.__version__, "git_sha": git_sha(),
+            "device": device, "world_size": world_size, "threads": threads,
+            "host": platform.node()}

@@ -1,0 +1,169 @@
+"""Run one resolved spec to completion, in this process: build → train → evaluate → sample →
+record. Every executor (debug, local, slurm) ends up calling :func:`execute`.
+
+It always leaves ``result.json``: ``running`` while it works, then ``complete`` or ``failed``
+(with the error and the log tail). A complete run is skipped; any other resumes from its
+latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.config import RunSpec
+from bench.errors import UserError
+from bench.records import environment, read_record, write_json
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunLog:
+    """Appends to ``<run>/log.txt`` and echoes to stderr."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{datetime.now().strftime('%H:%M:%S')}] {msg}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        print(line, file=sys.stderr, flush=True)
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.path.read_text().splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def make_accelerator(spec: RunSpec):
+    import torch
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = spec.train.precision
+    mp = "bf16" if cuda and precision in ("auto", "bf16") else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mp)
+
+
+def build_method(spec: RunSpec, vocab_size: int):
+    from bench.registry import get_method
+
+    cls = get_method(spec.method)
+    return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len)
+
+
+def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[dict]]:
+    """The ppl metric for every eval dataset, and the true source ppl for synthetic ones."""
+    from bench.data import load_blocks, true_nll_per_token
+    from bench.evaluate import per_sequence_nll, summarize
+
+    protocol = spec.protocol()
+    pid = protocol.id
+    metrics, reference = [], []
+    for ref in spec.data.eval:
+        row = {"dataset": ref.key, "metric": "ppl", "protocol_id": pid,
+               "bound": method.likelihood == "bound"}
+        if method.likelihood == "none":
+            metrics.append({**row, "value": None, "ci_low": None, "ci_high": None, "bound": None})
+            continue
+        blocks = load_blocks(ref, "test", spec.data, spec.eval.packing).head(spec.eval.max_blocks)
+        t0 = time.time()
+        nll, ntok = per_sequence_nll(method, blocks.tokens, blocks.counted, protocol, spec.eval.batch_size,
+                                     spec.eval.seed, device, desc=f"eval {ref.key}")
+        row.update(summarize(nll, ntok, protocol.confidence, exact=method.likelihood == "exact"))
+        row["eval_s"] = round(time.time() - t0, 2)
+        metrics.append(row)
+        log(f"{ref.key}: ppl {'≤ ' if row['bound'] else ''}{row['value']:.3f} "
+            f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] over {row['n_tokens']} tokens")
+        h = true_nll_per_token(ref, spec.data.seq_len)
+        if h is not None:
+            import math
+            reference.append({"dataset": ref.key, "metric": "ppl", "value": math.exp(h),
+                              "protocol_id": pid, "bound": False, "label": "Source (true)"})
+    return metrics, reference
+
+
+def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path) -> int:
+    import torch
+
+    if spec.eval.samples <= 0 or "sampling" not in method.supports():
+        return 0
+    g = torch.Generator(device=method.device).manual_seed(spec.eval.seed)
+    x = method.sample(spec.eval.samples, spec.eval.sample_steps, generator=g).cpu().tolist()
+    lines = [json.dumps({"ids": ids, "text": tokenizer.decode(ids)}) for ids in x]
+    from bench.records import atomic_write_text
+    atomic_write_text(run_dir / "samples.jsonl", "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None) -> str:
+    """Run one spec in this process; returns the final status ('complete' or 'failed')."""
+    import torch
+
+    spec = RunSpec(**spec_json)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        try:
+            if read_record(result_path)["status"] == "complete":
+                return "complete"
+        except UserError:
+            pass  # a corrupt record of an unfinished run is rewritten below
+    if threads:
+        torch.set_num_threads(threads)
+    if not (run_dir / "spec.json").exists():
+        write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
+    log = RunLog(run_dir / "log.txt")
+    base = {"run_id": spec.run_id, "label": spec.label, "method": spec.method, "size": spec.size,
+            "seed": spec.seed, "spec": spec.model_dump(mode="json"),
+            "protocol": {**spec.protocol().model_dump(), "id": spec.protocol().id}, "started": now()}
+    accelerator = None
+    try:
+        from bench.data import get_tokenizer, load_blocks
+        from bench.backbone import count_params
+        from bench.train import train
+
+        accelerator = make_accelerator(spec)
+        env = environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads())
+        if accelerator.is_main_process:
+            write_json(result_path, {**base, "status": "running", "env": env})
+        log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
+        tokenizer = get_tokenizer(spec.data)
+        torch.manual_seed(spec.seed)
+        method = build_method(spec, tokenizer.vocab_size)
+        params = count_params(method)
+        train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing)
+        log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
+        stats = train(method, spec, train_blocks, run_dir, accelerator, log)
+        stats.update(params)
+        method.to(accelerator.device)
+        if not accelerator.is_main_process:
+            return "complete"
+        metrics, reference = evaluate_all(method, spec, accelerator.device, log)
+        n_samples = write_samples(method, spec, tokenizer, run_dir)
+        write_json(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
+                                 "train": stats, "samples": n_samples, "env": env, "finished": now()})
+        log(f"run {spec.run_id}: complete")
+        return "complete"
+    except Exception as e:  # noqa: BLE001 - one run's failure is recorded, never raised further
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, UserError):
+            msg = f"{type(e).__name__}: {msg}"
+        try:
+            log("FAILED: " + msg)
+            log(traceback.format_exc().rstrip())
+        except OSError:
+            pass
+        if accelerator is None or accelerator.is_main_process:
+            write_json(result_path, {**base, "status": "failed", "error": msg, "log_tail": log.tail(),
+                                     "finished": now()})
+        return "failed"
