@@ -275,6 +275,9 @@ def resolve_sizes(suite: Suite) -> dict[str, BackboneConfig]:
             raise UserError(f"sizes.{name}: not a named size ({', '.join(NAMED_SIZES)}); "
                             "give layers, hidden, heads")
         base.update(dims or {})
+        h, k = base.get("hidden"), base.get("heads")
+        if isinstance(h, int) and isinstance(k, int) and k > 0 and h % k:
+            raise UserError(f"sizes.{name}.heads: heads ({k}) must divide hidden ({h})")
         try:
             out[name] = BackboneConfig(**base)
         except ValidationError as e:

@@ -60,8 +60,8 @@ def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: 
     out = np.zeros((N, K))
     method.eval()
     for s in tqdm(range(0, N, batch_size), desc=desc, leave=False, mininterval=2):
-        x = torch.as_tensor(np.asarray(tokens[s:s + batch_size]), dtype=torch.long, device=device)
-        c = torch.as_tensor(np.asarray(counted[s:s + batch_size]), dtype=torch.bool, device=device)
+        x = torch.as_tensor(np.array(tokens[s:s + batch_size]), dtype=torch.long, device=device)
+        c = torch.as_tensor(np.array(counted[s:s + batch_size]), dtype=torch.bool, device=device)
         for k in range(K):
             torch.manual_seed(seed * 1_000_003 + s * 101 + k)  # method noise: deterministic
             out[s:s + batch_size, k] = method.nll(x, c, U[s:s + batch_size, k].to(device)).double().cpu().numpy()

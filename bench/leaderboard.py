@@ -91,12 +91,16 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
     return t.sort_values(["_s", "_m", "model", "dataset", "metric"]).drop(columns=["_s", "_m"]).reset_index(drop=True)
 
 
+def _is_true(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x)) and bool(x)
+
+
 def _fmt(row) -> str:
     v = row["value"]
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     s = f"{v:.2f}"
-    if row["bound"] is True:
+    if _is_true(row["bound"]):
         s = "≤ " + s
     lo, hi = row["ci_low"], row["ci_high"]
     if lo is not None and hi is not None and not (isinstance(lo, float) and math.isnan(lo)) and hi - lo > 1e-9:

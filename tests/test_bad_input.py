@@ -1,0 +1,94 @@
+"""Every bad suite gives exit code 2, ONE line naming the YAML key path (or the file), no
+traceback, and creates nothing (no run dir)."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+
+from bench.cli import main
+from conftest import tiny_suite, write_suite
+
+
+def _set(d: dict, path: str, value):
+    d = copy.deepcopy(d)
+    keys = path.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur[int(k)] if isinstance(cur, list) else cur[k]
+    last = keys[-1]
+    if value is DELETE:
+        del cur[last]
+    elif isinstance(cur, list):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+    return d
+
+
+DELETE = object()
+CASES = [  # (path to change, new value, text the one-line message must contain)
+    ("methods.0.method", "mdml", "methods[0].method: unknown name 'mdml'; did you mean 'mdlm'?"),
+    ("data.train.name", "austin", "data.train.name: unknown name 'austin'; did you mean 'austen'?"),
+    ("data.eval.1.name", "wikitext", "data.eval[1].name: unknown name 'wikitext'"),
+    ("train.steps", "many", "train.steps: Input should be a valid integer"),
+    ("train.steps", -5, "train.steps: Input should be greater than 0"),
+    ("sizes.tiny.heads", 3, "sizes.tiny.heads: heads (3) must divide hidden (32)"),
+    ("sizes.tiny.layers", 0, "sizes.tiny.layers: Input should be greater than 0"),
+    ("eval.t_samples", 0, "eval.t_samples: Input should be greater than 0"),
+    ("eval.confidence", 1.5, "eval.confidence: Input should be less than 1"),
+    ("data.seq_len", "long", "data.seq_len: Input should be a valid integer"),
+    ("data.tokenizer.name", "sentencepiece", "data.tokenizer.name: Input should be 'gpt2' or 'bpe'"),
+    ("launch.executor", "kubernetes", "launch.executor: Input should be 'local', 'debug' or 'slurm'"),
+    ("methods.0", {"method": "mdlm", "float64_samplng": True}, "methods[0].float64_samplng: unknown key"),
+    ("methods", [], "methods: List should have at least 1 item"),
+    ("data", DELETE, "data: Field required"),
+    ("seeds", "zero", "seeds: Input should be a valid list"),
+    ("data.train", {"name": "markov", "vocab": 1}, "data.train.vocab: Input should be greater than or equal to 2"),
+    ("data.eval.0", {"name": "markov"}, "data.eval: a synthetic source cannot evaluate a model trained on text"),
+    ("methods.0", {"method": "mdlm", "variant": "fast"}, "methods[0].variant: unknown name 'fast'"),
+    ("sizes", {"huge": None}, "sizes.huge: not a named size"),
+]
+
+
+@pytest.mark.parametrize("path,value,expect", CASES, ids=[c[0] + "=" + str(c[1])[:20] for c in CASES])
+def test_bad_suite(tmp_path, capsys, path, value, expect):
+    suite = _set(tiny_suite(), path, value)
+    f = write_suite(tmp_path / "bad.yaml", suite)
+    out = tmp_path / "out"
+    rc = main(["run", str(f), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {f}: "), err
+    assert expect in err, err
+    assert not out.exists()
+
+
+def test_unknown_top_level_key(tmp_path, capsys):
+    suite = tiny_suite()
+    suite["trian"] = suite.pop("train")
+    rc = main(["run", str(write_suite(tmp_path / "bad.yaml", suite)), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "trian: unknown key" in err and len(err.splitlines()) == 1
+
+
+def test_missing_file_and_bad_yaml(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.yaml'}: file not found"
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\ndata: [unclosed\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: invalid YAML (line") and len(err.splitlines()) == 1
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    f = write_suite(tmp_path / "bad.yaml", _set(tiny_suite(), "train.steps", -1))
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(f), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,39 @@
+"""Plugins: in-repo discovery, third-party discovery through the `tdbench.methods` entry-point
+group, and "did you mean" errors."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from bench import registry
+from bench.errors import UserError
+
+
+def test_builtin_methods_are_discovered():
+    names = registry.all_methods()
+    assert {"ar", "mdlm"} <= set(names)
+
+
+def test_did_you_mean():
+    with pytest.raises(UserError, match="did you mean 'mdlm'"):
+        registry.get_method("mdl")
+
+
+def test_entry_point_plugin(tmp_path, monkeypatch):
+    pkg = tmp_path / "toy_plugin.py"
+    pkg.write_text(
+        "from bench.method import Method\nfrom bench.registry import register\n"
+        "@register('toy_ep')\nclass Toy(Method):\n    likelihood = 'none'\n")
+    dist = tmp_path / "toy_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tdbench.methods]\ntoy_ep = toy_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_discovered", False)
+    try:
+        cls = registry.get_method("toy_ep")
+        assert cls.__name__ == "Toy" and cls.supports() == []
+    finally:
+        registry._METHODS.pop("toy_ep", None)
+        sys.modules.pop("toy_plugin", None)
