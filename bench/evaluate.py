@@ -6,13 +6,16 @@ n_i = mean_k n_ik, the per-token NLL is r = Σ_i n_i / Σ_i c_i (c_i = counted t
 perplexity is exp(r).
 
 Confidence interval. The interval is for the Monte-Carlo error of the t-estimator on this
-fixed test set (the only randomness in evaluating a fixed model on fixed data):
-Var(Σ_i n_i) = Σ_i s_i² / K with s_i² the sample variance of n_i1..n_iK; with stratified draws
-this overestimates the variance, so the interval is conservative. The interval on r is
-r ± z·sqrt(Var)/Σc_i (normal approximation, z for the protocol's confidence level) and is
-mapped through exp. With K = 1 the within-block variance is not identifiable and the
-between-block ratio-estimator variance is used instead (also conservative). Exact
-likelihoods (AR) have no t and report ci_low = ci_high = value.
+fixed test set (the only randomness in evaluating a fixed model on fixed data). The K draws of
+a block form R independent *replicates* of S draws each (``layout``): stratified sampling uses
+R = 2 replicates of S = K/2 strata each (replicated stratified sampling), antithetic uses
+R = K/2 pairs (u, 1−u), iid uses R = K single draws. The variance of the block's estimate n_i
+is estimated without bias by s_i²/R, s_i² the sample variance of its R replicate means, and
+Var(Σ_i n_i) = Σ_i s_i²/R. The interval on r is r ± z·sqrt(Var)/Σc_i (normal approximation,
+z for the protocol's confidence level), mapped through exp. When R = 1 (K = 1, or odd K
+with stratification) the within-block variance is not identifiable and the between-block
+ratio-estimator variance is used instead (conservative: it also contains the data's
+variance). Exact likelihoods (AR) have no t and report ci_low = ci_high = value.
 """
 from __future__ import annotations
 
@@ -26,16 +29,26 @@ from tqdm.auto import tqdm
 from bench.config import Protocol
 
 
-def draw_u(n: int, K: int, scheme: str, generator: torch.Generator) -> torch.Tensor:
-    """(n, K) time draws in (0, 1). stratified: u_ik ∈ [k/K, (k+1)/K); antithetic: pairs
-    (u, 1−u); iid: independent uniforms."""
-    U = torch.rand(n, K, generator=generator, dtype=torch.float64)
+def layout(K: int, scheme: str) -> tuple[int, int]:
+    """(R replicates, S draws per replicate) for K draws per block; see the module docstring."""
     if scheme == "stratified":
-        U = (torch.arange(K, dtype=torch.float64)[None] + U) / K
-    elif scheme == "antithetic":
-        half = (K + 1) // 2
-        U = torch.cat([U[:, :half], 1 - U[:, : K - half]], dim=1)
-    return U.clamp(1e-6, 1 - 1e-6).float()
+        return (2, K // 2) if K >= 2 and K % 2 == 0 else (1, K)
+    if scheme == "antithetic":
+        return (K // 2, 2) if K >= 2 and K % 2 == 0 else (1, K)
+    return K, 1
+
+
+def draw_u(n: int, K: int, scheme: str, generator: torch.Generator) -> torch.Tensor:
+    """(n, K) time draws in (0, 1), laid out as R replicates × S draws (``layout``).
+    stratified: each replicate has one draw in each of S strata [k/S, (k+1)/S);
+    antithetic: each replicate is a pair (u, 1−u); iid: independent uniforms."""
+    R, S = layout(K, scheme)
+    U = torch.rand(n, R, S, generator=generator, dtype=torch.float64)
+    if scheme == "stratified":
+        U = (torch.arange(S, dtype=torch.float64) + U) / S
+    elif scheme == "antithetic" and S == 2:
+        U[:, :, 1] = 1 - U[:, :, 0]
+    return U.reshape(n, K).clamp(1e-6, 1 - 1e-6).float()
 
 
 def batch_u(B: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -68,16 +81,19 @@ def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: 
     return out, np.asarray(counted).sum(1).astype(np.float64)
 
 
-def summarize(nll: np.ndarray, ntok: np.ndarray, confidence: float, exact: bool) -> dict:
+def summarize(nll: np.ndarray, ntok: np.ndarray, confidence: float, exact: bool,
+              scheme: str = "iid") -> dict:
     """Perplexity, CI and bookkeeping from (N, K) estimates; see the module docstring."""
     N, K = nll.shape
+    R, S = layout(K, scheme)
     C = ntok.sum()
     n_i = nll.mean(1)
     r = n_i.sum() / C
     if exact:
         se = 0.0
-    elif K > 1:
-        se = math.sqrt((nll.var(1, ddof=1) / K).sum()) / C
+    elif R > 1:
+        reps = nll.reshape(N, R, S).mean(2)
+        se = math.sqrt((reps.var(1, ddof=1) / R).sum()) / C
     else:
         resid = n_i - r * ntok
         se = math.sqrt(N / max(N - 1, 1) * (resid ** 2).sum()) / C

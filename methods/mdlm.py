@@ -17,12 +17,23 @@ The reconstruction term at t = 0 is zero (nothing is masked). With the exact con
 denoiser this bound equals −log p(x_0) (it averages the any-order AR decompositions, Ou et
 al. 2024), which the oracle test checks.
 
+Evaluation uses the same NELBO in its masked-count form (an exact change of variables: the
+probability that t ~ U(0,1) masks a given set of m of the n counted tokens, weighted by 1/t, is
+∫ t^{m−1}(1−t)^{n−m} dt = 1/(m·C(n,m))), so
+
+    L = n · E_{m ~ U{1..n}} E_{M ⊂ counted, |M| = m} [ (1/m) · Σ_{i∈M} −log p_θ(x_0^i | x_M masked) ].
+
+Its weights n/m are bounded by n, whereas the time form's 1/t weight has unbounded variance as
+t → 0 (E[(w·CE)²] ~ 1/t); both have the same expectation, the count form gives honest
+confidence intervals. The harness's u maps to m = ⌈u·n⌉ (stratified u → stratified m); the
+network is conditioned on t = m/n. ``estimator: time`` selects the time form instead.
+
 Sampler: ancestral, T steps from t = 1 to 0; between t and s < t each masked token is
 revealed with probability (α_s − α_t)/(1 − α_t) = (t − s)/t, drawn from p_θ(x_0 | x_t).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +68,22 @@ def nelbo(x0, counted, t, denoise: Denoiser, mask_id: int) -> torch.Tensor:
     return elbo_weight(t) * (ce * masked).sum(1)
 
 
+def nelbo_masked_count(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch.Tensor:
+    """Per-sequence one-sample estimate of the same NELBO in masked-count form, (B,)."""
+    n = counted.sum(1)                                                   # counted tokens
+    m = torch.ceil(u * n).clamp(min=1).minimum(n.clamp(min=1))           # tokens to mask
+    score = torch.rand(x0.shape, device=x0.device).masked_fill(~counted, 2.0)
+    rank = score.argsort(1).argsort(1)                                   # random order of counted
+    masked = (rank < m[:, None]) & counted
+    x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    log_p = denoise(x_t, m / n.clamp(min=1))
+    ce = -log_p.gather(-1, x0[..., None])[..., 0]
+    return torch.where(n > 0, n / m * (ce * masked).sum(1), torch.zeros_like(m, dtype=ce.dtype))
+
+
 class MDLMParams(Params):
     float64_sampling: bool = True  # Gumbel in float64 (float32 lowers gen. perplexity)
+    estimator: Literal["count", "time"] = "count"  # eval form of the NELBO (same expectation)
 
 
 @register("mdlm")
@@ -75,8 +100,13 @@ class MDLM(Method):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.net(x_t, t).float(), dim=-1)
 
+    def loss(self, x0, counted, u):
+        """Training: the time form of the NELBO (MDLM eq. 10), per counted token."""
+        return nelbo(x0, counted, u, self.denoise, self.mask_id).sum() / counted.sum().clamp(min=1)
+
     def nll(self, x0, counted, u):
-        return nelbo(x0, counted, u, self.denoise, self.mask_id)
+        form = nelbo_masked_count if self.p.estimator == "count" else nelbo
+        return form(x0, counted, u, self.denoise, self.mask_id)
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None):

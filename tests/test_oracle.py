@@ -44,13 +44,13 @@ def oracle(X, p, temper: float = 0.0):
     return denoise
 
 
-def estimate(x0, denoise, weight=None, seed=0):
+def estimate(x0, denoise, weight=None, seed=0, form=mdlm.nelbo):
     torch.manual_seed(seed)
     u = draw_u(1, M, "stratified", torch.Generator().manual_seed(seed))[0].double()
     xb = x0[None].repeat(M, 1)
     counted = torch.ones_like(xb, dtype=torch.bool)
     if weight is None:
-        est = mdlm.nelbo(xb, counted, u, denoise, mask_id=V)
+        est = form(xb, counted, u, denoise, mask_id=V)
     else:  # the same estimator with a different weight (a deliberately wrong bound)
         x_t, masked = mdlm.mask_tokens(xb, counted, u, V)
         ce = -denoise(x_t, u).gather(-1, xb[..., None])[..., 0]
@@ -77,12 +77,20 @@ def test_exact_enumeration_identity(dist):
         assert total == pytest.approx(-math.log(p[j].item()), abs=1e-9)
 
 
+@pytest.mark.parametrize("form", [mdlm.nelbo, mdlm.nelbo_masked_count], ids=["time", "count"])
 @pytest.mark.parametrize("j", [0, 5, 33, 80])
-def test_oracle_bound_equals_true_nll(dist, j):
+def test_oracle_bound_equals_true_nll(dist, j, form):
     X, p = dist
     truth = -math.log(p[j].item())
-    mean, se = estimate(X[j], oracle(X, p), seed=j)
+    mean, se = estimate(X[j], oracle(X, p), seed=j, form=form)
     assert abs(mean - truth) <= 4 * se + 1e-6, (mean, truth, se)
+
+
+def test_count_form_has_lower_variance(dist):
+    X, p = dist
+    _, se_time = estimate(X[33], oracle(X, p), seed=5)
+    _, se_count = estimate(X[33], oracle(X, p), seed=5, form=mdlm.nelbo_masked_count)
+    assert se_count < se_time
 
 
 def test_missing_weight_is_detected(dist):
@@ -96,13 +104,14 @@ def test_missing_weight_is_detected(dist):
     assert abs(mean - truth) > 4 * se
 
 
-def test_perturbed_denoiser_bound_is_strictly_larger(dist):
+@pytest.mark.parametrize("form", [mdlm.nelbo, mdlm.nelbo_masked_count], ids=["time", "count"])
+def test_perturbed_denoiser_bound_is_strictly_larger(dist, form):
     """E_p[bound] − H(p) = E over t of a KL between true and model conditionals: > 0 for a
     wrong denoiser (exact expectation over all 81 sequences, MC over t only)."""
     X, p = dist
     gap, var = 0.0, 0.0
     for j in range(len(X)):
-        m, s = estimate(X[j], oracle(X, p, temper=0.3), seed=j)
+        m, s = estimate(X[j], oracle(X, p, temper=0.3), seed=j, form=form)
         gap += p[j].item() * (m + math.log(p[j].item()))
         var += (p[j].item() * s) ** 2
     assert gap > 4 * math.sqrt(var), (gap, math.sqrt(var))
