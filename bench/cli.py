@@ -71,8 +71,10 @@ def cmd_status(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from bench.registry import all_methods
+    from bench.registry import BROKEN, all_methods
 
+    for mod, err in BROKEN.items():
+        print(f"error: plugin {mod} failed to import: {err}", file=sys.stderr)
     for name, cls in all_methods().items():
         print(f"{name}  ({cls.default_label(cls.Params())}; {cls.likelihood} likelihood, "
               f"{cls.time} time; supports: {', '.join(cls.supports())})")
@@ -85,7 +87,7 @@ def cmd_methods(args) -> int:
             ann = getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", "")
             desc = f"  # {f.description}" if f.description else ""
             print(f"    {fname}: {ann} = {f.default!r}{desc}")
-    return 0
+    return 2 if BROKEN else 0
 
 
 TEMPLATE = '''"""{title}: one-line summary of the method (cite the paper and equation numbers).

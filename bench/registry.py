@@ -15,6 +15,7 @@ ENTRY_POINT_GROUP = "tdbench.methods"
 BUILTIN_PACKAGE = "methods"
 
 _METHODS: dict[str, type] = {}
+BROKEN: dict[str, str] = {}  # plugin module -> one-line import error (reported, never fatal)
 _discovered = False
 
 
@@ -44,15 +45,24 @@ def discover() -> None:
     if pkg is not None:
         for info in pkgutil.iter_modules(pkg.__path__):
             if not info.name.startswith("_"):
-                importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
+                _load(f"{BUILTIN_PACKAGE}.{info.name}", lambda n=info.name: importlib.import_module(f"{BUILTIN_PACKAGE}.{n}"))
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()  # importing the module runs its @register decorators
+        _load(ep.value, ep.load)  # importing the module runs its @register decorators
+
+
+def _load(what: str, load) -> None:
+    """One broken plugin must not take the others down: its error is kept and reported."""
+    try:
+        load()
+    except Exception as e:  # noqa: BLE001
+        BROKEN[what] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def get_method(name: str) -> type:
     discover()
     if name not in _METHODS:
-        raise UserError(did_you_mean(name, _METHODS))
+        broken = "".join(f"; plugin {k} failed to import ({v})" for k, v in BROKEN.items())
+        raise UserError(did_you_mean(name, _METHODS) + broken)
     return _METHODS[name]
 
 

@@ -37,3 +37,17 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     finally:
         registry._METHODS.pop("toy_ep", None)
         sys.modules.pop("toy_plugin", None)
+
+
+def test_a_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch):
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('boom')\n")
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tdbench.methods]\nbroken = broken_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry, "BROKEN", {})
+    assert "mdlm" in registry.all_methods()
+    with pytest.raises(UserError, match="plugin broken_plugin failed to import .RuntimeError: boom"):
+        registry.get_method("nope")
