@@ -21,9 +21,13 @@ def cmd_run(args) -> int:
 
     suite, specs = load_suite(args.suite)  # validates everything before anything is written
     executor = args.executor or suite.launch.executor
+    if args.cluster and executor != "slurm":
+        if args.executor:
+            raise UserError(f"--cluster: only for --executor slurm (not {executor})")
+        executor = "slurm"
     out = _out_dir(args, suite)
     t0 = time.time()
-    status = run_suite(suite, specs, out, executor)
+    status = run_suite(suite, specs, out, executor, cluster=args.cluster, max_running=args.max_running)
     text, problems = leaderboard.write(out, "md")
     print(text)
     failed = [k for k, v in status.items() if v != "complete"]
@@ -47,26 +51,102 @@ def cmd_leaderboard(args) -> int:
     return 2 if problems else 0
 
 
-def cmd_status(args) -> int:
-    from bench.records import read_record, record_status
-
-    out = Path(args.dir)
+def _need_out(d: str) -> Path:
+    out = Path(d)
     if not (out / "runs").is_dir():
         raise UserError(f"{out}: not a tdbench output directory (no runs/ inside)")
+    return out
+
+
+def cmd_status(args) -> int:
+    """One line per run: pending / running / requeued / completed / failed / cancelled, from the
+    run records and (for submitted runs) one squeue call."""
+    from bench.slurm import run_states
+
+    out = _need_out(args.dir)
     counts: dict[str, int] = {}
-    for rd in sorted((out / "runs").iterdir()):
-        if not rd.is_dir():
-            continue
-        st = record_status(rd)
-        counts[st] = counts.get(st, 0) + 1
-        extra = ""
-        if st in ("complete", "failed", "running"):
-            r = read_record(rd / "result.json")
-            extra = f"{r.get('label')} {r.get('size')} seed={r.get('seed')}"
-            if st == "failed":
-                extra += f"  error: {r.get('error')}"
-        print(f"{st:9s} {rd.name}  {extra}")
+    for st in run_states(out):
+        counts[st.state] = counts.get(st.state, 0) + 1
+        what = f"{st.label} {st.size} seed={st.seed}" if st.label else ""
+        job = f"  job {st.job_id}" if st.job_id else ""
+        detail = f"  {st.detail}" if st.detail else ""
+        print(f"{st.state:9s} {st.run_id}  {what}{job}{detail}")
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from bench import slurm
+    from bench.config import load_suite
+    from bench.launch import check_launch, report_submission
+
+    suite, specs = load_suite(args.suite)
+    prof, path = slurm.load_profile(args.cluster)
+    check_launch(suite, specs, "slurm")
+    out = _out_dir(args, suite)
+    t0 = time.time()
+    subs, queued, done = slurm.submit(suite, specs, out, prof, path, args.max_running)
+    report_submission(subs, queued, prof)
+    n = sum(len(x.job_ids) for x in subs)
+    print(f"{suite.name}: {len(specs)} runs: {n} submitted, {len(queued)} already queued, {len(done)} complete "
+          f"({time.time() - t0:.1f} s); `tdbench status {out}` follows them", file=sys.stderr)
+    for x in subs:
+        print(x.array_job_id)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from bench.slurm import cancel
+
+    out = _need_out(args.dir)
+    ids = cancel(out)
+    print(f"cancelled {len(ids)} job(s)" + (f": {' '.join(ids[:20])}{' …' if len(ids) > 20 else ''}" if ids else
+                                            " (nothing queued)"))
+    return 0
+
+
+def _find_run(run: str, d: str | None) -> Path:
+    p = Path(run)
+    if (p / "spec.json").is_file() or (p / "result.json").is_file() or (p.parent.name == "runs" and p.is_dir()):
+        return p
+    roots = [Path(d)] if d else sorted(Path("runs").glob("*"))
+    hits = sorted({q for r in roots for q in (r / "runs").glob(f"{run}*") if q.is_dir()})
+    if not hits:
+        from bench.slurm import read_ledger
+        hits = sorted({r / "runs" / rid for r in roots for rid in read_ledger(r)[0] if rid.startswith(run)})
+    if not hits:
+        raise UserError(f"logs RUN: no run '{run}' under {', '.join(str(r) for r in roots) or 'runs/'} "
+                        "(give a run directory, or --dir DIR with a run id)")
+    if len(hits) > 1:
+        raise UserError(f"logs RUN: '{run}' matches {len(hits)} runs: {', '.join(h.name for h in hits[:5])}")
+    return hits[0]
+
+
+def cmd_logs(args) -> int:
+    from bench.slurm import job_log_paths, read_ledger
+
+    rd = _find_run(args.run, args.dir)
+    out = rd.parent.parent
+    shown = False
+
+    def show(path: Path, title: str):
+        nonlocal shown
+        if not path.is_file():
+            return
+        lines = path.read_text(errors="replace").splitlines()
+        print(f"==> {title}: {path} ({len(lines)} lines{', last ' + str(args.tail) if len(lines) > args.tail else ''})")
+        print("\n".join(lines[-args.tail:]))
+        shown = True
+
+    show(rd / "log.txt", "run log")
+    entry = read_ledger(out)[0].get(rd.name)
+    if entry:
+        for p in job_log_paths(out, entry["job_id"]):
+            task = p.name.split("_log.")[0].rsplit("_", 1)[-1]
+            if args.task is None or str(args.task) == task:
+                show(p, f"job {entry['job_id']} task {task} {'stdout' if p.suffix == '.out' else 'stderr'}")
+    if not shown:
+        print(f"{rd}: no logs yet" + (f" (job {entry['job_id']} has not started)" if entry else ""))
     return 0
 
 
@@ -142,11 +222,6 @@ def cmd_new_method(args) -> int:
     return 0
 
 
-def cmd_submit(args) -> int:
-    raise UserError("submit: the Slurm launcher is not available in this version "
-                    "(use --executor local or debug)")
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tdbench", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -154,16 +229,27 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("suite")
     r.add_argument("--out", help="output dir (default runs/<suite name>)")
     r.add_argument("--executor", choices=["local", "debug", "slurm"])
-    r.add_argument("--cluster", help="slurm cluster profile (name in slurm/ or a path)")
+    r.add_argument("--cluster", help="slurm cluster profile (name in slurm/ or a path); implies --executor slurm")
+    r.add_argument("--max-running", type=int, help="slurm: array tasks running at once (default: the profile's)")
     r.set_defaults(fn=cmd_run)
-    s = sub.add_parser("submit", help="queue a suite's incomplete runs on Slurm and return")
+    s = sub.add_parser("submit", help="queue a suite's incomplete runs on Slurm (job arrays) and return")
     s.add_argument("suite")
-    s.add_argument("--cluster", required=True)
-    s.add_argument("--out")
+    s.add_argument("--cluster", required=True, help="cluster profile: a name in slurm/ or a path")
+    s.add_argument("--out", help="output dir (default runs/<suite name>)")
+    s.add_argument("--max-running", type=int, help="array tasks running at once (default: the profile's)")
     s.set_defaults(fn=cmd_submit)
-    st = sub.add_parser("status", help="state of each run in an output dir")
+    st = sub.add_parser("status", help="state of each run in an output dir (records + scheduler)")
     st.add_argument("dir")
     st.set_defaults(fn=cmd_status)
+    c = sub.add_parser("cancel", help="cancel the queued Slurm jobs of an output dir")
+    c.add_argument("dir")
+    c.set_defaults(fn=cmd_cancel)
+    lg = sub.add_parser("logs", help="a run's log and its Slurm job's stdout/stderr")
+    lg.add_argument("run", help="a run directory, or a run id (prefix)")
+    lg.add_argument("--dir", help="output dir to look the run id up in (default: every runs/*)")
+    lg.add_argument("--tail", type=int, default=60, help="last N lines of each log (default 60)")
+    lg.add_argument("--task", type=int, help="only this task (rank) of the job")
+    lg.set_defaults(fn=cmd_logs)
     lb = sub.add_parser("leaderboard", help="(re)generate the leaderboard of an output dir")
     lb.add_argument("dir")
     lb.add_argument("--format", choices=["csv", "md", "json", "latex"], default="md")
@@ -179,9 +265,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "executor", None) == "slurm" or getattr(args, "cluster", None):
-        if args.cmd == "run":
-            return _fail("--executor slurm: the Slurm launcher is not available in this version")
+    for k in ("max_running", "tail"):
+        if getattr(args, k, None) is not None and getattr(args, k) < 1:
+            return _fail(f"--{k.replace('_', '-')}: must be a positive integer")
     try:
         return args.fn(args)
     except UserError as e:
@@ -189,6 +275,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tdbench status DIR | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _fail(msg: str) -> int:

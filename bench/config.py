@@ -96,6 +96,8 @@ class BackboneConfig(Strict):
     def _heads_divide(self):
         if self.hidden % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide hidden ({self.hidden})")
+        if (self.hidden // self.heads) % 2:
+            raise ValueError(f"hidden/heads = {self.hidden // self.heads} must be even (rotary embeddings)")
         return self
 
 
@@ -173,7 +175,12 @@ class LaunchConfig(Strict):
     parallel: Optional[PositiveInt] = None   # local: runs at once (default: min(#runs, cores))
     threads: Optional[PositiveInt] = None    # torch threads per run (default: cores / parallel)
     cluster: Optional[str] = None            # slurm profile name or path
-    timeout_min: PositiveInt = 60
+    timeout_min: PositiveInt = 60            # per job; on slurm it overrides the profile's time_min
+    # Processes per run (where it runs, not what it computes: the global batch is fixed by
+    # train.batch_size, so these are not part of the run id).
+    nodes: PositiveInt = 1
+    tasks_per_node: PositiveInt = 1
+    micro_batch: Optional[PositiveInt] = None  # sequences per forward per process (grad. accumulation)
 
 
 # ----------------------------------------------------------------------------- methods

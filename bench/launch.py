@@ -3,7 +3,13 @@
 - ``debug``: in this process, one run after another.
 - ``local`` (default): each run in its own subprocess through submitit's LocalExecutor, at most
   ``launch.parallel`` at a time, each with ``launch.threads`` torch threads.
-- ``slurm``: submitit job arrays (see ``tdbench submit``).
+- ``slurm``: submitit job arrays on a cluster profile (bench.slurm); ``run`` submits, then
+  waits with a progress display, reading the run records and the scheduler's queue.
+
+A run is ``launch.nodes × launch.tasks_per_node`` processes wherever it starts (the local
+executor starts them on this machine; debug runs one process in this one, which computes the
+same numbers since the global batch never depends on the world size). Each process builds its
+distributed state from its environment (bench.distributed).
 
 The run records are the truth: a job that dies without writing its record (SIGKILL, OOM) is
 recorded here as failed with its log tail; one failed run never stops the others.
@@ -53,19 +59,44 @@ def _record_crash(rd: Path, spec: RunSpec, error: str, log_tail: str) -> None:
                                     "finished": now()})
 
 
+def world_size(suite: Suite) -> int:
+    return suite.launch.nodes * suite.launch.tasks_per_node
+
+
+def check_launch(suite: Suite, specs: list[RunSpec], executor: str) -> None:
+    """What can be known before anything starts: the batch splits over the processes, the
+    engine is installed and fits the settings. UserError naming the key otherwise."""
+    from bench.distributed import batch_plan
+
+    world = world_size(suite) if executor != "debug" else 1
+    for s in specs:
+        batch_plan(s.train.batch_size, world, suite.launch.micro_batch)
+        if s.train.engine == "ddp" and s.train.zero_stage:
+            raise UserError(f"train.zero_stage: {s.train.zero_stage} needs train.engine: deepspeed")
+        if s.train.engine == "deepspeed":
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise UserError("train.engine: deepspeed is not installed (pip install 'tdbench[deepspeed]')")
+            if s.train.zero_stage == 3 and s.train.ema > 0:
+                raise UserError("train.ema: EMA is not supported with ZeRO-3; use zero_stage 1 or 2")
+
+
 def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[str, str]:
     import submitit
 
     cores = _cores()
-    parallel = suite.launch.parallel or max(1, min(len(specs), cores))
-    threads = suite.launch.threads or max(1, cores // parallel)
+    tasks = world_size(suite)
+    parallel = suite.launch.parallel or max(1, min(len(specs), cores // tasks))
+    threads = suite.launch.threads or max(1, cores // (parallel * tasks))
     ex = submitit.LocalExecutor(folder=str(Path(out) / ".submitit" / "%j"))
-    ex.update_parameters(timeout_min=suite.launch.timeout_min)
+    ex.update_parameters(timeout_min=suite.launch.timeout_min, tasks_per_node=tasks)
     queue, running, status = list(specs), {}, {}
     while queue or running:
         while queue and len(running) < parallel:
             s = queue.pop(0)
-            running[s.run_id] = (s, ex.submit(execute, s.model_dump(mode="json"), str(run_dir(out, s)), threads))
+            running[s.run_id] = (s, ex.submit(execute, s.model_dump(mode="json"), str(run_dir(out, s)), threads,
+                                              suite.launch.micro_batch))
         time.sleep(0.5)
         for rid, (s, job) in list(running.items()):
             if not job.done():
@@ -73,7 +104,7 @@ def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
             del running[rid]
             rd = run_dir(out, s)
             try:
-                status[rid] = job.result()
+                status[rid] = job.results()[0]  # global rank 0's answer (one per task)
             except Exception as e:  # noqa: BLE001 - the subprocess died (killed, OOM, timeout)
                 tail = ""
                 try:
@@ -87,17 +118,92 @@ def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
 
 
 def run_debug(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[str, str]:
+    if world_size(suite) > 1:
+        print(f"debug executor: one process instead of {world_size(suite)} (same global batch)", file=sys.stderr)
     status = {}
     for s in specs:
-        status[s.run_id] = execute(s.model_dump(mode="json"), run_dir(out, s), suite.launch.threads)
+        status[s.run_id] = execute(s.model_dump(mode="json"), run_dir(out, s), suite.launch.threads,
+                                   suite.launch.micro_batch)
         progress(s, status[s.run_id])
     return status
 
 
-EXECUTORS = {"local": run_local, "debug": run_debug}
+def run_slurm(specs: list[RunSpec], out: Path, suite: Suite, progress, cluster: str | None = None,
+              max_running: int | None = None, poll_s: float = 2.0) -> dict[str, str]:
+    """Submit (job arrays), then wait: the run records and the queue tell when each run is
+    over. A job that leaves the queue without a final record is recorded as failed with its
+    log tail; nothing waits on submitit's job.result()."""
+    from bench import slurm
+
+    name = cluster or suite.launch.cluster
+    if not name:
+        name = "dev"
+        print("slurm: no --cluster or launch.cluster given: using the dev profile (slurm/dev.yaml)",
+              file=sys.stderr)
+    prof, path = slurm.load_profile(name)
+    subs, queued, _ = slurm.submit(suite, specs, out, prof, path, max_running)
+    report_submission(subs, queued, prof)
+    by_id = {s.run_id: s for s in specs}
+    waiting = set(by_id)
+    status: dict[str, str] = {}
+    gone_since: dict[str, float] = {}
+    last = None
+    try:
+        while waiting:
+            states = slurm.run_states(out, only=waiting)
+            now_t = time.monotonic()
+            for st in states:
+                if not st.final:
+                    gone_since.pop(st.run_id, None)
+                    continue
+                if st.state != "completed" and st.record != "failed":
+                    # no final record: give the record a moment (accounting lags), then write it
+                    if now_t - gone_since.setdefault(st.run_id, now_t) < 10:
+                        continue
+                    s = by_id[st.run_id]
+                    tail = ""
+                    for p in slurm.job_log_paths(out, st.job_id or "-")[-1:]:
+                        tail = "\n".join(p.read_text(errors="replace").splitlines()[-20:])
+                    _record_crash(run_dir(out, s), s, st.detail or f"job {st.job_id} {st.state}", tail)
+                status[st.run_id] = "complete" if st.state == "completed" else "failed"
+                waiting.discard(st.run_id)
+                progress(by_id[st.run_id], status[st.run_id] if st.state != "cancelled" else "cancelled")
+            counts = {}
+            for st in states:
+                if not st.final:
+                    counts[st.state] = counts.get(st.state, 0) + 1
+            line = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+            if waiting and line and line != last:
+                print(f"slurm: {line}; {len(status)}/{len(by_id)} done", file=sys.stderr, flush=True)
+                last = line
+            if waiting:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"stopped waiting; the jobs stay queued: `tdbench status {out}` shows them, "
+              f"`tdbench cancel {out}` cancels them", file=sys.stderr)
+        raise
+    return status
 
 
-def run_suite(suite: Suite, specs: list[RunSpec], out: Path, executor: str) -> dict[str, str]:
+def report_submission(subs, queued: dict, prof) -> None:
+    for sub in subs:
+        ids = sub.job_ids
+        span = ids[0] if len(ids) == 1 else f"{ids[0]} … {ids[-1]}"
+        print(f"slurm: submitted {len(ids)} run(s) as job array {sub.array_job_id} on {prof.name} "
+              f"(partition {prof.partition}, {sub.shape.nodes}×{sub.shape.tasks_per_node} tasks, "
+              f"{sub.shape.cpus_per_task} CPU/task, {sub.shape.time_min} min): {span}", file=sys.stderr)
+    if queued:
+        print(f"slurm: {len(queued)} run(s) already queued, not submitted again: "
+              f"{', '.join(sorted(set(queued.values()))[:10])}{' …' if len(set(queued.values())) > 10 else ''}",
+              file=sys.stderr)
+
+
+EXECUTORS = {"local": run_local, "debug": run_debug, "slurm": run_slurm}
+
+
+def run_suite(suite: Suite, specs: list[RunSpec], out: Path, executor: str, cluster: str | None = None,
+              max_running: int | None = None) -> dict[str, str]:
+    check_launch(suite, specs, executor)
     todo, done = plan(specs, out)
     print(f"{suite.name}: {len(specs)} runs, {len(done)} complete, {len(todo)} to run "
           f"({executor} executor) -> {out}", file=sys.stderr)
@@ -110,7 +216,10 @@ def run_suite(suite: Suite, specs: list[RunSpec], out: Path, executor: str) -> d
     if not todo:
         return {s.run_id: "complete" for s in done}
     if executor not in EXECUTORS:
-        raise UserError(f"--executor {executor}: use 'tdbench submit' for slurm, or one of {sorted(EXECUTORS)}")
-    status = EXECUTORS[executor](todo, out, suite, progress)
+        raise UserError(f"--executor {executor}: one of {sorted(EXECUTORS)}")
+    if executor == "slurm":
+        status = run_slurm(todo, out, suite, progress, cluster, max_running)
+    else:
+        status = EXECUTORS[executor](todo, out, suite, progress)
     status.update({s.run_id: "complete" for s in done})
     return status

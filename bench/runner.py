@@ -25,15 +25,20 @@ def now() -> str:
 
 
 class RunLog:
-    """Appends to ``<run>/log.txt`` and echoes to stderr."""
+    """Appends to ``<run>/log.txt`` and echoes to stderr. In a multi-process run only global
+    rank 0 writes the file; the other ranks echo to their own stderr (the job's log)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rank: int = 0):
         self.path = path
+        self.rank = rank
 
     def __call__(self, msg: str) -> None:
         line = f"[{datetime.now().strftime('%H:%M:%S')}] {msg}"
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        else:
+            line = f"[rank {self.rank}] {line}"
         print(line, file=sys.stderr, flush=True)
 
     def tail(self, n: int = 20) -> str:
@@ -43,14 +48,27 @@ class RunLog:
             return ""
 
 
-def make_accelerator(spec: RunSpec):
-    import torch
-    from accelerate import Accelerator
+def make_accelerator(spec: RunSpec, micro_batch: int | None = None):
+    """Single process, DDP or DeepSpeed, from the environment this process was started in
+    (see bench.distributed)."""
+    from bench.distributed import make_accelerator as make
 
-    cuda = torch.cuda.is_available()
-    precision = spec.train.precision
-    mp = "bf16" if cuda and precision in ("auto", "bf16") else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=mp)
+    return make(spec, micro_batch)
+
+
+def job_info() -> dict:
+    """Where this process runs, when a scheduler started it (recorded in the run's env)."""
+    e = os.environ
+    out = {}
+    if e.get("SLURM_JOB_ID"):
+        jid = e["SLURM_JOB_ID"]
+        if e.get("SLURM_ARRAY_JOB_ID"):
+            jid = f"{e['SLURM_ARRAY_JOB_ID']}_{e.get('SLURM_ARRAY_TASK_ID', '')}"
+        out = {"scheduler": "slurm", "job_id": jid, "restarts": int(e.get("SLURM_RESTART_COUNT", 0) or 0),
+               "nodes": e.get("SLURM_JOB_NODELIST")}
+    elif e.get("SUBMITIT_EXECUTOR") == "local":
+        out = {"scheduler": "local", "job_id": e.get("SUBMITIT_LOCAL_JOB_ID")}
+    return out
 
 
 def build_method(spec: RunSpec, vocab_size: int):
@@ -78,7 +96,8 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
         t0 = time.time()
         nll, ntok = per_sequence_nll(method, blocks.tokens, blocks.counted, protocol, spec.eval.batch_size,
                                      spec.eval.seed, device, desc=f"eval {ref.key}")
-        row.update(summarize(nll, ntok, protocol.confidence, exact=method.likelihood == "exact"))
+        row.update(summarize(nll, ntok, protocol.confidence, exact=method.likelihood == "exact",
+                             scheme=protocol.t_sampling))
         row["eval_s"] = round(time.time() - t0, 2)
         metrics.append(row)
         log(f"{ref.key}: ppl {'≤ ' if row['bound'] else ''}{row['value']:.3f} "
@@ -104,8 +123,13 @@ def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path) -> int:
     return len(lines)
 
 
-def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None) -> str:
-    """Run one spec in this process; returns the final status ('complete' or 'failed')."""
+def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None,
+            micro_batch: int | None = None) -> str:
+    """Run one spec in this process; returns the final status ('complete' or 'failed').
+
+    In a multi-process run every process calls this; the processes train together, then
+    global rank 0 evaluates and writes the record. ``micro_batch`` (sequences per forward, per
+    process) sets gradient accumulation; it never changes the global batch."""
     import torch
 
     spec = RunSpec(**spec_json)
@@ -122,7 +146,7 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
         torch.set_num_threads(threads)
     if not (run_dir / "spec.json").exists():
         write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
-    log = RunLog(run_dir / "log.txt")
+    log = RunLog(run_dir / "log.txt", rank=_rank_from_env())
     base = {"run_id": spec.run_id, "label": spec.label, "method": spec.method, "size": spec.size,
             "seed": spec.seed, "spec": spec.model_dump(mode="json"),
             "protocol": {**spec.protocol().model_dump(), "id": spec.protocol().id}, "started": now()}
@@ -132,8 +156,12 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
         from bench.backbone import count_params
         from bench.train import train
 
-        accelerator = make_accelerator(spec)
+        accelerator = make_accelerator(spec, micro_batch)
+        if threads:
+            torch.set_num_threads(threads)  # Accelerate resets it for multi-process CPU runs
+        log.rank = accelerator.process_index
         env = environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads())
+        env.update(job_info())
         if accelerator.is_main_process:
             write_json(result_path, {**base, "status": "running", "env": env})
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
@@ -143,11 +171,13 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
         params = count_params(method)
         train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing)
         log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
-        stats = train(method, spec, train_blocks, run_dir, accelerator, log)
+        stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch)
         stats.update(params)
-        method.to(accelerator.device)
         if not accelerator.is_main_process:
             return "complete"
+        if spec.train.engine == "deepspeed" and spec.train.zero_stage == 3:
+            method = _reload_final(spec, tokenizer.vocab_size, run_dir)  # ZeRO-3 partitions the weights
+        method.to(accelerator.device)
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
         n_samples = write_samples(method, spec, tokenizer, run_dir)
         write_json(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
@@ -167,3 +197,23 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
             write_json(result_path, {**base, "status": "failed", "error": msg, "log_tail": log.tail(),
                                      "finished": now()})
         return "failed"
+    finally:
+        from bench.distributed import teardown
+
+        teardown()
+
+
+def _rank_from_env() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) or 0) \
+        if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)) or 1) > 1 else 0
+
+
+def _reload_final(spec: RunSpec, vocab_size: int, run_dir: Path):
+    from safetensors.torch import load_file
+
+    from bench.train import latest_checkpoint
+
+    method = build_method(spec, vocab_size)
+    ck = latest_checkpoint(run_dir)
+    method.load_state_dict(load_file(ck / "model.safetensors"))
+    return method

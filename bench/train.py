@@ -2,12 +2,26 @@
 
 Determinism and resume: the batch of step k and all noise drawn at step k depend only on
 (seed, k) — batches come from a per-epoch permutation seeded by (seed, epoch) and the global
-RNG is re-seeded with (seed, k, rank) before each step — so a run resumed from a checkpoint at
-step k replays exactly what the uninterrupted run would have done (on CPU, bit for bit).
+RNG is re-seeded with (seed, k, o) before each micro-batch, o = the offset of its first
+sequence in the global batch — so a run resumed from a checkpoint at step k replays exactly
+what the uninterrupted run would have done (on CPU, bit for bit).
+
+Distributed: the global batch (``train.batch_size``) and the time draws u (stratified over the
+global batch) are the same whatever the world size; process r takes its slice of both, in
+``accum`` micro-batches (bench.distributed.batch_plan). The objective is exactly the global
+per-token mean: micro-batch m's loss is weighted by c_m / C · world (c_m its counted tokens, C
+the global batch's, known on every rank without communication) so that DDP's gradient
+average gives Σ_m loss_m · c_m / C. Because the noise of a micro-batch depends on its offset,
+W processes with micro-batch b compute what one process computes with micro-batch b and W
+accumulation steps, up to float summation order.
 
 Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` with model (and EMA) weights in safetensors, the
 optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve). They
 are written to a temp dir and renamed; only the latest is kept; the latest is loaded at start.
+Under DeepSpeed the optimizer state is sharded: every rank writes its shard into
+``deepspeed/`` of the same directory (the full weights still go to ``model.safetensors``), and
+such a checkpoint resumes with the same world size. Under Slurm a preemption signal makes every
+rank save at the next step boundary (bench.distributed.PreemptionGuard) before the requeue.
 """
 from __future__ import annotations
 
@@ -100,13 +114,15 @@ def load_checkpoint(ckpt: Path, model, opt, sched, ema) -> dict:
 
     f = ckpt / "model.safetensors"
     try:
-        model.load_state_dict(load_file(f))
+        if model is not None:
+            model.load_state_dict(load_file(f))
         if ema is not None:
             f = ckpt / "ema.safetensors"
             ema.shadow = load_file(f)
         f = ckpt / "optim.pt"
         blob = torch.load(f, weights_only=False)
-        opt.load_state_dict(blob["optimizer"])
+        if opt is not None:
+            opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         f = ckpt / "state.json"
@@ -116,66 +132,173 @@ def load_checkpoint(ckpt: Path, model, opt, sched, ema) -> dict:
                         f"delete {ckpt} to restart from the previous state") from None
 
 
+DS_DIR, DS_TAG = "deepspeed", "zero"
+
+
+def save_checkpoint_deepspeed(run_dir: Path, step: int, accelerator, engine, sched, ema, state: dict) -> None:
+    """Collective: every rank writes its ZeRO shard, rank 0 the full weights and the rest."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "ckpt"
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
+    full = accelerator.get_state_dict(engine)  # gathers ZeRO-3 partitions (collective)
+    if main:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in full.items()}, tmp / "model.safetensors")
+        if ema is not None:
+            save_file(ema.shadow, tmp / "ema.safetensors")
+        torch.save({"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in root.glob("step_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint_deepspeed(ckpt: Path, accelerator, engine, sched, ema) -> dict:
+    state = load_checkpoint(ckpt, None, None, sched, ema)
+    saved = state.get("world_size")
+    if saved is not None and saved != accelerator.num_processes:
+        raise UserError(f"{ckpt}: DeepSpeed checkpoint written by {saved} processes; resume it with the "
+                        f"same launch.nodes × launch.tasks_per_node (now {accelerator.num_processes})")
+    f = ckpt / DS_DIR
+    try:
+        path, _ = engine.load_checkpoint(str(f), tag=DS_TAG, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"delete {ckpt} to restart from the previous state") from None
+    if path is None:
+        raise UserError(f"{f}: corrupt checkpoint (no DeepSpeed state); delete {ckpt} to restart")
+    return state
+
+
 # ----------------------------------------------------------------------------- loop
-def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=print) -> dict:
+def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=print,
+          micro_batch: int | None = None) -> dict:
+    from bench.distributed import NONE, REQUEUE, batch_plan, current_guard, is_deepspeed, param_checksum
+
     cfg = spec.train
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise UserError(f"train.batch_size: {cfg.batch_size} is not divisible by the world size {world}")
+    plan = batch_plan(cfg.batch_size, world, micro_batch)
+    ds = is_deepspeed(accelerator)
+    if ds and cfg.ema > 0 and cfg.zero_stage == 3:
+        raise UserError("train.ema: EMA is not supported with ZeRO-3 (parameters are partitioned); "
+                        "use zero_stage 1 or 2")
     opt = torch.optim.AdamW(method.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
     ema = EMA(method, cfg.ema) if cfg.ema > 0 else None
     state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
+    if ckpt is not None and not ds:
         state = load_checkpoint(ckpt, method, opt, sched, ema)
+    model, opt = accelerator.prepare(method, opt)
+    if ckpt is not None and ds:
+        state = load_checkpoint_deepspeed(ckpt, accelerator, model, sched, ema)
+    state.pop("world_size", None)
+    if ckpt is not None:
         log(f"resuming from {ckpt.name} (step {state['step']})")
     resumed_from, wall_before = state["step"], state["wall_s"]
-    model, opt = accelerator.prepare(method, opt)
-    N, per_rank = len(data), cfg.batch_size // world
+    N = len(data)
+    # DeepSpeed divides each micro-batch's loss by accum itself; DDP averages over ranks.
+    scale = world * (plan.accum if ds else 1)
+    guard = current_guard()
     t0, tokens_here = time.time(), 0
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
                desc=f"train {spec.label}", disable=not accelerator.is_main_process, mininterval=2)
+    if guard is not None:
+        guard.training = True
     for step in bar:
-        torch.manual_seed(seed_of(spec.seed, step, rank))
-        idx = batch_indices(step, cfg.batch_size, N, spec.seed)[rank * per_rank:(rank + 1) * per_rank]
-        x = torch.as_tensor(data.tokens[idx], dtype=torch.long, device=accelerator.device)
-        c = torch.as_tensor(data.counted[idx], dtype=torch.bool, device=accelerator.device)
+        gidx = batch_indices(step, cfg.batch_size, N, spec.seed)
+        C = max(int(data.counted[gidx].sum()), 1)
         g = torch.Generator().manual_seed(seed_of(spec.seed, step, 1 << 20))
-        u = batch_u(cfg.batch_size, g)[rank * per_rank:(rank + 1) * per_rank].to(accelerator.device)
+        u_all = batch_u(cfg.batch_size, g)
         model.train()
-        with accelerator.autocast():
-            loss = model(x, c, u)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
+        step_loss = 0.0
+        for j in range(plan.accum):
+            off = rank * plan.per_rank + j * plan.micro
+            torch.manual_seed(seed_of(spec.seed, step, off))
+            idx = gidx[off:off + plan.micro]
+            x = torch.as_tensor(data.tokens[idx], dtype=torch.long, device=accelerator.device)
+            c = torch.as_tensor(data.counted[idx], dtype=torch.bool, device=accelerator.device)
+            u = u_all[off:off + plan.micro].to(accelerator.device)
+            last = j == plan.accum - 1
+            w = int(data.counted[idx].sum()) / C
+            with accelerator.autocast():
+                loss = model(x, c, u)
+            scaled = loss if w * scale == 1.0 else loss * (w * scale)
+            if ds:
+                accelerator.deepspeed_engine_wrapped.backward(scaled, sync_gradients=last)
+            elif last or world == 1:
+                accelerator.backward(scaled)
+            else:
+                with accelerator.no_sync(model):
+                    accelerator.backward(scaled)
+            step_loss += float(loss.detach()) if w == 1.0 else float(loss.detach()) * w
+        if cfg.grad_clip > 0 and not ds:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(accelerator.unwrap_model(model))
-        ntok = int(c.sum()) * world
-        state["tokens"] += ntok
-        tokens_here += ntok
-        state["losses"].append(round(float(loss.detach()), 6))
+        request = NONE
+        if guard is not None:
+            request, step_loss = guard.agree(accelerator, step_loss)
+        elif world > 1:
+            t = torch.tensor([step_loss], dtype=torch.float64, device=accelerator.device)
+            torch.distributed.all_reduce(t)
+            step_loss = float(t[0])
+        state["tokens"] += C
+        tokens_here += C
+        state["losses"].append(round(step_loss, 6))
         state["step"] = step + 1
         el = time.time() - t0
         bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{tokens_here / max(el, 1e-9):,.0f}", refresh=False)
-        if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps:
+        if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps or request != NONE:
             state["wall_s"] = wall_before + el
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir, state["step"], accelerator.unwrap_model(model), opt, sched, ema,
-                                state)
-            accelerator.wait_for_everyone()
+            if ds:
+                save_checkpoint_deepspeed(run_dir, state["step"], accelerator, model, sched, ema, state)
+            else:
+                if accelerator.is_main_process:
+                    save_checkpoint(run_dir, state["step"], accelerator.unwrap_model(model), opt, sched, ema,
+                                    state)
+                accelerator.wait_for_everyone()
+        if request != NONE:
+            guard.handled(request)
+            log(guard.describe(request).format(step=state["step"], world=world))
+            if request == REQUEUE:
+                bar.close()
+                guard.requeue(accelerator)
+    if guard is not None:
+        guard.leave_training()
     bar.close()
     el = time.time() - t0
-    model = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model)
+    checksums = None
+    if not (ds and cfg.zero_stage == 3):
+        mine = param_checksum(unwrapped)
+        checksums = [mine]
+        if world > 1:
+            checksums = [None] * world
+            torch.distributed.all_gather_object(checksums, mine)
     if ema is not None:
-        ema.copy_to(model)
+        ema.copy_to(unwrapped)
     losses = state["losses"]
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": state["step"], "tokens": state["tokens"], "resumed_from_step": resumed_from,
             "tokens_per_s": tokens_here / el if el > 0 and tokens_here else None,
             "wall_s": round(wall_before + el, 3), "final_loss": sum(tail) / len(tail) if tail else None,
-            "loss_curve": losses[:: max(1, len(losses) // 100)]}
+            "loss_curve": losses[:: max(1, len(losses) // 100)],
+            "world_size": world, "micro_batch": plan.micro, "grad_accum": plan.accum,
+            "engine": "deepspeed" if ds else "ddp" if world > 1 else "single",
+            "param_checksums": checksums}
