@@ -1,7 +1,7 @@
 """The one transformer family every method builds on.
 
 DiT-style blocks (Peebles & Xie 2023, as in SEDD's DDiT and MDLM's DIT): pre-LayerNorm
-attention + MLP, each modulated by adaLN (shift, scale, gate) computed from a conditioning
+attention with rotary position embeddings + MLP, each modulated by adaLN (shift, scale, gate) computed from a conditioning
 vector c = MLP(sinusoidal(t)). Bidirectional SDPA attention for diffusion; the same blocks with
 causal attention (and t ≡ 0) are the autoregressive GPT-2 baseline, so a "matching size"
 comparison compares objectives, not architectures (MDLM's ``small-ar``).
@@ -31,6 +31,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
+def rotary_tables(L: int, head_dim: int, device, base: float = 10000.0):
+    """cos/sin tables (L, head_dim/2) of rotary position embeddings (Su et al. 2021, RoFormer
+    eq. 34), as in SEDD's and MDLM's DiT: attention sees relative positions from the start."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.arange(L, device=device, dtype=torch.float32)[:, None] * inv[None]
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x_{2i}, x_{2i+1}) of x (B, L, H, d) by position-dependent angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None].to(x.dtype), sin[None, :, None].to(x.dtype)
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -50,10 +65,11 @@ class Block(nn.Module):
         nn.init.zeros_(self.adaLN.weight)
         nn.init.zeros_(self.adaLN.bias)
 
-    def forward(self, x, c):
+    def forward(self, x, c, rope):
         B, L, D = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
         q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -69,10 +85,10 @@ class Backbone(nn.Module):
         super().__init__()
         self.cfg, self.causal, self.seq_len = cfg, causal, seq_len
         d = cfg.hidden
+        if (d // cfg.heads) % 2:
+            raise ValueError(f"head dimension {d // cfg.heads} must be even (rotary embeddings)")
         self.tok = nn.Embedding(vocab_in, d)
-        self.pos = nn.Parameter(torch.zeros(seq_len, d))
         nn.init.normal_(self.tok.weight, std=0.02)
-        nn.init.normal_(self.pos, std=0.02)
         self.t_mlp = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.cond_dim), nn.SiLU(),
                                    nn.Linear(cfg.cond_dim, cfg.cond_dim))
         self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.layers))
@@ -89,12 +105,12 @@ class Backbone(nn.Module):
         B, L, _ = x.shape
         if L > self.seq_len:
             raise ValueError(f"sequence of {L} tokens exceeds the backbone's seq_len {self.seq_len}")
-        x = x + self.pos[:L]
+        rope = rotary_tables(L, self.cfg.hidden // self.cfg.heads, x.device)
         if t is None:
             t = torch.zeros(B, device=x.device)
         c = F.silu(self.t_mlp(timestep_embedding(1000 * t, self.cfg.cond_dim).to(x.dtype)))
         for blk in self.blocks:
-            x = blk(x, c)
+            x = blk(x, c, rope)
         sh, sc = self.adaLN_f(c).chunk(2, dim=-1)
         x = modulate(self.norm_f(x), sh, sc)
         return x if return_hidden else self.head(x)
@@ -102,5 +118,5 @@ class Backbone(nn.Module):
 
 def count_params(module: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in module.parameters())
-    emb = sum(p.numel() for n, p in module.named_parameters() if n.endswith(("tok.weight", "pos")))
+    emb = sum(p.numel() for n, p in module.named_parameters() if n.endswith("tok.weight"))
     return {"params": total, "params_non_embedding": total - emb}
