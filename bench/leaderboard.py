@@ -148,7 +148,8 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
 
 
 def write(out: Path, fmt: str | None = None) -> tuple[str, list[str]]:
-    """Write leaderboard.csv and leaderboard.md into ``out``; return (text in ``fmt``, problems)."""
+    """Write leaderboard.csv, leaderboard.md and training.png (loss curves) into ``out``;
+    return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 
     recs, problems, failed = collect(out)
@@ -157,6 +158,8 @@ def write(out: Path, fmt: str | None = None) -> tuple[str, list[str]]:
     md = markdown(t, problems, failed)
     atomic_write_text(Path(out) / "leaderboard.csv", csv)
     atomic_write_text(Path(out) / "leaderboard.md", md)
+    from bench.plots import training_curves
+    training_curves(recs, Path(out) / "training.png")
     if fmt == "json":
         return json.dumps(json.loads(t.to_json(orient="records")), indent=2), problems
     if fmt == "latex":

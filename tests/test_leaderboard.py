@@ -31,6 +31,7 @@ def test_suite_records_leaderboard_and_rerun(tmp_path, capsys):
     assert mdlm.bound.all() and (mdlm.ci_low < mdlm.value).all() and (mdlm.value < mdlm.ci_high).all()
     md = (out / "leaderboard.md").read_text()
     assert "| Size | Model | austen | kjv |" in md and "≤ " in md and "**" in md
+    assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
 
     mtimes = {rd: (rd / "result.json").stat().st_mtime_ns for rd in runs}
     capsys.readouterr()
