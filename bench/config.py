@@ -274,6 +274,15 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def read_validated(path: str | Path, model: type[BaseModel]):
+    """A YAML file validated by a pydantic model; UserError naming the file and key path."""
+    raw = read_yaml(path)
+    try:
+        return model(**raw)
+    except ValidationError as e:
+        raise UserError(f"{path}: {first_error(e)}") from None
+
+
 def resolve_sizes(suite: Suite) -> dict[str, BackboneConfig]:
     out = {}
     for name, dims in suite.sizes.items():
@@ -336,11 +345,7 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
 def load_suite(path: str | Path) -> tuple[Suite, list[RunSpec]]:
     """Read and validate a suite, expand it into run specs. Raises UserError on bad input."""
     path = Path(path)
-    raw = read_yaml(path)
-    try:
-        suite = Suite(**raw)
-    except ValidationError as e:
-        raise UserError(f"{path}: {first_error(e)}") from None
+    suite = read_validated(path, Suite)
     try:
         specs = expand(suite)
     except UserError as e:

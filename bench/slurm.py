@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
 from bench.errors import UserError, did_you_mean
 
@@ -94,14 +94,10 @@ def find_profile(name_or_path: str) -> Path:
 
 
 def load_profile(name_or_path: str) -> tuple[ClusterProfile, Path]:
-    from bench.config import first_error, read_yaml
+    from bench.config import read_validated
 
     path = find_profile(name_or_path)
-    raw = read_yaml(path)
-    try:
-        prof = ClusterProfile(**raw)
-    except ValidationError as e:
-        raise UserError(f"{path}: {first_error(e)}") from None
+    prof = read_validated(path, ClusterProfile)
     if prof.name is None:
         prof = prof.model_copy(update={"name": path.stem})
     return prof, path
