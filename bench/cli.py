@@ -150,6 +150,17 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def _annotation(a) -> str:
+    """A parameter's type for humans: ``absorb|uniform``, ``float?`` (optional), ``int``."""
+    from typing import Literal, Union, get_args, get_origin
+
+    if get_origin(a) is Literal:
+        return "|".join(map(str, get_args(a)))
+    if get_origin(a) is Union:
+        return " or ".join(_annotation(x) for x in get_args(a) if x is not type(None)) + "?"
+    return getattr(a, "__name__", str(a)).replace("typing.", "")
+
+
 def cmd_methods(args) -> int:
     from bench.registry import BROKEN, all_methods
 
@@ -164,7 +175,7 @@ def cmd_methods(args) -> int:
         if cls.variants:
             print("    variants: " + "; ".join(f"{k} = {v}" for k, v in cls.variants.items()))
         for fname, f in cls.Params.model_fields.items():
-            ann = getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", "")
+            ann = _annotation(f.annotation)
             desc = f"  # {f.description}" if f.description else ""
             print(f"    {fname}: {ann} = {f.default!r}{desc}")
     return 2 if BROKEN else 0
