@@ -88,6 +88,12 @@ class Method(nn.Module):
         raise NotImplementedError(f"{self.name} has no sampler")
 
     @property
+    def mask_id(self) -> int:
+        """The extra input id V reserved by the default network: [MASK] for absorbing-state
+        methods ([BOS] for the AR baseline)."""
+        return self.V
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

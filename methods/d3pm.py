@@ -272,10 +272,6 @@ class D3PM(Method):
     def default_label(cls, params) -> str:
         return f"D3PM {params.transition.capitalize()}"
 
-    @property
-    def mask_id(self) -> int:
-        return self.V
-
     def abar(self, t):
         return alpha_bar(t, self.p.T, self.p.schedule)
 

@@ -93,10 +93,6 @@ class MDLM(Method):
     time = "continuous"
     display = "MDLM"
 
-    @property
-    def mask_id(self) -> int:
-        return self.V
-
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.net(x_t, t).float(), dim=-1)
 

@@ -350,10 +350,6 @@ class SEDD(Method):
     def default_label(cls, params) -> str:
         return f"SEDD {params.graph.capitalize()}"
 
-    @property
-    def mask_id(self) -> int:
-        return self.V
-
     def sigma(self, t):
         p = self.p
         return sigma_of(t, p.noise, p.eps, p.sigma_min, p.sigma_max)

@@ -20,17 +20,21 @@ def test_did_you_mean():
         registry.get_method("mdl")
 
 
-def test_entry_point_plugin(tmp_path, monkeypatch):
-    pkg = tmp_path / "toy_plugin.py"
-    pkg.write_text(
-        "from bench.method import Method\nfrom bench.registry import register\n"
-        "@register('toy_ep')\nclass Toy(Method):\n    likelihood = 'none'\n")
-    dist = tmp_path / "toy_plugin-0.1.dist-info"
+def install_fake_plugin(tmp_path, monkeypatch, module: str, source: str) -> None:
+    """A module plus a dist-info declaring it in the `tdbench.methods` entry-point group."""
+    (tmp_path / f"{module}.py").write_text(source)
+    dist = tmp_path / f"{module}-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[tdbench.methods]\ntoy_ep = toy_plugin\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[tdbench.methods]\n{module} = {module}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_discovered", False)
+
+
+def test_entry_point_plugin(tmp_path, monkeypatch):
+    install_fake_plugin(tmp_path, monkeypatch, "toy_plugin",
+                        "from bench.method import Method\nfrom bench.registry import register\n"
+                        "@register('toy_ep')\nclass Toy(Method):\n    likelihood = 'none'\n")
     try:
         cls = registry.get_method("toy_ep")
         assert cls.__name__ == "Toy" and cls.supports() == []
@@ -40,13 +44,7 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
 
 
 def test_a_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch):
-    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('boom')\n")
-    dist = tmp_path / "broken_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[tdbench.methods]\nbroken = broken_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_discovered", False)
+    install_fake_plugin(tmp_path, monkeypatch, "broken_plugin", "raise RuntimeError('boom')\n")
     monkeypatch.setattr(registry, "BROKEN", {})
     assert "mdlm" in registry.all_methods()
     with pytest.raises(UserError, match="plugin broken_plugin failed to import .RuntimeError: boom"):
