@@ -37,6 +37,7 @@ from typing import Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
 from bench.errors import UserError, did_you_mean
+from bench.runner import now
 
 REPO_SLURM = Path(__file__).resolve().parents[1] / "slurm"
 LEDGER = "jobs.jsonl"
@@ -428,18 +429,12 @@ def submit(suite, specs, out: Path, prof: ClusterProfile, prof_path: Path, max_r
                             [launch.micro_batch] * len(group))
         array_id = jobs[0].job_id.split("_")[0]
         sub = Submission(array_id, shp, [s.run_id for s in group], [j.job_id for j in jobs])
-        _append_ledger(out, {"array_job_id": array_id, "submitted": _now(), "profile": prof.name,
+        _append_ledger(out, {"array_job_id": array_id, "submitted": now(), "profile": prof.name,
                              "suite": suite.name, "shape": shp.__dict__,
                              "runs": {s.run_id: {"job_id": j.job_id, "label": s.label, "size": s.size,
                                                  "seed": s.seed} for s, j in zip(group, jobs)}})
         subs.append(sub)
     return subs, queued, done
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ----------------------------------------------------------------------------- states
@@ -558,5 +553,5 @@ def cancel(out: Path) -> list[str]:
         if r.returncode != 0:
             raise UserError(f"slurm: scancel failed: {r.stderr.strip()}")
     if ids:
-        _append_ledger(out, {"cancelled": ids, "at": _now()})
+        _append_ledger(out, {"cancelled": ids, "at": now()})
     return ids
