@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
 from bench.records import read_record, record_status, write_json
-from bench.runner import execute, now
+from bench.runner import execute, now, record_header
 
 
 def run_dir(out: Path, spec: RunSpec) -> Path:
@@ -53,8 +53,7 @@ def _record_crash(rd: Path, spec: RunSpec, error: str, log_tail: str) -> None:
         if rec["status"] in ("complete", "failed"):
             return
     except UserError:
-        rec = {"run_id": spec.run_id, "label": spec.label, "method": spec.method, "size": spec.size,
-               "seed": spec.seed, "spec": spec.model_dump(mode="json")}
+        rec = record_header(spec)
     write_json(rd / "result.json", {**rec, "status": "failed", "error": error, "log_tail": log_tail,
                                     "finished": now()})
 

@@ -48,12 +48,12 @@ class RunLog:
             return ""
 
 
-def make_accelerator(spec: RunSpec, micro_batch: int | None = None):
-    """Single process, DDP or DeepSpeed, from the environment this process was started in
-    (see bench.distributed)."""
-    from bench.distributed import make_accelerator as make
-
-    return make(spec, micro_batch)
+def record_header(spec: RunSpec) -> dict:
+    """What every result.json of a run starts with, whatever its status."""
+    protocol = spec.protocol()
+    return {"run_id": spec.run_id, "label": spec.label, "method": spec.method, "size": spec.size,
+            "seed": spec.seed, "spec": spec.model_dump(mode="json"),
+            "protocol": {**protocol.model_dump(), "id": protocol.id}}
 
 
 def job_info() -> dict:
@@ -147,13 +147,12 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
     if not (run_dir / "spec.json").exists():
         write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
     log = RunLog(run_dir / "log.txt", rank=_rank_from_env())
-    base = {"run_id": spec.run_id, "label": spec.label, "method": spec.method, "size": spec.size,
-            "seed": spec.seed, "spec": spec.model_dump(mode="json"),
-            "protocol": {**spec.protocol().model_dump(), "id": spec.protocol().id}, "started": now()}
+    base = {**record_header(spec), "started": now()}
     accelerator = None
     try:
-        from bench.data import get_tokenizer, load_blocks
         from bench.backbone import count_params
+        from bench.data import get_tokenizer, load_blocks
+        from bench.distributed import make_accelerator
         from bench.train import train
 
         accelerator = make_accelerator(spec, micro_batch)
