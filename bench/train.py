@@ -232,7 +232,7 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
             c = torch.as_tensor(data.counted[idx], dtype=torch.bool, device=accelerator.device)
             u = u_all[off:off + plan.micro].to(accelerator.device)
             last = j == plan.accum - 1
-            w = int(data.counted[idx].sum()) / C
+            w = int(c.sum()) / C
             with accelerator.autocast():
                 loss = model(x, c, u)
             scaled = loss if w * scale == 1.0 else loss * (w * scale)
