@@ -329,6 +329,17 @@ def rate_matrix(graph, Vd):
     return Q
 
 
+def dense_grid(graph, Vd, Ld, seed, scale=1.0):
+    """Every (x_0, x_t) pair of length-Ld sequences (x_t may hold [MASK] on the absorbing
+    graph), the graph's dense rate matrix Q, and random log-scores of the given scale."""
+    Q = rate_matrix(graph, Vd)
+    S = torch.tensor(list(itertools.product(range(len(Q)), repeat=Ld)))
+    X0 = torch.tensor(list(itertools.product(range(Vd), repeat=Ld)))
+    x0r, xtr = X0.repeat_interleave(len(S), 0), S.repeat(len(X0), 1)
+    g = torch.Generator().manual_seed(seed)
+    return Q, x0r, xtr, torch.randn(len(x0r), Ld, Vd, generator=g, dtype=F64) * scale
+
+
 @pytest.mark.parametrize("graph,noise", [("absorb", "loglinear"), ("absorb", "geometric"),
                                          ("uniform", "geometric"), ("uniform", "loglinear")])
 def test_sedd_bound_matches_dense_rate_matrix(graph, noise):
@@ -336,13 +347,7 @@ def test_sedd_bound_matches_dense_rate_matrix(graph, noise):
     exp(σQ), + dense prior KL + dense reconstruction term (V = 4, L = 2)."""
     Vd, Ld = 4, 2
     m = SEDD(SEDD.Params(graph=graph, noise=noise), BB, Vd, Ld)
-    Q = rate_matrix(graph, Vd)
-    n = len(Q)
-    g = torch.Generator().manual_seed(3)
-    S = torch.tensor(list(itertools.product(range(n), repeat=Ld)))
-    X0 = torch.tensor(list(itertools.product(range(Vd), repeat=Ld)))
-    x0r, xtr = X0.repeat_interleave(len(S), 0), S.repeat(len(X0), 1)
-    log_s = torch.randn(len(x0r), Ld, Vd, generator=g, dtype=F64) * 1.5
+    Q, x0r, xtr, log_s = dense_grid(graph, Vd, Ld, seed=3, scale=1.5)
     # endpoints, dense: p_base and the likelihood-normalised decoder
     sig01 = m.sigma(torch.tensor([0.0, 1.0], dtype=F64))[0]
     P0, P1 = expm(sig01[0] * Q), expm(sig01[1] * Q)
@@ -383,13 +388,7 @@ def test_sedd_bound_matches_dense_rate_matrix(graph, noise):
 def test_csm_loss_matches_dense(graph):
     """½λ(t)Σ_{y≠x_t, Q(x_t,y)>0}(s_y − R_y)², λ = (1 + max_y R_y)^−2 or 1, against dense ratios."""
     Vd, Ld = 4, 2
-    Q = rate_matrix(graph, Vd)
-    n = len(Q)
-    g = torch.Generator().manual_seed(4)
-    S = torch.tensor(list(itertools.product(range(n), repeat=Ld)))
-    X0 = torch.tensor(list(itertools.product(range(Vd), repeat=Ld)))
-    x0r, xtr = X0.repeat_interleave(len(S), 0), S.repeat(len(X0), 1)
-    log_s = torch.randn(len(x0r), Ld, Vd, generator=g, dtype=F64)
+    Q, x0r, xtr, log_s = dense_grid(graph, Vd, Ld, seed=4)
     for sigma in [1e-3, 0.5, 4.0]:
         s = torch.tensor([sigma], dtype=F64)
         Pt = expm(sigma * Q)
