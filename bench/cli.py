@@ -16,7 +16,7 @@ def _out_dir(args, suite) -> Path:
 
 def cmd_run(args) -> int:
     from bench import leaderboard
-    from bench.config import load_suite
+    from bench.suite import load_suite
     from bench.launch import run_suite
 
     suite, specs = load_suite(args.suite)  # validates everything before anything is written
@@ -77,7 +77,7 @@ def cmd_status(args) -> int:
 
 def cmd_submit(args) -> int:
     from bench import slurm
-    from bench.config import load_suite
+    from bench.suite import load_suite
     from bench.launch import check_launch, report_submission
 
     suite, specs = load_suite(args.suite)

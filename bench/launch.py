@@ -23,20 +23,9 @@ from pathlib import Path
 
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
-from bench.records import read_record, record_status, write_json
+from bench.records import read_record, write_json
+from bench.rundir import plan, run_dir
 from bench.runner import execute, now, record_header
-
-
-def run_dir(out: Path, spec: RunSpec) -> Path:
-    return Path(out) / "runs" / spec.run_id
-
-
-def plan(specs: list[RunSpec], out: Path) -> tuple[list[RunSpec], list[RunSpec]]:
-    """Split into (to run, already complete)."""
-    todo, done = [], []
-    for s in specs:
-        (done if record_status(run_dir(out, s)) == "complete" else todo).append(s)
-    return todo, done
 
 
 def _cores() -> int:

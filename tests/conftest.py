@@ -41,6 +41,6 @@ def write_suite(path: Path, suite: dict) -> Path:
 
 
 def specs_of(suite: dict, tmp_path: Path):
-    from bench.config import load_suite
+    from bench.suite import load_suite
 
     return load_suite(write_suite(tmp_path / "suite.yaml", suite))[1]

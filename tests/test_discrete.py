@@ -695,7 +695,8 @@ def test_samplers_with_oracle_reproduce_the_distribution(make, steps):
 
 # ============================================================================ plumbing
 def test_registry_params_variants_and_labels():
-    from bench.config import Suite, resolve_methods
+    from bench.config import Suite
+    from bench.suite import resolve_methods
     from bench.registry import get_method
 
     assert get_method("d3pm") is D3PM and get_method("sedd") is SEDD and get_method("csm") is CSM
@@ -785,7 +786,7 @@ def test_tiny_suite_end_to_end(tmp_path):
 
 
 def test_mini_suite_file_is_valid():
-    from bench.config import load_suite
+    from bench.suite import load_suite
     from conftest import REPO
 
     suite, specs = load_suite(REPO / "suites" / "sedd-table-mini.yaml")

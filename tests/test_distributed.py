@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import load_suite
+from bench.suite import load_suite
 from bench.distributed import batch_plan
 from bench.errors import UserError
 from bench.launch import run_suite

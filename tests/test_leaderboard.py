@@ -57,8 +57,8 @@ def test_one_failed_run_does_not_stop_the_suite(tmp_path, capsys):
     suite["train"]["steps"] = 4
     f = write_suite(tmp_path / "s.yaml", suite)
     out = tmp_path / "out"
-    from bench.config import load_suite
-    from bench.launch import run_dir
+    from bench.suite import load_suite
+    from bench.rundir import run_dir
     spec = [s for s in load_suite(f)[1] if s.method == "mdlm"][0]
     ck = run_dir(out, spec) / "ckpt" / "step_0000004"  # poison this run only
     ck.mkdir(parents=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.config import load_suite
+from bench.suite import load_suite
 from bench.launch import run_suite
 from conftest import REPO, tiny_suite, write_suite
 

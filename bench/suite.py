@@ -1,0 +1,99 @@
+"""Suite expansion: a validated :class:`~bench.config.Suite` → fully resolved run specs.
+
+Sizes are resolved against the named sizes, each ``methods[i]`` against the registry and the
+method's own ``Params`` schema, the data block against the dataset registry; then every
+size × method × seed becomes one :class:`~bench.config.RunSpec`. The schemas themselves live
+in :mod:`bench.config`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from bench.config import NAMED_SIZES, BackboneConfig, MethodEntry, RunSpec, Suite, first_error, read_validated
+from bench.data import validate_data_config
+from bench.errors import UserError, did_you_mean
+from bench.registry import get_method
+
+
+def resolve_sizes(suite: Suite) -> dict[str, BackboneConfig]:
+    out = {}
+    for name, dims in suite.sizes.items():
+        base = dict(NAMED_SIZES.get(name, {}))
+        if dims is None and not base:
+            raise UserError(f"sizes.{name}: not a named size ({', '.join(NAMED_SIZES)}); "
+                            "give layers, hidden, heads")
+        base.update(dims or {})
+        h, k = base.get("hidden"), base.get("heads")
+        if isinstance(h, int) and isinstance(k, int) and k > 0 and h % k:
+            raise UserError(f"sizes.{name}.heads: heads ({k}) must divide hidden ({h})")
+        try:
+            out[name] = BackboneConfig(**base)
+        except ValidationError as e:
+            raise UserError(first_error(e, ("sizes", name))) from None
+    return out
+
+
+def resolve_methods(suite: Suite) -> list[MethodEntry]:
+    """Validate each ``methods[i]`` against the registry and the method's Params schema."""
+    entries = list(suite.methods)
+    names = [m.get("method") for m in entries]
+    if suite.baseline and suite.baseline not in names:
+        entries.append({"method": suite.baseline})
+    out = []
+    for i, raw in enumerate(entries):
+        where = f"methods[{i}]" if i < len(suite.methods) else "baseline"
+        raw = dict(raw)
+        name = raw.pop("method", None)
+        label = raw.pop("label", None)
+        if not isinstance(name, str):
+            raise UserError(f"{where}.method: required (a registered method name)")
+        try:
+            cls = get_method(name)
+        except UserError as e:
+            raise UserError(f"{where}.method: {e}") from None
+        variant = raw.pop("variant", None)
+        if variant is not None:
+            if variant not in cls.variants:
+                raise UserError(f"{where}.variant: {did_you_mean(str(variant), cls.variants)}")
+            raw = {**cls.variants[variant], **raw}
+        try:
+            params = cls.Params(**raw)
+        except ValidationError as e:
+            raise UserError(first_error(e, (where,))) from None
+        if label is not None and not isinstance(label, str):
+            raise UserError(f"{where}.label: must be a string")
+        out.append(MethodEntry(method=name, label=label or cls.default_label(params),
+                               params=params.model_dump(mode="json")))
+    labels = [m.label for m in out]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise UserError(f"methods: duplicate label(s) {sorted(dup)}; give each a distinct 'label'")
+    return out
+
+
+def load_suite(path: str | Path) -> tuple[Suite, list[RunSpec]]:
+    """Read and validate a suite, expand it into run specs. Raises UserError on bad input."""
+    path = Path(path)
+    suite = read_validated(path, Suite)
+    try:
+        specs = expand(suite)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return suite, specs
+
+
+def expand(suite: Suite) -> list[RunSpec]:
+    sizes = resolve_sizes(suite)
+    methods = resolve_methods(suite)
+    validate_data_config(suite.data)
+    specs = []
+    for size, bb in sizes.items():
+        for m in methods:
+            get_method(m.method).check_compatible(m.params, suite.data, where=f"methods[{m.label}]")
+            for seed in suite.seeds:
+                specs.append(RunSpec(method=m.method, label=m.label, params=m.params, size=size,
+                                     backbone=bb, data=suite.data, train=suite.train,
+                                     eval=suite.eval, seed=seed))
+    return specs
