@@ -1,0 +1,42 @@
+"""The ledger ``<out>/.slurm/jobs.jsonl``: which job runs which run, and what was cancelled."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+LEDGER = "jobs.jsonl"
+
+
+# ----------------------------------------------------------------------------- ledger
+def slurm_dir(out: Path) -> Path:
+    return Path(out) / ".slurm"
+
+
+def read_ledger(out: Path) -> tuple[dict[str, dict], set[str]]:
+    """({run_id: its latest submission entry}, {cancelled job ids})."""
+    runs, cancelled = {}, set()
+    p = slurm_dir(out) / LEDGER
+    if not p.is_file():
+        return runs, cancelled
+    for line in p.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: the run records are the truth anyway
+        if "cancelled" in e:
+            cancelled.update(e["cancelled"])
+            continue
+        for rid, r in e.get("runs", {}).items():
+            runs[rid] = {**r, "array_job_id": e["array_job_id"], "submitted": e.get("submitted"),
+                         "profile": e.get("profile")}
+    return runs, cancelled
+
+
+def append_ledger(out: Path, entry: dict) -> None:
+    p = slurm_dir(out) / LEDGER
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
