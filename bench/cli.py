@@ -59,19 +59,24 @@ def _need_out(d: str) -> Path:
 
 
 def cmd_status(args) -> int:
-    """One line per run: pending / running / requeued / completed / failed / cancelled, from the
-    run records and (for submitted runs) one squeue call."""
-    from bench.slurm import run_states
+    """One line per run: pending / running / stopped / requeued / completed / failed /
+    cancelled, with step/total, loss, tokens/s and ETA while it trains, from the run
+    directories (records, progress, leases) and, for submitted runs, one squeue call.
+    ``--watch`` follows the suite live until every run is over."""
+    from bench import live
 
     out = _need_out(args.dir)
-    counts: dict[str, int] = {}
-    for st in run_states(out):
-        counts[st.state] = counts.get(st.state, 0) + 1
-        what = f"{st.label} {st.size} seed={st.seed}" if st.label else ""
-        job = f"  job {st.job_id}" if st.job_id else ""
-        detail = f"  {st.detail}" if st.detail else ""
-        print(f"{st.state:9s} {st.run_id}  {what}{job}{detail}")
-    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+    if args.watch:
+        live.watch(out, interval_s=args.interval)
+        return 0
+    rs = live.rows(out)
+    for r in rs:
+        what = f"  {r.name}" if r.label else ""
+        nums = f"  {live.numbers(r)}" if r.state not in live.FINAL and live.numbers(r) else ""
+        job = f"  job {r.job_id}" if r.job_id else ""
+        detail = f"  {r.detail}" if r.detail else ""
+        print(f"{r.state:9s} {r.run_id}{what}{nums}{job}{detail}")
+    print(live.totals(rs))
     return 0
 
 
@@ -251,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_submit)
     st = sub.add_parser("status", help="state of each run in an output dir (records + scheduler)")
     st.add_argument("dir")
+    st.add_argument("--watch", action="store_true", help="follow the suite live until every run is over")
+    st.add_argument("--interval", type=float, default=2.0, help="--watch: seconds between refreshes (default 2)")
     st.set_defaults(fn=cmd_status)
     c = sub.add_parser("cancel", help="cancel the queued Slurm jobs of an output dir")
     c.add_argument("dir")
