@@ -67,8 +67,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def read_lease(rd: Path) -> dict | None:
+    """The lease of a run directory (None: no lease, or an unreadable one)."""
+    return _read_lease_file(Path(rd) / LEASE)
+
+
+def _read_lease_file(path: Path) -> dict | None:
     try:
-        lease = json.loads((Path(rd) / LEASE).read_bytes().decode("utf-8"))
+        lease = json.loads(Path(path).read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return lease if isinstance(lease, dict) and isinstance(lease.get("token"), str) else None
@@ -147,7 +152,7 @@ class Lease:
                 os.rename(self.path, aside)
             except FileNotFoundError:
                 return self.try_acquire()  # released meanwhile: try again from the top
-            moved = read_lease(self.rd.joinpath(aside.name)) or {"token": None}
+            moved = _read_lease_file(aside) or {"token": None}
             if moved.get("token") != cur.get("token"):  # we moved someone's fresh lease: put it back
                 try:
                     os.link(aside, self.path)
