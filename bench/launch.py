@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
 from bench.records import read_record, write_record
-from bench.rundir import describe_lease, holders, lease_state, plan, read_lease, run_dir
+from bench.rundir import check_run_dirs, describe_lease, holders, lease_state, plan, read_lease, run_dir
 from bench.records import record_status
 from bench.runner import execute, now, record_header
 
@@ -218,6 +218,7 @@ def run_suite(suite: Suite, specs: list[RunSpec], out: Path, executor: str, clus
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor}: one of {sorted(EXECUTORS)}")
     todo, done = plan(specs, out)
+    check_run_dirs(out, todo)
     held = holders(out, todo)
     print(f"{suite.name}: {len(specs)} runs, {len(done)} complete, {len(todo) - len(held)} to run"
           f"{f', {len(held)} held by other processes' if held else ''} ({executor} executor) -> {out}",

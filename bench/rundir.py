@@ -6,6 +6,7 @@ training loop's live numbers) and, while a process trains it, ``lease.json``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -15,7 +16,8 @@ import uuid
 from pathlib import Path
 
 from bench.config import RunSpec
-from bench.records import record_status
+from bench.errors import UserError
+from bench.records import read_record, record_status
 
 
 def run_dir(out: Path, spec: RunSpec) -> Path:
@@ -31,6 +33,76 @@ def plan(specs: list[RunSpec], out: Path) -> tuple[list[RunSpec], list[RunSpec]]
 
 
 PROGRESS = "progress.json"  # written by the training loop (bench.train), read by bench.live
+
+
+# ----------------------------------------------------------------------------- checkpoints
+MANIFEST = "manifest.json"
+
+
+def latest_checkpoint(rd: Path) -> Path | None:
+    ck = sorted((Path(rd) / "ckpt").glob("step_*[0-9]"))
+    ck = [c for c in ck if (c / "state.json").is_file()]
+    return ck[-1] if ck else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    """sha256 and size of every file of a checkpoint directory (recursively), as manifest.json."""
+    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    (ckpt_dir / MANIFEST).write_text(json.dumps(
+        {str(p.relative_to(ckpt_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}, indent=1))
+
+
+def _corrupt(f: Path, ckpt: Path, why: str) -> UserError:
+    return UserError(f"{f}: corrupt checkpoint ({why}); delete {ckpt} to restart from the previous state")
+
+
+def verify_manifest(ckpt: Path, full: bool = True) -> None:
+    """UserError naming the file unless every file of the checkpoint is as its manifest says:
+    present with its size (``full=False``: cheap, for a pre-flight over many runs) and its
+    sha256 (``full=True``, before anything is parsed)."""
+    m = Path(ckpt) / MANIFEST
+    try:
+        manifest = json.loads(m.read_bytes().decode("utf-8"))
+        if not isinstance(manifest, dict) or not manifest or not all(
+                isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+                for v in manifest.values()):
+            raise ValueError("not a mapping of file -> {sha256, bytes}")
+    except FileNotFoundError:
+        raise _corrupt(m, ckpt, "no manifest") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _corrupt(m, ckpt, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    for name, want in manifest.items():
+        f = Path(ckpt) / name
+        if not f.is_file():
+            raise _corrupt(f, ckpt, "file missing")
+        if f.stat().st_size != want["bytes"]:
+            raise _corrupt(f, ckpt, f"{f.stat().st_size} bytes, the manifest says {want['bytes']}: truncated?")
+        if full and _sha256(f) != want["sha256"]:
+            raise _corrupt(f, ckpt, "content hash mismatch: edited or damaged")
+
+
+def check_run_dirs(out: Path, specs: list[RunSpec]) -> None:
+    """Before anything starts: every run about to resume has a readable record (or none) and
+    an intact latest checkpoint (sizes against its manifest; the full hashes are checked when
+    the run loads it). UserError naming the file otherwise."""
+    for s in specs:
+        rd = run_dir(out, s)
+        if (rd / "result.json").exists():
+            try:
+                read_record(rd / "result.json")
+            except UserError as e:
+                raise UserError(f"{e}; delete it to rerun the run") from None
+        ck = latest_checkpoint(rd)
+        if ck is not None:
+            verify_manifest(ck, full=False)
 
 
 # ----------------------------------------------------------------------------- leases

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from bench.config import RunSpec
 from bench.data import Blocks
 from bench.errors import UserError
-from bench.rundir import PROGRESS
+from bench.rundir import PROGRESS, latest_checkpoint, verify_manifest, write_manifest  # noqa: F401
 from bench.evaluate import batch_u
 
 
@@ -97,51 +97,6 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ck = sorted((Path(run_dir) / "ckpt").glob("step_*[0-9]"))
-    ck = [c for c in ck if (c / "state.json").is_file()]
-    return ck[-1] if ck else None
-
-
-MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(ckpt_dir: Path) -> None:
-    """sha256 of every file of a checkpoint directory (recursively), as manifest.json."""
-    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    (ckpt_dir / MANIFEST).write_text(json.dumps({str(p.relative_to(ckpt_dir)): _sha256(p) for p in files},
-                                                indent=1))
-
-
-def verify_manifest(ckpt: Path) -> None:
-    """UserError naming the file unless every file matches the manifest's hash."""
-    m = ckpt / MANIFEST
-    try:
-        manifest = json.loads(m.read_bytes().decode("utf-8"))
-        if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
-            raise ValueError("not a mapping of file -> sha256")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{m}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"delete {ckpt} to restart from the previous state") from None
-    for name, digest in manifest.items():
-        f = ckpt / name
-        if not f.is_file():
-            raise UserError(f"{f}: corrupt checkpoint (file missing); delete {ckpt} to restart")
-        if _sha256(f) != digest:
-            raise UserError(f"{f}: corrupt checkpoint (content hash mismatch: truncated or edited); "
-                            f"delete {ckpt} to restart from the previous state")
-
-
 def save_checkpoint(run_dir: Path, step: int, model, opt, sched, ema, state: dict) -> None:
     from safetensors.torch import save_file
 
