@@ -121,6 +121,9 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     engine: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[0, 1, 2, 3] = 0
+    # torch.compile the training forward (inductor). Same math up to float rounding; a run id
+    # only includes it when true, so existing run ids are unchanged.
+    compile: bool = False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -222,7 +225,10 @@ class RunSpec(Strict):
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}-{self.size}-s{self.seed}-{short_hash(self.model_dump(mode='json'))[:10]}"
+        d = self.model_dump(mode="json")
+        if not d["train"]["compile"]:
+            del d["train"]["compile"]  # added later: absent from the ids of runs that do not use it
+        return f"{self.method}-{self.size}-s{self.seed}-{short_hash(d)[:10]}"
 
     def protocol(self) -> Protocol:
         e = self.eval

@@ -76,7 +76,7 @@ def _hf_gpt2(dims: dict, V: int, L: int, B: int, device, fused: bool, compile_: 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=V + 1, n_positions=L, n_embd=dims["hidden"], n_layer=dims["layers"],
                      n_head=dims["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     attn_implementation="sdpa")
+                     bos_token_id=V, eos_token_id=V, attn_implementation="sdpa")
     m = GPT2LMHeadModel(cfg).to(device)
     fwd = torch.compile(m) if compile_ else m
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused)

@@ -205,8 +205,9 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     if ds and cfg.ema > 0 and cfg.zero_stage == 3:
         raise UserError("train.ema: EMA is not supported with ZeRO-3 (parameters are partitioned); "
                         "use zero_stage 1 or 2")
+    fused = accelerator.device.type == "cuda" and not ds  # fused AdamW kernel on GPUs
     opt = torch.optim.AdamW(method.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
     ema = EMA(method, cfg.ema) if cfg.ema > 0 else None
     state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
@@ -214,6 +215,7 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     if ckpt is not None and not ds:
         state = load_checkpoint(ckpt, method, opt, sched, ema)
     model, opt = accelerator.prepare(method, opt)
+    forward = torch.compile(model) if cfg.compile else model  # train.compile: the forward only
     if ckpt is not None and ds:
         state = load_checkpoint_deepspeed(ckpt, accelerator, model, sched, ema)
     state.pop("world_size", None)
@@ -260,7 +262,7 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
             last = j == plan.accum - 1
             w = int(c.sum()) / C
             with accelerator.autocast():
-                loss = model(x, c, u)
+                loss = forward(x, c, u)
             scaled = loss if w * scale == 1.0 else loss * (w * scale)
             if ds:
                 accelerator.deepspeed_engine_wrapped.backward(scaled, sync_gradients=last)
@@ -330,4 +332,5 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
             "loss_curve": losses[:: max(1, len(losses) // 100)],
             "world_size": world, "micro_batch": plan.micro, "grad_accum": plan.accum,
             "engine": "deepspeed" if ds else "ddp" if world > 1 else "single",
+            "compiled": bool(cfg.compile), "fused_adamw": fused,
             "param_checksums": checksums}
