@@ -23,9 +23,8 @@ from pathlib import Path
 
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
-from bench.records import read_record, write_record
+from bench.records import read_record, record_status, write_record
 from bench.rundir import check_run_dirs, describe_lease, holders, lease_state, plan, read_lease, run_dir
-from bench.records import record_status
 from bench.runner import execute, now, record_header
 
 
@@ -45,7 +44,7 @@ def _record_crash(rd: Path, spec: RunSpec, error: str, log_tail: str) -> None:
     except UserError:
         rec = record_header(spec)
     write_record(rd / "result.json", {**rec, "status": "failed", "error": error, "log_tail": log_tail,
-                                    "finished": now()})
+                                      "finished": now()})
 
 
 def world_size(suite: Suite) -> int:

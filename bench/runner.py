@@ -213,7 +213,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
         n_samples = write_samples(method, spec, tokenizer, run_dir)
         write_record(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
-                                 "train": stats, "samples": n_samples, "env": env, "finished": now()})
+                                   "train": stats, "samples": n_samples, "env": env, "finished": now()})
         log(f"run {spec.run_id}: complete")
         return "complete"
     except Exception as e:  # noqa: BLE001 - one run's failure is recorded, never raised further
@@ -227,7 +227,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
             pass
         if accelerator is None or accelerator.is_main_process:
             write_record(result_path, {**base, "status": "failed", "error": msg, "log_tail": log.tail(),
-                                     "finished": now()})
+                                       "finished": now()})
         return "failed"
     finally:
         from bench.distributed import teardown
@@ -243,7 +243,7 @@ def _rank_from_env() -> int:
 def _reload_final(spec: RunSpec, vocab_size: int, run_dir: Path):
     from safetensors.torch import load_file
 
-    from bench.train import latest_checkpoint, verify_manifest
+    from bench.rundir import latest_checkpoint, verify_manifest
 
     method = build_method(spec, vocab_size)
     ck = latest_checkpoint(run_dir)

@@ -17,7 +17,8 @@ accumulation steps, up to float summation order.
 
 Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` with model (and EMA) weights in safetensors, the
 optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve), and
-``manifest.json``: the sha256 of every other file, checked before anything is parsed. Nothing
+``manifest.json``: the sha256 and size of every other file (bench.rundir), checked before
+anything is parsed. Nothing
 is unpickled: the optimizer/scheduler/RNG file is read with ``torch.load(weights_only=True)``
 (tensors and plain containers only). They are written to a temp dir and renamed; only the
 latest is kept; the latest is loaded at start.
@@ -42,8 +43,8 @@ from tqdm.auto import tqdm
 from bench.config import RunSpec
 from bench.data import Blocks
 from bench.errors import UserError
-from bench.rundir import PROGRESS, latest_checkpoint, verify_manifest, write_manifest  # noqa: F401
 from bench.evaluate import batch_u
+from bench.rundir import PROGRESS, latest_checkpoint, verify_manifest, write_manifest
 
 
 PROGRESS_EVERY_S = 2.0

@@ -91,3 +91,28 @@ def test_event_log_lines():
     assert stream.getvalue().splitlines() == ["MDLM tiny seed=0: running, step 10/100, loss 5.000",
                                               "MDLM tiny seed=0: running, step 60/100, loss 5.000",
                                               "MDLM tiny seed=0: evaluating"]
+
+
+def test_status_watch_follows_until_every_run_is_over(tmp_path):
+    """--watch on a suite another process is running: it returns once the run's record is final."""
+    import threading
+
+    spec = specs_of(tiny_suite(methods=[{"method": "mdlm"}], baseline=None), tmp_path)[0]
+    out = tmp_path / "out"
+    rd = out / "runs" / spec.run_id
+    write_record(rd / "result.json", {**record_header(spec), "status": "running"})
+    (rd / "progress.json").write_text(json.dumps({"phase": "train", "step": 3, "total": 12}))
+    holder = Lease(rd)
+    assert holder.try_acquire()
+
+    def finish():
+        time.sleep(1.0)
+        write_record(rd / "result.json", {**record_header(spec), "status": "complete", "metrics": []})
+        holder.release()
+
+    threading.Thread(target=finish).start()
+    stream = io.StringIO()
+    rows = live.watch(out, interval_s=0.2, live=False, stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("MDLM tiny seed=0: running, step 3/12") and lines[-1] == "1 completed", lines
+    assert [r.state for r in rows] == ["completed"]
