@@ -20,6 +20,10 @@ def cmd_run(args) -> int:
     from bench.launch import run_suite
 
     suite, specs = load_suite(args.suite)  # validates everything before anything is written
+    if args.seeds:
+        from bench.config import expand
+        suite = suite.model_copy(update={"seeds": list(dict.fromkeys(args.seeds))})
+        specs = expand(suite)
     executor = args.executor or suite.launch.executor
     if args.cluster and executor != "slurm":
         if args.executor:
@@ -44,7 +48,8 @@ def cmd_leaderboard(args) -> int:
     out = Path(args.dir)
     if not (out / "runs").is_dir():
         raise UserError(f"{out}: not a tdbench output directory (no runs/ inside)")
-    text, problems = leaderboard.write(out, args.format)
+    compare = leaderboard.read_reference(args.compare) if args.compare else None  # before writing
+    text, problems = leaderboard.write(out, args.format, compare=compare)
     print(text, end="" if text.endswith("\n") else "\n")
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
@@ -275,6 +280,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "debug", "slurm"])
     r.add_argument("--cluster", help="slurm cluster profile (name in slurm/ or a path); implies --executor slurm")
     r.add_argument("--max-running", type=int, help="slurm: array tasks running at once (default: the profile's)")
+    r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run these seeds instead of the suite's seeds: (e.g. --seeds 0 1 2)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("submit", help="queue a suite's incomplete runs on Slurm (job arrays) and return")
     s.add_argument("suite")
@@ -299,6 +306,8 @@ def parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="(re)generate the leaderboard of an output dir")
     lb.add_argument("dir")
     lb.add_argument("--format", choices=["csv", "md", "json", "latex"], default="md")
+    lb.add_argument("--compare", metavar="REF", help="published numbers beside ours: reference/NAME "
+                    "(results/reference/NAME.csv) or a CSV path; appended to leaderboard.md")
     lb.set_defaults(fn=cmd_leaderboard)
     sp = sub.add_parser("speed", help="training tokens/s: our AR vs HF GPT-2, each method family vs AR")
     sp.add_argument("--sizes", default="smoke,12x768", help="comma-separated: smoke, 12x768 (default both)")

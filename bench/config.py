@@ -43,15 +43,16 @@ class DatasetRef(BaseModel):
 
 
 class TokenizerConfig(Strict):
-    """``gpt2`` (offline, OpenAI ids) or ``bpe`` (byte-level BPE trained on the train split)."""
+    """``gpt2`` (offline, OpenAI ids), ``bpe`` (byte-level BPE trained on the train split) or
+    ``char`` (text8's 27 characters; needs ``eval.packing: none``)."""
 
-    name: Literal["gpt2", "bpe"] = "gpt2"
+    name: Literal["gpt2", "bpe", "char"] = "gpt2"
     vocab_size: Optional[PositiveInt] = None  # bpe only; default 8000
 
     @model_validator(mode="after")
     def _check(self):
-        if self.name == "gpt2" and self.vocab_size is not None:
-            raise ValueError("vocab_size is fixed (50257) for the gpt2 tokenizer")
+        if self.name in ("gpt2", "char") and self.vocab_size is not None:
+            raise ValueError(f"vocab_size is fixed ({50257 if self.name == 'gpt2' else 27}) for the {self.name} tokenizer")
         if self.name == "bpe" and self.vocab_size is not None and self.vocab_size < 260:
             raise ValueError("a byte-level BPE needs vocab_size >= 260")
         return self
@@ -140,6 +141,11 @@ class EvalConfig(Strict):
     seed: int = 1234
     samples: int = Field(0, ge=0)                 # unconditional samples written per run
     sample_steps: PositiveInt = 64
+    # Learning curve (learning.png): every ``curve_every`` training steps (0: off), the NLL on the
+    # first ``curve_blocks`` blocks of the first eval set with ``curve_t_samples`` t draws.
+    curve_every: int = Field(0, ge=0)
+    curve_blocks: PositiveInt = 16
+    curve_t_samples: PositiveInt = 2
 
 
 class Protocol(Strict):
@@ -169,7 +175,7 @@ class Protocol(Strict):
 
 
 def tokenizer_key(tok: TokenizerConfig) -> str:
-    return tok.name if tok.name == "gpt2" else f"bpe-{tok.vocab_size or 8000}"
+    return {"gpt2": "gpt2", "char": "char-text8"}.get(tok.name) or f"bpe-{tok.vocab_size or 8000}"
 
 
 # ----------------------------------------------------------------------------- launching
@@ -207,6 +213,13 @@ class Suite(Strict):
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field([0], min_length=1)
     launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _char_needs_no_packing_eos(self):
+        if self.data.tokenizer.name == "char" and self.eval.packing != "none":
+            raise ValueError(f"eval.packing: the char tokenizer (text8) has no EOS; use packing: none "
+                             f"(not {self.eval.packing})")
+        return self
 
 
 class RunSpec(Strict):

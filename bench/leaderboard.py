@@ -17,8 +17,14 @@ import pandas as pd
 
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
-           "std", "protocol", "params"]
+           "std", "protocol", "params", "estimate"]
 SOURCE_LABEL = "Source (true)"
+SOURCE_BLOCKS_LABEL = "Source (test blocks)"  # the source's exact NLL of the very test blocks
+SOURCES = (SOURCE_LABEL, SOURCE_BLOCKS_LABEL)
+# Tables written after the ppl table when their metric is present (markdown).
+EXTRA_METRICS = {"bpc": "bits per character (log₂ ppl; character tokens)",
+                 "gap": "nats per token above the source's exact NLL of the same test blocks "
+                        "(paired interval over blocks)"}
 
 
 def collect(out: Path) -> tuple[list[dict], list[str], list[dict]]:
@@ -47,23 +53,26 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
             rows.append({"size": r["size"], "model": r["label"], "dataset": m["dataset"], "metric": m["metric"],
                          "value": m["value"], "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
                          "bound": m.get("bound"), "protocol": m.get("protocol_id"), "seed": r["seed"],
-                         "params": params, "conf": r.get("protocol", {}).get("confidence", 0.95)})
+                         "params": params, "conf": r.get("protocol", {}).get("confidence", 0.95),
+                         "estimate": m.get("estimate")})
         for m in r.get("reference", []):
-            rows.append({"size": r["size"], "model": SOURCE_LABEL, "dataset": m["dataset"], "metric": m["metric"],
+            rows.append({"size": r["size"], "model": m.get("label", SOURCE_LABEL), "dataset": m["dataset"], "metric": m["metric"],
                          "value": m["value"], "ci_low": m["value"], "ci_high": m["value"], "bound": False,
-                         "protocol": m.get("protocol_id"), "seed": None, "params": None, "conf": 0.95})
+                         "protocol": m.get("protocol_id"), "seed": None, "params": None, "conf": 0.95,
+                         "estimate": "exact"})
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows)
     out = []
     for key, g in df.groupby(["size", "model", "dataset", "metric", "protocol"], sort=False, dropna=False):
         vals = g["value"].dropna()
-        if g["model"].iloc[0] == SOURCE_LABEL:
+        if g["model"].iloc[0] in SOURCES:
             g = g.iloc[:1]
             vals = vals.iloc[:1]
         n = len(g)
         row = dict(zip(["size", "model", "dataset", "metric", "protocol"], key))
-        row.update(bound=g["bound"].iloc[0], n_seeds=n, params=g["params"].iloc[0])
+        row.update(bound=g["bound"].iloc[0], n_seeds=n, params=g["params"].iloc[0],
+                   estimate=g["estimate"].iloc[0])
         if vals.empty:
             row.update(value=None, ci_low=None, ci_high=None, std=None)
         elif n == 1:
@@ -80,7 +89,7 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
         out.append(row)
     t = pd.DataFrame(out)[COLUMNS]
     size_order = {s: i for i, s in enumerate(t.groupby("size")["params"].max().sort_values().index)}
-    rank = lambda m: 2 if m == SOURCE_LABEL else 0 if m == "GPT-2" else 1  # noqa: E731
+    rank = lambda m: 2 if m in SOURCES else 0 if m == "GPT-2" else 1  # noqa: E731
     t["_s"] = t["size"].map(size_order)
     t["_m"] = t["model"].map(rank)
     return t.sort_values(["_s", "_m", "model", "dataset", "metric"]).drop(columns=["_s", "_m"]).reset_index(drop=True)
@@ -97,6 +106,8 @@ def _fmt(row) -> str:
     s = f"{v:.2f}"
     if _is_true(row["bound"]):
         s = "≤ " + s
+    elif row.get("estimate") == "truncated":
+        s = "≈ " + s + " (t_min)"
     lo, hi = row["ci_low"], row["ci_high"]
     if lo is not None and hi is not None and not (isinstance(lo, float) and math.isnan(lo)) and hi - lo > 1e-9:
         s += f" ±{(hi - lo) / 2:.2f}"
@@ -113,7 +124,7 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
         cols = list(dict.fromkeys(t["col"]))
         best = {}
         for c in cols:
-            g = t[(t["col"] == c) & (t["model"] != SOURCE_LABEL)].dropna(subset=["value"])
+            g = t[(t["col"] == c) & (~t["model"].isin(SOURCES))].dropna(subset=["value"])
             if len(g) > 1:
                 best[c] = g["value"].min()
         lines = ["| Size | Model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -127,13 +138,15 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
                     continue
                 r = r.iloc[0]
                 s = _fmt(r)
-                if c in best and r["value"] == best[c] and model != SOURCE_LABEL:
+                if c in best and r["value"] == best[c] and model not in SOURCES:
                     s = f"**{s}**"
                 cells.append(s)
             lines.append(f"| {size if size != last_size else ''} | {model} | " + " | ".join(cells) + " |")
             last_size = size
         body = "\n".join(lines) + "\n"
-    notes = ["", f"Metric: {metric} (perplexity; \"≤\" marks an upper bound; ± is the CI half-width, "
+    what = "perplexity" if metric == "ppl" else EXTRA_METRICS.get(metric, metric)
+    notes = ["", f"Metric: {metric} ({what}; \"≤\" marks an upper bound, \"≈ … (t_min)\" an estimate "
+                 "truncated at t_min > 0, which is not a bound; ± is the CI half-width, "
                  "over seeds when n_seeds > 1, else the protocol's Monte-Carlo interval). Best per column in bold."]
     for r in failed:
         notes.append(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} ({r.get('run_id')}): {r.get('error')}")
@@ -142,21 +155,83 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
     return body + "\n".join(notes) + "\n"
 
 
-def write(out: Path, fmt: str | None = None) -> tuple[str, list[str]]:
-    """Write leaderboard.csv, leaderboard.md and training.png (loss curves) into ``out``;
-    return (text in ``fmt``, problems)."""
+def write(out: Path, fmt: str | None = None, compare: tuple[str, pd.DataFrame] | None = None
+          ) -> tuple[str, list[str]]:
+    """Write leaderboard.csv, leaderboard.md, training.png (loss curves) and learning.png
+    (intermediate evaluation) into ``out``; ``compare`` = (name, published table) appends our
+    rows beside the published ones to the markdown. Return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 
     recs, problems, failed = collect(out)
     t = tidy(recs)
     csv = t.to_csv(index=False)
     md = markdown(t, problems, failed)
+    for metric in EXTRA_METRICS:
+        if (t["metric"] == metric).any():
+            md += "\n" + markdown(t, metric=metric)
+    if compare is not None:
+        md += "\n" + compare_markdown(t, *compare)
     atomic_write_text(Path(out) / "leaderboard.csv", csv)
     atomic_write_text(Path(out) / "leaderboard.md", md)
     from bench.plots import training_curves
     training_curves(recs, Path(out) / "training.png")
+    from bench.plots import learning_curves
+    learning_curves(recs, Path(out) / "learning.png")
     if fmt == "json":
         return json.dumps(json.loads(t.to_json(orient="records")), indent=2), problems
     if fmt == "latex":
         return t.to_latex(index=False), problems
     return (csv if fmt == "csv" else md), problems
+
+
+def read_reference(spec: str | Path) -> tuple[str, pd.DataFrame]:
+    """A published-numbers table: ``reference/NAME`` (→ results/reference/NAME.csv, looked up
+    from the current directory and the repository) or a CSV path, with columns
+    ``model, dataset, metric, value, bound, source``. Returns (name, table)."""
+    p = Path(spec)
+    cands = [p] if p.suffix == ".csv" else []
+    if str(spec).startswith("reference/"):
+        rel = Path("results") / (str(spec) + ("" if p.suffix == ".csv" else ".csv"))
+        cands += [rel, Path(__file__).resolve().parent.parent / rel]
+    f = next((c for c in cands if c.is_file()), None)
+    if f is None:
+        raise UserError(f"--compare {spec}: no such reference table "
+                        f"(tried {', '.join(str(c) for c in cands) or 'a .csv path'})")
+    try:
+        ref = pd.read_csv(f)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise UserError(f"{f}: not a readable CSV ({type(e).__name__})") from None
+    missing = {"model", "dataset", "metric", "value", "bound", "source"} - set(ref.columns)
+    if missing:
+        raise UserError(f"{f}: missing column(s) {sorted(missing)}")
+    return f.stem, ref
+
+
+def compare_markdown(t: pd.DataFrame, name: str, ref: pd.DataFrame) -> str:
+    """Our rows beside the published ones, for each metric the reference has: one column per
+    our dataset, then one per reference dataset ("published"), rows matched by model label."""
+    out = []
+    for metric, r in ref.groupby("metric", sort=False):
+        ours = t[(t["metric"] == metric) & (~t["model"].isin(SOURCES))]
+        cols = list(dict.fromkeys(ours["dataset"]))
+        rcols = list(dict.fromkeys(r["dataset"]))
+        models = list(dict.fromkeys(list(ours["model"]) + list(r["model"])))
+        lines = [f"| Model | " + " | ".join(cols + [f"{d} (published)" for d in rcols]) + " |",
+                 "|---|" + "---|" * (len(cols) + len(rcols))]
+        for m in models:
+            cells = []
+            for c in cols:
+                g = ours[(ours["model"] == m) & (ours["dataset"] == c)]
+                cells.append(_fmt(g.iloc[0]) if len(g) else "—")
+            for d in rcols:
+                g = r[(r["model"] == m) & (r["dataset"] == d)]
+                if len(g):
+                    v = g.iloc[0]
+                    b = str(v["bound"]).strip().lower() in ("true", "1")
+                    cells.append(("≤ " if b else "") + f"{float(v['value']):.2f}")
+                else:
+                    cells.append("—")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        src = "; ".join(dict.fromkeys(r["source"].astype(str)))
+        out.append("\n".join(lines) + f"\n\nMetric: {metric}. Published ({name}): {src}.\n")
+    return "\n".join(out)

@@ -75,6 +75,10 @@ class Method(nn.Module):
             out.append("sampling")
         return out
 
+    def bounds(self) -> str:
+        """What the ``nll`` estimate upper-bounds (recorded beside every bound row)."""
+        return "the sampled model's NLL" if self.likelihood == "bound" else ""
+
     def forward(self, x0, counted, u):
         return self.loss(x0, counted, u)
 

@@ -1,6 +1,7 @@
 """Plots derived from run records: training-loss curves per size, one line per model — the
 mean over its seeds with a ±1 sd band when there are several — so the figure stays readable
-(and fast) with thousands of runs.
+(and fast) with thousands of runs (``training.png``); and the learning curves of the
+intermediate evaluation (``learning.png``).
 
 Written next to the leaderboard as ``training.png``; matplotlib is optional (no plot, no
 error, when it is missing)."""
@@ -57,6 +58,57 @@ def training_curves(recs: list[dict], path: Path) -> Path | None:
         ax.set_title(f"size {size}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def learning_curves(recs: list[dict], path: Path) -> Path | None:
+    """``learning.png``: the intermediate evaluation (``eval.curve_every``) against training
+    tokens, per size, one line per model (mean over seeds, band = min…max over seeds). Bits per
+    character for character tokens, else perplexity; the curve is measured on the first eval
+    set's first ``curve_blocks`` blocks, so its last point is close to, not equal to, the table."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return None
+    curves = [r for r in recs if r.get("train", {}).get("curve")]
+    if not curves:
+        return None
+    import math
+
+    char = all(r["spec"]["data"]["tokenizer"]["name"] == "char" for r in curves)
+    conv = (lambda n: n / math.log(2)) if char else math.exp  # noqa: E731
+    sizes = sorted({r["size"] for r in curves})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        by_label: dict[str, list[dict]] = {}
+        for r in curves:
+            if r["size"] == size:
+                by_label.setdefault(r["label"], []).append(r)
+        for label in sorted(by_label):
+            runs = by_label[label]
+            n = min(len(r["train"]["curve"]) for r in runs)
+            xs = np.array([p["tokens"] for p in runs[0]["train"]["curve"][:n]], dtype=float)
+            ys = np.array([[conv(p["nll_per_token"]) for p in r["train"]["curve"][:n]] for r in runs])
+            line, = ax.plot(xs, ys.mean(0), lw=1.6, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            if len(runs) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        ds = curves[0]["train"]["curve"][0].get("dataset", "")
+        ax.set_title(f"size {size}: {ds}, first {curves[0]['spec']['eval']['curve_blocks']} test blocks")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("bits per character (≤ for bounds)" if char else "perplexity (≤ for bounds)")
+        if not char:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -41,9 +41,12 @@ Estimator: t = ⌈u·T⌉ is uniform on {1..T} when u ~ U(0,1), so T·KL_t + pri
 harness supplies K stratified u per sequence. Prior p(x_T): uniform for ``uniform``;
 (1−ᾱ_T)·δ_[MASK] + ᾱ_T·Uniform for ``absorb`` (= δ_[MASK] here), KL = ᾱ_T·log|V| per token.
 
-Training loss (nats per counted token): ``hybrid`` L_vb + λ·E[−log p_θ(x_0|x_t)] (λ =
-``hybrid_lambda``, default 0.01 for absorbing, 0 for uniform as in D3PM's text experiments),
-with L_vb the same T·KL_t + prior estimate; or ``ce`` the plain denoising cross-entropy. The CE
+Training loss (nats per counted token): ``hybrid`` KL_t + λ·E[−log p_θ(x_0|x_t)] at the drawn
+t (λ = ``hybrid_lambda``, default 0.01 for absorbing, 0 for uniform), weighted as the reference
+implementation does (google-research d3pm, text: ``vb_loss + hybrid_coeff · ce_loss`` with the
+per-step KL_t, the t = 1 member being the reconstruction term): the factor T and the prior
+belong to the ELBO estimate only, so λ is relative to one step's KL, not to T·KL_t; or ``ce``
+the plain denoising cross-entropy. The CE
 is taken on the same p_θ(x̃0|x_t) the bound uses (the likelihood-multiplied one; D3PM puts it on
 p̃_θ, which for absorbing is the same thing at the masked positions).
 Sampler: ancestral, ``steps`` strided steps T = t_0 > … > t_steps = 0 through the same
@@ -243,7 +246,7 @@ class D3PMParams(Params):
     T: PositiveInt = Field(1000, description="number of discrete diffusion steps")
     schedule: Optional[Literal["linear", "cosine"]] = Field(
         None, description="ᾱ_t schedule; default linear (absorb) / cosine (uniform)")
-    loss: Literal["hybrid", "ce"] = Field("hybrid", description="L_vb + λ·CE, or plain CE")
+    loss: Literal["hybrid", "ce"] = Field("hybrid", description="KL_t + λ·CE (the reference weighting), or plain CE")
     hybrid_lambda: Optional[float] = Field(
         None, ge=0, description="λ of the hybrid loss; default 0.01 (absorb) / 0 (uniform)")
     float64_sampling: bool = True
@@ -291,7 +294,7 @@ class D3PM(Method):
         return z
 
     def terms(self, x0, counted, t, denoise: Denoiser | None = None, x_t=None):
-        """Per-sequence (T·KL_t + prior, denoising CE) in nats for one draw x_t ~ q(x_t|x_0)
+        """Per-sequence (T·KL_t + prior, denoising CE, KL_t) in nats for one draw x_t ~ q(x_t|x_0)
         (or the given x_t: the oracle tests take exact expectations by enumerating it)."""
         denoise = denoise or self.denoise
         T, tr = self.p.T, self.p.transition
@@ -305,19 +308,20 @@ class D3PM(Method):
         kl, lp_x0 = kl_absorb(z, x0, x_t, a_s, a_t, self.mask_id) if tr == "absorb" else \
             kl_uniform(z, x0, x_t, a_s, a_t)
         prior = prior_kl(self.abar(torch.full_like(t, T)).to(x0.device), self.V, tr)
-        bound = T * (kl * counted).sum(1) + prior.to(kl.dtype) * counted.sum(1)
+        kl_t = (kl * counted).sum(1)
+        bound = T * kl_t + prior.to(kl.dtype) * counted.sum(1)
         ce = -(lp_x0 * noised).sum(1)
-        return bound, ce
+        return bound, ce, kl_t
 
     def nll(self, x0, counted, u, denoise: Denoiser | None = None, x_t=None):
         return self.terms(x0, counted, discrete_t(u, self.p.T).to(x0.device), denoise, x_t)[0]
 
     def loss(self, x0, counted, u):
-        bound, ce = self.terms(x0, counted, discrete_t(u, self.p.T).to(x0.device))
+        _, ce, kl_t = self.terms(x0, counted, discrete_t(u, self.p.T).to(x0.device))
         n = counted.sum().clamp(min=1)
         if self.p.loss == "ce":
             return ce.sum() / n
-        return (bound.sum() + self.p.hybrid_lambda * ce.sum()) / n
+        return (kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None, denoise: Denoiser | None = None):

@@ -724,8 +724,10 @@ def test_tdbench_methods_lists_the_family(capsys):
 
 
 def test_losses_wire_the_terms():
-    """hybrid = (T·KL_t + prior + λ·CE)/n; ce = CE/n; SEDD trains on its own bound; CSM's loss
-    is finite with gradients; every variant backpropagates."""
+    """hybrid = (KL_t + λ·CE)/n — the reference weighting (google-research d3pm, text:
+    vb_loss + hybrid_coeff·ce_loss at the drawn step; T only in the ELBO estimate, which stays
+    T·KL_t + prior); ce = CE/n; SEDD trains on its own bound; CSM's loss is finite with
+    gradients; every variant backpropagates."""
     torch.manual_seed(0)
     Vd, Ld = 11, 6
     x0 = torch.randint(0, Vd, (4, Ld))
@@ -735,13 +737,19 @@ def test_losses_wire_the_terms():
     for tr in ["absorb", "uniform"]:
         for lam in [0.0, 0.5]:
             m = D3PM(D3PM.Params(transition=tr, T=100, hybrid_lambda=lam), BB, Vd, Ld)
+            t = d3.discrete_t(u, 100)
             torch.manual_seed(1)
-            bound, ce = m.terms(x0, c, d3.discrete_t(u, 100))
+            bound, ce, kl_t = m.terms(x0, c, t)
+            prior = d3.prior_kl(m.abar(torch.full_like(t, 100)), Vd, tr) * c.sum(1)
+            assert torch.allclose(bound.double(), (100 * kl_t + prior).double(), rtol=1e-6)  # ELBO estimate
             torch.manual_seed(1)
-            assert m.loss(x0, c, u).item() == pytest.approx(((bound.sum() + lam * ce.sum()) / c.sum()).item(), rel=1e-6)
+            assert torch.allclose(m.nll(x0, c, u).double(), bound.double(), rtol=1e-6)
+            torch.manual_seed(1)
+            assert m.loss(x0, c, u).item() == pytest.approx(((kl_t.sum() + lam * ce.sum()) / c.sum()).item(), rel=1e-6)
+            assert lam == 0 or ce.sum() > 0  # the CE term is present, so λ is tested
         m = D3PM(D3PM.Params(transition=tr, T=100, loss="ce"), BB, Vd, Ld)
         torch.manual_seed(1)
-        _, ce = m.terms(x0, c, d3.discrete_t(u, 100))
+        _, ce, _ = m.terms(x0, c, d3.discrete_t(u, 100))
         torch.manual_seed(1)
         loss = m.loss(x0, c, u)
         assert loss.item() == pytest.approx((ce.sum() / c.sum()).item(), rel=1e-6)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from bench.config import DataConfig, DatasetRef, first_error, short_hash, tokenizer_key
 from bench.data import corpora, synthetic
 from bench.data.packing import pack
-from bench.data.tokenizers import IdentityTokenizer, Tokenizer, encode_to_array, gpt2, train_bpe
+from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, Tokenizer, encode_to_array, gpt2, train_bpe
 from bench.errors import UserError, did_you_mean
 
 CACHE_FORMAT = 1
@@ -81,6 +81,8 @@ def get_tokenizer(data: DataConfig) -> Tokenizer:
 def _text_tokenizer(name: str, vocab_size: int, train_name: str) -> Tokenizer:
     if name == "gpt2":
         return gpt2()
+    if name == "char":
+        return CharTokenizer()
     key = f"bpe-{vocab_size}"
     h = short_hash([key, train_name, corpora.corpus_sha(train_name), "bytelevel-bpe/1"])[:16]
     return train_bpe(corpora.documents(train_name, "train"), vocab_size,
@@ -113,7 +115,7 @@ def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str) -> 
         return Blocks(toks, np.ones_like(toks, dtype=bool))
     tok = get_tokenizer(data)
     key = short_hash([CACHE_FORMAT, ref.name, corpora.corpus_sha(ref.name), split, tok.key,
-                      tok.vocab_size, data.train.name if tok.key != "gpt2" else "", packing, L])[:20]
+                      tok.vocab_size, data.train.name if tok.key.startswith("bpe") else "", packing, L])[:20]
     d = cache_dir() / "blocks" / f"{ref.name}-{split}-{tok.key}-{L}-{key}"
     if not (d / "counted.npy").is_file():
         docs = encode_to_array(tok, corpora.documents(ref.name, split))
@@ -127,6 +129,11 @@ def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str) -> 
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     return Blocks(np.load(d / "tokens.npy", mmap_mode="r"), np.load(d / "counted.npy", mmap_mode="r"))
+
+
+def source_nll_of_blocks(ref: DatasetRef, tokens: np.ndarray) -> np.ndarray:
+    """−log p(block) under a synthetic source for each of the given blocks (nats), (N,)."""
+    return -synthetic.markov(dataset_params(ref)).log_prob(np.asarray(tokens, dtype=np.int64))
 
 
 def true_nll_per_token(ref: DatasetRef, seq_len: int) -> float | None:

@@ -1,10 +1,12 @@
 """Tokenizers: GPT-2 BPE offline from the files shipped in the package (ids identical to
-OpenAI's), a byte-level BPE trained on the training split (cached, deterministic), and the
-identity "tokenizer" of synthetic sources."""
+OpenAI's), a byte-level BPE trained on the training split (cached, deterministic), the
+character-level tokenizer of text8 (27 symbols), and the identity "tokenizer" of synthetic
+sources."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,51 @@ class IdentityTokenizer(Tokenizer):
 
     def decode(self, ids):
         return " ".join(str(int(i)) for i in ids)
+
+
+class CharTokenizer(Tokenizer):
+    """text8's character level: 27 symbols, ``a``–``z`` (ids 0–25) and space (id 26).
+
+    Normalisation follows Matt Mahoney's ``wikifil.pl``, which made text8 from Wikipedia:
+    lowercase; each digit spelled out as a word (``2`` → `` two ``); every other character
+    outside ``a``–``z`` (punctuation, newlines, accented letters) becomes a space; runs of
+    spaces collapse to one. text8 is one stream of concatenated articles, so each document is
+    encoded as its normalised text followed by one space (no leading space): documents packed
+    with ``packing: none`` read exactly like text8. There is no EOS (``eos_id`` = −1), so the
+    protocol must use ``packing: none``; every token is one character, so bits per character
+    is log₂ of the token perplexity."""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+    DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+    def __init__(self):
+        self.key = "char-text8"
+        self.vocab_size = len(self.ALPHABET)
+        self.eos_id = -1
+        self._lut = np.full(128, 26, dtype=np.int32)
+        self._lut[97:123] = np.arange(26)
+
+    @classmethod
+    def normalize(cls, text: str) -> str:
+        """The text8 string of ``text`` (see the class docstring)."""
+        text = text.lower()
+        for d, w in enumerate(cls.DIGITS):
+            text = text.replace(str(d), f" {w} ")
+        text = re.sub(r"[^a-z]+", " ", text)
+        return text.strip(" ")
+
+    def encode(self, text: str) -> list[int]:
+        norm = self.normalize(text)
+        if not norm:
+            return []
+        b = np.frombuffer((norm + " ").encode("ascii"), dtype=np.uint8)
+        return self._lut[b].tolist()
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return "".join(self.ALPHABET[int(i)] if 0 <= int(i) < len(self.ALPHABET) else "\ufffd" for i in ids)
 
 
 def gpt2() -> Tokenizer:
