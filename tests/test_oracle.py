@@ -62,7 +62,8 @@ def t_dependent(t):
 
 
 def model(estimator="beta", denoise=None):
-    m = MDLM(MDLM.Params(estimator=estimator), BB, V, L)
+    """The real MDLM (``estimator`` None: the default one)."""
+    m = MDLM(MDLM.Params() if estimator is None else MDLM.Params(estimator=estimator), BB, V, L)
     if denoise is not None:
         m.denoise = denoise     # the oracle replaces the network; everything else is mdlm.py's
     return m
@@ -152,7 +153,7 @@ def test_default_estimator_bounds_the_t_dependent_diffusion_model(dist, j):
     den = oracle(X, p, temper=t_dependent)
     ones = torch.ones(L, dtype=torch.bool)
     exact, count = exact_nelbo(den, X[j], ones), exact_count_form(den, X[j], ones)
-    mean, se = estimate(model("beta", den), X[j], seed=j, draws=4 * M)
+    mean, se = estimate(model(None, den), X[j], seed=j, draws=4 * M)   # the default estimator
     assert abs(exact - count) > 8 * se, (exact, count, se)           # the test can tell them apart
     assert abs(mean - exact) <= 4 * se + 1e-6, (mean, exact, count, se)
     mean_c, se_c = estimate(model("count", den), X[j], seed=j, draws=4 * M)  # the named option: AO-ARM bound
@@ -171,7 +172,7 @@ def test_data_average_time_form_vs_count_form(dist):
     time_form = sum(p[j].item() * exact_nelbo(den, X[j], ones) for j in range(len(X)))
     count_form = sum(p[j].item() * exact_count_form(den, X[j], ones) for j in range(len(X)))
     mean, var = 0.0, 0.0
-    m = model("beta", den)
+    m = model(None, den)
     for j in range(len(X)):
         mu, s = estimate(m, X[j], seed=100 + j)
         mean += p[j].item() * mu
