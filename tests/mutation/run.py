@@ -43,8 +43,9 @@ MUTANTS = [
      "torch.distributions.Beta(a, b)", "torch.distributions.Beta(b, a)", [ORACLE]),
     ("mdlm-drop-time-weight", "methods/mdlm.py", "    return 1 / t\n", "    return torch.ones_like(t)\n", [ORACLE]),
     ("mdlm-mask-prob-flipped", "methods/mdlm.py", "< (1 - alpha(t))[:, None]", "< alpha(t)[:, None]", [ORACLE]),
-    ("mdlm-mask-uncounted-too", "methods/mdlm.py", "    masked = (rank < m[:, None]) & counted\n",
-     "    masked = rank < m[:, None]\n", [ORACLE]),
+    ("mdlm-mask-context-first", "methods/mdlm.py", ".masked_fill(~counted, 2.0)", ".masked_fill(~counted, -1.0)", [ORACLE]),
+    # (an earlier mutant, dropping "& counted" from the m-subset mask, is equivalent: uncounted
+    # tokens already rank last, so it cannot be caught and is not listed)
     # ---------------------------------------------------------------- methods/d3pm.py
     ("d3pm-hybrid-T-times-KL (the old weighting)", "methods/d3pm.py",
      "return (kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n", "return (self.p.T * kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n",
