@@ -86,7 +86,11 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
         return None
     import math
 
-    char = all(r["spec"]["data"]["tokenizer"]["name"] == "char" for r in curves)
+    def is_char(r):
+        p = r["train"]["curve"][0]
+        return p["char"] if "char" in p else r.get("spec", {}).get("data", {}).get("tokenizer", {}).get("name") == "char"
+
+    char = all(is_char(r) for r in curves)
     conv = (lambda n: n / math.log(2)) if char else math.exp  # noqa: E731
     sizes = sorted({r["size"] for r in curves})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.4), squeeze=False)
@@ -103,8 +107,9 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
             line, = ax.plot(xs, ys.mean(0), lw=1.6, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
             if len(runs) > 1:
                 ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
-        ds = curves[0]["train"]["curve"][0].get("dataset", "")
-        ax.set_title(f"size {size}: {ds}, first {curves[0]['spec']['eval']['curve_blocks']} test blocks")
+        p0 = curves[0]["train"]["curve"][0]
+        nb = p0.get("blocks", curves[0].get("spec", {}).get("eval", {}).get("curve_blocks", "?"))
+        ax.set_title(f"size {size}: {p0.get('dataset', '')}, first {nb} test blocks")
         ax.set_xlabel("training tokens")
         ax.set_ylabel("bits per character (≤ for bounds)" if char else "perplexity (≤ for bounds)")
         if not char:

@@ -185,7 +185,8 @@ def learning_probe(method, spec: RunSpec, device):
         nll, ntok = per_sequence_nll(model, tokens, counted, protocol, e.batch_size, e.seed, device,
                                      desc="curve")
         model.train(was)
-        return {"step": step, "tokens": seen, "dataset": ref.key,
+        return {"step": step, "tokens": seen, "dataset": ref.key, "blocks": len(tokens),
+                "char": spec.data.tokenizer.name == "char",
                 "nll_per_token": round(float(nll.mean(1).sum() / ntok.sum()), 6)}
 
     probe.every = e.curve_every

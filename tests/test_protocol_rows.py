@@ -119,3 +119,26 @@ def test_char_rows_have_bpc(tmp_path):
     bpc = next(m for m in metrics if m["metric"] == "bpc")
     assert bpc["value"] == pytest.approx(math.log2(ppl["value"]), rel=1e-12)
     assert bpc["ci_high"] == pytest.approx(math.log2(ppl["ci_high"]), rel=1e-12) and bpc["bound"] == ppl["bound"]
+
+
+def test_learning_curve_points_and_plot(tmp_path):
+    """eval.curve_every: points at every N-th step (kept in the record and the index), and
+    learning.png next to the leaderboard."""
+    import json
+
+    from bench.cli import main
+    from conftest import write_suite
+
+    suite = tiny_suite(data={"train": {"name": "austen"}, "eval": [{"name": "kjv"}], "tokenizer": "char",
+                             "seq_len": 32},
+                       train={"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup": 1, "ckpt_every": 3},
+                       eval={"t_samples": 2, "max_blocks": 2, "batch_size": 2, "packing": "none",
+                             "curve_every": 2, "curve_blocks": 2, "curve_t_samples": 2})
+    out = tmp_path / "out"
+    assert main(["run", str(write_suite(tmp_path / "s.yaml", suite)), "--out", str(out)]) == 0
+    assert (out / "learning.png").stat().st_size > 0
+    for rd in (out / "runs").iterdir():
+        curve = json.loads((rd / "result.json").read_text())["train"]["curve"]
+        assert [p["step"] for p in curve] == [2, 4, 6]
+        assert all(p["char"] and p["blocks"] == 2 and 0 < p["nll_per_token"] < 10 for p in curve)
+        assert curve[-1]["tokens"] == 6 * 4 * 32
