@@ -103,14 +103,15 @@ def _fmt(row) -> str:
     v = row["value"]
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    s = f"{v:.2f}"
+    nd = 4 if row.get("metric") == "gap" else 2   # gaps are a few hundredths of a nat
+    s = f"{v:.{nd}f}"
     if _is_true(row["bound"]):
         s = "≤ " + s
     elif row.get("estimate") == "truncated":
         s = "≈ " + s + " (t_min)"
     lo, hi = row["ci_low"], row["ci_high"]
     if lo is not None and hi is not None and not (isinstance(lo, float) and math.isnan(lo)) and hi - lo > 1e-9:
-        s += f" ±{(hi - lo) / 2:.2f}"
+        s += f" ±{(hi - lo) / 2:.{nd}f}"
     return s
 
 
