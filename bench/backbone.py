@@ -10,6 +10,13 @@ Inputs: token ids (B, L) or precomputed embeddings (B, L, hidden) for continuous
 conditioning scalar per sequence t (B,), a time in [0, 1] (embedded as 1000·t, DiT's range;
 zeros when unused, as for the AR baseline).
 Output: logits (B, L, vocab_out), or the final hidden states with ``return_hidden=True``.
+
+Continuous input (optional, for Gaussian/simplex diffusion): ``in_dim=d`` adds an input
+projection ``inp: R^d → R^hidden`` applied to ``embeds`` (B, L, d); ``vocab_in=None`` then
+builds no token embedding at all (no parameter DDP would see unused). With
+``self_condition=True`` the forward also takes ``self_cond`` (B, L, d), the previous estimate
+x̃0, and the projection reads the concatenation [z_t, x̃0] ∈ R^{2d} (Chen et al. 2022, Analog
+Bits §3.2; PLAID's input layer); zeros mean "no estimate yet".
 """
 from __future__ import annotations
 
@@ -80,15 +87,22 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: BackboneConfig, vocab_in: int, vocab_out: int, seq_len: int,
-                 causal: bool = False):
+    def __init__(self, cfg: BackboneConfig, vocab_in: int | None, vocab_out: int, seq_len: int,
+                 causal: bool = False, in_dim: int | None = None, self_condition: bool = False):
         super().__init__()
         self.cfg, self.causal, self.seq_len = cfg, causal, seq_len
         d = cfg.hidden
         if (d // cfg.heads) % 2:
             raise ValueError(f"head dimension {d // cfg.heads} must be even (rotary embeddings)")
-        self.tok = nn.Embedding(vocab_in, d)
-        nn.init.normal_(self.tok.weight, std=0.02)
+        if vocab_in:
+            self.tok = nn.Embedding(vocab_in, d)
+            nn.init.normal_(self.tok.weight, std=0.02)
+        else:
+            self.tok = None
+        if self_condition and not in_dim:
+            raise ValueError("self_condition needs a continuous input (in_dim)")
+        self.self_condition = self_condition
+        self.inp = nn.Linear(in_dim * (2 if self_condition else 1), d) if in_dim else None
         self.t_mlp = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.cond_dim), nn.SiLU(),
                                    nn.Linear(cfg.cond_dim, cfg.cond_dim))
         self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.layers))
@@ -100,8 +114,12 @@ class Backbone(nn.Module):
         nn.init.zeros_(self.head.weight)  # start from uniform predictions (as MDLM/DiT)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens=None, t=None, embeds=None, return_hidden: bool = False):
+    def forward(self, tokens=None, t=None, embeds=None, return_hidden: bool = False, self_cond=None):
         x = self.tok(tokens) if embeds is None else embeds
+        if self.inp is not None and embeds is not None:
+            if self.self_condition:
+                x = torch.cat([x, torch.zeros_like(x) if self_cond is None else self_cond], dim=-1)
+            x = self.inp(x)
         B, L, _ = x.shape
         if L > self.seq_len:
             raise ValueError(f"sequence of {L} tokens exceeds the backbone's seq_len {self.seq_len}")
