@@ -32,6 +32,11 @@ def cmd_run(args) -> int:
         _score_suite_dir(out, suite.metrics)
     text, problems = leaderboard.write(out, "md")
     print(text)
+    if suite.experiment is not None:
+        from bench.experiments import run_experiment, save_suite
+
+        save_suite(out, suite)
+        run_experiment(out, suite, log=lambda m: print(m, file=sys.stderr))
     failed = [k for k, v in status.items() if v != "complete"]
     print(f"{len(status) - len(failed)}/{len(status)} runs complete in {time.time() - t0:.1f} s; "
           f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}", file=sys.stderr)
@@ -234,6 +239,18 @@ def cmd_leaderboard(args) -> int:
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return 2 if problems else 0
+
+
+def cmd_experiment(args) -> int:
+    """Rerun a suite's ``experiment:`` analysis on its output directory (no training)."""
+    from bench.experiments import load_saved_suite, run_experiment
+
+    out = _need_out(args.dir)
+    suite = load_saved_suite(out)
+    if suite.experiment is None:
+        raise UserError(f"{out}: its suite has no experiment: key")
+    print(run_experiment(out, suite, log=lambda m: print(m, file=sys.stderr)))
+    return 0
 
 
 def _need_out(d: str) -> Path:
@@ -463,6 +480,9 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--scorer", help="gen-ppl scorer: a Hugging Face causal LM name/path or a tdbench ar run dir")
     sc.add_argument("--format", choices=["table", "json"], default="table")
     sc.set_defaults(fn=cmd_score)
+    ex = sub.add_parser("experiment", help="rerun a suite's experiment analysis on its output dir")
+    ex.add_argument("dir")
+    ex.set_defaults(fn=cmd_experiment)
     m = sub.add_parser("methods", help="list registered methods, parameters and metrics")
     m.set_defaults(fn=cmd_methods)
     n = sub.add_parser("new-method", help="write a method plugin skeleton")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
@@ -200,6 +200,37 @@ class MethodEntry(Strict):
 
 
 # ----------------------------------------------------------------------------- suite
+# ----------------------------------------------------------------------------- experiments
+class SelfCondMagnitude(Strict):
+    """From the same z_t (one ε per eval block), predict x̂0 ``iterations`` times feeding each
+    prediction back as the self-conditioning input; record mean ‖x̂0‖ per token against the
+    iteration, for each t, for every run whose method can (``self_condition_chain``)."""
+
+    kind: Literal["selfcond-magnitude"]
+    t: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    iterations: PositiveInt = 10
+    sequences: PositiveInt = 32      # first N test blocks of the first eval dataset
+    seed: int = 0
+
+    @field_validator("t")
+    @classmethod
+    def _in_unit(cls, v):
+        if any(not 0 < x < 1 for x in v):
+            raise ValueError("every t must lie in (0, 1)")
+        return v
+
+
+class StepsCurve(Strict):
+    """Sample metrics (from each run's scores) against the sampling step budget, one line per
+    model, beside the likelihood bound per model when it has one."""
+
+    kind: Literal["steps"]
+    metrics: list[Literal["gen_ppl", "entropy", "mauve", "div", "mem"]] = Field(["gen_ppl", "entropy"], min_length=1)
+
+
+Experiment = Annotated[Union[SelfCondMagnitude, StepsCurve], Field(discriminator="kind")]
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataConfig
@@ -211,6 +242,7 @@ class Suite(Strict):
     seeds: list[int] = Field([0], min_length=1)
     launch: LaunchConfig = LaunchConfig()
     metrics: MetricsConfig = MetricsConfig()   # how samples are scored (never part of a run id)
+    experiment: Optional[Experiment] = None    # an analysis of the trained runs (bench.experiments)
 
 
 class RunSpec(Strict):

@@ -140,7 +140,7 @@ class EmbeddingDiffusion(Method):
         x_sc = None
         if self.p.self_condition:
             first = lambda: self.predict_x0(z, t, None)  # noqa: E731
-            x_sc = train_condition(first) if train else first()
+            x_sc = train_condition(first, self.p.self_condition_rate) if train else first()
         x0_hat = self.predict_x0(z, t, x_sc).float()
         _, g1 = self.endpoints(e)
         diff = diffusion_term(e.float(), x0_hat, self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
@@ -148,6 +148,24 @@ class EmbeddingDiffusion(Method):
 
     def nll(self, x0, counted, u):
         return (self.elbo_terms(x0, counted, u, train=False) * counted).sum(1)
+
+    @torch.no_grad()
+    def self_condition_chain(self, w, counted, t: float, K: int):
+        """From one z_t ~ q(z_t | w), x̂0^(k) = f(z_t, t, x̂0^(k−1)), x̂0^(0) = 0, k = 1..K; returns
+        the mean per-token ‖x̂0^(k)‖ over counted tokens (K values) and the mean ‖e‖ (the
+        lecture's self-conditioning magnitude experiment; bench.experiments)."""
+        if not self.p.self_condition:
+            raise ValueError("self_condition_chain needs a network with a self-conditioning input")
+        e = self.embedding(w)
+        tt = torch.full((w.shape[0],), float(t), device=e.device)
+        z, _, _, _ = self.noised(e, counted, tt)
+        c = counted.float()
+        norm = lambda x: float((x.float().norm(dim=-1) * c).sum() / c.sum())  # noqa: E731
+        x_sc, out = None, []
+        for _ in range(K):
+            x_sc = self.predict_x0(z, tt, x_sc)
+            out.append(norm(x_sc))
+        return out, norm(e)
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None):
@@ -159,8 +177,12 @@ class EmbeddingDiffusion(Method):
         return nearest_embedding(x0.float(), E.float())
 
 
+SC_RATE = Field(0.5, ge=0.0, le=1.0, description="training: probability of the two-pass (x̃0 = first pass) branch")
+
+
 class DiffusionLMParams(Params):
     self_condition: bool = False
+    self_condition_rate: float = SC_RATE
     embed_dim: PositiveInt = 16
     schedule: Literal["sqrt", "cosine", "tan-d"] = "sqrt"
     parameterisation: Literal["x0", "eps", "v"] = "x0"
@@ -203,7 +225,7 @@ class DiffusionLM(EmbeddingDiffusion):
         z, eps, alpha, sigma = self.noised(e, counted, t)
         x_sc = None
         if self.p.self_condition:
-            x_sc = train_condition(lambda: self.predict_x0(z, t, None))
+            x_sc = train_condition(lambda: self.predict_x0(z, t, None), self.p.self_condition_rate)
         out = self.net(t=t, embeds=z, self_cond=x_sc).float()
         mse = ((out - self.parameterisation.target(e, eps, alpha, sigma)) ** 2).mean(-1)
         _, g1 = self.endpoints(e)
@@ -214,6 +236,7 @@ class DiffusionLM(EmbeddingDiffusion):
 
 class PLAIDParams(Params):
     self_condition: bool = True
+    self_condition_rate: float = SC_RATE
     embed_dim: PositiveInt = 16
     gamma_0: float = -3.0
     gamma_1: float = 6.0
@@ -244,7 +267,8 @@ class PLAID(EmbeddingDiffusion):
     def decoder_logits(self, z0, alpha0, sigma0):
         """log p(w_i = v | z_0) + const = (α_0 z_0·e_v − ½ α_0² ‖e_v‖²) / σ_0² (VDM decoder)."""
         E = self.embedding.weight
-        return (alpha0 * z0 @ E.t() - 0.5 * alpha0 ** 2 * (E * E).sum(-1)) / sigma0 ** 2
+        scale = alpha0 / sigma0 ** 2                  # fold the scale into E (V×d), not the logits
+        return z0 @ (scale * E).t() - (0.5 * alpha0 * scale) * (E * E).sum(-1)
 
     def loss(self, x0, counted, u):
         """The bound itself, per counted token (its gradient also trains γ_0, γ_1)."""
@@ -254,6 +278,7 @@ class PLAID(EmbeddingDiffusion):
 # ----------------------------------------------------------------------------- simplex diffusion
 class SSDLMParams(Params):
     self_condition: bool = False
+    self_condition_rate: float = SC_RATE
     simplex_k: float = Field(5.0, gt=0)
     schedule: Literal["cosine", "sqrt", "tan-d"] = "cosine"
     float64_sampling: bool = True
@@ -296,7 +321,7 @@ class SSDLM(Method):
         S = torch.where(counted[..., None], S, S0)
         x_sc = None
         if self.p.self_condition:
-            x_sc = train_condition(lambda: self.condition_of(self.logits(S, u, None)))
+            x_sc = train_condition(lambda: self.condition_of(self.logits(S, u, None)), self.p.self_condition_rate)
         ce = F.cross_entropy(self.logits(S, u, x_sc).flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
         return (ce * counted).sum() / counted.sum().clamp(min=1)
 
