@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench.config import SelfCondMagnitude, StepsCurve, Suite
@@ -87,8 +88,8 @@ def selfcond_magnitude(out: Path, exp: SelfCondMagnitude, log=print) -> dict:
         if not hasattr(method, "self_condition_chain"):
             continue
         blocks = load_blocks(spec.data.eval[0], "test", spec.data, spec.eval.packing).head(exp.sequences)
-        x = torch.as_tensor(blocks.tokens, dtype=torch.long)
-        c = torch.as_tensor(blocks.counted, dtype=torch.bool)
+        x = torch.as_tensor(np.array(blocks.tokens), dtype=torch.long)
+        c = torch.as_tensor(np.array(blocks.counted), dtype=torch.bool)
         for t in exp.t:
             torch.manual_seed(exp.seed)
             norms, ref = method.self_condition_chain(x, c, t, exp.iterations)
