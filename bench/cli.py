@@ -416,6 +416,95 @@ class {cls}(Method):
 '''
 
 
+TEMPLATE_CONTINUOUS = '''"""{title}: Gaussian diffusion of learned token embeddings (write the paper and equations here).
+
+A working skeleton on the family's shared math (methods/_gaussian.py, VDM notation): e = Emb(w),
+z_t = α_t e + σ_t ε, x0-prediction, the continuous-time bound (VDM eq. 17)
+
+    −log p(w) ≤ KL(q(z_1|w) ‖ N(0,I)) + E[−log p(w|z_0)] + ½ E_t γ'(t) e^{{−γ(t)}} ‖e − x̂0‖²
+
+as loss and likelihood, the DDPM sampler, optional self-conditioning. Change what your method
+changes; keep nll() a bound (tests/test_continuous.py shows how to check it).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import PositiveInt
+
+from bench.backbone import Backbone
+from bench.method import Method, Params
+from bench.registry import register
+from methods._gaussian import (SAMPLERS, SCHEDULES, diffuse, diffusion_term, nearest_embedding, prior_kl,
+                               sample_loop, train_condition)
+
+
+class {cls}Params(Params):
+    self_condition: bool = False
+    embed_dim: PositiveInt = 16
+    schedule: Literal["cosine", "sqrt", "tan-d", "learned"] = "cosine"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+
+
+@register("{name}")
+class {cls}(Method):
+    Params = {cls}Params
+    likelihood = "bound"
+    time = "continuous"
+
+    def __init__(self, params, backbone, vocab_size, seq_len):
+        super().__init__(params, backbone, vocab_size, seq_len)
+        self.embedding = nn.Embedding(vocab_size, params.embed_dim)
+        self.schedule = SCHEDULES[params.schedule]()
+
+    def build_network(self, cfg):
+        # continuous input of embed_dim (no token embedding: DDP needs every parameter used)
+        return Backbone(cfg, vocab_in=None, vocab_out=self.p.embed_dim, seq_len=self.L,
+                        in_dim=self.p.embed_dim, self_condition=self.p.self_condition)
+
+    def predict_x0(self, z, t, x_sc):
+        return self.net(t=t, embeds=z, self_cond=x_sc).float()
+
+    def terms(self, w, counted, t, train):
+        e = self.embedding(w)
+        a, s = (v[:, None, None] for v in self.schedule.alpha_sigma(t))
+        z, _ = diffuse(e, a, s)
+        z = torch.where(counted[..., None], z, e)
+        x_sc = None
+        if self.p.self_condition:
+            first = lambda: self.predict_x0(z, t, None)  # noqa: E731
+            x_sc = train_condition(first) if train else first()
+        x0_hat = self.predict_x0(z, t, x_sc)
+        one = torch.ones(1, device=e.device)
+        g0, g1 = self.schedule.gamma(0 * one), self.schedule.gamma(one)
+        a0, s0 = torch.sigmoid(-g0).sqrt(), torch.sigmoid(g0).sqrt()
+        z0 = a0 * e + s0 * torch.randn_like(e)
+        E = self.embedding.weight
+        logits = z0 @ (a0 / s0 ** 2 * E).t() - 0.5 * (a0 / s0) ** 2 * (E * E).sum(-1)   # p(w | z_0)
+        recon = F.cross_entropy(logits.flatten(0, 1), w.flatten(), reduction="none").view(w.shape)
+        diff = diffusion_term(e, x0_hat, self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
+        return (diff + prior_kl(e, g1) + recon) * counted
+
+    def loss(self, x0, counted, u):
+        return self.terms(x0, counted, u, train=True).sum() / counted.sum().clamp(min=1)
+
+    def nll(self, x0, counted, u):
+        """Per-sequence NLL upper bound (nats) for one time draw u per sequence."""
+        return self.terms(x0, counted, u, train=False).sum(1)
+
+    @torch.no_grad()
+    def sample(self, n, steps=64, generator=None):
+        E = self.embedding.weight
+        z = torch.randn((n, self.L, E.shape[1]), generator=generator, device=E.device)
+        x0 = sample_loop(self.predict_x0, z, self.schedule, steps, SAMPLERS[self.p.sampler], generator,
+                         self_condition=self.p.self_condition)
+        return nearest_embedding(x0, E)
+'''
+
+
 def cmd_new_method(args) -> int:
     import re
 
@@ -430,8 +519,11 @@ def cmd_new_method(args) -> int:
         raise UserError(f"{path}: already exists")
     cls = "".join(p.capitalize() for p in name.split("_"))
     from bench.records import atomic_write_text
-    atomic_write_text(path, TEMPLATE.format(name=name, cls=cls, title=cls))
-    print(f"wrote {path}: fill in nll() and sample(); `tdbench methods` lists it once it imports")
+    template = TEMPLATE_CONTINUOUS if args.family == "continuous" else TEMPLATE
+    atomic_write_text(path, template.format(name=name, cls=cls, title=cls))
+    what = "a working Gaussian-embedding skeleton: change its math" if args.family == "continuous" else \
+        "fill in nll() and sample()"
+    print(f"wrote {path}: {what}; `tdbench methods` lists it once it imports")
     return 0
 
 
@@ -488,6 +580,9 @@ def parser() -> argparse.ArgumentParser:
     n = sub.add_parser("new-method", help="write a method plugin skeleton")
     n.add_argument("name")
     n.add_argument("--dir", default="methods")
+    n.add_argument("--family", choices=["discrete", "continuous"], default="discrete",
+                   help="skeleton: discrete (fill in nll/sample) or continuous (a working Gaussian-embedding "
+                        "method on methods/_gaussian.py)")
     n.set_defaults(fn=cmd_new_method)
     return p
 

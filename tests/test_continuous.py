@@ -142,3 +142,26 @@ def test_markov_source_bounds_above_truth_and_ssd_lm_has_no_ppl(tmp_path):
     s = t[(t.model == "SSD-LM") & t.metric.isin(["gen_ppl", "entropy"])]
     assert len(s) == 2 and s.value.notna().all() and (s.value.astype(float) > 0).all(), s
     assert math.isfinite(float(s[s.metric == "gen_ppl"].value.iloc[0]))
+
+
+def test_new_method_continuous_skeleton_trains_bounds_and_samples(tmp_path):
+    import importlib.util
+    import sys
+
+    from bench.cli import main
+
+    assert main(["new-method", "skel_cont", "--family", "continuous", "--dir", str(tmp_path)]) == 0
+    spec = importlib.util.spec_from_file_location("skel_cont", tmp_path / "skel_cont.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["skel_cont"] = mod          # pydantic resolves the annotations through it
+    spec.loader.exec_module(mod)
+    cls = get_method("skel_cont")
+    for sc in (False, True):
+        m = cls(cls.Params(self_condition=sc), CFG, 20, 8)
+        x, c = torch.randint(0, 20, (2, 8)), torch.ones(2, 8, dtype=torch.bool)
+        m.loss(x, c, torch.rand(2)).backward()
+        assert all(p.grad is not None for p in m.parameters())
+        with torch.no_grad():
+            nll = m.nll(x, c, torch.rand(2))
+        assert nll.shape == (2,) and torch.isfinite(nll).all() and (nll > 0).all()
+        assert m.sample(2, 4).shape == (2, 8)
