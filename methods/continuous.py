@@ -38,9 +38,11 @@ The last two terms together are ≥ 0 only when written together: −H(q(x_0|w))
 +(d/2)·log(1/(2πeσ_0²)) per token, and the continuous-density VLB of x_0 alone carries the
 opposite log σ_0 term; dropping the entropy (as a per-step loss does, it is constant in θ) gives a
 number that is not a bound and that shrinking the embeddings can make arbitrarily small.
-Because q(x_t | x_s, w) = q(x_t | x_s) (Gaussian diffusion forgets e given x_s), every term of
-(1) can instead be conditioned on w and the entropy cancels exactly against the t → 0 end of
-the reverse-process terms (VDM App. E); in continuous time (1) becomes
+Because q(x_t | x_s, w) = q(x_t | x_s) (given x_s the diffusion forgets e), (1) can be regrouped
+with every KL conditioned on w instead of x_0 (the rewriting of DDPM eq. 5, one level further
+down: x_0 itself becomes a latent): log q(x_0|w) joins the first reverse step into
+KL(q(x_0 | x_Δ, w) ‖ p_θ(x_0 | x_Δ)), so the entropy is not dropped but absorbed, and as Δ → 0
+the sum of those KLs is the diffusion integral below. In continuous time (1) becomes
 
     −log p(w) ≤ Σ_i [ KL(q(z_1^i|w) ‖ N(0, I))                          prior       (prior_kl)
                      + E_{q(z_0|w)}[−log p_θ(w_i | z_0)]                   rounding
