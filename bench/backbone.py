@@ -60,7 +60,8 @@ def apply_rotary(x, cos, sin):
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x · (1 + scale) + shift, per sequence (one fused pass: addcmul)."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class Block(nn.Module):
@@ -80,10 +81,12 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope, kv: dict | None = None):
         B, L, D = x.shape
+        H = self.heads
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(B, L, 3, self.heads, D // self.heads).unbind(2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        qkv = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(B, L, 3, H, D // H)
+        # rotary on q and k in one pass: (B, L, 2, H, d) seen as (B, L, 2H, d) heads
+        qk = apply_rotary(qkv[:, :, :2].reshape(B, L, 2 * H, D // H), *rope).view(B, L, 2, H, D // H)
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         causal, mask = self.causal, None
         if kv is not None:                     # prepend the cached keys/values of positions < P
             if "k" in kv:
@@ -97,9 +100,9 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         a = F.dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), self.dropout, self.training)
-        x = x + (1 + g1[:, None]) * a
+        x = torch.addcmul(x, 1 + g1[:, None], a)  # x + (1 + g1) · a
         m = F.dropout(self.mlp(modulate(self.norm2(x), sh2, sc2)), self.dropout, self.training)
-        return x + (1 + g2[:, None]) * m
+        return torch.addcmul(x, 1 + g2[:, None], m)
 
 
 class Backbone(nn.Module):

@@ -261,19 +261,24 @@ def _need_out(d: str) -> Path:
 
 
 def cmd_status(args) -> int:
-    """One line per run: pending / running / requeued / completed / failed / cancelled, from the
-    run records and (for submitted runs) one squeue call."""
-    from bench.slurm import run_states
+    """One line per run: pending / running / stopped / requeued / completed / failed /
+    cancelled, with step/total, loss, tokens/s and ETA while it trains, from the run
+    directories (records, progress, leases) and, for submitted runs, one squeue call.
+    ``--watch`` follows the suite live until every run is over."""
+    from bench import live
 
     out = _need_out(args.dir)
-    counts: dict[str, int] = {}
-    for st in run_states(out):
-        counts[st.state] = counts.get(st.state, 0) + 1
-        what = f"{st.label} {st.size} seed={st.seed}" if st.label else ""
-        job = f"  job {st.job_id}" if st.job_id else ""
-        detail = f"  {st.detail}" if st.detail else ""
-        print(f"{st.state:9s} {st.run_id}  {what}{job}{detail}")
-    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+    if args.watch:
+        live.watch(out, interval_s=args.interval)
+        return 0
+    rs = live.rows(out)
+    for r in rs:
+        what = f"  {r.name}" if r.label else ""
+        nums = f"  {live.numbers(r)}" if r.state not in live.FINAL and live.numbers(r) else ""
+        job = f"  job {r.job_id}" if r.job_id else ""
+        detail = f"  {r.detail}" if r.detail else ""
+        print(f"{r.state:9s} {r.run_id}{what}{nums}{job}{detail}")
+    print(live.totals(rs))
     return 0
 
 
@@ -349,6 +354,34 @@ def cmd_logs(args) -> int:
                 show(p, f"job {entry['job_id']} task {task} {'stdout' if p.suffix == '.out' else 'stderr'}")
     if not shown:
         print(f"{rd}: no logs yet" + (f" (job {entry['job_id']} has not started)" if entry else ""))
+    return 0
+
+
+def cmd_speed(args) -> int:
+    """Training tokens/s as ratios, interleaved in this process (bench.speed)."""
+    import json
+
+    import torch
+
+    from bench import speed
+
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    for x in sizes:
+        if x not in speed.SIZES:
+            from bench.errors import did_you_mean
+            raise UserError(f"--sizes: {did_you_mean(x, speed.SIZES)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    for k in ("steps", "rounds"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k}: must be a positive integer")
+    rows = speed.run(sizes, steps=args.steps, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
+                     device=device, compile_=args.compile, peak_tflops=args.peak_tflops,
+                     families=not args.no_families)
+    if args.json:
+        from bench.records import atomic_write_text
+        atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -545,6 +578,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_submit)
     st = sub.add_parser("status", help="state of each run in an output dir (records + scheduler)")
     st.add_argument("dir")
+    st.add_argument("--watch", action="store_true", help="follow the suite live until every run is over")
+    st.add_argument("--interval", type=float, default=2.0, help="--watch: seconds between refreshes (default 2)")
     st.set_defaults(fn=cmd_status)
     c = sub.add_parser("cancel", help="cancel the queued Slurm jobs of an output dir")
     c.add_argument("dir")
@@ -575,6 +610,18 @@ def parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("experiment", help="rerun a suite's experiment analysis on its output dir")
     ex.add_argument("dir")
     ex.set_defaults(fn=cmd_experiment)
+    sp = sub.add_parser("speed", help="training tokens/s: our AR vs HF GPT-2, each method family vs AR")
+    sp.add_argument("--sizes", default="smoke,12x768", help="comma-separated: smoke, 12x768 (default both)")
+    sp.add_argument("--steps", type=int, default=3, help="optimizer steps per contender per round (default 3)")
+    sp.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    sp.add_argument("--warmup", type=int, default=2, help="warm-up steps per contender (default 2)")
+    sp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    sp.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile every contender")
+    sp.add_argument("--peak-tflops", type=float, help="the device's peak (bf16) TFLOP/s, for MFU")
+    sp.add_argument("--no-families", action="store_true", help="only AR vs HF GPT-2")
+    sp.add_argument("--json", help="also write the rows to this JSON file")
+    sp.set_defaults(fn=cmd_speed)
     m = sub.add_parser("methods", help="list registered methods, parameters and metrics")
     m.set_defaults(fn=cmd_methods)
     n = sub.add_parser("new-method", help="write a method plugin skeleton")

@@ -122,6 +122,9 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     engine: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[0, 1, 2, 3] = 0
+    # torch.compile the training forward (inductor). Same math up to float rounding; a run id
+    # only includes it when true, so existing run ids are unchanged.
+    compile: bool = False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -261,7 +264,10 @@ class RunSpec(Strict):
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}-{self.size}-s{self.seed}-{short_hash(self.model_dump(mode='json'))[:10]}"
+        d = self.model_dump(mode="json")
+        if not d["train"]["compile"]:
+            del d["train"]["compile"]  # added later: absent from the ids of runs that do not use it
+        return f"{self.method}-{self.size}-s{self.seed}-{short_hash(d)[:10]}"
 
     def protocol(self) -> Protocol:
         e = self.eval
@@ -299,17 +305,29 @@ def first_error(e: ValidationError, prefix=()) -> str:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file; UserError naming the file when it is missing, not UTF-8
+    text, empty, not YAML, or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    if any(not isinstance(k, str) for k in raw):
+        raise UserError(f"{path}: top-level keys must be strings")
     return raw
 
 

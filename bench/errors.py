@@ -8,6 +8,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class FileError(UserError):
+    """A UserError about one file, whose message already starts with that file's path (so
+    callers do not prefix another path, e.g. the suite's, in front of it)."""
+
+
 def did_you_mean(name: str, choices) -> str:
     import difflib
 

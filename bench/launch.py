@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
-from bench.records import read_record, write_json
-from bench.rundir import plan, run_dir
+from bench.records import read_record, record_status, write_record
+from bench.rundir import check_run_dirs, describe_lease, holders, lease_state, plan, read_lease, run_dir
 from bench.runner import execute, now, record_header
 
 
@@ -43,8 +43,8 @@ def _record_crash(rd: Path, spec: RunSpec, error: str, log_tail: str) -> None:
             return
     except UserError:
         rec = record_header(spec)
-    write_json(rd / "result.json", {**rec, "status": "failed", "error": error, "log_tail": log_tail,
-                                    "finished": now()})
+    write_record(rd / "result.json", {**rec, "status": "failed", "error": error, "log_tail": log_tail,
+                                      "finished": now()})
 
 
 def world_size(suite: Suite) -> int:
@@ -70,6 +70,18 @@ def check_launch(suite: Suite, specs: list[RunSpec], executor: str) -> None:
                 raise UserError("train.ema: EMA is not supported with ZeRO-3; use zero_stage 1 or 2")
 
 
+def _outcome(rd: Path) -> str | None:
+    """What a finished job left: 'complete'/'failed' from its record, 'held' when another
+    process holds the run's lease (the job did nothing), None when it left no final record.
+    Read from the run directory, never from submitit's result pickle."""
+    st = record_status(rd)
+    if st in ("complete", "failed"):
+        return st
+    if lease_state(read_lease(rd)) == "held":
+        return "held"
+    return None
+
+
 def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[str, str]:
     import submitit
 
@@ -91,16 +103,17 @@ def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
                 continue
             del running[rid]
             rd = run_dir(out, s)
-            try:
-                status[rid] = job.results()[0]  # global rank 0's answer (one per task)
-            except Exception as e:  # noqa: BLE001 - the subprocess died (killed, OOM, timeout)
+            got = _outcome(rd)
+            if got is None:  # the subprocess died (killed, OOM, timeout) before its final record
                 tail = ""
                 try:
                     tail = "\n".join((job.stderr() or "").splitlines()[-20:])
                 except Exception:  # noqa: BLE001
                     pass
-                _record_crash(rd, s, f"job {job.job_id} ended abnormally: {str(e).splitlines()[-1][:300]}", tail)
-                status[rid] = "failed"
+                last = tail.strip().splitlines()[-1][:300] if tail.strip() else "no final record"
+                _record_crash(rd, s, f"job {job.job_id} ended abnormally: {last}", tail)
+                got = "failed"
+            status[rid] = got
             progress(s, status[rid])
     return status
 
@@ -149,6 +162,10 @@ def run_slurm(specs: list[RunSpec], out: Path, suite: Suite, progress, cluster: 
                     if now_t - gone_since.setdefault(st.run_id, now_t) < 10:
                         continue
                     s = by_id[st.run_id]
+                    if lease_state(read_lease(run_dir(out, s))) == "held":
+                        status[st.run_id] = "held"  # another process trains it: not a failure
+                        waiting.discard(st.run_id)
+                        continue
                     tail = ""
                     for p in slurm.job_log_paths(out, st.job_id or "-")[-1:]:
                         tail = "\n".join(p.read_text(errors="replace").splitlines()[-20:])
@@ -190,24 +207,60 @@ EXECUTORS = {"local": run_local, "debug": run_debug, "slurm": run_slurm}
 
 
 def run_suite(suite: Suite, specs: list[RunSpec], out: Path, executor: str, cluster: str | None = None,
-              max_running: int | None = None) -> dict[str, str]:
+              max_running: int | None = None, live: bool | None = None, poll_s: float = 2.0) -> dict[str, str]:
+    """Run every incomplete run; runs another process is training (a live lease) are waited
+    for, not trained twice: when its lease goes, a run the other process completed counts as
+    complete, one it left unfinished is trained here (resuming from its checkpoint)."""
+    from bench.live import Monitor
+
     check_launch(suite, specs, executor)
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor {executor}: one of {sorted(EXECUTORS)}")
     todo, done = plan(specs, out)
-    print(f"{suite.name}: {len(specs)} runs, {len(done)} complete, {len(todo)} to run "
-          f"({executor} executor) -> {out}", file=sys.stderr)
+    check_run_dirs(out, todo)
+    held = holders(out, todo)
+    print(f"{suite.name}: {len(specs)} runs, {len(done)} complete, {len(todo) - len(held)} to run"
+          f"{f', {len(held)} held by other processes' if held else ''} ({executor} executor) -> {out}",
+          file=sys.stderr)
+    status = {s.run_id: "complete" for s in done}
+    if not todo:
+        return status
+    by_id = {s.run_id: s for s in specs}
+    monitor = Monitor(out, specs, executor=executor, live=live)
     n = [len(done)]
 
     def progress(spec, st):
+        if st == "held":
+            return
         n[0] += 1
-        print(f"[{n[0]}/{len(specs)}] {spec.label} {spec.size} seed={spec.seed}: {st}", file=sys.stderr)
+        monitor.event(f"[{n[0]}/{len(specs)}] {spec.label} {spec.size} seed={spec.seed}: {st}")
 
-    if not todo:
-        return {s.run_id: "complete" for s in done}
-    if executor not in EXECUTORS:
-        raise UserError(f"--executor {executor}: one of {sorted(EXECUTORS)}")
-    if executor == "slurm":
-        status = run_slurm(todo, out, suite, progress, cluster, max_running)
-    else:
-        status = EXECUTORS[executor](todo, out, suite, progress)
-    status.update({s.run_id: "complete" for s in done})
+    pending = list(todo)
+    with monitor:
+        while pending:
+            free = [s for s in pending if s.run_id not in held]
+            if free:
+                if executor == "slurm":
+                    got = run_slurm(free, out, suite, progress, cluster, max_running)
+                else:
+                    got = EXECUTORS[executor](free, out, suite, progress)
+                status.update({k: v for k, v in got.items() if v != "held"})
+                held.update({k: read_lease(run_dir(out, by_id[k])) or {} for k, v in got.items() if v == "held"})
+            waiting = [s for s in pending if s.run_id not in status]
+            if not waiting:
+                break
+            for s in waiting:
+                lease = held.get(s.run_id) or {}
+                monitor.event(f"waiting: {s.label} {s.size} seed={s.seed} is being trained by another process "
+                              f"({describe_lease(lease) if lease else 'lease taken meanwhile'})")
+            while any(lease_state(read_lease(run_dir(out, s))) == "held" for s in waiting):
+                time.sleep(poll_s)
+            pending = []
+            for s in waiting:
+                if record_status(run_dir(out, s)) == "complete":
+                    status[s.run_id] = "complete"
+                    progress(s, "complete (trained by the other process)")
+                else:
+                    pending.append(s)  # left unfinished: train it here, from its checkpoint
+            held = holders(out, pending)
     return status

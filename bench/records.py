@@ -1,6 +1,12 @@
-"""Run records and other files written atomically (temp file + rename): never half-written."""
+"""Run records and other files written atomically (temp file + rename): never half-written.
+
+A run record (``result.json``) carries ``sha256``: the hash of its own canonical JSON (sorted
+keys, the ``sha256`` key left out), checked on every read, so a truncated or hand-edited record
+is reported by name and never trusted. Checkpoint files are hashed likewise (bench.train).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -32,14 +38,33 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def content_hash(rec: dict) -> str:
+    """sha256 of a record's canonical JSON without its own ``sha256`` key."""
+    body = {k: v for k, v in rec.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+
+
+def write_record(path: Path, rec: dict) -> None:
+    """Write a run record with its content hash (atomically)."""
+    rec = json.loads(json.dumps({k: v for k, v in rec.items() if k != "sha256"}, default=str))
+    write_json(path, {**rec, "sha256": content_hash(rec)})
+
+
 def read_record(path: Path) -> dict:
     """Read and check a result.json; UserError naming the file if it is corrupt."""
     try:
-        rec = json.loads(Path(path).read_text())
+        rec = json.loads(Path(path).read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: corrupt run record ({type(e).__name__}: {e})") from None
     if not isinstance(rec, dict) or rec.get("status") not in STATUSES or "spec" not in rec:
         raise UserError(f"{path}: corrupt run record (missing 'status' or 'spec')")
+    if not isinstance(rec.get("sha256"), str):
+        raise UserError(f"{path}: corrupt run record (no content hash 'sha256')")
+    if content_hash(rec) != rec["sha256"]:
+        raise UserError(f"{path}: corrupt run record (content hash mismatch: edited or damaged)")
+    for key in ("run_id", "label", "size"):
+        if not isinstance(rec.get(key), str):
+            raise UserError(f"{path}: corrupt run record ('{key}' must be a string)")
     if rec["status"] == "complete":
         for i, m in enumerate(rec.get("metrics", [])):
             if not isinstance(m, dict) or not all(k in m for k in ("dataset", "metric", "value", "bound")):

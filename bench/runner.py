@@ -17,7 +17,8 @@ from pathlib import Path
 
 from bench.config import RunSpec
 from bench.errors import UserError
-from bench.records import environment, read_record, write_json
+from bench.records import environment, record_status, write_json, write_record
+from bench.rundir import Lease, lease_state, read_lease
 
 
 def now() -> str:
@@ -121,23 +122,53 @@ def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path, log=None) -> 
 
 def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None,
             micro_batch: int | None = None) -> str:
-    """Run one spec in this process; returns the final status ('complete' or 'failed').
+    """Run one spec in this process; returns the final status ('complete' or 'failed'), or
+    'held' when another process holds the run directory's lease (nothing is done then).
 
     In a multi-process run every process calls this; the processes train together, then
     global rank 0 evaluates and writes the record. ``micro_batch`` (sequences per forward, per
     process) sets gradient accumulation; it never changes the global batch."""
-    import torch
-
     spec = RunSpec(**spec_json)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if record_status(run_dir) == "complete":
+        return "complete"
+    lease = take_lease(run_dir)
+    if lease is None:
+        return "held"
+    try:
+        if record_status(run_dir) == "complete":  # finished by the previous holder meanwhile
+            return "complete"
+        return _execute(spec, run_dir, threads, micro_batch)
+    finally:
+        lease.release()
+
+
+def take_lease(run_dir: Path) -> Lease | None:
+    """Global rank 0 takes the run directory's lease; the other ranks of a multi-process run
+    follow it: they go on once the lease names their own job, and give up like rank 0 when
+    another job holds it. None: held elsewhere."""
+    lease = Lease(run_dir)
+    if _rank_from_env() == 0:
+        return lease if lease.try_acquire() else None
+    mine = lease.info["job_id"]
+    if mine is None:
+        return lease  # no scheduler job to recognise rank 0's lease by: follow it unchecked
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        cur = read_lease(run_dir)
+        if cur is not None and cur.get("job_id") == mine:
+            return lease  # not held by this rank: release() is a no-op
+        if lease_state(cur) == "held":
+            return None
+        time.sleep(0.5)
+    return None
+
+
+def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
+    import torch
+
     result_path = run_dir / "result.json"
-    if result_path.exists():
-        try:
-            if read_record(result_path)["status"] == "complete":
-                return "complete"
-        except UserError:
-            pass  # a corrupt record of an unfinished run is rewritten below
     if threads:
         torch.set_num_threads(threads)
     if not (run_dir / "spec.json").exists():
@@ -149,7 +180,7 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
         from bench.backbone import count_params
         from bench.data import get_tokenizer, load_blocks
         from bench.distributed import make_accelerator
-        from bench.train import train
+        from bench.train import train, write_progress
 
         accelerator = make_accelerator(spec, micro_batch)
         if threads:
@@ -158,7 +189,7 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
         env = environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads())
         env.update(job_info())
         if accelerator.is_main_process:
-            write_json(result_path, {**base, "status": "running", "env": env})
+            write_record(result_path, {**base, "status": "running", "env": env})
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
@@ -173,10 +204,12 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
         if spec.train.engine == "deepspeed" and spec.train.zero_stage == 3:
             method = _reload_final(spec, tokenizer.vocab_size, run_dir)  # ZeRO-3 partitions the weights
         method.to(accelerator.device)
+        write_progress(run_dir, phase="eval", step=stats["steps"], total=spec.train.steps,
+                       loss=stats["final_loss"], tokens_per_s=stats["tokens_per_s"], eta_s=None, pid=os.getpid())
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
         n_samples = write_samples(method, spec, tokenizer, run_dir, log)
-        write_json(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
-                                 "train": stats, "samples": n_samples, "env": env, "finished": now()})
+        write_record(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
+                                   "train": stats, "samples": n_samples, "env": env, "finished": now()})
         log(f"run {spec.run_id}: complete")
         return "complete"
     except Exception as e:  # noqa: BLE001 - one run's failure is recorded, never raised further
@@ -189,8 +222,8 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
         except OSError:
             pass
         if accelerator is None or accelerator.is_main_process:
-            write_json(result_path, {**base, "status": "failed", "error": msg, "log_tail": log.tail(),
-                                     "finished": now()})
+            write_record(result_path, {**base, "status": "failed", "error": msg, "log_tail": log.tail(),
+                                       "finished": now()})
         return "failed"
     finally:
         from bench.distributed import teardown
@@ -206,9 +239,10 @@ def _rank_from_env() -> int:
 def _reload_final(spec: RunSpec, vocab_size: int, run_dir: Path):
     from safetensors.torch import load_file
 
-    from bench.train import latest_checkpoint
+    from bench.rundir import latest_checkpoint, verify_manifest
 
     method = build_method(spec, vocab_size)
     ck = latest_checkpoint(run_dir)
+    verify_manifest(ck)
     method.load_state_dict(load_file(ck / "model.safetensors"))
     return method

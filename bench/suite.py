@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from bench.config import NAMED_SIZES, BackboneConfig, MethodEntry, RunSpec, Suite, first_error, read_validated
 from bench.data import validate_data_config
-from bench.errors import UserError, did_you_mean
+from bench.errors import FileError, UserError, did_you_mean
 from bench.registry import get_method
 
 
@@ -79,6 +79,8 @@ def load_suite(path: str | Path) -> tuple[Suite, list[RunSpec]]:
     suite = read_validated(path, Suite)
     try:
         specs = expand(suite)
+    except FileError:
+        raise
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return suite, specs

@@ -16,8 +16,12 @@ W processes with micro-batch b compute what one process computes with micro-batc
 accumulation steps, up to float summation order.
 
 Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` with model (and EMA) weights in safetensors, the
-optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve). They
-are written to a temp dir and renamed; only the latest is kept; the latest is loaded at start.
+optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve), and
+``manifest.json``: the sha256 and size of every other file (bench.rundir), checked before
+anything is parsed. Nothing
+is unpickled: the optimizer/scheduler/RNG file is read with ``torch.load(weights_only=True)``
+(tensors and plain containers only). They are written to a temp dir and renamed; only the
+latest is kept; the latest is loaded at start.
 Under DeepSpeed the optimizer state is sharded: every rank writes its shard into
 ``deepspeed/`` of the same directory (the full weights still go to ``model.safetensors``), and
 such a checkpoint resumes with the same world size. Under Slurm a preemption signal makes every
@@ -40,6 +44,18 @@ from bench.config import RunSpec
 from bench.data import Blocks
 from bench.errors import UserError
 from bench.evaluate import batch_u
+from bench.rundir import PROGRESS, latest_checkpoint, verify_manifest, write_manifest
+
+
+PROGRESS_EVERY_S = 2.0
+
+
+def write_progress(run_dir: Path, **fields) -> None:
+    """``<run>/progress.json``: the live numbers a suite's live view and ``tdbench status``
+    read (phase, step/total, loss, tokens/s, ETA), rewritten atomically."""
+    from bench.records import write_json
+
+    write_json(Path(run_dir) / PROGRESS, {**fields, "updated": time.time()})
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -82,12 +98,6 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ck = sorted((Path(run_dir) / "ckpt").glob("step_*[0-9]"))
-    ck = [c for c in ck if (c / "state.json").is_file()]
-    return ck[-1] if ck else None
-
-
 def save_checkpoint(run_dir: Path, step: int, model, opt, sched, ema, state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -102,6 +112,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, sched, ema, state: dic
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state))
+    write_manifest(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in root.glob("step_*"):
@@ -112,6 +123,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, sched, ema, state: dic
 def load_checkpoint(ckpt: Path, model, opt, sched, ema) -> dict:
     from safetensors.torch import load_file
 
+    verify_manifest(ckpt)
     f = ckpt / "model.safetensors"
     try:
         if model is not None:
@@ -120,13 +132,13 @@ def load_checkpoint(ckpt: Path, model, opt, sched, ema) -> dict:
             f = ckpt / "ema.safetensors"
             ema.shadow = load_file(f)
         f = ckpt / "optim.pt"
-        blob = torch.load(f, weights_only=False)
+        blob = torch.load(f, weights_only=True)
         if opt is not None:
             opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         f = ckpt / "state.json"
-        return json.loads(f.read_text())
+        return json.loads(f.read_bytes().decode("utf-8"))
     except Exception as e:  # noqa: BLE001 - any failure here means a corrupt checkpoint
         raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         f"delete {ckpt} to restart from the previous state") from None
@@ -155,6 +167,7 @@ def save_checkpoint_deepspeed(run_dir: Path, step: int, accelerator, engine, sch
             save_file(ema.shadow, tmp / "ema.safetensors")
         torch.save({"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}))
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in root.glob("step_*"):
@@ -193,8 +206,9 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     if ds and cfg.ema > 0 and cfg.zero_stage == 3:
         raise UserError("train.ema: EMA is not supported with ZeRO-3 (parameters are partitioned); "
                         "use zero_stage 1 or 2")
+    fused = accelerator.device.type == "cuda" and not ds  # fused AdamW kernel on GPUs
     opt = torch.optim.AdamW(method.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
     ema = EMA(method, cfg.ema) if cfg.ema > 0 else None
     state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
@@ -202,6 +216,7 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     if ckpt is not None and not ds:
         state = load_checkpoint(ckpt, method, opt, sched, ema)
     model, opt = accelerator.prepare(method, opt)
+    forward = torch.compile(model) if cfg.compile else model  # train.compile: the forward only
     if ckpt is not None and ds:
         state = load_checkpoint_deepspeed(ckpt, accelerator, model, sched, ema)
     state.pop("world_size", None)
@@ -217,6 +232,20 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
                desc=f"train {spec.label}", disable=not accelerator.is_main_process, mininterval=2)
     if guard is not None:
         guard.training = True
+    main = accelerator.is_main_process
+    last_progress = 0.0
+
+    def progress(phase: str) -> None:
+        el_ = time.time() - t0
+        rate = tokens_here / el_ if el_ > 0 and tokens_here else None
+        done_ = state["step"] - resumed_from
+        eta = (cfg.steps - state["step"]) * el_ / done_ if done_ > 0 else None
+        write_progress(run_dir, phase=phase, step=state["step"], total=cfg.steps,
+                       loss=state["losses"][-1] if state["losses"] else None, tokens_per_s=rate,
+                       eta_s=eta, pid=os.getpid())
+
+    if main:
+        progress("train")
     for step in bar:
         gidx = batch_indices(step, cfg.batch_size, N, spec.seed)
         C = max(int(data.counted[gidx].sum()), 1)
@@ -234,7 +263,7 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
             last = j == plan.accum - 1
             w = int(c.sum()) / C
             with accelerator.autocast():
-                loss = model(x, c, u)
+                loss = forward(x, c, u)
             scaled = loss if w * scale == 1.0 else loss * (w * scale)
             if ds:
                 accelerator.deepspeed_engine_wrapped.backward(scaled, sync_gradients=last)
@@ -264,6 +293,9 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
         state["step"] = step + 1
         el = time.time() - t0
         bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{tokens_here / max(el, 1e-9):,.0f}", refresh=False)
+        if main and (time.time() - last_progress >= PROGRESS_EVERY_S or state["step"] == cfg.steps):
+            progress("train")
+            last_progress = time.time()
         if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps or request != NONE:
             state["wall_s"] = wall_before + el
             if ds:
@@ -301,4 +333,5 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
             "loss_curve": losses[:: max(1, len(losses) // 100)],
             "world_size": world, "micro_batch": plan.micro, "grad_accum": plan.accum,
             "engine": "deepspeed" if ds else "ddp" if world > 1 else "single",
+            "compiled": bool(cfg.compile), "fused_adamw": fused,
             "param_checksums": checksums}

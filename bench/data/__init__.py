@@ -56,6 +56,9 @@ def validate_data_config(data: DataConfig) -> None:
     dataset_params(data.train, "data.train")
     for i, ref in enumerate(data.eval):
         dataset_params(ref, f"data.eval[{i}]")
+    for ref in (data.train, *data.eval):
+        if DATASETS[ref.name][0] == "text":
+            corpora.check(ref.name)  # a damaged corpus file is reported now, not inside a run
     if is_synthetic(data.train):
         for i, ref in enumerate(data.eval):
             if ref != data.train:

@@ -17,7 +17,10 @@ import functools
 import gzip
 import hashlib
 import re
+import zlib
 from pathlib import Path
+
+from bench.errors import FileError
 
 ASSETS = Path(__file__).parent / "assets" / "corpora"
 
@@ -36,8 +39,26 @@ def split_of(i: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _raw_text(name: str) -> str:
-    with gzip.open(ASSETS / f"{name}.txt.gz", "rt", encoding="utf-8") as f:
-        return f.read()
+    """The corpus text; FileError naming the file when it is missing, not gzip, cut short,
+    not UTF-8 or empty (checked when a suite is loaded, before anything runs)."""
+    path = ASSETS / f"{name}.txt.gz"
+    try:
+        with gzip.open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise FileError(f"{path}: corpus file not found") from None
+    except UnicodeDecodeError as e:
+        raise FileError(f"{path}: corrupt corpus (not UTF-8 text at byte {e.start})") from None
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise FileError(f"{path}: corrupt corpus ({type(e).__name__}: {str(e)[:120] or 'truncated'})") from None
+    if not text.strip():
+        raise FileError(f"{path}: corrupt corpus (empty)")
+    return text
+
+
+def check(name: str) -> None:
+    """Raise FileError unless the corpus reads cleanly (cached: read once per process)."""
+    _raw_text(name)
 
 
 def corpus_sha(name: str) -> str:

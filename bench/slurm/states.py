@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bench.errors import UserError
-from bench.records import read_record, record_status
+from bench.index import scan
 from bench.slurm.ledger import read_ledger
 from bench.slurm.queue import LIVE, sacct, squeue
 
@@ -32,11 +31,12 @@ class RunState:
 
 
 def run_states(out: Path, only: Optional[set[str]] = None, queue: Optional[dict] = None,
-               use_sacct: bool = True) -> list[RunState]:
+               use_sacct: bool = True, use_queue: bool = True) -> list[RunState]:
     """Each run's state from its record, the ledger and the scheduler (one squeue call, and one
-    sacct call for jobs that left the queue without a final record)."""
-
+    sacct call for jobs that left the queue without a final record). Records come from one
+    pass of the results index (bench.index): only records changed since are re-read."""
     out = Path(out)
+    recs, _ = scan(out)
     ledger, cancelled = read_ledger(out)
     ids = set(ledger)
     runs_dir = out / "runs"
@@ -44,22 +44,18 @@ def run_states(out: Path, only: Optional[set[str]] = None, queue: Optional[dict]
         ids.update(p.name for p in runs_dir.iterdir() if p.is_dir())
     if only is not None:
         ids &= set(only)
-    if queue is None and ledger:
+    if queue is None and ledger and use_queue:
         queue = squeue()
     states, gone = [], []
     for rid in sorted(ids):
         rd = runs_dir / rid
-        rec_st = record_status(rd)
+        rec = recs.get(rid)
+        rec_st = rec["status"] if rec else "corrupt" if (rd / "result.json").exists() else "pending"
         e = ledger.get(rid, {})
         st = RunState(rid, "pending", e.get("label", ""), e.get("size", ""), e.get("seed"), e.get("job_id"),
                       record=rec_st)
-        rec = None
-        if rec_st in ("complete", "failed", "running"):
-            try:
-                rec = read_record(rd / "result.json")
-                st.label, st.size, st.seed = rec.get("label", st.label), rec.get("size", st.size), rec.get("seed")
-            except UserError:
-                rec_st = st.record = "corrupt"
+        if rec:
+            st.label, st.size, st.seed = rec.get("label", st.label), rec.get("size", st.size), rec.get("seed")
         q = (queue or {}).get(st.job_id) if st.job_id else None
         if rec_st == "complete":
             st.state = "completed"

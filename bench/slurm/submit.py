@@ -8,7 +8,7 @@ from typing import Optional
 
 from bench.errors import UserError
 from bench.runner import now
-from bench.rundir import plan, run_dir
+from bench.rundir import check_run_dirs, plan, run_dir
 from bench.slurm.cluster import Shape, check_profile, shape_of, slurm_cmd
 from bench.slurm.ledger import append_ledger, read_ledger, slurm_dir
 from bench.slurm.profiles import ClusterProfile
@@ -70,6 +70,7 @@ def submit(suite, specs, out: Path, prof: ClusterProfile, prof_path: Path, max_r
     check_profile(prof, prof_path, [shape])
     threads = launch.threads or prof.cpus_per_task
     todo, done = plan(specs, out)
+    check_run_dirs(out, todo)
     todo_ids = {s.run_id for s in todo}
     queued = {r: j for r, j in (live_runs(out) if todo else {}).items() if r in todo_ids}
     todo = [s for s in todo if s.run_id not in queued]

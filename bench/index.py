@@ -1,0 +1,83 @@
+"""The results store's index: one pass over a directory's run records, cached.
+
+``<out>/index.json`` holds, per run, the parts of its record that tables, plots and
+``tdbench status`` read (status, label, size, seed, metrics, the loss curve, …) together with
+the (mtime, size) of the ``result.json`` they came from. A scan stats every record (cheap) and
+re-reads only the records that changed since; an entry whose record vanished is dropped. The
+index is derived, never the truth: delete it and the next scan rebuilds it from the records;
+a damaged index is ignored (and rebuilt). Records are still read through ``read_record``, with
+its content-hash check, whenever they change.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bench.errors import UserError
+from bench.records import atomic_write_text, read_record
+
+INDEX = "index.json"
+FORMAT = 1
+# record keys the derived views use; the spec, env and log tail stay in the record
+KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "finished",
+        "protocol")
+TRAIN_KEEP = ("params", "steps", "tokens", "tokens_per_s", "wall_s", "final_loss", "loss_curve")
+
+
+def summarize(rec: dict) -> dict:
+    out = {k: rec[k] for k in KEEP if k in rec}
+    if isinstance(rec.get("protocol"), dict):
+        out["protocol"] = {"confidence": rec["protocol"].get("confidence"), "id": rec["protocol"].get("id")}
+    if isinstance(rec.get("train"), dict):
+        out["train"] = {k: rec["train"][k] for k in TRAIN_KEEP if k in rec["train"]}
+    return out
+
+
+def _load(out: Path) -> dict:
+    try:
+        idx = json.loads((out / INDEX).read_bytes().decode("utf-8"))
+        if isinstance(idx, dict) and idx.get("format") == FORMAT and isinstance(idx.get("runs"), dict):
+            return idx["runs"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return {}
+
+
+def scan(out: Path, write: bool = True) -> tuple[dict[str, dict], list[str]]:
+    """({run_id: summary of its record}, problems as one-line messages naming the file).
+    Corrupt records are reported, never indexed."""
+    out = Path(out)
+    old = _load(out)
+    runs, problems, changed = {}, [], False
+    runs_dir = out / "runs"
+    if not runs_dir.is_dir():
+        return {}, []
+    with os.scandir(runs_dir) as it:
+        entries = sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
+    for e in entries:
+        p = os.path.join(e.path, "result.json")
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            continue
+        key = [st.st_mtime_ns, st.st_size]
+        hit = old.get(e.name)
+        if hit is not None and hit.get("key") == key:
+            runs[e.name] = hit
+            continue
+        changed = True
+        try:
+            rec = read_record(Path(p))
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        runs[e.name] = {"key": key, "rec": summarize(rec)}
+    if set(old) - set(runs):
+        changed = True
+    if write and changed:
+        try:
+            atomic_write_text(out / INDEX, json.dumps({"format": FORMAT, "runs": runs}, separators=(",", ":")))
+        except OSError:
+            pass  # a read-only results dir still gets its tables; only the cache is lost
+    return {k: v["rec"] for k, v in runs.items()}, problems

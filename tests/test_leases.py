@@ -1,0 +1,154 @@
+"""One results directory, many users: a run directory is trained by at most one process.
+
+- two concurrent `tdbench run` of one suite on one --out train each run exactly once and print
+  the same leaderboard as a single `tdbench run` into a fresh directory;
+- a lease left by a SIGKILLed process is taken over (the time it took is printed);
+- a lease from another host is honoured while its heartbeat is fresh, taken over once stale;
+- of many processes racing for a free lease, exactly one wins.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.rundir import LEASE, Lease, lease_state, read_lease
+from conftest import REPO, tiny_suite, write_suite
+
+CLI = [sys.executable, "-m", "bench.cli"]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_two_concurrent_runs_train_each_run_once_and_agree(tmp_path):
+    suite = tiny_suite()
+    suite["train"]["steps"] = 40
+    f = write_suite(tmp_path / "s.yaml", suite)
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen([*CLI, "run", str(f), "--out", str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO) for _ in range(2)]
+    res = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, res):
+        assert p.returncode == 0, e
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2
+    for rd in runs:
+        log = (rd / "log.txt").read_text()
+        starts = re.findall(rf"run {rd.name}: .* size=", log)
+        assert len(starts) == 1, f"{rd.name} was trained {len(starts)} times:\n{log}"
+        assert "resuming from" not in log
+        assert not (rd / LEASE).exists(), "the lease is released when the run ends"
+    errs = res[0][1] + res[1][1]
+    assert "held by other processes" in errs or "waiting:" in errs, errs  # the overlap really happened
+    single = tmp_path / "single"
+    one = subprocess.run([*CLI, "run", str(f), "--out", str(single)], capture_output=True, text=True,
+                         env=_env(), cwd=REPO, timeout=600)
+    assert one.returncode == 0, one.stderr
+    assert res[0][0] == res[1][0] == one.stdout, "the leaderboards differ"
+    assert (out / "leaderboard.csv").read_text() == (single / "leaderboard.csv").read_text()
+
+
+HOLDER = """
+import sys, time
+from bench.rundir import Lease
+lease = Lease(sys.argv[1], heartbeat_s=0.5)
+assert lease.try_acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_lease_of_a_sigkilled_process_is_taken_over(tmp_path):
+    rd = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(rd)], stdout=subprocess.PIPE, text=True, env=_env())
+    assert p.stdout.readline().strip() == "held"
+    assert lease_state(read_lease(rd)) == "held"
+    assert not Lease(rd).try_acquire(), "a live holder keeps its lease"
+    p.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    mine = Lease(rd)
+    while not mine.try_acquire():
+        assert time.monotonic() - t0 < 120, "stale lease never taken over"
+        time.sleep(0.05)
+    took = time.monotonic() - t0
+    print(f"\nlease of a SIGKILLed process (same host) taken over after {took:.2f} s")
+    assert took < 5, "same host: a dead holder's lease is stale at once, not after STALE_S"
+    assert mine.took_over is not None and mine.took_over["pid"] == p.pid
+    assert read_lease(rd)["token"] == mine.info["token"]
+    mine.release()
+    assert not (rd / LEASE).exists()
+    p.wait()
+
+
+def test_remote_lease_held_while_fresh_taken_over_when_stale(tmp_path):
+    rd = tmp_path / "run"
+    rd.mkdir()
+    lease = {"host": "node-elsewhere", "pid": 1, "job_id": "4242_3", "token": "x", "heartbeat": time.time()}
+    (rd / LEASE).write_text(json.dumps(lease))
+    assert not Lease(rd, stale_s=1.0).try_acquire(), "a fresh lease from another node is honoured"
+    time.sleep(1.2)
+    t0 = time.monotonic()
+    mine = Lease(rd, stale_s=1.0)
+    assert mine.try_acquire(), "a lease silent for stale_s is taken over"
+    print(f"\nremote lease taken over {1.2 + time.monotonic() - t0:.2f} s after its last heartbeat "
+          f"(stale_s = 1 s here; {int(__import__('bench.rundir').rundir.STALE_S)} s by default)")
+    assert mine.took_over["job_id"] == "4242_3"
+    mine.release()
+
+
+def test_holder_heartbeats_and_never_overwrites_a_new_holder(tmp_path):
+    rd = tmp_path / "run"
+    a = Lease(rd, heartbeat_s=0.1)
+    assert a.try_acquire()
+    b0 = read_lease(rd)["heartbeat"]
+    time.sleep(0.5)
+    assert read_lease(rd)["heartbeat"] > b0, "the heartbeat advances"
+    # someone judged `a` stale and took over: a's heartbeat thread must stop writing
+    (rd / LEASE).write_text(json.dumps({**read_lease(rd), "token": "new", "host": "other"}))
+    time.sleep(0.4)
+    assert read_lease(rd)["token"] == "new"
+    a.release()
+    assert read_lease(rd)["token"] == "new", "release removes only its own lease"
+
+
+def _race(rd, q):
+    q.put(Lease(rd).try_acquire())
+    time.sleep(1.0)
+
+
+def test_exactly_one_of_many_racers_wins(tmp_path):
+    for trial in range(3):
+        rd = tmp_path / f"run{trial}"
+        if trial == 2:  # racing for a stale lease instead of a free one
+            rd.mkdir()
+            (rd / LEASE).write_text(json.dumps({"host": "gone", "pid": 1, "token": "old", "heartbeat": 0}))
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_race, args=(rd, q)) for _ in range(6)]
+        for p in ps:
+            p.start()
+        wins = [q.get(timeout=30) for _ in ps]
+        for p in ps:
+            p.join()
+        assert sum(wins) == 1, wins
+
+
+def test_execute_skips_a_run_held_elsewhere(tmp_path):
+    from bench.runner import execute
+    from conftest import specs_of
+
+    spec = specs_of(tiny_suite(), tmp_path)[0]
+    rd = tmp_path / "out" / "runs" / spec.run_id
+    holder = Lease(rd)
+    assert holder.try_acquire()
+    assert execute(spec.model_dump(mode="json"), rd, 1) == "held"
+    assert not (rd / "result.json").exists() and not (rd / "log.txt").exists()
+    holder.release()

@@ -1,0 +1,49 @@
+"""Nothing the harness reads from a results directory is unpickled (grep-level, over the
+source with comments and docstrings included, so a mention in a comment also counts), and
+a record's content hash catches an edit."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.errors import UserError
+from bench.records import read_record, write_record
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted(p for d in ("bench", "methods") for p in (ROOT / d).rglob("*.py"))
+
+
+def _calls(pattern: str) -> list[str]:
+    hits = []
+    for p in SOURCES:
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if re.search(pattern, line):
+                hits.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
+    return hits
+
+
+def test_no_torch_load_without_weights_only():
+    bad = [h for h in _calls(r"torch\.load\(") if "weights_only=True" not in h]
+    assert not bad, "torch.load without weights_only=True:\n" + "\n".join(bad)
+    assert _calls(r"torch\.load\(")  # the checker sees the one that exists (bench/train.py)
+
+
+@pytest.mark.parametrize("pattern", [r"pickle\.loads?\(", r"yaml\.load\(", r"yaml\.unsafe_load", r"cloudpickle",
+                                     r"\bdill\b", r"np\.load\([^)]*allow_pickle=True", r"marshal\.loads?\("])
+def test_no_unpickling(pattern):
+    assert not _calls(pattern), "\n".join(_calls(pattern))
+
+
+def test_record_hash_catches_an_edit(tmp_path):
+    p = tmp_path / "result.json"
+    write_record(p, {"run_id": "r", "label": "MDLM", "size": "tiny", "seed": 0, "spec": {}, "status": "complete",
+                     "metrics": [{"dataset": "a", "metric": "ppl", "value": 41.84, "bound": True}]})
+    assert read_record(p)["metrics"][0]["value"] == 41.84
+    rec = json.loads(p.read_text())
+    rec["metrics"][0]["value"] = 14.84  # a "better" number typed in by hand
+    p.write_text(json.dumps(rec))
+    with pytest.raises(UserError, match="content hash mismatch"):
+        read_record(p)
