@@ -10,6 +10,12 @@ Inputs: token ids (B, L) or precomputed embeddings (B, L, hidden) for continuous
 conditioning scalar per sequence t (B,), a time in [0, 1] (embedded as 1000·t, DiT's range;
 zeros when unused, as for the AR baseline).
 Output: logits (B, L, vocab_out), or the final hidden states with ``return_hidden=True``.
+
+KV cache (causal backbones only): ``forward(tokens, cache=KVCache())`` appends the new tokens'
+keys/values (after rotary rotation, at positions ``cache.length …``) and attends over all
+cached ones, so autoregressive sampling feeds one new token per call instead of the whole
+prefix. Same arithmetic as the uncached causal pass (each query sees exactly the keys at or
+before its position); tests/test_sampling.py checks cached and uncached samples are identical.
 """
 from __future__ import annotations
 
@@ -66,16 +72,25 @@ class Block(nn.Module):
         nn.init.zeros_(self.adaLN.weight)
         nn.init.zeros_(self.adaLN.bias)
 
-    def forward(self, x, c, rope):
+    def forward(self, x, c, rope, kv: dict | None = None):
         B, L, D = x.shape
         H = self.heads
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
         qkv = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(B, L, 3, H, D // H)
         # rotary on q and k in one pass: (B, L, 2, H, d) seen as (B, L, 2H, d) heads
         qk = apply_rotary(qkv[:, :, :2].reshape(B, L, 2 * H, D // H), *rope).view(B, L, 2, H, D // H)
-        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=self.causal,
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        causal, mask = self.causal, None
+        if kv is not None:                     # prepend the cached keys/values of positions < P
+            if "k" in kv:
+                P = kv["k"].shape[2]
+                k, v = torch.cat([kv["k"], k], 2), torch.cat([kv["v"], v], 2)
+                if L > 1:                      # query i (position P+i) sees keys 0..P+i
+                    pos = torch.arange(P + L, device=x.device)
+                    mask = pos[None, :] <= (P + torch.arange(L, device=x.device))[:, None]
+                causal = False
+            kv["k"], kv["v"] = k, v
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         a = F.dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), self.dropout, self.training)
         x = torch.addcmul(x, 1 + g1[:, None], a)  # x + (1 + g1) · a
@@ -104,20 +119,35 @@ class Backbone(nn.Module):
         nn.init.zeros_(self.head.weight)  # start from uniform predictions (as MDLM/DiT)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens=None, t=None, embeds=None, return_hidden: bool = False):
+    def forward(self, tokens=None, t=None, embeds=None, return_hidden: bool = False,
+                cache: "KVCache | None" = None):
         x = self.tok(tokens) if embeds is None else embeds
         B, L, _ = x.shape
-        if L > self.seq_len:
-            raise ValueError(f"sequence of {L} tokens exceeds the backbone's seq_len {self.seq_len}")
-        rope = rotary_tables(L, self.cfg.hidden // self.cfg.heads, x.device)
+        P = cache.length if cache is not None else 0
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs a causal backbone")
+        if P + L > self.seq_len:
+            raise ValueError(f"sequence of {P + L} tokens exceeds the backbone's seq_len {self.seq_len}")
+        cos, sin = rotary_tables(P + L, self.cfg.hidden // self.cfg.heads, x.device)
+        rope = (cos[P:], sin[P:])
         if t is None:
             t = torch.zeros(B, device=x.device)
         c = F.silu(self.t_mlp(timestep_embedding(1000 * t, self.cfg.cond_dim).to(x.dtype)))
-        for blk in self.blocks:
-            x = blk(x, c, rope)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, c, rope, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += L
         sh, sc = self.adaLN_f(c).chunk(2, dim=-1)
         x = modulate(self.norm_f(x), sh, sc)
         return x if return_hidden else self.head(x)
+
+
+class KVCache:
+    """Per-block keys/values of the tokens seen so far (``length`` of them)."""
+
+    def __init__(self, layers: int):
+        self.layers: list[dict] = [{} for _ in range(layers)]
+        self.length = 0
 
 
 def count_params(module: nn.Module) -> dict[str, int]:

@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
                       field_validator, model_validator)
 
 from bench.errors import UserError
+from bench.metrics import MetricsConfig
 
 PROTOCOL_VERSION = "tdbench-lik/1"
 
@@ -138,8 +139,13 @@ class EvalConfig(Strict):
     max_blocks: Optional[PositiveInt] = 256       # first N blocks of each eval set's test split
     batch_size: PositiveInt = 32
     seed: int = 1234
-    samples: int = Field(0, ge=0)                 # unconditional samples written per run
-    sample_steps: PositiveInt = 64
+    samples: int = Field(0, ge=0)                 # unconditional samples per step budget per run
+    sample_steps: list[PositiveInt] = Field([64], min_length=1)  # step budgets, e.g. [16, 64, 256]
+
+    @field_validator("sample_steps", mode="before")
+    @classmethod
+    def _one_budget(cls, v):
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class Protocol(Strict):
@@ -207,6 +213,7 @@ class Suite(Strict):
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field([0], min_length=1)
     launch: LaunchConfig = LaunchConfig()
+    metrics: MetricsConfig = MetricsConfig()   # how samples are scored (never part of a run id)
 
 
 class RunSpec(Strict):

@@ -30,6 +30,11 @@ network is conditioned on t = m/n. ``estimator: time`` selects the time form ins
 
 Sampler: ancestral, T steps from t = 1 to 0; between t and s < t each masked token is
 revealed with probability (α_s − α_t)/(1 − α_t) = (t − s)/t, drawn from p_θ(x_0 | x_t).
+
+``time_conditioning: false`` (MDLM's option) feeds the network t ≡ 0: the SUBS denoiser then
+depends on x_t only, which is all it needs (the number of masks carries the time). Only then
+is p_θ(x_0 | x_t) unchanged when no token changed in a step, and the sampler reuses it instead
+of calling the network again (MDLM's caching sampler): the same samples, fewer calls.
 """
 from __future__ import annotations
 
@@ -84,6 +89,7 @@ def nelbo_masked_count(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch
 class MDLMParams(Params):
     float64_sampling: bool = True  # Gumbel in float64 (float32 lowers gen. perplexity)
     estimator: Literal["count", "time"] = "count"  # eval form of the NELBO (same expectation)
+    time_conditioning: bool = True  # false: the denoiser sees x_t only (t ≡ 0), sampler caches
 
 
 @register("mdlm")
@@ -94,6 +100,7 @@ class MDLM(Method):
     display = "MDLM"
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t if self.p.time_conditioning else torch.zeros_like(t)
         return F.log_softmax(self.net(x_t, t).float(), dim=-1)
 
     def loss(self, x0, counted, u):
@@ -105,13 +112,21 @@ class MDLM(Method):
         return form(x0, counted, u, self.denoise, self.mask_id)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, cache: bool = True):
+        """``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
+        when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact."""
+        cache = cache and not self.p.time_conditioning
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
+        log_p = None
         for i in range(steps, 0, -1):
             t, s = i / steps, (i - 1) / steps
             still = x == self.mask_id
             tt = torch.full((n,), t, device=self.device)
-            x0_hat = gumbel_argmax(self.denoise(x, tt), generator, self.p.float64_sampling)
+            if log_p is None or not cache:
+                log_p = self.denoise(x, tt)
+            x0_hat = gumbel_argmax(log_p, generator, self.p.float64_sampling)
             reveal = still & (torch.rand(x.shape, generator=generator, device=self.device) < (t - s) / t)
+            if reveal.any():
+                log_p = None                  # x_t changed: the cached prediction is stale
             x = torch.where(reveal, x0_hat, x)
         return x
