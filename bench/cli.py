@@ -155,7 +155,13 @@ def cmd_score(args) -> int:
     if args.format == "json":
         print(json.dumps([_score_json(r) for r in results.values()], indent=2))
     else:
-        rows = [row for r in results.values() for row in _score_rows(r["label"], r)]
+        rows, seen = [], set()
+        for r in results.values():
+            for row in _score_rows(r["label"], r):
+                key = (row[0], json.dumps(row[1], sort_keys=True)) if row[0] == "Source text" else None
+                if key is None or key not in seen:
+                    rows.append(row)
+                    seen.add(key)
         print(_score_table(rows))
     same = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) == _values(r)]
     diff = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) != _values(r)]

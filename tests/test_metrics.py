@@ -35,6 +35,9 @@ def test_memorization_by_hand(tmp_path):
     assert memorization([s1], idx) == pytest.approx(1 / 3)
     assert memorization([s1, s2], idx) == pytest.approx(3 / 5)
     assert memorization([["too", "short"]], idx) is None
+    # with multiplicity: the cat sat on ✓, cat sat on the ✓, sat on the cat ✗, on the cat sat ✗,
+    # the cat sat on ✓ → 3/5 (distinct 4-grams only would give 2/4)
+    assert memorization(["the cat sat on the cat sat on".split()], idx) == pytest.approx(3 / 5)
     # order matters: a permutation of a training 4-gram is not memorised
     assert memorization([["cat", "the", "sat", "on"]], idx) == 0.0
     # the on-disk cache returns the same array and does not rebuild
