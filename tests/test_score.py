@@ -172,3 +172,21 @@ def test_suite_samples_score_round_trip(tmp_path, capsys):
     assert (runs["mdlm"] / "result.json").read_text() == before[1]     # no retraining, same record
     new = json.loads((runs["mdlm"] / "scores.json").read_text())
     assert [b["n"] for b in new["budgets"]] == [12, 12]
+
+
+@pytest.mark.parametrize("metrics,key", [
+    ({"gen_ppl": {"aggregation": "median"}}, "metrics.gen_ppl.aggregation"),
+    ({"mauve": {"seeds": [1, 2]}}, "metrics.mauve.seeds"),
+    ({"ngrams": {"tokenisation": "whitespace"}}, "metrics.ngrams.tokenisation: unknown key"),
+])
+def test_bad_metric_settings_name_the_key(tmp_path, capsys, metrics, key):
+    suite = tiny_suite(eval={"samples": 2}, metrics=metrics)
+    assert main(["run", str(write_suite(tmp_path / "s.yaml", suite)), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_sample_needs_a_run_or_output_dir(tmp_path, capsys):
+    assert main(["sample", str(tmp_path)]) == 2
+    assert "not a run directory or a tdbench output directory" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path), "--steps", "4,x"]) == 2
