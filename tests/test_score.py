@@ -190,3 +190,57 @@ def test_sample_needs_a_run_or_output_dir(tmp_path, capsys):
     assert main(["sample", str(tmp_path)]) == 2
     assert "not a run directory or a tdbench output directory" in capsys.readouterr().err
     assert main(["sample", str(tmp_path), "--steps", "4,x"]) == 2
+
+
+def _fake_scores(seed, label, gen, mauve, size="tiny"):
+    m = lambda v, i="x1", **k: {"value": v, "id": i, **k}  # noqa: E731
+    return {"size": size, "seed": seed, "label": label, "reference": {"dataset": "austen"},
+            "budgets": [{"steps": 16, "n": 10, "nfe": 16.0, "samples_per_s": 5.0,
+                         "metrics": {"gen_ppl": m(gen, "g1"), "entropy": m(4.0, "e1"), "mem": m(0.1, "m1"),
+                                     "div": m(0.5, "d1"), "mauve": m(mauve, "v1", std=0.01)}}],
+            "source_text": {"n": 10, "metrics": {"gen_ppl": m(30.0 + seed, "g1"), "mauve": m(0.9, "v1", std=0.02)}}}
+
+
+def test_sample_table_mean_and_std_over_seeds_and_dash_without_a_bound():
+    import pandas as pd
+
+    from bench.leaderboard import COLUMNS, SOURCE_TEXT, sample_markdown, sample_tidy
+
+    st = sample_tidy([_fake_scores(0, "SSD-LM", 100.0, 0.5), _fake_scores(1, "SSD-LM", 120.0, 0.7),
+                      _fake_scores(0, "MDLM", 80.0, 0.6)])
+    g = st[(st["model"] == "SSD-LM") & (st["metric"] == "gen_ppl")].iloc[0]
+    assert g["value"] == pytest.approx(110.0) and g["std"] == pytest.approx(math.sqrt(200)) and g["n_seeds"] == 2
+    one = st[(st["model"] == "MDLM") & (st["metric"] == "mauve")].iloc[0]
+    assert one["std"] == pytest.approx(0.01) and one["n_seeds"] == 1     # one seed: MAUVE's own std
+    src = st[(st["model"] == SOURCE_TEXT) & (st["metric"] == "gen_ppl")].iloc[0]
+    assert src["value"] == pytest.approx(30.5) and src["n_seeds"] == 2    # one Source row per (size, seed)
+    lik = pd.DataFrame([{"size": "tiny", "model": "SSD-LM", "dataset": "austen", "metric": "ppl", "value": None,
+                         "ci_low": None, "ci_high": None, "bound": None, "n_seeds": 2, "std": None,
+                         "protocol": "p", "params": 1},
+                        {"size": "tiny", "model": "MDLM", "dataset": "austen", "metric": "ppl", "value": 300.0,
+                         "ci_low": 290.0, "ci_high": 310.0, "bound": True, "n_seeds": 1, "std": None,
+                         "protocol": "p", "params": 1}], columns=COLUMNS)
+    md = sample_markdown(st, lik)
+    row = next(x for x in md.splitlines() if "| SSD-LM |" in x).split("|")
+    assert row[4].strip() == "—" and row[5].strip() == "110.0 ±14.1"   # no bound: "—"; gen_ppl mean ±std
+    mdlm = next(x for x in md.splitlines() if "| MDLM |" in x)
+    assert "≤ 300.00 ±10.00" in mdlm and "**80.0**" in mdlm             # lowest gen_ppl in bold
+    assert "gen_ppl ↓" in md and "mauve ↑" in md and "div ↑" in md and "mem ↓" in md
+
+
+def test_different_settings_never_share_a_column():
+    from bench.leaderboard import sample_markdown, sample_tidy
+
+    a, b = _fake_scores(0, "A", 100.0, 0.5), _fake_scores(0, "B", 90.0, 0.6)
+    b["budgets"][0]["metrics"]["gen_ppl"]["id"] = "g2"            # e.g. another aggregation
+    st = sample_tidy([a, b])
+    md = sample_markdown(st, st.iloc[:0])
+    assert "gen_ppl ↓ [g1]" in md and "gen_ppl ↓ [g2]" in md
+
+
+def test_hf_featurizer_by_local_path(tiny_gpt2):
+    from bench.metrics.mauve import Featurizer
+
+    f = Featurizer(str(tiny_gpt2), 32)
+    x = f(TEXTS)
+    assert x.shape == (3, 16) and x.dtype.name == "float32" and f(TEXTS) is x    # memoised
