@@ -5,7 +5,7 @@
 2. AR sampling with vs without the KV cache at L = 512 (tiny backbone 2·128·4, |V| = 2048,
    8 samples, one thread): wall time and ratio; the tokens are checked identical.
 
-    python tests/benchmarks/sample_metrics.py
+    python benchmarks/sample_metrics.py
 """
 from __future__ import annotations
 
