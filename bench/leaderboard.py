@@ -276,7 +276,8 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
 
 
 def write(out: Path, fmt: str | None = None) -> tuple[str, list[str]]:
-    """Write leaderboard.csv, leaderboard.md and training.png (loss curves) into ``out``;
+    """Write leaderboard.csv, leaderboard.md and training.png (loss curves) into ``out`` (with
+    sample metrics — runs' scores.json — also the TEncDM-shaped table and frontier.png);
     return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 
