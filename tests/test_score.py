@@ -244,3 +244,16 @@ def test_hf_featurizer_by_local_path(tiny_gpt2):
     f = Featurizer(str(tiny_gpt2), 32)
     x = f(TEXTS)
     assert x.shape == (3, 16) and x.dtype.name == "float32" and f(TEXTS) is x    # memoised
+
+
+def test_settings_ids_follow_the_settings():
+    from bench.metrics import MetricsConfig
+    from bench.metrics.genppl import GenPPLSettings
+    from bench.metrics.score import Context, resolved_settings
+
+    base = resolved_settings(Context(cfg=MetricsConfig()), 100)
+    trimmed = resolved_settings(Context(cfg=MetricsConfig(gen_ppl=GenPPLSettings(aggregation="trimmed"))), 100)
+    assert base["gen_ppl"]["id"] != trimmed["gen_ppl"]["id"] and base["div"]["id"] == trimmed["div"]["id"]
+    assert base["mauve"]["id"] != resolved_settings(Context(cfg=MetricsConfig()), 50)["mauve"]["id"]  # n matters
+    other = Context(cfg=MetricsConfig(), scorer_desc="hf:gpt2-large")
+    assert resolved_settings(other, 100)["gen_ppl"]["id"] != base["gen_ppl"]["id"]
