@@ -160,7 +160,13 @@ def cmd_score(args) -> int:
     if args.format == "json":
         print(json.dumps([_score_json(r) for r in results.values()], indent=2))
     else:
-        rows = [row for r in results.values() for row in _score_rows(r["label"], r)]
+        rows, seen = [], set()
+        for r in results.values():
+            for row in _score_rows(r["label"], r):
+                key = (row[0], json.dumps(row[1], sort_keys=True)) if row[0] == "Source text" else None
+                if key is None or key not in seen:
+                    rows.append(row)
+                    seen.add(key)
         print(_score_table(rows))
     same = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) == _values(r)]
     diff = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) != _values(r)]
@@ -594,6 +600,18 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("dir")
     lb.add_argument("--format", choices=["csv", "md", "json", "latex"], default="md")
     lb.set_defaults(fn=cmd_leaderboard)
+    sp = sub.add_parser("speed", help="training tokens/s: our AR vs HF GPT-2, each method family vs AR")
+    sp.add_argument("--sizes", default="smoke,12x768", help="comma-separated: smoke, 12x768 (default both)")
+    sp.add_argument("--steps", type=int, default=3, help="optimizer steps per contender per round (default 3)")
+    sp.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    sp.add_argument("--warmup", type=int, default=2, help="warm-up steps per contender (default 2)")
+    sp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    sp.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile every contender")
+    sp.add_argument("--peak-tflops", type=float, help="the device's peak (bf16) TFLOP/s, for MFU")
+    sp.add_argument("--no-families", action="store_true", help="only AR vs HF GPT-2")
+    sp.add_argument("--json", help="also write the rows to this JSON file")
+    sp.set_defaults(fn=cmd_speed)
     sa = sub.add_parser("sample", help="draw (or extend) samples of complete runs without retraining, then score")
     sa.add_argument("dir", help="a tdbench output directory or one run directory")
     sa.add_argument("--n", type=int, help="samples per step budget (default: the run's eval.samples)")
@@ -610,18 +628,6 @@ def parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("experiment", help="rerun a suite's experiment analysis on its output dir")
     ex.add_argument("dir")
     ex.set_defaults(fn=cmd_experiment)
-    sp = sub.add_parser("speed", help="training tokens/s: our AR vs HF GPT-2, each method family vs AR")
-    sp.add_argument("--sizes", default="smoke,12x768", help="comma-separated: smoke, 12x768 (default both)")
-    sp.add_argument("--steps", type=int, default=3, help="optimizer steps per contender per round (default 3)")
-    sp.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
-    sp.add_argument("--warmup", type=int, default=2, help="warm-up steps per contender (default 2)")
-    sp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    sp.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
-    sp.add_argument("--compile", action="store_true", help="torch.compile every contender")
-    sp.add_argument("--peak-tflops", type=float, help="the device's peak (bf16) TFLOP/s, for MFU")
-    sp.add_argument("--no-families", action="store_true", help="only AR vs HF GPT-2")
-    sp.add_argument("--json", help="also write the rows to this JSON file")
-    sp.set_defaults(fn=cmd_speed)
     m = sub.add_parser("methods", help="list registered methods, parameters and metrics")
     m.set_defaults(fn=cmd_methods)
     n = sub.add_parser("new-method", help="write a method plugin skeleton")

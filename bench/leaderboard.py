@@ -244,7 +244,7 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
     for m, p in cols:
         if ARROW[m].strip() and m != "samples_per_s":
             g = st[(st["metric"] == m) & (st["protocol"] == p) & (st["model"] != SOURCE_TEXT)].dropna(subset=["value"])
-            if len(g) > 1:
+            if len(g) > 1 and g["value"].nunique() > 1:
                 best[(m, p)] = g["value"].min() if "↓" in ARROW[m] else g["value"].max()
     lines = [f"| Size | Model | Steps | ppl ({ds}) | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(cols)]
     last = None
@@ -276,7 +276,8 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
 
 
 def write(out: Path, fmt: str | None = None) -> tuple[str, list[str]]:
-    """Write leaderboard.csv, leaderboard.md and training.png (loss curves) into ``out``;
+    """Write leaderboard.csv, leaderboard.md and training.png (loss curves) into ``out`` (with
+    sample metrics — runs' scores.json — also the TEncDM-shaped table and frontier.png);
     return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 

@@ -6,8 +6,9 @@ One line per sample::
      "wall_s": 0.031, "float64_sampling": true}
 
 ``steps`` is the step budget (null for samplers that ignore it, e.g. the AR baseline); ``nfe``
-the number of real network calls that produced the sample's batch (counted by a hook on the
-method's network, so a cached call is not counted); ``wall_s`` the batch's sampling wall time
+the real network evaluations per sample, averaged over its batch (a hook on the method's
+network counts the sequences each call processed, so a call a cache skipped, or a sequence it
+left out of a call, is not counted); ``wall_s`` the batch's sampling wall time
 divided by its size; ``seed`` the seed of the batch's generator. Sample ``i`` of a budget comes
 from batch ``i // eval.batch_size`` with the generator seeded by (eval.seed, steps, batch): the
 first n samples never depend on how many were drawn, so ``tdbench sample DIR --n N`` extends a
@@ -36,11 +37,12 @@ def budgets(method, spec: RunSpec) -> list[int | None]:
 
 
 def _count_calls(module: torch.nn.Module):
+    """[sequences evaluated so far] and the hook's handle (remove it when done)."""
     box = [0]
 
-    def hook(*_):
-        box[0] += 1
-    return box, module.register_forward_pre_hook(hook)
+    def hook(_module, _args, output):
+        box[0] += output.shape[0]
+    return box, module.register_forward_hook(hook)
 
 
 def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int = 0) -> list[dict]:
@@ -65,7 +67,7 @@ def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int
             i = b * B + j
             if start <= i < n:
                 out.append({"ids": ids, "text": tokenizer.decode(ids), "steps": steps, "index": i, "seed": seed,
-                            "nfe": calls[0], "wall_s": round(wall / B, 6), "float64_sampling": f64})
+                            "nfe": round(calls[0] / B, 4), "wall_s": round(wall / B, 6), "float64_sampling": f64})
     return out
 
 
@@ -126,8 +128,8 @@ def load_final_method(run_dir: Path):
     from safetensors.torch import load_file
 
     from bench.data import get_tokenizer
-    from bench.runner import build_method
-    from bench.train import latest_checkpoint
+    from bench.registry import get_method
+    from bench.rundir import latest_checkpoint, verify_manifest
 
     run_dir = Path(run_dir)
     rec = read_record(run_dir / "result.json")
@@ -137,8 +139,10 @@ def load_final_method(run_dir: Path):
     ck = latest_checkpoint(run_dir)
     if ck is None:
         raise UserError(f"{run_dir}: no checkpoint (ckpt/step_*) to load the final weights from")
+    verify_manifest(ck)
     f = ck / ("ema.safetensors" if spec.train.ema > 0 else "model.safetensors")
-    method = build_method(spec, get_tokenizer(spec.data).vocab_size)
+    cls = get_method(spec.method)
+    method = cls(cls.Params(**spec.params), spec.backbone, get_tokenizer(spec.data).vocab_size, spec.data.seq_len)
     try:
         state = load_file(f)
         method.load_state_dict({k: v.to(method.state_dict()[k].dtype) for k, v in state.items()})

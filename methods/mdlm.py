@@ -34,7 +34,8 @@ revealed with probability (α_s − α_t)/(1 − α_t) = (t − s)/t, drawn from
 ``time_conditioning: false`` (MDLM's option) feeds the network t ≡ 0: the SUBS denoiser then
 depends on x_t only, which is all it needs (the number of masks carries the time). Only then
 is p_θ(x_0 | x_t) unchanged when no token changed in a step, and the sampler reuses it instead
-of calling the network again (MDLM's caching sampler): the same samples, fewer calls.
+of calling the network again (MDLM's caching sampler), per sequence: a step calls the network
+only on the rows of the batch that changed (none: no call). The same samples, fewer calls.
 """
 from __future__ import annotations
 
@@ -117,16 +118,17 @@ class MDLM(Method):
         when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact."""
         cache = cache and not self.p.time_conditioning
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
-        log_p = None
+        log_p, stale = None, torch.ones(n, dtype=torch.bool, device=self.device)
         for i in range(steps, 0, -1):
             t, s = i / steps, (i - 1) / steps
             still = x == self.mask_id
             tt = torch.full((n,), t, device=self.device)
             if log_p is None or not cache:
                 log_p = self.denoise(x, tt)
+            elif stale.any():                 # recompute only the sequences that changed
+                log_p[stale] = self.denoise(x[stale], tt[stale])
             x0_hat = gumbel_argmax(log_p, generator, self.p.float64_sampling)
             reveal = still & (torch.rand(x.shape, generator=generator, device=self.device) < (t - s) / t)
-            if reveal.any():
-                log_p = None                  # x_t changed: the cached prediction is stale
+            stale = reveal.any(1)
             x = torch.where(reveal, x0_hat, x)
         return x

@@ -13,7 +13,10 @@ the same size against the reference — is the Source-text row's mauve (bench.me
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import sys
 from pathlib import Path
 from typing import Literal, Union
 
@@ -88,6 +91,19 @@ class Featurizer:
         return self.memo[key]
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def num_buckets(st: MauveSettings, n_p: int, n_q: int) -> int:
     return max(2, round(min(n_p, n_q) / 10)) if st.num_buckets == "auto" else int(st.num_buckets)
 
@@ -100,9 +116,10 @@ def mauve_score(p: np.ndarray, q: np.ndarray, st: MauveSettings) -> dict:
         raise UserError("mauve: needs the optional extra: pip install 'tdbench[mauve]' (mauve-text)") from None
     vals = []
     for seed in st.seeds:
-        out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=num_buckets(st, len(p), len(q)),
-                                  kmeans_explained_var=st.kmeans_explained_var,
-                                  kmeans_num_redo=st.kmeans_num_redo, kmeans_max_iter=st.kmeans_max_iter,
-                                  mauve_scaling_factor=st.mauve_scaling_factor, seed=seed, verbose=False)
+        with _quiet_stderr():   # faiss warns on stderr (C level) when n is small
+            out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=num_buckets(st, len(p), len(q)),
+                                      kmeans_explained_var=st.kmeans_explained_var,
+                                      kmeans_num_redo=st.kmeans_num_redo, kmeans_max_iter=st.kmeans_max_iter,
+                                      mauve_scaling_factor=st.mauve_scaling_factor, seed=seed, verbose=False)
         vals.append(float(out.mauve))
     return {"value": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)), "values": vals}

@@ -92,7 +92,9 @@ def score_set(samples: list[dict], ctx: Context, self_scored: bool = False) -> d
     m["mem"] = ({"value": memorization(ws, ctx.mem_index, ctx.cfg.ngrams.mem_n)} if ctx.mem_index is not None
                 else {"value": None, "note": ctx.notes.get("mem", "no training corpus to compare with")})
     if ctx.cfg.mauve is not None:
-        if ctx.reference is None:
+        if ctx.featurizer is None:
+            m["mauve"] = {"value": None, "note": ctx.notes.get("mauve")}
+        elif ctx.reference is None:
             m["mauve"] = {"value": None, "note": ctx.ref_note}
         else:
             from bench.metrics.mauve import mauve_score
@@ -128,13 +130,27 @@ def score_samples(samples: list[dict], ctx: Context, self_scored: bool = False) 
 
 
 # ----------------------------------------------------------------------------- contexts
-def _featurizer(cfg: MetricsConfig, cache: dict):
+def _featurizer(cfg: MetricsConfig, cache: dict, ctx: Context):
+    """The MAUVE featurizer (shared); None, with the reason in ctx.notes, when the optional
+    MAUVE stack is not installed (the other metrics are still computed)."""
     if cfg.mauve is None:
         return None
     key = ("feat", cfg.mauve.featurizer, cfg.mauve.max_text_length)
     if key not in cache:
+        import importlib.util
+
         from bench.metrics.mauve import Featurizer
-        cache[key] = Featurizer(cfg.mauve.featurizer, cfg.mauve.max_text_length, cfg.mauve.batch_size)
+        missing = [m for m in ("mauve", "faiss") if importlib.util.find_spec(m) is None]
+        if missing:
+            cache[key] = "mauve: not installed (pip install 'tdbench[mauve]')"
+        else:
+            try:
+                cache[key] = Featurizer(cfg.mauve.featurizer, cfg.mauve.max_text_length, cfg.mauve.batch_size)
+            except UserError as e:
+                cache[key] = str(e)
+    if isinstance(cache[key], str):
+        ctx.notes["mauve"] = cache[key]
+        return None
     return cache[key]
 
 
@@ -207,7 +223,7 @@ def run_context(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -
         ctx.scorer_desc = ctx.scorer.key
     ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
     _mem(ctx, ref.name, cache)
-    ctx.featurizer = _featurizer(cfg, cache)
+    ctx.featurizer = _featurizer(cfg, cache, ctx)
     return ctx
 
 
@@ -311,7 +327,7 @@ def file_context(cfg: MetricsConfig, samples: list[dict], reference: str | None,
         ctx.scorer_desc = ctx.scorer.key
     tok = gpt2()
     ctx.view = (tok.key, tok.encode_batch, tok.eos_id)
-    ctx.featurizer = _featurizer(cfg, cache)
+    ctx.featurizer = _featurizer(cfg, cache, ctx)
     if reference is None:
         ctx.ref_note = "no reference: give --reference DATASET"
         ctx.notes["mem"] = "no reference: give --reference DATASET"
