@@ -1,5 +1,7 @@
-"""Continuous diffusion for text: Diffusion-LM, PLAID (Gaussian diffusion of token embeddings)
-and SSD-LM (Gaussian diffusion on the vocabulary simplex). The Gaussian math lives in
+"""Continuous diffusion for text: Diffusion-LM and PLAID (embeddings), SSD-LM (simplex).
+
+Diffusion-LM and PLAID diffuse learned token embeddings with Gaussian noise; SSD-LM diffuses
+a ±k representation on the vocabulary simplex. The Gaussian math lives in
 methods/_gaussian.py; this module writes each method's objective, bound and sampler.
 
 Shared notation (VDM): w ∈ V^L the tokens, e = Emb(w) ∈ R^{L×d} their embeddings, a schedule
