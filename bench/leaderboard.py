@@ -156,22 +156,162 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
     return body + "\n".join(notes) + "\n"
 
 
+# ----------------------------------------------------------------------------- sample quality
+SOURCE_TEXT = "Source text"
+SAMPLE_COLUMNS = ["gen_ppl", "entropy", "mem", "div", "mauve", "nfe", "samples_per_s"]
+ARROW = {"gen_ppl": " ↓", "mem": " ↓", "div": " ↑", "mauve": " ↑", "nfe": " ↓", "entropy": "", "samples_per_s": " ↑"}
+HEADER = {"samples_per_s": "samples/s", "nfe": "NFE"}
+
+
+def collect_scores(out: Path, recs: list[dict]) -> list[dict]:
+    """The ``scores.json`` (bench.metrics.score) of every complete run that has one."""
+    out_scores = []
+    for r in recs:
+        p = Path(out) / "runs" / r["run_id"] / "scores.json"
+        if p.is_file():
+            try:
+                out_scores.append(json.loads(p.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue
+    return out_scores
+
+
+def sample_tidy(scores: list[dict]) -> pd.DataFrame:
+    """Tidy sample-metric rows (the leaderboard columns plus ``steps`` and ``note``): one per
+    (size, model, steps, dataset, metric, settings id), mean over seeds with the t-interval and
+    the std over seeds (one seed: MAUVE's std over its own seeds)."""
+    rows, seen_source = [], set()
+    for sc in scores:
+        ds = (sc.get("reference") or {}).get("dataset")
+        base = {"size": sc["size"], "dataset": ds, "seed": sc["seed"]}
+        sets = [({**base, "model": sc["label"], "steps": b.get("steps")}, b) for b in sc["budgets"]]
+        src = sc.get("source_text")
+        if src and (sc["size"], sc["seed"]) not in seen_source:
+            seen_source.add((sc["size"], sc["seed"]))
+            sets.append(({**base, "model": SOURCE_TEXT, "steps": None}, src))
+        for key, b in sets:
+            for metric, m in b["metrics"].items():
+                rows.append({**key, "metric": metric, "value": m.get("value"), "inner_std": m.get("std"),
+                             "protocol": m.get("id"), "note": m.get("note")})
+            for metric in ("nfe", "samples_per_s"):
+                if b.get(metric) is not None:
+                    rows.append({**key, "metric": metric, "value": b[metric], "inner_std": None,
+                                 "protocol": metric, "note": None})
+    cols = COLUMNS + ["steps", "note"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows)
+    df["steps"] = df["steps"].astype("object")
+    out = []
+    keys = ["size", "model", "steps", "dataset", "metric", "protocol"]
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, key))
+        vals = g["value"].dropna().astype(float)
+        n = len(g)
+        note = next((x for x in g["note"] if isinstance(x, str)), None)
+        row.update(bound=False, n_seeds=n, params=None, note=note)
+        if vals.empty:
+            row.update(value=None, ci_low=None, ci_high=None, std=None)
+        elif len(vals) == 1:
+            sd = g["inner_std"].dropna()
+            row.update(value=float(vals.iloc[0]), ci_low=None, ci_high=None,
+                       std=float(sd.iloc[0]) if len(sd) else None)
+        else:
+            mean, sd = float(vals.mean()), float(vals.std(ddof=1))
+            half = _t_quantile(0.95, len(vals) - 1) * sd / math.sqrt(len(vals))
+            row.update(value=mean, ci_low=mean - half, ci_high=mean + half, std=sd)
+        out.append(row)
+    t = pd.DataFrame(out)[cols]
+    t["_m"] = t["model"].map(lambda m: 2 if m == SOURCE_TEXT else 0 if m == "GPT-2" else 1)
+    t["_k"] = t["steps"].map(lambda x: -1 if x is None or (isinstance(x, float) and math.isnan(x)) else x)
+    return t.sort_values(["size", "_m", "model", "_k"], kind="stable").drop(columns=["_m", "_k"]).reset_index(drop=True)
+
+
+def _num(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt_sample(r) -> str:
+    v = r["value"]
+    if not _num(v):
+        return "—"
+    digits = 1 if r["metric"] in ("gen_ppl", "nfe", "samples_per_s") else 3
+    s = f"{v:.{digits}f}"
+    if _num(r["std"]):
+        s += f" ±{r['std']:.{digits}f}"
+    if isinstance(r.get("note"), str):
+        s += " †"
+    return s
+
+
+def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
+    """The TEncDM table's shape: rows = Size / Model / Steps, columns = the likelihood ppl on the
+    reference dataset (bound "≤", "—" for methods without one) and the sample metrics with ↓/↑;
+    best per column in bold (Source text excluded); ± is the std over seeds (one seed: over
+    MAUVE's k-means seeds); numbers under different settings get separate columns."""
+    ds = next((d for d in st["dataset"] if isinstance(d, str)), None)
+    multi = st.groupby("metric")["protocol"].nunique()
+    cols = [(m, p) for m in SAMPLE_COLUMNS for p in dict.fromkeys(st[st["metric"] == m]["protocol"])]
+    names = [f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "") for m, p in cols]
+    ppl = t[(t["metric"] == "ppl") & (t["dataset"] == ds)] if ds else t.iloc[:0]
+    best = {}
+    for m, p in cols:
+        if ARROW[m].strip() and m != "samples_per_s":
+            g = st[(st["metric"] == m) & (st["protocol"] == p) & (st["model"] != SOURCE_TEXT)].dropna(subset=["value"])
+            if len(g) > 1 and g["value"].nunique() > 1:
+                best[(m, p)] = g["value"].min() if "↓" in ARROW[m] else g["value"].max()
+    lines = [f"| Size | Model | Steps | ppl ({ds}) | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(cols)]
+    last = None
+    for (size, model, steps), g in st.groupby(["size", "model", "steps"], sort=False, dropna=False):
+        pr = ppl[(ppl["size"] == size) & (ppl["model"] == model)]
+        cells = [_fmt(pr.iloc[0]) if len(pr) else "—"]
+        for m, p in cols:
+            r = g[(g["metric"] == m) & (g["protocol"] == p)]
+            if r.empty:
+                cells.append("—")
+                continue
+            c = _fmt_sample(r.iloc[0])
+            if (m, p) in best and r.iloc[0]["value"] == best[(m, p)] and model != SOURCE_TEXT:
+                c = f"**{c}**"
+            cells.append(c)
+        st_s = "—" if not _num(steps) else str(int(steps))
+        lines.append(f"| {size if size != last else ''} | {model} | {st_s} | " + " | ".join(cells) + " |")
+        last = size
+    notes = ["", "Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
+                 "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
+                 "entropy = mean unigram entropy per sample (nats; closest to Source text is best), mem = "
+                 "fraction of 4-grams found in the training split, div = Π_{n=2..4} unique/total n-grams, "
+                 "mauve against held-out human text (Source text's mauve is the ceiling: a second human set "
+                 "against the same reference). ± is the std over seeds (over MAUVE seeds with one seed). "
+                 "Settings: scores.json of each run; metrics.json of this directory."]
+    for n in sorted({x for x in st["note"] if isinstance(x, str)}):
+        notes.append(f"- † {n}")
+    return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+
+
 def write(out: Path, fmt: str | None = None, compare: tuple[str, pd.DataFrame] | None = None
           ) -> tuple[str, list[str]]:
     """Write leaderboard.csv, leaderboard.md, training.png (loss curves) and learning.png
-    (intermediate evaluation) into ``out``; ``compare`` = (name, published table) appends our
-    rows beside the published ones to the markdown. Return (text in ``fmt``, problems)."""
+    (intermediate evaluation) into ``out`` (with sample metrics — runs' scores.json — also the
+    TEncDM-shaped table and frontier.png); ``compare`` = (name, published table) appends our rows
+    beside the published ones to the markdown. Return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 
     recs, problems, failed = collect(out)
     t = tidy(recs)
-    csv = t.to_csv(index=False)
     md = markdown(t, problems, failed)
     for metric in EXTRA_METRICS:
         if (t["metric"] == metric).any():
             md += "\n" + markdown(t, metric=metric)
     if compare is not None:
         md += "\n" + compare_markdown(t, *compare)
+    st = sample_tidy(collect_scores(out, recs))
+    if not st.empty:
+        md = sample_markdown(st, t) + "\n" + md
+        t = pd.concat([t.astype(object), st.astype(object)], ignore_index=True)
+        from bench.plots import frontier
+        frontier(st, Path(out) / "frontier.png")
+    csv = t.to_csv(index=False)
     atomic_write_text(Path(out) / "leaderboard.csv", csv)
     atomic_write_text(Path(out) / "leaderboard.md", md)
     from bench.plots import training_curves

@@ -8,7 +8,9 @@ A method is an ``nn.Module`` built on the shared :class:`~bench.backbone.Backbon
   protocol). It must be an upper bound on −log p(x0) in expectation over u (``likelihood =
   "bound"``), or exact and independent of u (``likelihood = "exact"``); methods without a
   bound set ``likelihood = "none"`` and tables show "—".
-- ``sample(n, steps)``: unconditional samples (n, L) of token ids.
+- ``sample(n, steps, generator)``: unconditional samples (n, L) of token ids, drawn with
+  ``generator`` only, in ``steps`` network calls or fewer (the harness counts the real calls
+  of ``self.net`` as the NFE). Methods never score their own samples (bench/metrics does).
 
 ``counted`` (B, L) bool marks the tokens that count under the protocol; the others (padding,
 an injected BOS) are given to the model as clean context and never scored or noised.
@@ -49,6 +51,7 @@ class Method(nn.Module):
     causal: ClassVar[bool] = False
     stages: ClassVar[tuple[str, ...]] = ("train",)
     display: ClassVar[str | None] = None   # default label in tables, e.g. "GPT-2"
+    sampler_steps: ClassVar[bool] = True   # False: sample() ignores the step budget (AR: NFE = L)
 
     def __init__(self, params: BaseModel, backbone: BackboneConfig, vocab_size: int, seq_len: int):
         super().__init__()

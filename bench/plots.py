@@ -123,3 +123,72 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def frontier(st, path: Path) -> Path | None:
+    """``frontier.png``: generative perplexity against entropy and against NFE, one line per
+    method across its step budgets (per size), Source text as a reference mark. Low gen ppl
+    from repetitive text shows up as a point far left (low entropy)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import math
+
+    def val(g, metric):
+        r = g[g["metric"] == metric]["value"].dropna()
+        return float(r.iloc[0]) if len(r) else None
+
+    sizes = list(dict.fromkeys(st["size"]))
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
+    drew = False
+    for row, size in zip(axes, sizes):
+        s = st[st["size"] == size]
+        colors = {}
+        for model, g in s.groupby("model", sort=False):
+            pts = []
+            for steps, h in g.groupby("steps", sort=False, dropna=False):
+                y, e, n = val(h, "gen_ppl"), val(h, "entropy"), val(h, "nfe")
+                if y is not None:
+                    pts.append((steps, y, e, n))
+            if not pts:
+                continue
+            pts.sort(key=lambda p: -1 if p[0] is None or (isinstance(p[0], float) and math.isnan(p[0])) else p[0])
+            if model == "Source text":
+                for ax, x in ((row[0], pts[0][2]), (row[1], None)):
+                    ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="Source text (gen ppl)")
+                    if x is not None:
+                        ax.plot([x], [pts[0][1]], "k*", ms=12, label="Source text")
+                continue
+            c = colors.setdefault(model, f"C{len(colors)}")
+            for ax, xi in ((row[0], 2), (row[1], 3)):
+                xs = [p[xi] for p in pts if p[xi] is not None]
+                ys = [p[1] for p in pts if p[xi] is not None]
+                if xs:
+                    ax.plot(xs, ys, "o-", color=c, label=model, lw=1.2)
+                    for p in pts:
+                        if p[xi] is not None and p[0] is not None and not (isinstance(p[0], float) and math.isnan(p[0])):
+                            ax.annotate(f"{int(p[0])}", (p[xi], p[1]), fontsize=7, xytext=(3, 3),
+                                        textcoords="offset points", color=c)
+                    drew = True
+        row[0].set_xlabel("unigram entropy of samples (nats)")
+        row[1].set_xlabel("NFE (network calls per sample; log scale)")
+        row[1].set_xscale("log")
+        for ax in row:
+            ax.set_ylabel("generative perplexity (log scale)")
+            ax.set_yscale("log")
+            ax.set_title(f"size {size}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps)")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    if not drew:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -193,17 +193,13 @@ def learning_probe(method, spec: RunSpec, device):
     return probe
 
 
-def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path) -> int:
-    import torch
-
+def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path, log=None) -> int:
+    """``eval.samples`` samples per step budget into ``samples.jsonl`` (bench.samples)."""
     if spec.eval.samples <= 0 or "sampling" not in method.supports():
         return 0
-    g = torch.Generator(device=method.device).manual_seed(spec.eval.seed)
-    x = method.sample(spec.eval.samples, spec.eval.sample_steps, generator=g).cpu().tolist()
-    lines = [json.dumps({"ids": ids, "text": tokenizer.decode(ids)}) for ids in x]
-    from bench.records import atomic_write_text
-    atomic_write_text(run_dir / "samples.jsonl", "\n".join(lines) + "\n")
-    return len(lines)
+    from bench.samples import write_run_samples
+
+    return write_run_samples(method, spec, tokenizer, run_dir, log=log)
 
 
 def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None,
@@ -294,7 +290,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         write_progress(run_dir, phase="eval", step=stats["steps"], total=spec.train.steps,
                        loss=stats["final_loss"], tokens_per_s=stats["tokens_per_s"], eta_s=None, pid=os.getpid())
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
-        n_samples = write_samples(method, spec, tokenizer, run_dir)
+        n_samples = write_samples(method, spec, tokenizer, run_dir, log)
         write_record(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
                                    "train": stats, "samples": n_samples, "env": env, "finished": now()})
         log(f"run {spec.run_id}: complete")
