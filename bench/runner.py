@@ -273,6 +273,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         env.update(job_info())
         if accelerator.is_main_process:
             write_record(result_path, {**base, "status": "running", "env": env})
+            write_progress(run_dir, phase="setup", step=None, total=spec.train.steps, pid=os.getpid())
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
