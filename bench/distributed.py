@@ -69,6 +69,20 @@ def _in_submitit_job() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
 
+def process_rank() -> tuple[int, int]:
+    """(global rank, world size) of this process, read from its environment before any process
+    group exists: torchrun-style RANK/WORLD_SIZE, else submitit's job environment (local and
+    Slurm executors: one task per rank), else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if _in_submitit_job():
+        from submitit import JobEnvironment
+
+        env = JobEnvironment()
+        return env.global_rank, env.num_tasks
+    return 0, 1
+
+
 def setup() -> Dist:
     """Export the torch distributed environment of this process (idempotent)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.errors import UserError
+
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
            "std", "protocol", "params", "estimate"]

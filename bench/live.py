@@ -71,6 +71,10 @@ def rows(out: Path, specs=None, scheduler: bool = True) -> list[Row]:
                   st.state if st else "pending", detail=st.detail if st else "", job_id=st.job_id if st else None)
         if sp is not None:
             row.total = sp.train.steps
+        tr = (st.summary or {}).get("train") if st else None
+        if row.state in FINAL and isinstance(tr, dict):  # what the record says it did
+            row.step, row.total = tr.get("steps"), row.total or tr.get("steps")
+            row.loss, row.tok_s = tr.get("final_loss"), tr.get("tokens_per_s")
         if row.state not in FINAL:
             rd = out / "runs" / rid
             lease = read_lease(rd)
@@ -122,7 +126,7 @@ def table(rs: list[Row], title: str = ""):
         t.add_column(c, justify=just, no_wrap=c != "where / detail")
     for r in rs:
         step = f"{r.step}/{r.total}" if r.step is not None and r.total else (f"–/{r.total}" if r.total else "")
-        state = r.state + (" (eval)" if r.phase == "eval" and r.state == "running" else "")
+        state = r.state + (f" ({r.phase})" if r.phase in ("setup", "eval") and r.state == "running" else "")
         t.add_row(r.name, f"[{colour.get(r.state, 'white')}]{state}[/]", step,
                   f"{r.loss:.3f}" if r.loss is not None else "", f"{r.tok_s:,.0f}" if r.tok_s else "",
                   _fmt_s(r.eta_s), r.where or r.detail[:60])

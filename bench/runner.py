@@ -21,6 +21,7 @@ import numpy as np
 from bench.config import RunSpec
 from bench.errors import UserError
 from bench.records import environment, record_status, write_json, write_record
+from bench.distributed import process_rank
 from bench.rundir import Lease, lease_state, read_lease
 
 
@@ -272,6 +273,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         env.update(job_info())
         if accelerator.is_main_process:
             write_record(result_path, {**base, "status": "running", "env": env})
+            write_progress(run_dir, phase="setup", step=None, total=spec.train.steps, pid=os.getpid())
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
@@ -315,8 +317,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
 
 
 def _rank_from_env() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) or 0) \
-        if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)) or 1) > 1 else 0
+    return process_rank()[0]
 
 
 def _reload_final(spec: RunSpec, vocab_size: int, run_dir: Path):

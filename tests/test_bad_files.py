@@ -200,3 +200,29 @@ def test_edited_checkpoint_of_same_size_is_caught_when_loaded(base, tmp_path, ca
     rec = json.loads((_run_dir(d) / "result.json").read_text())
     assert rec["status"] == "failed" and f"{ck / 'optim.pt'}: corrupt checkpoint (content hash mismatch" in rec["error"]
     assert (ck / "optim.pt").read_bytes() == blob
+
+
+def test_damaged_cache_entries_are_rebuilt_with_a_warning(tmp_path, monkeypatch, capsys):
+    """The tokenizer and the tokenized blocks under $TDBENCH_CACHE are derived data: a damaged
+    entry is reported by name on stderr and rebuilt (same content), never trusted or fatal."""
+    import numpy as np
+
+    from bench.config import DataConfig
+    from bench.data import _text_tokenizer, load_blocks
+
+    monkeypatch.setenv("TDBENCH_CACHE", str(tmp_path / "cache"))
+    _text_tokenizer.cache_clear()
+    data = DataConfig(**SUITE["data"])
+    want = np.array(load_blocks(data.train, "test", data, "eos_per_doc").tokens)
+    (tok_file,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    (blocks,) = (tmp_path / "cache" / "blocks").iterdir()
+    truncated(blocks / "tokens.npy")
+    empty(tok_file)
+    _text_tokenizer.cache_clear()
+    capsys.readouterr()
+    got = np.array(load_blocks(data.train, "test", data, "eos_per_doc").tokens)
+    err = capsys.readouterr().err
+    assert f"warning: {blocks}: unreadable cached blocks" in err
+    assert f"warning: {tok_file}: unreadable cached tokenizer" in err  # the rebuild needed it
+    assert (got == want).all() and tok_file.stat().st_size > 0
+    _text_tokenizer.cache_clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -117,6 +118,17 @@ def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str) -> 
     key = short_hash([CACHE_FORMAT, ref.name, corpora.corpus_sha(ref.name), split, tok.key,
                       tok.vocab_size, data.train.name if tok.key.startswith("bpe") else "", packing, L])[:20]
     d = cache_dir() / "blocks" / f"{ref.name}-{split}-{tok.key}-{L}-{key}"
+    if (d / "counted.npy").is_file():
+        try:
+            tokens = np.load(d / "tokens.npy", mmap_mode="r")
+            counted = np.load(d / "counted.npy", mmap_mode="r")
+            if tokens.shape == counted.shape and tokens.ndim == 2 and tokens.shape[1] == L:
+                return Blocks(tokens, counted)
+            raise ValueError(f"shapes {tokens.shape} / {counted.shape}")
+        except (OSError, ValueError, EOFError) as e:  # damaged cache entry: derived data, rebuild it
+            print(f"warning: {d}: unreadable cached blocks ({type(e).__name__}: {str(e)[:80]}); rebuilding",
+                  file=sys.stderr)
+            shutil.rmtree(d, ignore_errors=True)
     if not (d / "counted.npy").is_file():
         docs = encode_to_array(tok, corpora.documents(ref.name, split))
         toks, counted = pack(docs, L, packing, tok.eos_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,12 @@ def train_bpe(texts: list[str], vocab_size: int, path: Path, key: str) -> Tokeni
     from tokenizers import Tokenizer as _T, ByteLevelBPETokenizer
 
     if path.is_file():
-        return HFTokenizer(_T.from_file(str(path)), key)
+        try:
+            return HFTokenizer(_T.from_file(str(path)), key)
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is derived data: rebuild it
+            print(f"warning: {path}: unreadable cached tokenizer ({type(e).__name__}); retraining it",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
                             show_progress=False)

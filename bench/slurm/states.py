@@ -24,6 +24,7 @@ class RunState:
     job_id: Optional[str] = None
     detail: str = ""
     record: str = "pending"  # the run record's own status
+    summary: Optional[dict] = None  # the record's summary in the results index (bench.index)
 
     @property
     def final(self) -> bool:
@@ -56,6 +57,7 @@ def run_states(out: Path, only: Optional[set[str]] = None, queue: Optional[dict]
                       record=rec_st)
         if rec:
             st.label, st.size, st.seed = rec.get("label", st.label), rec.get("size", st.size), rec.get("seed")
+            st.summary = rec
         q = (queue or {}).get(st.job_id) if st.job_id else None
         if rec_st == "complete":
             st.state = "completed"
