@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+                      field_validator, model_serializer, model_validator)
 
 from bench.errors import UserError
 
@@ -43,15 +43,16 @@ class DatasetRef(BaseModel):
 
 
 class TokenizerConfig(Strict):
-    """``gpt2`` (offline, OpenAI ids) or ``bpe`` (byte-level BPE trained on the train split)."""
+    """``gpt2`` (offline, OpenAI ids), ``bpe`` (byte-level BPE trained on the train split) or
+    ``char`` (text8's 27 characters; needs ``eval.packing: none``)."""
 
-    name: Literal["gpt2", "bpe"] = "gpt2"
+    name: Literal["gpt2", "bpe", "char"] = "gpt2"
     vocab_size: Optional[PositiveInt] = None  # bpe only; default 8000
 
     @model_validator(mode="after")
     def _check(self):
-        if self.name == "gpt2" and self.vocab_size is not None:
-            raise ValueError("vocab_size is fixed (50257) for the gpt2 tokenizer")
+        if self.name in ("gpt2", "char") and self.vocab_size is not None:
+            raise ValueError(f"vocab_size is fixed ({50257 if self.name == 'gpt2' else 27}) for the {self.name} tokenizer")
         if self.name == "bpe" and self.vocab_size is not None and self.vocab_size < 260:
             raise ValueError("a byte-level BPE needs vocab_size >= 260")
         return self
@@ -127,9 +128,24 @@ class TrainConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- evaluation
+# Protocol presets (``eval.protocol``): the published conventions of "which tokens count".
+# Each fixes the packing and which injected specials are scored; the other knobs stay the
+# suite's (the papers' block length, 1024, is data.seq_len in suites/sedd-table.yaml etc.).
+PROTOCOL_PRESETS: dict[str, dict] = {
+    "sedd": {"packing": "eos_per_doc", "count_bos": False, "count_eos": True,
+             "counted": "SEDD: document tokens + the EOS appended per document (no BOS); padding excluded"},
+    "mdlm": {"packing": "bos_eos_per_block", "count_bos": True, "count_eos": True,
+             "counted": "MDLM: [BOS] seq_len-2 tokens [EOS] per block, all counted; padding excluded"},
+    "no-specials": {"packing": "eos_per_doc", "count_bos": False, "count_eos": False,
+                    "counted": "no-specials: document tokens only; the EOS between documents is context, "
+                               "never counted; padding excluded"},
+}
+
+
 class EvalConfig(Strict):
     """The suite's ``eval:`` block: the knobs of the likelihood protocol."""
 
+    protocol: Optional[Literal["sedd", "mdlm", "no-specials"]] = None  # a preset (PROTOCOL_PRESETS)
     t_samples: PositiveInt = 8                    # K: t samples per sequence
     t_sampling: Literal["stratified", "antithetic", "iid"] = "stratified"
     t_min: float = Field(0.0, ge=0.0, lt=1.0)     # 0 keeps the bound valid (no truncation)
@@ -140,6 +156,32 @@ class EvalConfig(Strict):
     seed: int = 1234
     samples: int = Field(0, ge=0)                 # unconditional samples written per run
     sample_steps: PositiveInt = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_packing(cls, v):
+        """A preset fixes the packing; an explicit, different ``packing`` is a contradiction."""
+        if isinstance(v, dict) and v.get("protocol") in PROTOCOL_PRESETS:
+            want = PROTOCOL_PRESETS[v["protocol"]]["packing"]
+            if v.get("packing", want) != want:
+                raise ValueError(f"packing: {v['packing']} contradicts protocol {v['protocol']} "
+                                 f"(which packs {want}); drop one of them")
+            v = {**v, "packing": want}
+        return v
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_preset(self, handler):
+        # Without a preset the dump (hence every run id) is what it was before presets existed.
+        d = handler(self)
+        if isinstance(d, dict) and d.get("protocol") is None:
+            d.pop("protocol", None)
+        return d
+
+    @property
+    def counting(self) -> tuple[bool, bool]:
+        """(count_bos, count_eos): which injected specials are scored."""
+        p = PROTOCOL_PRESETS.get(self.protocol or "")
+        return (p["count_bos"], p["count_eos"]) if p else (False, True)
 
 
 class Protocol(Strict):
@@ -162,14 +204,16 @@ class Protocol(Strict):
     confidence: float
     max_blocks: Optional[int]
     split: str = "test"
+    preset: str = "custom"   # eval.protocol, or "custom" (the packing settings as given)
 
     @property
     def id(self) -> str:
-        return short_hash(self.model_dump())[:8]
+        # "custom" protocols hash as they did before presets existed (ids stay stable)
+        return short_hash(self.model_dump(exclude={"preset"} if self.preset == "custom" else None))[:8]
 
 
 def tokenizer_key(tok: TokenizerConfig) -> str:
-    return tok.name if tok.name == "gpt2" else f"bpe-{tok.vocab_size or 8000}"
+    return {"gpt2": "gpt2", "char": "char-text8"}.get(tok.name) or f"bpe-{tok.vocab_size or 8000}"
 
 
 # ----------------------------------------------------------------------------- launching
@@ -235,10 +279,12 @@ class RunSpec(Strict):
         counted = {"eos_per_doc": "document tokens + appended EOS; padding excluded",
                    "bos_eos_per_block": "block tokens + EOS; injected BOS and padding excluded",
                    "none": "all tokens; padding excluded"}[e.packing]
+        if e.protocol:
+            counted = PROTOCOL_PRESETS[e.protocol]["counted"]
         return Protocol(tokenizer=tokenizer_key(self.data.tokenizer), seq_len=self.data.seq_len,
                         packing=e.packing, counted=counted, t_samples=e.t_samples,
                         t_sampling=e.t_sampling, t_min=e.t_min, confidence=e.confidence,
-                        max_blocks=e.max_blocks)
+                        max_blocks=e.max_blocks, preset=e.protocol or "custom")
 
 
 def short_hash(obj: Any) -> str:

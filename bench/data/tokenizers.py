@@ -53,6 +53,28 @@ class IdentityTokenizer(Tokenizer):
         return " ".join(str(int(i)) for i in ids)
 
 
+class CharTokenizer(Tokenizer):
+    """text8's character level: ``a``–``z`` (ids 0–25) and space (26); anything else is
+    lowercased, and what is still outside the alphabet becomes a space. No EOS (``eos_id`` −1),
+    so text8 suites use ``eval.packing: none``. (Smallest version for issue 11; issue 9 brings
+    the full text8 normalisation under the same name.)"""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+
+    def __init__(self):
+        self.key = "char-text8"
+        self.vocab_size = len(self.ALPHABET)
+        self.eos_id = -1
+        self._lut = np.full(256, 26, dtype=np.int32)
+        self._lut[97:123] = np.arange(26)
+
+    def encode_batch(self, texts):
+        return [self._lut[np.frombuffer(t.lower().encode("latin-1", "replace"), np.uint8)].tolist() for t in texts]
+
+    def decode(self, ids):
+        return "".join(self.ALPHABET[int(i)] if 0 <= int(i) < 27 else "\ufffd" for i in ids)
+
+
 def gpt2() -> Tokenizer:
     from tokenizers import Tokenizer as _T
     from tokenizers.models import BPE
