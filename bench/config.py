@@ -238,6 +238,7 @@ class MethodEntry(Strict):
     method: str
     label: Optional[str] = None
     params: dict[str, Any] = {}
+    sizes: Optional[list[str]] = None   # only these sizes (e.g. a pretrained GPT-2 small row)
 
 
 # ----------------------------------------------------------------------------- suite

@@ -78,6 +78,11 @@ class Method(nn.Module):
         training or evaluation. Default: nothing; a pretrained model that reads text (not the
         suite's ids) keeps it to detokenize."""
 
+    def info(self) -> dict:
+        """Facts about this run's model worth recording beside its numbers (``method_info`` in
+        result.json), e.g. a pretrained model's name and whether text was retokenized."""
+        return {}
+
     @classmethod
     def supports(cls) -> list[str]:
         out = {"exact": ["exact likelihood"], "bound": ["likelihood bound"], "none": []}[cls.likelihood]

@@ -206,7 +206,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
             stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch)
         else:  # a pretrained model evaluated as given (Method.trains = False)
             log(f"{params['params']:,} parameters; {spec.label} is evaluated as given (no training)")
-            stats = {"steps": 0, "tokens": 0, "trained": False}
+            stats = {"steps": 0, "tokens": 0, "trained": False, "final_loss": None, "tokens_per_s": None}
         stats.update(params)
         if not accelerator.is_main_process:
             return "complete"
@@ -218,7 +218,8 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
         n_samples = write_samples(method, spec, tokenizer, run_dir)
         write_record(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
-                                   "train": stats, "samples": n_samples, "env": env, "finished": now()})
+                                   "train": stats, "samples": n_samples, "method_info": method.info(), "env": env,
+                                   "finished": now()})
         log(f"run {spec.run_id}: complete")
         return "complete"
     except Exception as e:  # noqa: BLE001 - one run's failure is recorded, never raised further

@@ -111,11 +111,11 @@ class TextfileParams(BaseModel):
 
 
 # ----------------------------------------------------------------------------- fingerprints
-def path_fingerprint(path: str) -> str:
+def path_fingerprint(path: str, where: str = "path") -> str:
     """Identity of a local copy for the block cache: every file's relative path, size, mtime."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"path: {path}: not found")
+        raise UserError(f"{where}: {path}: not found")
     files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file() and ".cache" not in x.parts)
     h = hashlib.sha256(str(p.resolve()).encode())
     for f in files:
@@ -126,9 +126,9 @@ def path_fingerprint(path: str) -> str:
 
 def source_fingerprint(name: str, params: BaseModel) -> str:
     if name == "textfile":
-        return "file:" + path_fingerprint(params.path)
+        return "file:" + path_fingerprint(params.path, "textfile.path")
     src = SOURCES[name]
-    where = f"local:{path_fingerprint(params.path)}" if params.path else f"hub:{src.hub}/{src.config}"
+    where = f"local:{path_fingerprint(params.path, f'{name}.path')}" if params.path else f"hub:{src.hub}/{src.config}"
     return f"{where}:{getattr(params, 'documents', 'rows')}"
 
 
