@@ -25,6 +25,15 @@ def cmd_run(args) -> int:
         if args.executor:
             raise UserError(f"--cluster: only for --executor slurm (not {executor})")
         executor = "slurm"
+    if args.dry_run:
+        from bench.plan import render
+
+        if not 0 < args.mfu <= 1:
+            raise UserError(f"--mfu: {args.mfu}: a fraction in (0, 1]")
+        if args.peak_tflops <= 0:
+            raise UserError(f"--peak-tflops: {args.peak_tflops}: must be positive")
+        print(render(suite, specs, executor, args.cluster or suite.launch.cluster, args.mfu, args.peak_tflops))
+        return 0
     out = _out_dir(args, suite)
     t0 = time.time()
     status = run_suite(suite, specs, out, executor, cluster=args.cluster, max_running=args.max_running)
@@ -287,6 +296,8 @@ def cmd_new_method(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from bench.plan import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
+
     p = argparse.ArgumentParser(prog="tdbench", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run every incomplete run of a suite, then write the leaderboard")
@@ -295,6 +306,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "debug", "slurm"])
     r.add_argument("--cluster", help="slurm cluster profile (name in slurm/ or a path); implies --executor slurm")
     r.add_argument("--max-running", type=int, help="slurm: array tasks running at once (default: the profile's)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print each run, its resources and estimated GPU-hours; run and write nothing")
+    r.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"dry run: assumed model FLOPs utilisation (default {DEFAULT_MFU})")
+    r.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                   help=f"dry run: assumed peak TFLOP/s per GPU (default {DEFAULT_PEAK_TFLOPS:g}, A100 bf16)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("submit", help="queue a suite's incomplete runs on Slurm (job arrays) and return")
     s.add_argument("suite")
