@@ -53,7 +53,16 @@ def cmd_leaderboard(args) -> int:
     out = Path(args.dir)
     if not (out / "runs").is_dir():
         raise UserError(f"{out}: not a tdbench output directory (no runs/ inside)")
+    if args.compare:
+        from bench import tables
+
+        ref = tables.resolve_reference(args.compare)  # a bad name fails before anything is written
+        tables.read_reference(ref)
     text, problems = leaderboard.write(out, args.format)
+    if args.compare:
+        recs = leaderboard.collect(out)[0]
+        text = tables.compare(leaderboard.tidy(recs), ref,
+                              our_presets=[r.get("protocol", {}).get("preset", "custom") for r in recs])
     print(text, end="" if text.endswith("\n") else "\n")
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
@@ -335,6 +344,8 @@ def parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="(re)generate the leaderboard of an output dir")
     lb.add_argument("dir")
     lb.add_argument("--format", choices=["csv", "md", "json", "latex"], default="md")
+    lb.add_argument("--compare", metavar="reference/NAME",
+                    help="print ours beside a published table (results/reference/NAME.csv, or a CSV path)")
     lb.set_defaults(fn=cmd_leaderboard)
     sp = sub.add_parser("speed", help="training tokens/s: our AR vs HF GPT-2, each method family vs AR")
     sp.add_argument("--sizes", default="smoke,12x768", help="comma-separated: smoke, 12x768 (default both)")

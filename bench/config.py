@@ -37,8 +37,15 @@ class DatasetRef(BaseModel):
 
     @property
     def key(self) -> str:
-        """Display name: ``markov(order=1,seed=7,vocab=32)``, or just ``austen``."""
+        """Display name: ``markov(order=1,seed=7,vocab=32)``, or just ``austen``. A hub
+        dataset's ``path`` (where a local copy lives) is not part of what it is:
+        ``{name: ptb, path: /data/ptb}`` is ``ptb``; a textfile is named by its file:
+        ``textfile(notes.txt)``."""
         p = self.params
+        if self.name == "textfile" and isinstance(p.get("path"), str):
+            rest = {k: v for k, v in p.items() if k != "path"}
+            return f"textfile({Path(p['path']).name}" + "".join(f",{k}={rest[k]}" for k in sorted(rest)) + ")"
+        p = {k: v for k, v in p.items() if k != "path"}
         return self.name if not p else self.name + "(" + ",".join(f"{k}={p[k]}" for k in sorted(p)) + ")"
 
 

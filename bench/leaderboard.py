@@ -158,5 +158,6 @@ def write(out: Path, fmt: str | None = None) -> tuple[str, list[str]]:
     if fmt == "json":
         return json.dumps(json.loads(t.to_json(orient="records")), indent=2), problems
     if fmt == "latex":
-        return t.to_latex(index=False), problems
+        from bench.tables import latex
+        return latex(t), problems
     return (csv if fmt == "csv" else md), problems
