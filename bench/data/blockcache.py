@@ -116,6 +116,7 @@ def build(d: Path, documents: Callable[[], "object"], tok, detok: Callable[[str]
                     "n_counted": n_counted, "seq_len": seq_len, "packing": packing, "count_bos": count_bos,
                     "count_eos": count_eos, "num_proc": workers, "tokenize_s": round(t_tok, 3),
                     "build_s": round(wall, 3), "tokens_per_s": round(n_tokens / max(wall, 1e-9)),
+                    "tokenize_tokens_per_s": round(n_tokens / max(t_tok, 1e-9)), "builder_pid": os.getpid(),
                     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
             shutil.rmtree(d, ignore_errors=True)

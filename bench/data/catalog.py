@@ -3,6 +3,9 @@ run (e.g. on a login node with network, or from a local copy), and show what is 
 what is cached and how many tokens it holds."""
 from __future__ import annotations
 
+import json
+import os
+
 from bench.config import PROTOCOL_PRESETS, DataConfig, DatasetRef, EvalConfig
 from bench.errors import UserError
 
@@ -52,10 +55,11 @@ def prepare(name: str, path: str | None = None, tokenizer: str | None = None, se
     out = []
     for split in splits or have:
         d = block_cache_dir(ref, split, data, ev.packing, ev.counting)
-        fresh = not blockcache.is_built(d)
+        before = blockcache.is_built(d)
         b = load_blocks(ref, split, data, ev.packing, ev.counting, num_proc=num_proc)
-        meta = blockcache.cached(d.parent)
-        info = next((m for m in meta if m["dir"] == str(d)), {})
+        info = {**json.loads((d / "meta.json").read_text()), "dir": str(d)}
+        # built by this call (not found cached, nor built by another process we waited for)
+        fresh = not before and info.get("builder_pid") == os.getpid()
         out.append({**info, "split": split, "fresh": fresh, "blocks": len(b)})
     return out
 

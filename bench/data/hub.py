@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -136,31 +137,41 @@ def source_fingerprint(name: str, params: BaseModel) -> str:
 _BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-def _datasets_error(where: str, e: Exception) -> UserError:
+def _datasets_error(where: str, e: BaseException) -> UserError:
+    while e.__cause__ is not None or (e.__context__ is not None and "generating the dataset" in str(e)):
+        e = e.__cause__ or e.__context__   # the root cause (datasets wraps parse errors)
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return UserError(f"{where}: {type(e).__name__}: {msg[:300]}")
 
 
-def _load_local(name: str, src: HubSource, path: str, hub_split: str):
-    import datasets
+@contextmanager
+def _quiet_datasets():
+    """datasets logs a failed file read (with a traceback) before raising; we report it once."""
+    import logging
 
+    logs = [logging.getLogger(n) for n in ("datasets", "huggingface_hub")]
+    levels = [x.level for x in logs]
+    for x in logs:
+        x.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for x, lv in zip(logs, levels):
+            x.setLevel(lv)
+
+
+def _load_local(name: str, src: HubSource, path: str, hub_split: str):
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{name}.path: {path}: not found")
     cache = str(_hf_cache())
     try:
-        if p.is_file():
-            builder = _BUILDERS.get(p.suffix.lower(), "text")
-            kw = {"sample_by": "document"} if builder == "text" and src.whole_file else {}
-            return datasets.load_dataset(builder, data_files={hub_split: str(p)}, split=hub_split,
-                                         cache_dir=cache, **kw)
-        data_dir = src.config if src.config and (p / src.config).is_dir() else None
-        kw = {"sample_by": "document"} if src.whole_file else {}
-        return datasets.load_dataset(str(p), data_dir=data_dir, split=hub_split, cache_dir=cache, **kw)
+        with _quiet_datasets():
+            return _load_local_files(src, p, hub_split, cache)
     except UserError:
         raise
     except ValueError as e:
-        if "split" in str(e).lower():
+        if "split" in str(e).lower() and "generating" not in str(e).lower():
             raise UserError(f"{name}.path: {path}: no '{hub_split}' split (files are matched by name: "
                             f"{hub_split}-*.parquet, {hub_split}/…, *{hub_split}*.jsonl)") from None
         raise _datasets_error(f"{name}.path: {path}", e) from None
@@ -168,14 +179,27 @@ def _load_local(name: str, src: HubSource, path: str, hub_split: str):
         raise _datasets_error(f"{name}.path: {path}", e) from None
 
 
+def _load_local_files(src: HubSource, p: Path, hub_split: str, cache: str):
+    import datasets
+
+    if p.is_file():
+        builder = _BUILDERS.get(p.suffix.lower(), "text")
+        kw = {"sample_by": "document"} if builder == "text" and src.whole_file else {}
+        return datasets.load_dataset(builder, data_files={hub_split: str(p)}, split=hub_split, cache_dir=cache, **kw)
+    data_dir = src.config if src.config and (p / src.config).is_dir() else None
+    kw = {"sample_by": "document"} if src.whole_file else {}
+    return datasets.load_dataset(str(p), data_dir=data_dir, split=hub_split, cache_dir=cache, **kw)
+
+
 def _load_hub(name: str, src: HubSource, hub_split: str):
     import datasets
 
     try:
-        if src.hub.startswith("hf://"):  # a raw file in a hub repository (text8)
-            return datasets.load_dataset("text", data_files={hub_split: src.hub}, split=hub_split,
-                                         sample_by="document" if src.whole_file else "line")
-        return datasets.load_dataset(src.hub, src.config, split=hub_split)
+        with _quiet_datasets():
+            if src.hub.startswith("hf://"):  # a raw file in a hub repository (text8)
+                return datasets.load_dataset("text", data_files={hub_split: src.hub}, split=hub_split,
+                                             sample_by="document" if src.whole_file else "line")
+            return datasets.load_dataset(src.hub, src.config, split=hub_split)
     except Exception as e:  # noqa: BLE001 - offline, gated, renamed: one line, and the way out
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{name}: cannot load '{src.hub}'{f' ({src.config})' if src.config else ''} from the "
@@ -254,7 +278,7 @@ def textfile_documents(path: str) -> list[str]:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"textfile.path: {path}: not UTF-8 text (invalid byte at offset {e.start})") from None
-    docs = [d.strip("\n") for d in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
+    docs = [d.strip("\n") for d in re.split(r"\n(?:[ \t]*\n)+", text.replace("\r\n", "\n"))]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise UserError(f"textfile.path: {path}: no text")
