@@ -101,3 +101,36 @@ def test_unloadable_model_is_one_line(tmp_path, capsys):
     from bench.errors import UserError
     with pytest.raises(UserError, match="notamodel: cannot load this local directory"):
         hf.load_causal_lm(str(tmp_path / "notamodel"))
+
+
+def test_other_tokenizer_is_retokenized(tmp_path):
+    """Suite tokenizer ≠ model tokenizer: the block's text is retokenized with the model's own
+    tokenizer (saved beside it) and its NLL is the hand-computed NLL of that text; with the
+    same tokenizer saved, the suite's ids are used as they are."""
+    from transformers import PreTrainedTokenizerFast
+
+    from bench.config import BackboneConfig
+    from bench.data.tokenizers import gpt2
+    from bench.registry import get_method
+
+    model = tiny_gpt2(tmp_path / "m", n_positions=128)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=gpt2()._tok, bos_token="<|endoftext|>",
+                                     eos_token="<|endoftext|>")  # GPT-2's BPE, saved as a HF tokenizer
+    hf_tok.save_pretrained(tmp_path / "m")
+    cls = get_method("hf-causal-lm")
+    m = cls(cls.Params(model=str(tmp_path / "m")), BackboneConfig(layers=1, hidden=32, heads=2), 50257, 64)
+    m.bind_tokenizer(gpt2())
+    assert m.info()["retokenized"] is False and m.info()["first_context_id"] == 50256
+
+    from bench.data.tokenizers import CharTokenizer
+    char = CharTokenizer()
+    m2 = cls(cls.Params(model=str(tmp_path / "m")), BackboneConfig(layers=1, hidden=32, heads=2), char.vocab_size, 64)
+    m2.bind_tokenizer(char)
+    assert m2.info()["retokenized"] is True
+    x = torch.tensor(char.encode_batch(["the quick brown fox jumps over the lazy dog"]))
+    c = torch.ones_like(x, dtype=torch.bool)
+    c[0, -5:] = False  # padding / uncounted tail is not part of the text
+    got = m2.nll(x, c).item()
+    text = char.decode(x[0, :-5].tolist())
+    want = by_hand_nll(model, hf_tok(text)["input_ids"], 50256).sum().item()
+    assert abs(got - want) < TOL * len(text)

@@ -249,3 +249,20 @@ def test_bad_suite_data_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, main(["run", str(write_suite(tmp_path / "c.yaml", s)), "--out", str(tmp_path / "o")]),
                     "data.eval[0].paht", "unknown key")
     assert not (tmp_path / "o").exists()
+
+
+def test_malformed_file_is_one_line_on_the_real_stderr(tmp_path):
+    """As a user sees it (a subprocess, no pytest log capture): datasets' own error logging
+    is silenced; the one line names the file and the root cause."""
+    import os
+    import re
+
+    ptb = H.make("ptb", tmp_path)
+    (ptb / "penn_treebank" / "test-00000-of-00001.parquet").write_bytes(b"this is not parquet at all")
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "data", "prepare", "ptb", "--path", str(ptb),
+                        "--split", "test"], capture_output=True, text=True,
+                       env={**os.environ, "TDBENCH_CACHE": str(tmp_path / "c"), "PYTHONPATH": str(REPO)})
+    pieces = [re.sub(r"^.*(examples/s|it/s|doc/s)\]", "", x) for x in re.split(r"[\r\n]", r.stderr)]  # drop bars
+    lines = [x for x in pieces if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: ptb.path: {ptb}: ArrowInvalid: ") and "Parquet" in lines[0]
