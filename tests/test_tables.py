@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.config import load_suite
+from bench.suite import load_suite
 from tests import hub_fixtures as H
 from tests.conftest import REPO, write_suite
 
