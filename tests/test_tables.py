@@ -140,3 +140,16 @@ def test_reference_tables_are_well_formed():
     for p in sorted((REPO / "results" / "reference").glob("*.csv")):
         ref, source = read_reference(p)
         assert source and len(ref) and not ref.duplicated(["size", "model", "dataset", "metric"]).any(), p
+
+
+def test_method_sizes_restrict_rows(tmp_path, capsys):
+    from tests.conftest import specs_of, tiny_suite
+
+    sizes = {"a": {"layers": 1, "hidden": 32, "heads": 2}, "b": {"layers": 1, "hidden": 64, "heads": 2}}
+    s = tiny_suite(sizes=sizes, methods=[{"method": "mdlm", "label": "X", "sizes": ["a"]},
+                                         {"method": "mdlm", "label": "X", "sizes": ["b"], "estimator": "time"}])
+    got = sorted((x.size, x.label, x.params["estimator"]) for x in specs_of(s, tmp_path) if x.method == "mdlm")
+    assert got == [("a", "X", "count"), ("b", "X", "time")]  # one label per size is not a duplicate
+    s["methods"][1]["sizes"] = ["c"]
+    assert main(["run", str(write_suite(tmp_path / "bad.yaml", s)), "--dry-run"]) == 2
+    assert "methods[1].sizes: must be a list of the suite's sizes (a, b), got ['c']" in capsys.readouterr().err
