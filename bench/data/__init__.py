@@ -11,7 +11,6 @@ UTF-8 file), and synthetic sources with a known entropy rate (bench.data.synthet
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bench.config import DataConfig, DatasetRef, first_error, short_hash, tokenizer_key
 from bench.data import blockcache, corpora, hub, synthetic
+from bench.data.paths import cache_dir
 from bench.data.detokenizers import DETOKENIZERS
 from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, Tokenizer, gpt2, train_bpe
 from bench.errors import UserError, did_you_mean
@@ -39,10 +39,6 @@ DATASETS: dict[str, tuple[str, type[BaseModel]]] = {
     "textfile": ("file", hub.TextfileParams),
     "markov": ("synthetic", synthetic.MarkovParams),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TDBENCH_CACHE", Path.home() / ".cache" / "tdbench"))
 
 
 def dataset_params(ref: DatasetRef, where: str = "data") -> BaseModel:

@@ -41,6 +41,19 @@ def file_lock(path: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def default_num_proc(n_rows: int) -> int:
+    """Tokenisation workers: all cores for big sets, one process for small ones (forking
+    costs more than it saves below ~20k rows). ``TDBENCH_NUM_PROC`` overrides."""
+    env = os.environ.get("TDBENCH_NUM_PROC")
+    if env:
+        return max(1, min(int(env), max(1, n_rows)))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, n_rows // 20_000)) if n_rows >= 40_000 else 1
+
+
 def is_built(d: Path) -> bool:
     return (d / "meta.json").is_file()
 
@@ -61,8 +74,6 @@ def build(d: Path, documents: Callable[[], "object"], tok, detok: Callable[[str]
     """Build the cache directory ``d`` unless it exists; return its meta.json content."""
     import datasets
     from tqdm.auto import tqdm
-
-    from bench.data.hub import default_num_proc
 
     with file_lock(d.parent / f".{d.name}.lock"):
         if is_built(d):

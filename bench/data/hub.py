@@ -208,7 +208,7 @@ def _load_hub(name: str, src: HubSource, hub_split: str):
 
 
 def _hf_cache() -> Path:
-    from bench.data import cache_dir
+    from bench.data.paths import cache_dir
 
     return cache_dir() / "hf-datasets"
 
@@ -283,16 +283,3 @@ def textfile_documents(path: str) -> list[str]:
     if not docs:
         raise UserError(f"textfile.path: {path}: no text")
     return docs
-
-
-def default_num_proc(n_rows: int) -> int:
-    """Tokenisation workers: all cores for big sets, one process for small ones (forking
-    costs more than it saves below ~20k rows). ``TDBENCH_NUM_PROC`` overrides."""
-    env = os.environ.get("TDBENCH_NUM_PROC")
-    if env:
-        return max(1, min(int(env), max(1, n_rows)))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, n_rows // 20_000)) if n_rows >= 40_000 else 1
