@@ -20,6 +20,10 @@ def cmd_run(args) -> int:
     from bench.launch import run_suite
 
     suite, specs = load_suite(args.suite)  # validates everything before anything is written
+    if args.seeds:
+        from bench.config import expand
+        suite = suite.model_copy(update={"seeds": list(dict.fromkeys(args.seeds))})
+        specs = expand(suite)
     executor = args.executor or suite.launch.executor
     if args.cluster and executor != "slurm":
         if args.executor:
@@ -37,8 +41,15 @@ def cmd_run(args) -> int:
     out = _out_dir(args, suite)
     t0 = time.time()
     status = run_suite(suite, specs, out, executor, cluster=args.cluster, max_running=args.max_running)
+    if any(s.eval.samples > 0 for s in specs):
+        _score_suite_dir(out, suite.metrics)
     text, problems = leaderboard.write(out, "md")
     print(text)
+    if suite.experiment is not None:
+        from bench.experiments import run_experiment, save_suite
+
+        save_suite(out, suite)
+        run_experiment(out, suite, log=lambda m: print(m, file=sys.stderr))
     failed = [k for k, v in status.items() if v != "complete"]
     print(f"{len(status) - len(failed)}/{len(status)} runs complete in {time.time() - t0:.1f} s; "
           f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}", file=sys.stderr)
@@ -47,26 +58,219 @@ def cmd_run(args) -> int:
     return 1 if failed else (2 if problems else 0)
 
 
+def _score_suite_dir(out: Path, cfg, reuse: bool = True) -> dict:
+    """Score every run's samples (bench.metrics.score), recording the settings in metrics.json."""
+    from bench.metrics.score import score_dir
+    from bench.records import write_json
+
+    write_json(Path(out) / "metrics.json", cfg.model_dump(mode="json"))
+    return score_dir(out, cfg, reuse=reuse, log=lambda m: print(m, file=sys.stderr))
+
+
+def _fmt_metric(m: dict | None) -> str:
+    if not m or m.get("value") is None:
+        return "—"
+    s = f"{m['value']:.4g}"
+    if m.get("std") is not None:
+        s += f" ±{m['std']:.2g}"
+    if m.get("note"):
+        s += " †"
+    return s
+
+
+SAMPLE_METRICS = ("gen_ppl", "entropy", "mem", "div", "mauve")
+
+
+def _score_rows(name: str, res: dict) -> list[tuple[str, dict, float | None]]:
+    rows = []
+    for b in res["budgets"]:
+        label = name + (f" ({b['steps']} steps)" if b.get("steps") is not None else "")
+        rows.append((label, b["metrics"], b.get("nfe")))
+    if "source_text" in res:
+        rows.append(("Source text", res["source_text"]["metrics"], None))
+    return rows
+
+
+def _score_table(rows) -> str:
+    head = ["samples", *SAMPLE_METRICS, "nfe"]
+    body = [[label, *(_fmt_metric(m.get(k)) for k in SAMPLE_METRICS), "—" if nfe is None else f"{nfe:g}"]
+            for label, m, nfe in rows]
+    w = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in [head, *body]]
+    notes = sorted({f"{k}: {v['note']}" for _, m, _ in rows for k, v in m.items() if v.get("note")})
+    return "\n".join(lines + [f"† {n}" for n in notes])
+
+
+def _flat(res_set: dict, settings: bool = True) -> dict:
+    out = {k: v.get("value") for k, v in res_set["metrics"].items()}
+    for k, v in res_set["metrics"].items():
+        if v.get("std") is not None:
+            out[f"{k}_std"] = v["std"]
+        if v.get("note"):
+            out.setdefault("notes", {})[k] = v["note"]
+    out["n"] = res_set["n"]
+    if settings:
+        out["settings"] = res_set["settings"]
+    return out
+
+
+def _score_json(res: dict) -> dict:
+    bs = res["budgets"]
+    out = {**_flat(bs[0])} if len(bs) == 1 else {"budgets": [{"steps": b.get("steps"), "nfe": b.get("nfe"),
+                                                              **_flat(b)} for b in bs]}
+    if len(bs) == 1 and bs[0].get("nfe") is not None:
+        out["nfe"] = bs[0]["nfe"]
+    if "source_text" in res:
+        out["source_text"] = _flat(res["source_text"], settings=False)
+    for k in ("file", "run_id", "label", "scorer", "reference"):
+        if res.get(k) is not None:
+            out[k] = res[k]
+    return out
+
+
+def _scoring_config(args, base):
+    cfg = base
+    if args.scorer:
+        cfg = cfg.model_copy(update={"gen_ppl": cfg.gen_ppl.model_copy(update={"scorer": args.scorer})})
+    if args.reference:
+        from bench.data import dataset_params
+        from bench.config import DatasetRef
+        dataset_params(DatasetRef(name=args.reference), "--reference")
+        cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"dataset": args.reference})})
+    return cfg
+
+
+def cmd_score(args) -> int:
+    import json
+
+    from bench.metrics.score import SCORES, metrics_config_of, score_file, score_run
+
+    p = Path(args.path)
+    if p.is_file():
+        from bench.metrics import MetricsConfig
+        res = score_file(p, _scoring_config(args, MetricsConfig()), args.reference)
+        if args.format == "json":
+            print(json.dumps(_score_json(res), indent=2))
+        else:
+            print(_score_table(_score_rows(p.name, res)))
+        return 0
+    if (p / "result.json").is_file():
+        cfg = _scoring_config(args, metrics_config_of(p.parent.parent))
+        old = json.loads((p / SCORES).read_text()) if (p / SCORES).is_file() else None
+        res = score_run(p, cfg, reuse=False)
+        if res is None:
+            raise UserError(f"{p}: no {p.name}/samples.jsonl (draw some with `tdbench sample {p}`)")
+        results = {p.name: res}
+        olds = {p.name: old}
+    elif (p / "runs").is_dir():
+        cfg = _scoring_config(args, metrics_config_of(p))
+        olds = {q.parent.name: json.loads(q.read_text()) for q in (p / "runs").glob(f"*/{SCORES}")}
+        results = _score_suite_dir(p, cfg, reuse=False)
+        from bench import leaderboard
+        leaderboard.write(p)
+    else:
+        raise UserError(f"{p}: not a JSONL sample file, a run directory or a tdbench output directory")
+    if args.format == "json":
+        print(json.dumps([_score_json(r) for r in results.values()], indent=2))
+    else:
+        rows, seen = [], set()
+        for r in results.values():
+            for row in _score_rows(r["label"], r):
+                key = (row[0], json.dumps(row[1], sort_keys=True)) if row[0] == "Source text" else None
+                if key is None or key not in seen:
+                    rows.append(row)
+                    seen.add(key)
+        print(_score_table(rows))
+    same = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) == _values(r)]
+    diff = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) != _values(r)]
+    if same or diff:
+        print(f"{len(same)} run(s) reproduced their stored scores exactly" +
+              (f"; changed: {', '.join(diff)}" if diff else ""), file=sys.stderr)
+    return 0
+
+
+def _values(res: dict):
+    sets = [*res.get("budgets", []), *([res["source_text"]] if "source_text" in res else [])]
+    return [{k: (v.get("value"), v.get("std"), v.get("id")) for k, v in b["metrics"].items()} for b in sets]
+
+
+def cmd_sample(args) -> int:
+    """Draw (or extend) samples of complete runs from their final weights, then score them."""
+    from bench.data import get_tokenizer
+    from bench.metrics.score import metrics_config_of
+    from bench.records import read_record
+    from bench.samples import load_final_method, write_run_samples
+
+    p = Path(args.dir)
+    if (p / "result.json").is_file():
+        runs, out = [p], p.parent.parent
+    elif (p / "runs").is_dir():
+        runs, out = sorted(q.parent for q in (p / "runs").glob("*/result.json")), p
+    else:
+        raise UserError(f"{p}: not a run directory or a tdbench output directory")
+    steps = None
+    if args.steps:
+        try:
+            steps = [int(x) for x in args.steps.split(",")]
+            assert all(x > 0 for x in steps)
+        except (ValueError, AssertionError):
+            raise UserError(f"--steps: expected positive integers separated by commas, got '{args.steps}'") from None
+    if args.n is not None and args.n < 1:
+        raise UserError("--n: must be a positive integer")
+    drawn = 0
+    for rd in runs:
+        try:
+            if read_record(rd / "result.json")["status"] != "complete":
+                continue
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        method, spec = load_final_method(rd)
+        if "sampling" not in method.supports():
+            continue
+        n = args.n or spec.eval.samples or 16
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        k = write_run_samples(method, spec, get_tokenizer(spec.data), rd, n=n, steps=steps,
+                              log=lambda m, s=spec: print(f"{s.label} {s.size} seed={s.seed}: {m}", file=sys.stderr))
+        drawn += 1
+        print(f"{rd}/samples.jsonl: {k} samples")
+    if not drawn:
+        raise UserError(f"{p}: no complete run that can sample")
+    if not args.no_score:
+        cfg = metrics_config_of(out)
+        _score_suite_dir(out, cfg) if (out / "runs").is_dir() else None
+        from bench import leaderboard
+        leaderboard.write(out)
+        print(f"scored; leaderboard: {out / 'leaderboard.md'}", file=sys.stderr)
+    return 0
+
+
 def cmd_leaderboard(args) -> int:
     from bench import leaderboard
 
     out = Path(args.dir)
     if not (out / "runs").is_dir():
         raise UserError(f"{out}: not a tdbench output directory (no runs/ inside)")
-    if args.compare:
-        from bench import tables
-
-        ref = tables.resolve_reference(args.compare)  # a bad name fails before anything is written
-        tables.read_reference(ref)
-    text, problems = leaderboard.write(out, args.format)
-    if args.compare:
-        recs = leaderboard.collect(out)[0]
-        text = tables.compare(leaderboard.tidy(recs), ref,
-                              our_presets=[r.get("protocol", {}).get("preset", "custom") for r in recs])
+    compare = leaderboard.read_reference(args.compare) if args.compare else None  # before writing
+    text, problems = leaderboard.write(out, args.format, compare=compare)
     print(text, end="" if text.endswith("\n") else "\n")
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return 2 if problems else 0
+
+
+def cmd_experiment(args) -> int:
+    """Rerun a suite's ``experiment:`` analysis on its output directory (no training)."""
+    from bench.experiments import load_saved_suite, run_experiment
+
+    out = _need_out(args.dir)
+    suite = load_saved_suite(out)
+    if suite.experiment is None:
+        raise UserError(f"{out}: its suite has no experiment: key")
+    print(run_experiment(out, suite, log=lambda m: print(m, file=sys.stderr)))
+    return 0
 
 
 def _need_out(d: str) -> Path:
@@ -285,6 +489,95 @@ class {cls}(Method):
 '''
 
 
+TEMPLATE_CONTINUOUS = '''"""{title}: Gaussian diffusion of learned token embeddings (write the paper and equations here).
+
+A working skeleton on the family's shared math (methods/_gaussian.py, VDM notation): e = Emb(w),
+z_t = α_t e + σ_t ε, x0-prediction, the continuous-time bound (VDM eq. 17)
+
+    −log p(w) ≤ KL(q(z_1|w) ‖ N(0,I)) + E[−log p(w|z_0)] + ½ E_t γ'(t) e^{{−γ(t)}} ‖e − x̂0‖²
+
+as loss and likelihood, the DDPM sampler, optional self-conditioning. Change what your method
+changes; keep nll() a bound (tests/test_continuous.py shows how to check it).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import PositiveInt
+
+from bench.backbone import Backbone
+from bench.method import Method, Params
+from bench.registry import register
+from methods._gaussian import (SAMPLERS, SCHEDULES, diffuse, diffusion_term, nearest_embedding, prior_kl,
+                               sample_loop, train_condition)
+
+
+class {cls}Params(Params):
+    self_condition: bool = False
+    embed_dim: PositiveInt = 16
+    schedule: Literal["cosine", "sqrt", "tan-d", "learned"] = "cosine"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+
+
+@register("{name}")
+class {cls}(Method):
+    Params = {cls}Params
+    likelihood = "bound"
+    time = "continuous"
+
+    def __init__(self, params, backbone, vocab_size, seq_len):
+        super().__init__(params, backbone, vocab_size, seq_len)
+        self.embedding = nn.Embedding(vocab_size, params.embed_dim)
+        self.schedule = SCHEDULES[params.schedule]()
+
+    def build_network(self, cfg):
+        # continuous input of embed_dim (no token embedding: DDP needs every parameter used)
+        return Backbone(cfg, vocab_in=None, vocab_out=self.p.embed_dim, seq_len=self.L,
+                        in_dim=self.p.embed_dim, self_condition=self.p.self_condition)
+
+    def predict_x0(self, z, t, x_sc):
+        return self.net(t=t, embeds=z, self_cond=x_sc).float()
+
+    def terms(self, w, counted, t, train):
+        e = self.embedding(w)
+        a, s = (v[:, None, None] for v in self.schedule.alpha_sigma(t))
+        z, _ = diffuse(e, a, s)
+        z = torch.where(counted[..., None], z, e)
+        x_sc = None
+        if self.p.self_condition:
+            first = lambda: self.predict_x0(z, t, None)  # noqa: E731
+            x_sc = train_condition(first) if train else first()
+        x0_hat = self.predict_x0(z, t, x_sc)
+        one = torch.ones(1, device=e.device)
+        g0, g1 = self.schedule.gamma(0 * one), self.schedule.gamma(one)
+        a0, s0 = torch.sigmoid(-g0).sqrt(), torch.sigmoid(g0).sqrt()
+        z0 = a0 * e + s0 * torch.randn_like(e)
+        E = self.embedding.weight
+        logits = z0 @ (a0 / s0 ** 2 * E).t() - 0.5 * (a0 / s0) ** 2 * (E * E).sum(-1)   # p(w | z_0)
+        recon = F.cross_entropy(logits.flatten(0, 1), w.flatten(), reduction="none").view(w.shape)
+        diff = diffusion_term(e, x0_hat, self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
+        return (diff + prior_kl(e, g1) + recon) * counted
+
+    def loss(self, x0, counted, u):
+        return self.terms(x0, counted, u, train=True).sum() / counted.sum().clamp(min=1)
+
+    def nll(self, x0, counted, u):
+        """Per-sequence NLL upper bound (nats) for one time draw u per sequence."""
+        return self.terms(x0, counted, u, train=False).sum(1)
+
+    @torch.no_grad()
+    def sample(self, n, steps=64, generator=None):
+        E = self.embedding.weight
+        z = torch.randn((n, self.L, E.shape[1]), generator=generator, device=E.device)
+        x0 = sample_loop(self.predict_x0, z, self.schedule, steps, SAMPLERS[self.p.sampler], generator,
+                         self_condition=self.p.self_condition)
+        return nearest_embedding(x0, E)
+'''
+
+
 def cmd_new_method(args) -> int:
     import re
 
@@ -299,8 +592,11 @@ def cmd_new_method(args) -> int:
         raise UserError(f"{path}: already exists")
     cls = "".join(p.capitalize() for p in name.split("_"))
     from bench.records import atomic_write_text
-    atomic_write_text(path, TEMPLATE.format(name=name, cls=cls, title=cls))
-    print(f"wrote {path}: fill in nll() and sample(); `tdbench methods` lists it once it imports")
+    template = TEMPLATE_CONTINUOUS if args.family == "continuous" else TEMPLATE
+    atomic_write_text(path, template.format(name=name, cls=cls, title=cls))
+    what = "a working Gaussian-embedding skeleton: change its math" if args.family == "continuous" else \
+        "fill in nll() and sample()"
+    print(f"wrote {path}: {what}; `tdbench methods` lists it once it imports")
     return 0
 
 
@@ -320,6 +616,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"dry run: assumed model FLOPs utilisation (default {DEFAULT_MFU})")
     r.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"dry run: assumed peak TFLOP/s per GPU (default {DEFAULT_PEAK_TFLOPS:g}, A100 bf16)")
+    r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run these seeds instead of the suite's seeds: (e.g. --seeds 0 1 2)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("submit", help="queue a suite's incomplete runs on Slurm (job arrays) and return")
     s.add_argument("suite")
@@ -344,8 +642,8 @@ def parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="(re)generate the leaderboard of an output dir")
     lb.add_argument("dir")
     lb.add_argument("--format", choices=["csv", "md", "json", "latex"], default="md")
-    lb.add_argument("--compare", metavar="reference/NAME",
-                    help="print ours beside a published table (results/reference/NAME.csv, or a CSV path)")
+    lb.add_argument("--compare", metavar="REF", help="published numbers beside ours: reference/NAME "
+                    "(results/reference/NAME.csv) or a CSV path; appended to leaderboard.md")
     lb.set_defaults(fn=cmd_leaderboard)
     sp = sub.add_parser("speed", help="training tokens/s: our AR vs HF GPT-2, each method family vs AR")
     sp.add_argument("--sizes", default="smoke,12x768", help="comma-separated: smoke, 12x768 (default both)")
@@ -372,11 +670,30 @@ def parser() -> argparse.ArgumentParser:
     dp.set_defaults(fn=cmd_data)
     dl = dsub.add_parser("list", help="registered datasets, where they come from, what is cached")
     dl.set_defaults(fn=cmd_data)
+    sa = sub.add_parser("sample", help="draw (or extend) samples of complete runs without retraining, then score")
+    sa.add_argument("dir", help="a tdbench output directory or one run directory")
+    sa.add_argument("--n", type=int, help="samples per step budget (default: the run's eval.samples)")
+    sa.add_argument("--steps", help="step budgets, comma-separated (default: the run's eval.sample_steps)")
+    sa.add_argument("--threads", type=int, help="torch threads")
+    sa.add_argument("--no-score", action="store_true", help="only draw; do not rescore")
+    sa.set_defaults(fn=cmd_sample)
+    sc = sub.add_parser("score", help="(re)compute the sample metrics from samples alone")
+    sc.add_argument("path", help="a JSONL file of {\"text\": ...} lines, a run directory or an output directory")
+    sc.add_argument("--reference", help="dataset to score against (mem: its train split; MAUVE, Source text: test)")
+    sc.add_argument("--scorer", help="gen-ppl scorer: a Hugging Face causal LM name/path or a tdbench ar run dir")
+    sc.add_argument("--format", choices=["table", "json"], default="table")
+    sc.set_defaults(fn=cmd_score)
+    ex = sub.add_parser("experiment", help="rerun a suite's experiment analysis on its output dir")
+    ex.add_argument("dir")
+    ex.set_defaults(fn=cmd_experiment)
     m = sub.add_parser("methods", help="list registered methods, parameters and metrics")
     m.set_defaults(fn=cmd_methods)
     n = sub.add_parser("new-method", help="write a method plugin skeleton")
     n.add_argument("name")
     n.add_argument("--dir", default="methods")
+    n.add_argument("--family", choices=["discrete", "continuous"], default="discrete",
+                   help="skeleton: discrete (fill in nll/sample) or continuous (a working Gaussian-embedding "
+                        "method on methods/_gaussian.py)")
     n.set_defaults(fn=cmd_new_method)
     return p
 

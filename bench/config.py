@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_serializer, model_validator)
 
 from bench.errors import UserError
+from bench.metrics import MetricsConfig
 
 PROTOCOL_VERSION = "tdbench-lik/1"
 
@@ -161,8 +162,18 @@ class EvalConfig(Strict):
     max_blocks: Optional[PositiveInt] = 256       # first N blocks of each eval set's test split
     batch_size: PositiveInt = 32
     seed: int = 1234
-    samples: int = Field(0, ge=0)                 # unconditional samples written per run
-    sample_steps: PositiveInt = 64
+    samples: int = Field(0, ge=0)                 # unconditional samples per step budget per run
+    sample_steps: list[PositiveInt] = Field([64], min_length=1)  # step budgets, e.g. [16, 64, 256]
+    # Learning curve (learning.png): every ``curve_every`` training steps (0: off), the NLL on the
+    # first ``curve_blocks`` blocks of the first eval set with ``curve_t_samples`` t draws.
+    curve_every: int = Field(0, ge=0)
+    curve_blocks: PositiveInt = 16
+    curve_t_samples: PositiveInt = 2
+
+    @field_validator("sample_steps", mode="before")
+    @classmethod
+    def _one_budget(cls, v):
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
 
     @model_validator(mode="before")
     @classmethod
@@ -249,6 +260,37 @@ class MethodEntry(Strict):
 
 
 # ----------------------------------------------------------------------------- suite
+# ----------------------------------------------------------------------------- experiments
+class SelfCondMagnitude(Strict):
+    """From the same z_t (one ε per eval block), predict x̂0 ``iterations`` times feeding each
+    prediction back as the self-conditioning input; record mean ‖x̂0‖ per token against the
+    iteration, for each t, for every run whose method can (``self_condition_chain``)."""
+
+    kind: Literal["selfcond-magnitude"]
+    t: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    iterations: PositiveInt = 10
+    sequences: PositiveInt = 32      # first N test blocks of the first eval dataset
+    seed: int = 0
+
+    @field_validator("t")
+    @classmethod
+    def _in_unit(cls, v):
+        if any(not 0 < x < 1 for x in v):
+            raise ValueError("every t must lie in (0, 1)")
+        return v
+
+
+class StepsCurve(Strict):
+    """Sample metrics (from each run's scores) against the sampling step budget, one line per
+    model, beside the likelihood bound per model when it has one."""
+
+    kind: Literal["steps"]
+    metrics: list[Literal["gen_ppl", "entropy", "mauve", "div", "mem"]] = Field(["gen_ppl", "entropy"], min_length=1)
+
+
+Experiment = Annotated[Union[SelfCondMagnitude, StepsCurve], Field(discriminator="kind")]
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataConfig
@@ -259,6 +301,15 @@ class Suite(Strict):
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field([0], min_length=1)
     launch: LaunchConfig = LaunchConfig()
+    metrics: MetricsConfig = MetricsConfig()   # how samples are scored (never part of a run id)
+    experiment: Optional[Experiment] = None    # an analysis of the trained runs (bench.experiments)
+
+    @model_validator(mode="after")
+    def _char_needs_no_packing_eos(self):
+        if self.data.tokenizer.name == "char" and self.eval.packing != "none":
+            raise ValueError(f"eval.packing: the char tokenizer (text8) has no EOS; use packing: none "
+                             f"(not {self.eval.packing})")
+        return self
 
 
 class RunSpec(Strict):

@@ -1,16 +1,21 @@
-"""Pretrained Hugging Face causal LMs: loading, exact per-token NLL, retokenisation.
+"""Hugging Face causal language models: loading by hub name or local path, per-token NLL.
 
-- :func:`load_causal_lm`: a hub name (``gpt2``, ``gpt2-medium``, …) or a local
-  ``save_pretrained`` directory → a ``transformers`` model in eval mode on ``device``.
-- :func:`causal_lm_token_nll`: −log p(x_j | x_<j) for every position of a batch of id
-  sequences, the first token conditioned on ``first_context_id`` (GPT-2: ``<|endoftext|>``),
-  as lm-eval's rolling loglikelihood does. Sequences longer than the model's context are
-  scored in windows: each window predicts up to ``stride`` new tokens with the preceding
-  ``n_ctx − stride`` (at most) tokens as context, so every token is predicted exactly once
-  and never sees more than ``n_ctx`` positions (stride = n_ctx: lm-eval's disjoint rolling
-  windows; a smaller stride buys more context per token for more compute).
-- :func:`load_tokenizer` / :func:`same_tokenizer`: the model's own tokenizer, when it has one,
-  and whether the suite's ids can be scored as they are.
+Two functions, shared by every part of the harness that needs a pretrained causal LM (the
+generative-perplexity scorer, the ``hf-causal-lm`` method):
+
+- ``load_causal_lm(name_or_path, device)``: a ``transformers`` model in eval mode. A local
+  directory is loaded with ``local_files_only`` (never touches the hub); anything that cannot
+  be loaded is a :class:`UserError` naming it.
+- ``causal_lm_token_nll(model, ids, first_context_id)``: −log p(x_i | x_<i) for every token,
+  float64, (B, L); the first token is conditioned on ``first_context_id`` (e.g. GPT-2's
+  <|endoftext|>). Sequences longer than the model's context are scored in sliding windows: each
+  window re-reads the previous ``context − stride`` tokens as context and scores ``stride`` new
+  ones (exact when L + 1 fits in the context).
+
+Beside them, for ``hf-causal-lm`` (methods/hf_causal_lm.py): ``load_tokenizer`` (the model's
+own tokenizer, or None), ``bos_id`` (what the first token is conditioned on),
+``same_tokenizer`` (can the suite's ids be scored as they are) and ``text_nll`` (retokenised
+text).
 """
 from __future__ import annotations
 
@@ -21,26 +26,50 @@ import torch
 from bench.errors import UserError
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0][:240]}" if s else type(e).__name__
-
-
 def load_causal_lm(name_or_path: str, device="cpu"):
-    """A causal LM in eval mode; UserError naming ``name_or_path`` if it cannot be loaded."""
     from transformers import AutoModelForCausalLM
 
-    local = Path(name_or_path).expanduser()
-    is_dir = local.is_dir()
-    if not is_dir and (name_or_path.startswith((".", "/", "~")) or local.exists()):
-        raise UserError(f"{name_or_path}: not a model directory (save_pretrained writes one)")
+    local = Path(name_or_path).is_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local) if is_dir else name_or_path,
-                                                     local_files_only=is_dir, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - missing files, no network, not a causal LM
-        where = "local directory" if is_dir else "Hugging Face hub model"
-        raise UserError(f"{name_or_path}: cannot load this {where} as a causal LM ({_first_line(e)})") from None
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local)
+    except Exception as e:  # noqa: BLE001 - any loading failure is the user's path/name
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        where = "local directory" if local else "model name (hub unreachable or unknown?)"
+        raise UserError(f"{name_or_path}: cannot load a causal LM from this {where}: {first}") from None
     return model.to(device).eval()
+
+
+def context_length(model) -> int:
+    cfg = model.config
+    for k in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1024
+
+
+@torch.no_grad()
+def causal_lm_token_nll(model, ids: torch.LongTensor, first_context_id: int,
+                        stride: int | None = None) -> torch.Tensor:
+    """(B, L) float64 per-token NLL (nats) of ``ids`` under ``model``; see the module doc."""
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    B, L = ids.shape
+    x = torch.cat([torch.full((B, 1), first_context_id, dtype=ids.dtype, device=dev), ids], dim=1)
+    ctx = context_length(model)
+    stride = stride or max(1, ctx // 2)
+    out = torch.empty(B, L, dtype=torch.float64, device=dev)
+    start = 0                                 # first target position (in ids) of this window
+    while start < L:
+        end = min(L, start + (ctx if start == 0 else stride))
+        lo = max(0, end - ctx)                # input x[lo:end] predicts ids[lo:end] = x[lo+1:end+1]
+        logits = model(input_ids=x[:, lo:end]).logits.double()
+        logp = torch.log_softmax(logits, dim=-1)
+        tgt = x[:, lo + 1:end + 1]
+        nll = -logp.gather(-1, tgt[..., None])[..., 0]  # targets ids[lo:end]
+        out[:, start:end] = nll[:, start - lo:]
+        start = end
+    return out
 
 
 def load_tokenizer(name_or_path: str):
@@ -61,15 +90,6 @@ def load_tokenizer(name_or_path: str):
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 
 
-def context_length(model) -> int:
-    c = model.config
-    for k in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        v = getattr(c, k, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 1024
-
-
 def bos_id(model, tokenizer=None) -> int:
     """The id the first token is conditioned on: BOS (GPT-2's is ``<|endoftext|>``), else EOS."""
     for src in (tokenizer, model.config, getattr(model, "generation_config", None)):
@@ -79,24 +99,6 @@ def bos_id(model, tokenizer=None) -> int:
                 return v
     raise UserError("hf-causal-lm: the model defines neither bos_token_id nor eos_token_id; "
                     "cannot condition the first token")
-
-
-@torch.no_grad()
-def causal_lm_token_nll(model, ids: torch.LongTensor, first_context_id: int, stride: int | None = None) -> torch.Tensor:
-    """(B, L) float64 −log p(ids[:, j] | first_context_id, ids[:, :j]); see the module docstring."""
-    n_ctx = context_length(model)
-    stride = min(stride or n_ctx, n_ctx)
-    B, L = ids.shape
-    dev = next(model.parameters()).device
-    seq = torch.cat([torch.full((B, 1), first_context_id, dtype=torch.long), ids.long().cpu()], dim=1).to(dev)
-    out = torch.empty(B, L, dtype=torch.float64)
-    for a in range(0, L, stride):
-        b = min(a + stride, L)          # predict ids[a:b] = seq[a+1:b+1]
-        s = max(0, b - n_ctx)           # window seq[s:b] (≤ n_ctx positions) as input
-        logits = model(input_ids=seq[:, s:b]).logits[:, a - s:]
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        out[:, a:b] = -logp.gather(-1, seq[:, a + 1:b + 1, None])[..., 0].cpu()
-    return out
 
 
 def same_tokenizer(suite_tok, model, hf_tok) -> bool:

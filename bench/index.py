@@ -18,11 +18,11 @@ from bench.errors import UserError
 from bench.records import atomic_write_text, read_record
 
 INDEX = "index.json"
-FORMAT = 2  # 2: the protocol keeps its preset (tdbench leaderboard --compare reads it)
+FORMAT = 3  # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset
 # record keys the derived views use; the spec, env and log tail stay in the record
 KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "finished",
         "protocol")
-TRAIN_KEEP = ("params", "steps", "tokens", "tokens_per_s", "wall_s", "final_loss", "loss_curve")
+TRAIN_KEEP = ("params", "steps", "tokens", "tokens_per_s", "wall_s", "final_loss", "loss_curve", "curve")
 
 
 def summarize(rec: dict) -> dict:

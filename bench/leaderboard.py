@@ -17,8 +17,14 @@ import pandas as pd
 
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
-           "std", "protocol", "params"]
+           "std", "protocol", "params", "estimate"]
 SOURCE_LABEL = "Source (true)"
+SOURCE_BLOCKS_LABEL = "Source (test blocks)"  # the source's exact NLL of the very test blocks
+SOURCES = (SOURCE_LABEL, SOURCE_BLOCKS_LABEL)
+# Tables written after the ppl table when their metric is present (markdown).
+EXTRA_METRICS = {"bpc": "bits per character (log₂ ppl; character tokens)",
+                 "gap": "nats per token above the source's exact NLL of the same test blocks "
+                        "(paired interval over blocks)"}
 
 
 def collect(out: Path) -> tuple[list[dict], list[str], list[dict]]:
@@ -47,23 +53,26 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
             rows.append({"size": r["size"], "model": r["label"], "dataset": m["dataset"], "metric": m["metric"],
                          "value": m["value"], "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
                          "bound": m.get("bound"), "protocol": m.get("protocol_id"), "seed": r["seed"],
-                         "params": params, "conf": r.get("protocol", {}).get("confidence", 0.95)})
+                         "params": params, "conf": r.get("protocol", {}).get("confidence", 0.95),
+                         "estimate": m.get("estimate")})
         for m in r.get("reference", []):
-            rows.append({"size": r["size"], "model": SOURCE_LABEL, "dataset": m["dataset"], "metric": m["metric"],
+            rows.append({"size": r["size"], "model": m.get("label", SOURCE_LABEL), "dataset": m["dataset"], "metric": m["metric"],
                          "value": m["value"], "ci_low": m["value"], "ci_high": m["value"], "bound": False,
-                         "protocol": m.get("protocol_id"), "seed": None, "params": None, "conf": 0.95})
+                         "protocol": m.get("protocol_id"), "seed": None, "params": None, "conf": 0.95,
+                         "estimate": "exact"})
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows)
     out = []
     for key, g in df.groupby(["size", "model", "dataset", "metric", "protocol"], sort=False, dropna=False):
         vals = g["value"].dropna()
-        if g["model"].iloc[0] == SOURCE_LABEL:
+        if g["model"].iloc[0] in SOURCES:
             g = g.iloc[:1]
             vals = vals.iloc[:1]
         n = len(g)
         row = dict(zip(["size", "model", "dataset", "metric", "protocol"], key))
-        row.update(bound=g["bound"].iloc[0], n_seeds=n, params=g["params"].iloc[0])
+        row.update(bound=g["bound"].iloc[0], n_seeds=n, params=g["params"].iloc[0],
+                   estimate=g["estimate"].iloc[0])
         if vals.empty:
             row.update(value=None, ci_low=None, ci_high=None, std=None)
         elif n == 1:
@@ -80,7 +89,7 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
         out.append(row)
     t = pd.DataFrame(out)[COLUMNS]
     size_order = {s: i for i, s in enumerate(t.groupby("size")["params"].max().sort_values().index)}
-    rank = lambda m: 2 if m == SOURCE_LABEL else 0 if m == "GPT-2" else 1  # noqa: E731
+    rank = lambda m: 2 if m in SOURCES else 0 if m == "GPT-2" else 1  # noqa: E731
     t["_s"] = t["size"].map(size_order)
     t["_m"] = t["model"].map(rank)
     return t.sort_values(["_s", "_m", "model", "dataset", "metric"]).drop(columns=["_s", "_m"]).reset_index(drop=True)
@@ -94,12 +103,15 @@ def _fmt(row) -> str:
     v = row["value"]
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    s = f"{v:.2f}"
+    nd = 4 if row.get("metric") == "gap" else 2   # gaps are a few hundredths of a nat
+    s = f"{v:.{nd}f}"
     if _is_true(row["bound"]):
         s = "≤ " + s
+    elif row.get("estimate") == "truncated":
+        s = "≈ " + s + " (t_min)"
     lo, hi = row["ci_low"], row["ci_high"]
     if lo is not None and hi is not None and not (isinstance(lo, float) and math.isnan(lo)) and hi - lo > 1e-9:
-        s += f" ±{(hi - lo) / 2:.2f}"
+        s += f" ±{(hi - lo) / 2:.{nd}f}"
     return s
 
 
@@ -113,7 +125,7 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
         cols = list(dict.fromkeys(t["col"]))
         best = {}
         for c in cols:
-            g = t[(t["col"] == c) & (t["model"] != SOURCE_LABEL)].dropna(subset=["value"])
+            g = t[(t["col"] == c) & (~t["model"].isin(SOURCES))].dropna(subset=["value"])
             if len(g) > 1:
                 best[c] = g["value"].min()
         lines = ["| Size | Model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -127,13 +139,15 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
                     continue
                 r = r.iloc[0]
                 s = _fmt(r)
-                if c in best and r["value"] == best[c] and model != SOURCE_LABEL:
+                if c in best and r["value"] == best[c] and model not in SOURCES:
                     s = f"**{s}**"
                 cells.append(s)
             lines.append(f"| {size if size != last_size else ''} | {model} | " + " | ".join(cells) + " |")
             last_size = size
         body = "\n".join(lines) + "\n"
-    notes = ["", f"Metric: {metric} (perplexity; \"≤\" marks an upper bound; ± is the CI half-width, "
+    what = "perplexity" if metric == "ppl" else EXTRA_METRICS.get(metric, metric)
+    notes = ["", f"Metric: {metric} ({what}; \"≤\" marks an upper bound, \"≈ … (t_min)\" an estimate "
+                 "truncated at t_min > 0, which is not a bound; ± is the CI half-width, "
                  "over seeds when n_seeds > 1, else the protocol's Monte-Carlo interval). Best per column in bold."]
     for r in failed:
         notes.append(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} ({r.get('run_id')}): {r.get('error')}")
@@ -142,22 +156,224 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
     return body + "\n".join(notes) + "\n"
 
 
-def write(out: Path, fmt: str | None = None) -> tuple[str, list[str]]:
-    """Write leaderboard.csv, leaderboard.md and training.png (loss curves) into ``out``;
-    return (text in ``fmt``, problems)."""
+# ----------------------------------------------------------------------------- sample quality
+SOURCE_TEXT = "Source text"
+SAMPLE_COLUMNS = ["gen_ppl", "entropy", "mem", "div", "mauve", "nfe", "samples_per_s"]
+ARROW = {"gen_ppl": " ↓", "mem": " ↓", "div": " ↑", "mauve": " ↑", "nfe": " ↓", "entropy": "", "samples_per_s": " ↑"}
+HEADER = {"samples_per_s": "samples/s", "nfe": "NFE"}
+
+
+def collect_scores(out: Path, recs: list[dict]) -> list[dict]:
+    """The ``scores.json`` (bench.metrics.score) of every complete run that has one."""
+    out_scores = []
+    for r in recs:
+        p = Path(out) / "runs" / r["run_id"] / "scores.json"
+        if p.is_file():
+            try:
+                out_scores.append(json.loads(p.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue
+    return out_scores
+
+
+def sample_tidy(scores: list[dict]) -> pd.DataFrame:
+    """Tidy sample-metric rows (the leaderboard columns plus ``steps`` and ``note``): one per
+    (size, model, steps, dataset, metric, settings id), mean over seeds with the t-interval and
+    the std over seeds (one seed: MAUVE's std over its own seeds)."""
+    rows, seen_source = [], set()
+    for sc in scores:
+        ds = (sc.get("reference") or {}).get("dataset")
+        base = {"size": sc["size"], "dataset": ds, "seed": sc["seed"]}
+        sets = [({**base, "model": sc["label"], "steps": b.get("steps")}, b) for b in sc["budgets"]]
+        src = sc.get("source_text")
+        if src and (sc["size"], sc["seed"]) not in seen_source:
+            seen_source.add((sc["size"], sc["seed"]))
+            sets.append(({**base, "model": SOURCE_TEXT, "steps": None}, src))
+        for key, b in sets:
+            for metric, m in b["metrics"].items():
+                rows.append({**key, "metric": metric, "value": m.get("value"), "inner_std": m.get("std"),
+                             "protocol": m.get("id"), "note": m.get("note")})
+            for metric in ("nfe", "samples_per_s"):
+                if b.get(metric) is not None:
+                    rows.append({**key, "metric": metric, "value": b[metric], "inner_std": None,
+                                 "protocol": metric, "note": None})
+    cols = COLUMNS + ["steps", "note"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows)
+    df["steps"] = df["steps"].astype("object")
+    out = []
+    keys = ["size", "model", "steps", "dataset", "metric", "protocol"]
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, key))
+        vals = g["value"].dropna().astype(float)
+        n = len(g)
+        note = next((x for x in g["note"] if isinstance(x, str)), None)
+        row.update(bound=False, n_seeds=n, params=None, note=note)
+        if vals.empty:
+            row.update(value=None, ci_low=None, ci_high=None, std=None)
+        elif len(vals) == 1:
+            sd = g["inner_std"].dropna()
+            row.update(value=float(vals.iloc[0]), ci_low=None, ci_high=None,
+                       std=float(sd.iloc[0]) if len(sd) else None)
+        else:
+            mean, sd = float(vals.mean()), float(vals.std(ddof=1))
+            half = _t_quantile(0.95, len(vals) - 1) * sd / math.sqrt(len(vals))
+            row.update(value=mean, ci_low=mean - half, ci_high=mean + half, std=sd)
+        out.append(row)
+    t = pd.DataFrame(out)[cols]
+    t["_m"] = t["model"].map(lambda m: 2 if m == SOURCE_TEXT else 0 if m == "GPT-2" else 1)
+    t["_k"] = t["steps"].map(lambda x: -1 if x is None or (isinstance(x, float) and math.isnan(x)) else x)
+    return t.sort_values(["size", "_m", "model", "_k"], kind="stable").drop(columns=["_m", "_k"]).reset_index(drop=True)
+
+
+def _num(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt_sample(r) -> str:
+    v = r["value"]
+    if not _num(v):
+        return "—"
+    digits = 1 if r["metric"] in ("gen_ppl", "nfe", "samples_per_s") else 3
+    s = f"{v:.{digits}f}"
+    if _num(r["std"]):
+        s += f" ±{r['std']:.{digits}f}"
+    if isinstance(r.get("note"), str):
+        s += " †"
+    return s
+
+
+def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
+    """The TEncDM table's shape: rows = Size / Model / Steps, columns = the likelihood ppl on the
+    reference dataset (bound "≤", "—" for methods without one) and the sample metrics with ↓/↑;
+    best per column in bold (Source text excluded); ± is the std over seeds (one seed: over
+    MAUVE's k-means seeds); numbers under different settings get separate columns."""
+    ds = next((d for d in st["dataset"] if isinstance(d, str)), None)
+    multi = st.groupby("metric")["protocol"].nunique()
+    cols = [(m, p) for m in SAMPLE_COLUMNS for p in dict.fromkeys(st[st["metric"] == m]["protocol"])]
+    names = [f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "") for m, p in cols]
+    ppl = t[(t["metric"] == "ppl") & (t["dataset"] == ds)] if ds else t.iloc[:0]
+    best = {}
+    for m, p in cols:
+        if ARROW[m].strip() and m != "samples_per_s":
+            g = st[(st["metric"] == m) & (st["protocol"] == p) & (st["model"] != SOURCE_TEXT)].dropna(subset=["value"])
+            if len(g) > 1 and g["value"].nunique() > 1:
+                best[(m, p)] = g["value"].min() if "↓" in ARROW[m] else g["value"].max()
+    lines = [f"| Size | Model | Steps | ppl ({ds}) | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(cols)]
+    last = None
+    for (size, model, steps), g in st.groupby(["size", "model", "steps"], sort=False, dropna=False):
+        pr = ppl[(ppl["size"] == size) & (ppl["model"] == model)]
+        cells = [_fmt(pr.iloc[0]) if len(pr) else "—"]
+        for m, p in cols:
+            r = g[(g["metric"] == m) & (g["protocol"] == p)]
+            if r.empty:
+                cells.append("—")
+                continue
+            c = _fmt_sample(r.iloc[0])
+            if (m, p) in best and r.iloc[0]["value"] == best[(m, p)] and model != SOURCE_TEXT:
+                c = f"**{c}**"
+            cells.append(c)
+        st_s = "—" if not _num(steps) else str(int(steps))
+        lines.append(f"| {size if size != last else ''} | {model} | {st_s} | " + " | ".join(cells) + " |")
+        last = size
+    notes = ["", "Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
+                 "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
+                 "entropy = mean unigram entropy per sample (nats; closest to Source text is best), mem = "
+                 "fraction of 4-grams found in the training split, div = Π_{n=2..4} unique/total n-grams, "
+                 "mauve against held-out human text (Source text's mauve is the ceiling: a second human set "
+                 "against the same reference). ± is the std over seeds (over MAUVE seeds with one seed). "
+                 "Settings: scores.json of each run; metrics.json of this directory."]
+    for n in sorted({x for x in st["note"] if isinstance(x, str)}):
+        notes.append(f"- † {n}")
+    return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+
+
+def write(out: Path, fmt: str | None = None, compare: tuple[str, pd.DataFrame] | None = None
+          ) -> tuple[str, list[str]]:
+    """Write leaderboard.csv, leaderboard.md, training.png (loss curves) and learning.png
+    (intermediate evaluation) into ``out`` (with sample metrics — runs' scores.json — also the
+    TEncDM-shaped table and frontier.png); ``compare`` = (name, published table) appends our rows
+    beside the published ones to the markdown. Return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 
     recs, problems, failed = collect(out)
     t = tidy(recs)
-    csv = t.to_csv(index=False)
     md = markdown(t, problems, failed)
+    for metric in EXTRA_METRICS:
+        if (t["metric"] == metric).any():
+            md += "\n" + markdown(t, metric=metric)
+    if compare is not None:
+        md += "\n" + compare_markdown(t, *compare)
+    st = sample_tidy(collect_scores(out, recs))
+    if not st.empty:
+        md = sample_markdown(st, t) + "\n" + md
+        t = pd.concat([t.astype(object), st.astype(object)], ignore_index=True)
+        from bench.plots import frontier
+        frontier(st, Path(out) / "frontier.png")
+    csv = t.to_csv(index=False)
     atomic_write_text(Path(out) / "leaderboard.csv", csv)
     atomic_write_text(Path(out) / "leaderboard.md", md)
     from bench.plots import training_curves
     training_curves(recs, Path(out) / "training.png")
+    from bench.plots import learning_curves
+    learning_curves(recs, Path(out) / "learning.png")
     if fmt == "json":
         return json.dumps(json.loads(t.to_json(orient="records")), indent=2), problems
     if fmt == "latex":
         from bench.tables import latex
         return latex(t), problems
     return (csv if fmt == "csv" else md), problems
+
+
+def read_reference(spec: str | Path) -> tuple[str, pd.DataFrame]:
+    """A published-numbers table: ``reference/NAME`` (→ results/reference/NAME.csv, looked up
+    from the current directory and the repository) or a CSV path, with columns
+    ``model, dataset, metric, value, bound, source``. Returns (name, table)."""
+    p = Path(spec)
+    cands = [p] if p.suffix == ".csv" else []
+    if str(spec).startswith("reference/"):
+        rel = Path("results") / (str(spec) + ("" if p.suffix == ".csv" else ".csv"))
+        cands += [rel, Path(__file__).resolve().parent.parent / rel]
+    f = next((c for c in cands if c.is_file()), None)
+    if f is None:
+        raise UserError(f"--compare {spec}: no such reference table "
+                        f"(tried {', '.join(str(c) for c in cands) or 'a .csv path'})")
+    try:
+        ref = pd.read_csv(f)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise UserError(f"{f}: not a readable CSV ({type(e).__name__})") from None
+    missing = {"model", "dataset", "metric", "value", "bound", "source"} - set(ref.columns)
+    if missing:
+        raise UserError(f"{f}: missing column(s) {sorted(missing)}")
+    return f.stem, ref
+
+
+def compare_markdown(t: pd.DataFrame, name: str, ref: pd.DataFrame) -> str:
+    """Our rows beside the published ones, for each metric the reference has: one column per
+    our dataset, then one per reference dataset ("published"), rows matched by model label."""
+    out = []
+    for metric, r in ref.groupby("metric", sort=False):
+        ours = t[(t["metric"] == metric) & (~t["model"].isin(SOURCES))]
+        cols = list(dict.fromkeys(ours["dataset"]))
+        rcols = list(dict.fromkeys(r["dataset"]))
+        models = list(dict.fromkeys(list(ours["model"]) + list(r["model"])))
+        lines = [f"| Model | " + " | ".join(cols + [f"{d} (published)" for d in rcols]) + " |",
+                 "|---|" + "---|" * (len(cols) + len(rcols))]
+        for m in models:
+            cells = []
+            for c in cols:
+                g = ours[(ours["model"] == m) & (ours["dataset"] == c)]
+                cells.append(_fmt(g.iloc[0]) if len(g) else "—")
+            for d in rcols:
+                g = r[(r["model"] == m) & (r["dataset"] == d)]
+                if len(g):
+                    v = g.iloc[0]
+                    b = str(v["bound"]).strip().lower() in ("true", "1")
+                    cells.append(("≤ " if b else "") + f"{float(v['value']):.2f}")
+                else:
+                    cells.append("—")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        src = "; ".join(dict.fromkeys(r["source"].astype(str)))
+        out.append("\n".join(lines) + f"\n\nMetric: {metric}. Published ({name}): {src}.\n")
+    return "\n".join(out)

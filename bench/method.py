@@ -8,7 +8,9 @@ A method is an ``nn.Module`` built on the shared :class:`~bench.backbone.Backbon
   protocol). It must be an upper bound on −log p(x0) in expectation over u (``likelihood =
   "bound"``), or exact and independent of u (``likelihood = "exact"``); methods without a
   bound set ``likelihood = "none"`` and tables show "—".
-- ``sample(n, steps)``: unconditional samples (n, L) of token ids.
+- ``sample(n, steps, generator)``: unconditional samples (n, L) of token ids, drawn with
+  ``generator`` only, in ``steps`` network calls or fewer (the harness counts the real calls
+  of ``self.net`` as the NFE). Methods never score their own samples (bench/metrics does).
 
 ``counted`` (B, L) bool marks the tokens that count under the protocol; the others (padding,
 an injected BOS) are given to the model as clean context and never scored or noised.
@@ -54,6 +56,7 @@ class Method(nn.Module):
     display: ClassVar[str | None] = None   # default label in tables, e.g. "GPT-2"
     trains: ClassVar[bool] = True          # False: evaluated as given (a pretrained model); the
                                            # runner skips the training loop and train: is unused
+    sampler_steps: ClassVar[bool] = True   # False: sample() ignores the step budget (AR: NFE = L)
 
     def __init__(self, params: BaseModel, backbone: BackboneConfig, vocab_size: int, seq_len: int):
         super().__init__()
@@ -89,6 +92,10 @@ class Method(nn.Module):
         if cls.sample is not Method.sample:
             out.append("sampling")
         return out
+
+    def bounds(self) -> str:
+        """What the ``nll`` estimate upper-bounds (recorded beside every bound row)."""
+        return "the sampled model's NLL" if self.likelihood == "bound" else ""
 
     def forward(self, x0, counted, u):
         return self.loss(x0, counted, u)

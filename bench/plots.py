@@ -1,6 +1,7 @@
 """Plots derived from run records: training-loss curves per size, one line per model — the
 mean over its seeds with a ±1 sd band when there are several — so the figure stays readable
-(and fast) with thousands of runs.
+(and fast) with thousands of runs (``training.png``); and the learning curves of the
+intermediate evaluation (``learning.png``).
 
 Written next to the leaderboard as ``training.png``; matplotlib is optional (no plot, no
 error, when it is missing)."""
@@ -59,6 +60,131 @@ def training_curves(recs: list[dict], path: Path) -> Path | None:
         ax.set_ylabel("training loss (nats / token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def learning_curves(recs: list[dict], path: Path) -> Path | None:
+    """``learning.png``: the intermediate evaluation (``eval.curve_every``) against training
+    tokens, per size, one line per model (mean over seeds, band = min…max over seeds). Bits per
+    character for character tokens, else perplexity; the curve is measured on the first eval
+    set's first ``curve_blocks`` blocks, so its last point is close to, not equal to, the table."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return None
+    curves = [r for r in recs if r.get("train", {}).get("curve")]
+    if not curves:
+        return None
+    import math
+
+    def is_char(r):
+        p = r["train"]["curve"][0]
+        return p["char"] if "char" in p else r.get("spec", {}).get("data", {}).get("tokenizer", {}).get("name") == "char"
+
+    char = all(is_char(r) for r in curves)
+    conv = (lambda n: n / math.log(2)) if char else math.exp  # noqa: E731
+    sizes = sorted({r["size"] for r in curves})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        by_label: dict[str, list[dict]] = {}
+        for r in curves:
+            if r["size"] == size:
+                by_label.setdefault(r["label"], []).append(r)
+        for label in sorted(by_label):
+            runs = by_label[label]
+            n = min(len(r["train"]["curve"]) for r in runs)
+            xs = np.array([p["tokens"] for p in runs[0]["train"]["curve"][:n]], dtype=float)
+            ys = np.array([[conv(p["nll_per_token"]) for p in r["train"]["curve"][:n]] for r in runs])
+            line, = ax.plot(xs, ys.mean(0), lw=1.6, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            if len(runs) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        p0 = curves[0]["train"]["curve"][0]
+        nb = p0.get("blocks", curves[0].get("spec", {}).get("eval", {}).get("curve_blocks", "?"))
+        ax.set_title(f"size {size}: {p0.get('dataset', '')}, first {nb} test blocks")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("bits per character (≤ for bounds)" if char else "perplexity (≤ for bounds)")
+        if not char:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def frontier(st, path: Path) -> Path | None:
+    """``frontier.png``: generative perplexity against entropy and against NFE, one line per
+    method across its step budgets (per size), Source text as a reference mark. Low gen ppl
+    from repetitive text shows up as a point far left (low entropy)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import math
+
+    def val(g, metric):
+        r = g[g["metric"] == metric]["value"].dropna()
+        return float(r.iloc[0]) if len(r) else None
+
+    sizes = list(dict.fromkeys(st["size"]))
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
+    drew = False
+    for row, size in zip(axes, sizes):
+        s = st[st["size"] == size]
+        colors = {}
+        for model, g in s.groupby("model", sort=False):
+            pts = []
+            for steps, h in g.groupby("steps", sort=False, dropna=False):
+                y, e, n = val(h, "gen_ppl"), val(h, "entropy"), val(h, "nfe")
+                if y is not None:
+                    pts.append((steps, y, e, n))
+            if not pts:
+                continue
+            pts.sort(key=lambda p: -1 if p[0] is None or (isinstance(p[0], float) and math.isnan(p[0])) else p[0])
+            if model == "Source text":
+                for ax, x in ((row[0], pts[0][2]), (row[1], None)):
+                    ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="Source text (gen ppl)")
+                    if x is not None:
+                        ax.plot([x], [pts[0][1]], "k*", ms=12, label="Source text")
+                continue
+            c = colors.setdefault(model, f"C{len(colors)}")
+            for ax, xi in ((row[0], 2), (row[1], 3)):
+                xs = [p[xi] for p in pts if p[xi] is not None]
+                ys = [p[1] for p in pts if p[xi] is not None]
+                if xs:
+                    ax.plot(xs, ys, "o-", color=c, label=model, lw=1.2)
+                    for p in pts:
+                        if p[xi] is not None and p[0] is not None and not (isinstance(p[0], float) and math.isnan(p[0])):
+                            ax.annotate(f"{int(p[0])}", (p[xi], p[1]), fontsize=7, xytext=(3, 3),
+                                        textcoords="offset points", color=c)
+                    drew = True
+        row[0].set_xlabel("unigram entropy of samples (nats)")
+        row[1].set_xlabel("NFE (network calls per sample; log scale)")
+        row[1].set_xscale("log")
+        for ax in row:
+            ax.set_ylabel("generative perplexity (log scale)")
+            ax.set_yscale("log")
+            ax.set_title(f"size {size}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps)")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    if not drew:
+        plt.close(fig)
+        return None
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")

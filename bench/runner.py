@@ -8,12 +8,15 @@ latest checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 from bench.config import RunSpec
 from bench.errors import UserError
@@ -79,17 +82,57 @@ def build_method(spec: RunSpec, vocab_size: int):
     return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len)
 
 
+def estimate_kind(method, protocol) -> str:
+    """What a likelihood number of ``method`` is under ``protocol``: ``exact``, ``bound``, or
+    ``truncated`` — a bound evaluated with t_min > 0 estimates (1 − t_min)⁻¹ ∫_{t_min}^1 of the
+    integrand, which is not a bound of the whole integral, so it never goes in a bound column."""
+    if method.likelihood == "bound" and protocol.t_min > 0:
+        return "truncated"
+    return method.likelihood
+
+
+def bpc_row(row: dict) -> dict:
+    """The ``bpc`` metric of a character-level ``ppl`` row: bits per character = log₂ ppl."""
+    lg = lambda v: None if v is None else math.log2(v)  # noqa: E731
+    return {**row, "metric": "bpc", "value": lg(row["value"]), "ci_low": lg(row["ci_low"]),
+            "ci_high": lg(row["ci_high"])}
+
+
+def paired_gap(nll: np.ndarray, ntok: np.ndarray, source_nll: np.ndarray, confidence: float) -> dict:
+    """Gap (nats per token) between a row's NLL estimates and the source's exact NLL of the very
+    same blocks, Σ_i (n_i − s_i) / Σ_i c_i, with a paired ratio-estimator interval over blocks
+    (it contains both the t draws' and the test set's sampling error; pairing removes the
+    blocks' own variation, which dominates either NLL alone)."""
+    from statistics import NormalDist
+
+    d = nll.mean(1) - source_nll
+    C = ntok.sum()
+    g = d.sum() / C
+    N = len(d)
+    se = math.sqrt(N / max(N - 1, 1) * ((d - g * ntok) ** 2).sum()) / C
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    return {"value": float(g), "ci_low": float(g - z * se), "ci_high": float(g + z * se),
+            "se_nll_per_token": se, "n_tokens": int(C), "n_seqs": int(N)}
+
+
 def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[dict]]:
-    """The ppl metric for every eval dataset, and the true source ppl for synthetic ones."""
-    from bench.data import load_blocks, true_nll_per_token
+    """For every eval dataset: the ``ppl`` metric (and ``bpc`` for character tokens); for
+    synthetic sources also the source's expected per-token entropy ("Source (true)"), its
+    exact NLL of the very test blocks ("Source (test blocks)") and each row's paired ``gap``
+    to it."""
+    from bench.data import load_blocks, source_nll_of_blocks, true_nll_per_token
     from bench.evaluate import per_sequence_nll, summarize
 
     protocol = spec.protocol()
     pid = protocol.id
+    kind = estimate_kind(method, protocol)
+    char = spec.data.tokenizer.name == "char"
     metrics, reference = [], []
     for ref in spec.data.eval:
-        row = {"dataset": ref.key, "metric": "ppl", "protocol_id": pid,
-               "bound": method.likelihood == "bound"}
+        row = {"dataset": ref.key, "metric": "ppl", "protocol_id": pid, "bound": kind == "bound",
+               "estimate": kind}
+        if kind in ("bound", "truncated"):
+            row["bounds"] = method.bounds()
         if method.likelihood == "none":
             metrics.append({**row, "value": None, "ci_low": None, "ci_high": None, "bound": None})
             continue
@@ -101,27 +144,62 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
                              scheme=protocol.t_sampling))
         row["eval_s"] = round(time.time() - t0, 2)
         metrics.append(row)
-        log(f"{ref.key}: ppl {'≤ ' if row['bound'] else ''}{row['value']:.3f} "
+        if char:
+            metrics.append(bpc_row(row))
+        mark = {"bound": "≤ ", "truncated": "≈ (truncated, t_min > 0) "}.get(kind, "")
+        log(f"{ref.key}: ppl {mark}{row['value']:.3f} "
             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] over {row['n_tokens']} tokens")
         h = true_nll_per_token(ref, spec.data.seq_len)
         if h is not None:
-            import math
+            s = source_nll_of_blocks(ref, blocks.tokens)
+            C = float(ntok.sum())
             reference.append({"dataset": ref.key, "metric": "ppl", "value": math.exp(h),
                               "protocol_id": pid, "bound": False, "label": "Source (true)"})
+            reference.append({"dataset": ref.key, "metric": "ppl", "value": math.exp(s.sum() / C),
+                              "protocol_id": pid, "bound": False, "label": "Source (test blocks)"})
+            gap = paired_gap(nll, ntok, s, protocol.confidence)
+            metrics.append({"dataset": ref.key, "metric": "gap", "protocol_id": pid, "bound": False,
+                            "estimate": "paired", **gap})
+            log(f"{ref.key}: gap to the source's NLL of these blocks {gap['value']:+.4f} nats/token "
+                f"[{gap['ci_low']:+.4f}, {gap['ci_high']:+.4f}]")
     return metrics, reference
 
 
-def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path) -> int:
-    import torch
+def learning_probe(method, spec: RunSpec, device):
+    """The cheap intermediate evaluation behind learning.png (``eval.curve_every`` > 0): the NLL
+    per token on the first ``curve_blocks`` blocks of the first eval set with
+    ``curve_t_samples`` t draws; None when off or the method has no likelihood."""
+    from bench.data import load_blocks
+    from bench.evaluate import per_sequence_nll
 
+    e = spec.eval
+    if not e.curve_every or method.likelihood == "none":
+        return None
+    ref = spec.data.eval[0]
+    blocks = load_blocks(ref, "test", spec.data, e.packing).head(e.curve_blocks)
+    protocol = spec.protocol().model_copy(update={"t_samples": e.curve_t_samples})
+    tokens, counted = np.array(blocks.tokens), np.array(blocks.counted)
+
+    def probe(model, step: int, seen: int) -> dict:
+        was = model.training
+        nll, ntok = per_sequence_nll(model, tokens, counted, protocol, e.batch_size, e.seed, device,
+                                     desc="curve")
+        model.train(was)
+        return {"step": step, "tokens": seen, "dataset": ref.key, "blocks": len(tokens),
+                "char": spec.data.tokenizer.name == "char",
+                "nll_per_token": round(float(nll.mean(1).sum() / ntok.sum()), 6)}
+
+    probe.every = e.curve_every
+    return probe
+
+
+def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path, log=None) -> int:
+    """``eval.samples`` samples per step budget into ``samples.jsonl`` (bench.samples)."""
     if spec.eval.samples <= 0 or "sampling" not in method.supports():
         return 0
-    g = torch.Generator(device=method.device).manual_seed(spec.eval.seed)
-    x = method.sample(spec.eval.samples, spec.eval.sample_steps, generator=g).cpu().tolist()
-    lines = [json.dumps({"ids": ids, "text": tokenizer.decode(ids)}) for ids in x]
-    from bench.records import atomic_write_text
-    atomic_write_text(run_dir / "samples.jsonl", "\n".join(lines) + "\n")
-    return len(lines)
+    from bench.samples import write_run_samples
+
+    return write_run_samples(method, spec, tokenizer, run_dir, log=log)
 
 
 def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None,
@@ -203,7 +281,8 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         if method.trains:
             train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
             log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
-            stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch)
+            stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch,
+                          curve=learning_probe(method, spec, accelerator.device))
         else:  # a pretrained model evaluated as given (Method.trains = False)
             log(f"{params['params']:,} parameters; {spec.label} is evaluated as given (no training)")
             stats = {"steps": 0, "tokens": 0, "trained": False, "final_loss": None, "tokens_per_s": None}
@@ -216,7 +295,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         write_progress(run_dir, phase="eval", step=stats["steps"], total=spec.train.steps,
                        loss=stats["final_loss"], tokens_per_s=stats["tokens_per_s"], eta_s=None, pid=os.getpid())
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
-        n_samples = write_samples(method, spec, tokenizer, run_dir)
+        n_samples = write_samples(method, spec, tokenizer, run_dir, log)
         write_record(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
                                    "train": stats, "samples": n_samples, "method_info": method.info(), "env": env,
                                    "finished": now()})

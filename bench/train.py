@@ -196,7 +196,10 @@ def load_checkpoint_deepspeed(ckpt: Path, accelerator, engine, sched, ema) -> di
 
 # ----------------------------------------------------------------------------- loop
 def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=print,
-          micro_batch: int | None = None) -> dict:
+          micro_batch: int | None = None, curve=None) -> dict:
+    """Train ``method`` to ``spec.train.steps``. ``curve`` (optional): a callable
+    ``curve(model, step, tokens) -> dict`` called on the main process every ``curve.every``
+    steps; its points are kept in the checkpointed state (a resumed run keeps its curve)."""
     from bench.distributed import NONE, REQUEUE, batch_plan, current_guard, is_deepspeed, param_checksum
 
     cfg = spec.train
@@ -291,6 +294,11 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
         tokens_here += C
         state["losses"].append(round(step_loss, 6))
         state["step"] = step + 1
+        if curve is not None and state["step"] % curve.every == 0 and accelerator.is_main_process:
+            tc = time.time()
+            state.setdefault("curve", []).append(curve(accelerator.unwrap_model(model), state["step"],
+                                                       state["tokens"]))
+            state["curve_s"] = state.get("curve_s", 0.0) + time.time() - tc
         el = time.time() - t0
         bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{tokens_here / max(el, 1e-9):,.0f}", refresh=False)
         if main and (time.time() - last_progress >= PROGRESS_EVERY_S or state["step"] == cfg.steps):
@@ -334,4 +342,5 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
             "world_size": world, "micro_batch": plan.micro, "grad_accum": plan.accum,
             "engine": "deepspeed" if ds else "ddp" if world > 1 else "single",
             "compiled": bool(cfg.compile), "fused_adamw": fused,
-            "param_checksums": checksums}
+            "param_checksums": checksums, "curve": state.get("curve", []),
+            "curve_s": round(state.get("curve_s", 0.0), 3)}

@@ -28,7 +28,7 @@ the true posterior p(x_0^i | x_t)). The network parameterises π ∝ exp(f_θ)·
 makes this identical to the paper's eq. 4, p_θ ∝ Σ q(x_{t−1},x_t|x̃0) p̃_θ(x̃0|x_t).
 A_i cancels in the KL: KL_t = Σ_i q_i [log B_i(x_0) − log D(x_0) − log M_i], a sum over i that
 only needs Σ_i log(c₁π_i + c₂) and a few gathers, computed in one fused, chunked autograd node
-(``softmax_stats``) whose only full-size tensor is the gradient of the logits. For absorbing, at
+(``softmax_stats``, methods/_discrete.py) whose only full-size tensor is the gradient of the logits. For absorbing, at
 a masked position KL_t = a(1−k)/(1−ak) · (−log π_{x_0}) and 0 elsewhere (carry-over: unmasked
 tokens are copied, the denoiser never predicts [MASK]).
 
@@ -41,9 +41,12 @@ Estimator: t = ⌈u·T⌉ is uniform on {1..T} when u ~ U(0,1), so T·KL_t + pri
 harness supplies K stratified u per sequence. Prior p(x_T): uniform for ``uniform``;
 (1−ᾱ_T)·δ_[MASK] + ᾱ_T·Uniform for ``absorb`` (= δ_[MASK] here), KL = ᾱ_T·log|V| per token.
 
-Training loss (nats per counted token): ``hybrid`` L_vb + λ·E[−log p_θ(x_0|x_t)] (λ =
-``hybrid_lambda``, default 0.01 for absorbing, 0 for uniform as in D3PM's text experiments),
-with L_vb the same T·KL_t + prior estimate; or ``ce`` the plain denoising cross-entropy. The CE
+Training loss (nats per counted token): ``hybrid`` KL_t + λ·E[−log p_θ(x_0|x_t)] at the drawn
+t (λ = ``hybrid_lambda``, default 0.01 for absorbing, 0 for uniform), weighted as the reference
+implementation does (google-research d3pm, text: ``vb_loss + hybrid_coeff · ce_loss`` with the
+per-step KL_t, the t = 1 member being the reconstruction term): the factor T and the prior
+belong to the ELBO estimate only, so λ is relative to one step's KL, not to T·KL_t; or ``ce``
+the plain denoising cross-entropy. The CE
 is taken on the same p_θ(x̃0|x_t) the bound uses (the likelihood-multiplied one; D3PM puts it on
 p̃_θ, which for absorbing is the same thing at the masked positions).
 Sampler: ancestral, ``steps`` strided steps T = t_0 > … > t_steps = 0 through the same
@@ -59,7 +62,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
-from methods.score import _rows
+from methods._discrete import GRAPHS, safe_log, softmax_stats
 
 # (x_t, t) -> logits of p_θ(x_0 | x_t) over the V real tokens, (B, L, V); t is the integer step.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -86,86 +89,7 @@ def discrete_t(u: torch.Tensor, T: int) -> torch.Tensor:
     return torch.ceil(u.double() * T).long().clamp(1, T)
 
 
-# ----------------------------------------------------------------------------- forward process
-def q_sample(x0, counted, abar_t, transition: str, V: int, generator=None):
-    """x_t ~ q(x_t | x_0) for counted tokens (others stay clean). Returns (x_t, noised mask)."""
-    shape, dev = x0.shape, x0.device
-    hit = (torch.rand(shape, generator=generator, device=dev, dtype=torch.float64)
-           >= abar_t.to(dev)[:, None]) & counted
-    if transition == "absorb":
-        return torch.where(hit, torch.full_like(x0, V), x0), hit
-    rnd = torch.randint(0, V, shape, generator=generator, device=dev)
-    return torch.where(hit, rnd, x0), counted  # every counted token is a noised (scored) one
-
-
 # ----------------------------------------------------------------------------- KL terms
-class _SoftmaxStats(torch.autograd.Function):
-    """Fused reductions of logits z (..., V), π = softmax(z), over the last axis:
-
-        lse = log Σ_y e^{z_y},   z0 = z[i0],   z1 = z[i1],
-        mix = Σ_y log(c₁·π_y + c₂),   c₂ = α + β·π_{i1}        (only when c₁ is given)
-
-    with per-row constants c₁ > 0, α, β (schedule-derived, no gradient). Rows are processed in
-    chunks, so besides z only its gradient is ever a full (B, L, V) tensor; the backward is
-    written out: with w_y = c₁π_y/M_y, M = c₁π + c₂ and γ = β·π_{i1}·Σ_y 1/M_y,
-    ∂mix/∂z = w − π(Σw + γ) + γ·e_{i1}, ∂lse/∂z = π, ∂z_i/∂z = e_i."""
-
-    @staticmethod
-    def forward(ctx, z, i0, i1, c1, alpha, beta):
-        Z, chunks = _rows(z)
-        I0, I1 = i0.reshape(-1, 1), i1.reshape(-1, 1)
-        lse = torch.cat([torch.logsumexp(Z[sl], -1) for sl in chunks])
-        z0, z1 = Z.gather(-1, I0)[:, 0], Z.gather(-1, I1)[:, 0]
-        mix = None
-        if c1 is not None:
-            lc1 = torch.log(c1.reshape(-1, 1))
-            lc2 = torch.log(alpha.reshape(-1) + beta.reshape(-1) * torch.exp(z1 - lse))[:, None]
-            mix = torch.cat([torch.logaddexp(Z[sl] - lse[sl, None] + lc1[sl], lc2[sl]).sum(-1)
-                             for sl in chunks])
-        ctx.save_for_backward(z, i0, i1, c1, alpha, beta, lse)
-        shape = z.shape[:-1]
-        out = (lse.view(shape), z0.view(shape), z1.view(shape))
-        return out + ((mix.view(shape),) if mix is not None else (torch.zeros(shape, dtype=z.dtype),))
-
-    @staticmethod
-    def backward(ctx, g_lse, g0, g1, g_mix):
-        z, i0, i1, c1, alpha, beta, lse = ctx.saved_tensors
-        Z, chunks = _rows(z)
-        I0, I1 = i0.reshape(-1, 1), i1.reshape(-1, 1)
-        g_lse, g0, g1, g_mix = (g.reshape(-1, 1) for g in (g_lse, g0, g1, g_mix))
-        lse = lse[:, None]
-        G = torch.empty_like(Z)
-        if c1 is not None:
-            lc1 = torch.log(c1.reshape(-1, 1))
-            p1 = torch.exp(Z.gather(-1, I1) - lse)
-            c2 = alpha.reshape(-1, 1) + beta.reshape(-1, 1) * p1
-            lc2 = torch.log(c2)
-        for sl in chunks:
-            lp = Z[sl] - lse[sl]
-            pi = lp.exp()
-            gc = pi * g_lse[sl]
-            if c1 is not None:
-                u = lp + lc1[sl] - lc2[sl]
-                w = torch.sigmoid(u)
-                inv_M = torch.sigmoid(-u).sum(-1, keepdim=True) / c2[sl]   # Σ_y 1/M_y = Σ (1 − w_y)/c₂
-                gamma = torch.where(c2[sl] > 0, beta.reshape(-1, 1)[sl] * p1[sl] * inv_M, torch.zeros_like(inv_M))
-                gc += g_mix[sl] * (w - pi * (w.sum(-1, keepdim=True) + gamma))
-                gc.scatter_add_(-1, I1[sl], g_mix[sl] * gamma)
-            gc.scatter_add_(-1, I0[sl], g0[sl]).scatter_add_(-1, I1[sl], g1[sl])
-            G[sl] = gc
-        return G.view(z.shape), None, None, None, None, None
-
-
-def softmax_stats(z, i0, i1=None, mix: tuple | None = None):
-    """(lse, z[i0], z[i1], Σ_y log(c₁π_y + α + β·π_{i1})) for mix = (c₁, α, β); see _SoftmaxStats."""
-    c1, alpha, beta = mix if mix is not None else (None, None, None)
-    return _SoftmaxStats.apply(z, i0, i0 if i1 is None else i1, c1, alpha, beta)
-
-
-def _log(x):
-    return torch.log(x.clamp_min(1e-300 if x.dtype == torch.float64 else 1e-37))
-
-
 def kl_absorb(z, x0, x_t, abar_s, abar_t, mask_id):
     """Per-position KL(q(x_s|x_t,x_0) ‖ p_θ(x_s|x_t)) for absorbing, (B, L): nonzero only at
     masked positions, where it is (ᾱ_s − ᾱ_t)/(1 − ᾱ_t) · (−log π_{x_0}). Also returns
@@ -202,25 +126,16 @@ def kl_uniform(z, x0, x_t, abar_s, abar_t):
     alpha, beta = c((1 - a) / V / Do).expand_as(x0), c((1 - a) / V * (1 / Dx - 1 / Do)).expand_as(x0)
     lse, z_x0, z_xt, mix = softmax_stats(z, x0, x_t, mix=(c1, alpha, beta))   # mix = Σ_i log(c₁π_i + c₂)
     lp_x0, lp_xt = z_x0 - lse, z_xt - lse
-    log_c2 = _log(alpha + beta * lp_xt.exp())
-    logM_xt = torch.logaddexp(_log(c1x) + lp_xt, log_c2)
-    sum_logM_not_xt = mix - torch.logaddexp(_log(c1) + lp_xt, log_c2)
-    logM_x0 = torch.logaddexp(_log(c1) + lp_x0, log_c2)                 # used only when x_0 ≠ x_t
+    log_c2 = safe_log(alpha + beta * lp_xt.exp())
+    logM_xt = torch.logaddexp(safe_log(c1x) + lp_xt, log_c2)
+    sum_logM_not_xt = mix - torch.logaddexp(safe_log(c1) + lp_xt, log_c2)
+    logM_x0 = torch.logaddexp(safe_log(c1) + lp_x0, log_c2)                 # used only when x_0 ≠ x_t
     q_log_M = c(q_o) * sum_logM_not_xt + c(q_xt) * logM_xt + \
         torch.where(same, torch.zeros_like(lp_x0), c(q_x0 - q_o) * logM_x0)
-    q_log_B = c(q_x0) * _log(c(Bx0)) + c(1 - q_x0) * _log(c(Bo))
-    kl = q_log_B - _log(c(D)) - q_log_M
+    q_log_B = c(q_x0) * safe_log(c(Bx0)) + c(1 - q_x0) * safe_log(c(Bo))
+    kl = q_log_B - safe_log(c(D)) - q_log_M
     recon = a.expand_as(lp_x0) >= 1                                    # s = 0: q(x_0|x_1,x_0) = δ
     return torch.where(recon, -lp_x0, kl), lp_x0
-
-
-def prior_kl(abar_T: torch.Tensor, V: int, transition: str) -> torch.Tensor:
-    """KL(q(x_T|x_0) ‖ p(x_T)) per token (nats), (B,). absorb: p = (1−ᾱ_T)δ_m + ᾱ_T·U."""
-    a = abar_T.double()
-    if transition == "absorb":
-        return a * math.log(V)
-    # q_hit = a + (1−a)/V, q_other = (1−a)/V, p = 1/V
-    return torch.xlogy(a + (1 - a) / V, 1 + a * (V - 1)) + (V - 1) * (1 - a) / V * torch.log1p(-a.clamp(max=1 - 1e-16))
 
 
 def log_reverse_uniform(z, x_t, abar_s, abar_t):
@@ -234,7 +149,7 @@ def log_reverse_uniform(z, x_t, abar_s, abar_t):
     A = torch.where(is_xt, k + (1 - k) / V, (1 - k) / V)
     S = (lp.exp() / D).sum(-1, keepdim=True)
     M = a * lp.exp() / D + (1 - a) / V * S
-    return _log(A) + _log(M)
+    return safe_log(A) + safe_log(M)
 
 
 # ----------------------------------------------------------------------------- method
@@ -243,7 +158,7 @@ class D3PMParams(Params):
     T: PositiveInt = Field(1000, description="number of discrete diffusion steps")
     schedule: Optional[Literal["linear", "cosine"]] = Field(
         None, description="ᾱ_t schedule; default linear (absorb) / cosine (uniform)")
-    loss: Literal["hybrid", "ce"] = Field("hybrid", description="L_vb + λ·CE, or plain CE")
+    loss: Literal["hybrid", "ce"] = Field("hybrid", description="KL_t + λ·CE (the reference weighting), or plain CE")
     hybrid_lambda: Optional[float] = Field(
         None, ge=0, description="λ of the hybrid loss; default 0.01 (absorb) / 0 (uniform)")
     float64_sampling: bool = True
@@ -272,6 +187,10 @@ class D3PM(Method):
     def default_label(cls, params) -> str:
         return f"D3PM {params.transition.capitalize()}"
 
+    def __init__(self, params, backbone, vocab_size, seq_len):
+        super().__init__(params, backbone, vocab_size, seq_len)
+        self.graph = GRAPHS[self.p.transition]   # the transition family: absorb or uniform
+
     def abar(self, t):
         return alpha_bar(t, self.p.T, self.p.schedule)
 
@@ -284,40 +203,40 @@ class D3PM(Method):
         at x̃_0 = x_t; absorbing: it is the carry-over (applied inside kl_absorb), a constant at
         [MASK]."""
         z = self.net(x_t, t.float() / self.p.T).float()
-        if self.p.transition == "uniform":
+        if not self.graph.absorbing:
             a = self.abar(t).to(z.device)
             bonus = torch.log1p(self.V * a / (1 - a).clamp_min(1e-300)).to(z.dtype)  # (B,)
             z = z.scatter_add(-1, x_t[..., None], bonus[:, None, None].expand(-1, x_t.shape[1], 1))
         return z
 
     def terms(self, x0, counted, t, denoise: Denoiser | None = None, x_t=None):
-        """Per-sequence (T·KL_t + prior, denoising CE) in nats for one draw x_t ~ q(x_t|x_0)
+        """Per-sequence (T·KL_t + prior, denoising CE, KL_t) in nats for one draw x_t ~ q(x_t|x_0)
         (or the given x_t: the oracle tests take exact expectations by enumerating it)."""
         denoise = denoise or self.denoise
-        T, tr = self.p.T, self.p.transition
+        T, graph = self.p.T, self.graph
         s = t - 1
         a_s, a_t = self.abar(s).to(x0.device), self.abar(t).to(x0.device)
         if x_t is None:
-            x_t, noised = q_sample(x0, counted, a_t, tr, self.V)
-        else:
-            noised = (x_t == self.mask_id) & counted if tr == "absorb" else counted
+            x_t = graph.corrupt(x0, counted, a_t, self.V)
+        noised = graph.scored(x_t, counted, self.mask_id)
         z = denoise(x_t, t)
-        kl, lp_x0 = kl_absorb(z, x0, x_t, a_s, a_t, self.mask_id) if tr == "absorb" else \
+        kl, lp_x0 = kl_absorb(z, x0, x_t, a_s, a_t, self.mask_id) if graph.absorbing else \
             kl_uniform(z, x0, x_t, a_s, a_t)
-        prior = prior_kl(self.abar(torch.full_like(t, T)).to(x0.device), self.V, tr)
-        bound = T * (kl * counted).sum(1) + prior.to(kl.dtype) * counted.sum(1)
+        prior = graph.prior_kl(self.abar(torch.full_like(t, T)).to(x0.device), self.V)
+        kl_t = (kl * counted).sum(1)
+        bound = T * kl_t + prior.to(kl.dtype) * counted.sum(1)
         ce = -(lp_x0 * noised).sum(1)
-        return bound, ce
+        return bound, ce, kl_t
 
     def nll(self, x0, counted, u, denoise: Denoiser | None = None, x_t=None):
         return self.terms(x0, counted, discrete_t(u, self.p.T).to(x0.device), denoise, x_t)[0]
 
     def loss(self, x0, counted, u):
-        bound, ce = self.terms(x0, counted, discrete_t(u, self.p.T).to(x0.device))
+        _, ce, kl_t = self.terms(x0, counted, discrete_t(u, self.p.T).to(x0.device))
         n = counted.sum().clamp(min=1)
         if self.p.loss == "ce":
             return ce.sum() / n
-        return (bound.sum() + self.p.hybrid_lambda * ce.sum()) / n
+        return (kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None, denoise: Denoiser | None = None):
@@ -326,17 +245,12 @@ class D3PM(Method):
         steps = max(1, min(steps, T))
         grid = torch.round(torch.linspace(T, 0, steps + 1, dtype=torch.float64)).long().unique_consecutive()
         a_T = self.abar(torch.tensor([T]))
-        if self.p.transition == "absorb":  # prior: [MASK] w.p. 1 − ᾱ_T, else a uniform token
-            x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=dev)
-            keep = torch.rand(x.shape, generator=generator, device=dev, dtype=torch.float64) < a_T.item()
-            x = torch.where(keep, torch.randint(0, V, x.shape, generator=generator, device=dev), x)
-        else:
-            x = torch.randint(0, V, (n, self.L), generator=generator, device=dev)
+        x = self.graph.prior_sample(n, self.L, a_T.item(), V, self.mask_id, generator, dev)
         for t_, s_ in zip(grid[:-1].tolist(), grid[1:].tolist()):
             tt = torch.full((n,), t_, dtype=torch.long, device=dev)
             a_s, a_t = self.abar(torch.tensor([s_])).item(), self.abar(torch.tensor([t_])).item()
             z = denoise(x, tt)
-            if self.p.transition == "absorb":
+            if self.graph.absorbing:
                 x0_hat = gumbel_argmax(z, generator, f64)
                 p_reveal = 1.0 if s_ == 0 else (a_s - a_t) / (1 - a_t)
                 u = torch.rand(x.shape, generator=generator, device=dev, dtype=torch.float64)

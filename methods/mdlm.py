@@ -17,23 +17,39 @@ The reconstruction term at t = 0 is zero (nothing is masked). With the exact con
 denoiser this bound equals −log p(x_0) (it averages the any-order AR decompositions, Ou et
 al. 2024), which the oracle test checks.
 
-Evaluation uses the same NELBO in its masked-count form (an exact change of variables: the
-probability that t ~ U(0,1) masks a given set of m of the n counted tokens, weighted by 1/t, is
-∫ t^{m−1}(1−t)^{n−m} dt = 1/(m·C(n,m))), so
+Evaluation (``estimator: beta``, the default) estimates the same NELBO with bounded weights.
+The probability that t ~ U(0,1) masks a given set M of m of the n counted tokens, times the
+weight 1/t, is t^{m−1}(1−t)^{n−m} = B(m, n−m+1)·Beta(t; m, n−m+1), with B(m, n−m+1) =
+1/(m·C(n,m)). So the time form is exactly
 
-    L = n · E_{m ~ U{1..n}} E_{M ⊂ counted, |M| = m} [ (1/m) · Σ_{i∈M} −log p_θ(x_0^i | x_M masked) ].
+    L = n · E_{m ~ U{1..n}} E_{M ⊂ counted, |M| = m} E_{t ~ Beta(m, n−m+1)} [ (1/m) · Σ_{i∈M} −log p_θ(x_0^i | x_M masked, t) ]
 
-Its weights n/m are bounded by n, whereas the time form's 1/t weight has unbounded variance as
-t → 0 (E[(w·CE)²] ~ 1/t); both have the same expectation, the count form gives honest
-confidence intervals. The harness's u maps to m = ⌈u·n⌉ (stratified u → stratified m); the
-network is conditioned on t = m/n. ``estimator: time`` selects the time form instead.
+— an importance reweighting of the time form: draw m, mask a uniform m-subset, draw t from its
+posterior given m, feed the network that t. The weights n/m are bounded by n, whereas the time
+form's 1/t weight has unbounded variance as t → 0 (E[(w·CE)²] ~ 1/t), so the interval is honest.
+The harness's u maps to m = ⌈u·n⌉ (stratified u → stratified m).
+
+``estimator: count`` is the pure masked-count form of earlier versions: the same draw of (m, M)
+but the network is fed t = m/n. Its expectation equals L only for a denoiser that ignores t;
+ours is t-conditioned (adaLN), so this form bounds −log of the *any-order autoregressive model*
+built from the network at t = m/n (Ou et al. 2024; Hoogeboom et al. 2022), not of the diffusion
+model that ``sample`` draws from. Rows evaluated with it say so (label and record).
+``estimator: time`` is the plain time form (t = u; unbounded weights).
 
 Sampler: ancestral, T steps from t = 1 to 0; between t and s < t each masked token is
 revealed with probability (α_s − α_t)/(1 − α_t) = (t − s)/t, drawn from p_θ(x_0 | x_t).
+
+``time_conditioning: false`` (MDLM's option) feeds the network t ≡ 0: the SUBS denoiser then
+depends on x_t only, which is all it needs (the number of masks carries the time). Only then
+is p_θ(x_0 | x_t) unchanged when no token changed in a step, and the sampler reuses it instead
+of calling the network again (MDLM's caching sampler), per sequence: a step calls the network
+only on the rows of the batch that changed (none: no call). The same samples, fewer calls.
 """
 from __future__ import annotations
 
 from typing import Callable, Literal
+
+from pydantic import Field
 
 import torch
 import torch.nn.functional as F
@@ -68,22 +84,51 @@ def nelbo(x0, counted, t, denoise: Denoiser, mask_id: int) -> torch.Tensor:
     return elbo_weight(t) * (ce * masked).sum(1)
 
 
-def nelbo_masked_count(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch.Tensor:
-    """Per-sequence one-sample estimate of the same NELBO in masked-count form, (B,)."""
+def count_weight(n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """n/m: the weight of the m masked tokens' loss in the masked-count forms (n counted)."""
+    return n / m
+
+
+def _mask_m_subset(x0, counted, u, mask_id):
+    """m = ⌈u·n⌉ of the n counted tokens, a uniform m-subset of them masked: (x_t, masked, n, m)."""
     n = counted.sum(1)                                                   # counted tokens
     m = torch.ceil(u * n).clamp(min=1).minimum(n.clamp(min=1))           # tokens to mask
     score = torch.rand(x0.shape, device=x0.device).masked_fill(~counted, 2.0)
     rank = score.argsort(1).argsort(1)                                   # random order of counted
     masked = (rank < m[:, None]) & counted
-    x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    log_p = denoise(x_t, m / n.clamp(min=1))
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked, n, m
+
+
+def _weighted_ce(x0, x_t, masked, n, m, t, denoise: Denoiser):
+    log_p = denoise(x_t, t)
     ce = -log_p.gather(-1, x0[..., None])[..., 0]
-    return torch.where(n > 0, n / m * (ce * masked).sum(1), torch.zeros_like(m, dtype=ce.dtype))
+    w = count_weight(n.to(ce.dtype), m.to(ce.dtype))
+    return torch.where(n > 0, w * (ce * masked).sum(1), torch.zeros_like(w))
+
+
+def nelbo_beta(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch.Tensor:
+    """Per-sequence one-sample estimate of the NELBO (MDLM eq. 10) with bounded weights n/m:
+    m = ⌈u·n⌉, a uniform m-subset masked, t ~ Beta(m, n−m+1) fed to the network, (B,)."""
+    x_t, masked, n, m = _mask_m_subset(x0, counted, u, mask_id)
+    a, b = m.double(), (n - m + 1).clamp(min=1).double()
+    t = torch.distributions.Beta(a, b).sample().clamp(1e-6, 1 - 1e-6).to(u.dtype)
+    return _weighted_ce(x0, x_t, masked, n, m, t, denoise)
+
+
+def nelbo_masked_count(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch.Tensor:
+    """The pure masked-count form: as ``nelbo_beta`` but the network is fed t = m/n. Bounds the
+    any-order autoregressive model of the network at t = m/n, not the diffusion model (see the
+    module docstring), (B,)."""
+    x_t, masked, n, m = _mask_m_subset(x0, counted, u, mask_id)
+    return _weighted_ce(x0, x_t, masked, n, m, (m / n.clamp(min=1)).to(u.dtype), denoise)
 
 
 class MDLMParams(Params):
     float64_sampling: bool = True  # Gumbel in float64 (float32 lowers gen. perplexity)
-    estimator: Literal["count", "time"] = "count"  # eval form of the NELBO (same expectation)
+    estimator: Literal["beta", "count", "time"] = Field(
+        "beta", description="eval form: beta (bounded weights, the NELBO), time (t = u), or count "
+                            "(t = m/n: bounds the any-order AR model, not the diffusion model)")
+    time_conditioning: bool = True  # false: the denoiser sees x_t only (t ≡ 0), sampler caches
 
 
 @register("mdlm")
@@ -93,7 +138,19 @@ class MDLM(Method):
     time = "continuous"
     display = "MDLM"
 
+    ESTIMATORS = {"beta": nelbo_beta, "count": nelbo_masked_count, "time": nelbo}
+
+    @classmethod
+    def default_label(cls, params) -> str:
+        return "MDLM (any-order AR bound)" if params.estimator == "count" else "MDLM"
+
+    def bounds(self) -> str:
+        if self.p.estimator == "count":
+            return "any-order autoregressive model of the network at t = m/n (not the diffusion model)"
+        return super().bounds()
+
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t if self.p.time_conditioning else torch.zeros_like(t)
         return F.log_softmax(self.net(x_t, t).float(), dim=-1)
 
     def loss(self, x0, counted, u):
@@ -101,17 +158,25 @@ class MDLM(Method):
         return nelbo(x0, counted, u, self.denoise, self.mask_id).sum() / counted.sum().clamp(min=1)
 
     def nll(self, x0, counted, u):
-        form = nelbo_masked_count if self.p.estimator == "count" else nelbo
-        return form(x0, counted, u, self.denoise, self.mask_id)
+        return self.ESTIMATORS[self.p.estimator](x0, counted, u, self.denoise, self.mask_id)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, cache: bool = True):
+        """``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
+        when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact."""
+        cache = cache and not self.p.time_conditioning
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
+        log_p, stale = None, torch.ones(n, dtype=torch.bool, device=self.device)
         for i in range(steps, 0, -1):
             t, s = i / steps, (i - 1) / steps
             still = x == self.mask_id
             tt = torch.full((n,), t, device=self.device)
-            x0_hat = gumbel_argmax(self.denoise(x, tt), generator, self.p.float64_sampling)
+            if log_p is None or not cache:
+                log_p = self.denoise(x, tt)
+            elif stale.any():                 # recompute only the sequences that changed
+                log_p[stale] = self.denoise(x[stale], tt[stale])
+            x0_hat = gumbel_argmax(log_p, generator, self.p.float64_sampling)
             reveal = still & (torch.rand(x.shape, generator=generator, device=self.device) < (t - s) / t)
+            stale = reveal.any(1)
             x = torch.where(reveal, x0_hat, x)
         return x

@@ -29,7 +29,7 @@ absorb (masked x_t):  w = σ', R_{x_0} = r_t, other R = 0:
 uniform:  w = σ'/|V|; if x_t = x_0, R = c = (e^σ−1)/(|V| + e^σ − 1) for all y ≠ x_t;
       else R_{x_0} = ρ = 1 + |V|/(e^σ − 1) and R = 1 for the other |V|−2 neighbours.
 Both are sums over V (a log-sum-exp that excludes x_t and x_0, Σ log s, two gathers), fused in
-one autograd node (``logit_stats``): O(B·L·V) memory, the same as one fused cross-entropy; no
+one autograd node (``logit_stats``, methods/_discrete.py): O(B·L·V) memory, the same as one fused cross-entropy; no
 |V|×|V| matrix.
 
 NLL bound, per sequence (SEDD's ELBO, extended to σ(0) > 0):
@@ -71,6 +71,7 @@ from pydantic import Field, model_validator
 
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
+from methods._discrete import GRAPHS, logit_stats, safe_log
 
 # (x_t, t) -> log s_θ(x_t, t), (B, L, V): log-ratios to the neighbour with token y at each position
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,14 +96,10 @@ def t_of_sigma(sigma: torch.Tensor, noise: str, eps: float, sigma_min: float, si
     return torch.log(sigma / sigma_min) / math.log(sigma_max / sigma_min)
 
 
-def _log(x):
-    return torch.log(x.clamp_min(1e-300 if x.dtype == torch.float64 else 1e-37))
-
-
 # ----------------------------------------------------------------------------- primitives
 def score_entropy(log_s: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """Elementwise s − R log s + K(R) = R·φ(log s − log R) (s for R = 0); ≥ 0, = 0 iff s = R."""
-    d = log_s - _log(ratio)
+    d = log_s - safe_log(ratio)
     return torch.where(ratio > 0, ratio * (torch.expm1(d) - d), log_s.exp())
 
 
@@ -110,97 +107,8 @@ def _phi(d):
     return torch.expm1(d) - d
 
 
-CHUNK = 1 << 22  # elements per chunk of rows in the fused reductions (16 MiB of float32)
-
-
-def _rows(f):
-    """(f as (N, V), chunk slices over N): the fused reductions work on a few rows at a time so
-    that, besides f, only its gradient is ever a full (B, L, V) tensor."""
-    V = f.shape[-1]
-    F2 = f.reshape(-1, V)
-    step = max(1, CHUNK // V)
-    return F2, [slice(s, s + step) for s in range(0, F2.shape[0], step)]
-
-
-def _flat(i):
-    return None if i is None else i.reshape(-1, 1)
-
-
-class _LogitStats(torch.autograd.Function):
-    """Fused reductions of f (..., V) over its last axis, for each k in ``ks``:
-
-        lse_k = log Σ_{y ∉ excluded} e^{k·f_y}   (excluded: the entries at e1 and e2, if given)
-        tot   = Σ_y f_y,     f0 = f[i0],     f1 = f[i1]
-
-    computed over chunks of rows; backward assembles Σ_k k·g_k·softmax_excl(k f) + g_tot +
-    g0·e_{i0} + g1·e_{i1} chunk by chunk into the one full-size gradient. Saves only f."""
-
-    @staticmethod
-    def _shifted_exp(fc, k, e1, e2):
-        kf = fc * k
-        if e1 is not None:
-            kf.scatter_(-1, e1, float("-inf")).scatter_(-1, e2, float("-inf"))
-        m = torch.nan_to_num(kf.amax(-1, keepdim=True), neginf=0.0)
-        return kf.sub_(m).exp_(), m[:, 0]
-
-    @staticmethod
-    def forward(ctx, f, ks, i0, i1, e1, e2):
-        F2, chunks = _rows(f)
-        I0, I1, E1, E2 = _flat(i0), _flat(i1), _flat(e1), _flat(e2)
-        lses = [F2.new_empty(F2.shape[0]) for _ in ks]
-        for sl in chunks:
-            for lse, k in zip(lses, ks):
-                ex, m = _LogitStats._shifted_exp(F2[sl], k, None if E1 is None else E1[sl],
-                                                 None if E2 is None else E2[sl])
-                lse[sl] = ex.sum(-1).log_() + m
-        ctx.ks = ks
-        ctx.save_for_backward(f, i0, i1, e1, e2, *lses)
-        shape = f.shape[:-1]
-        return (*(x.view(shape) for x in lses), f.sum(-1),
-                F2.gather(-1, I0)[:, 0].view(shape), F2.gather(-1, I1)[:, 0].view(shape))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        f, i0, i1, e1, e2, *lses = ctx.saved_tensors
-        ks = ctx.ks
-        g_lse, (g_tot, g0, g1) = grads[:len(ks)], grads[len(ks):]
-        F2, chunks = _rows(f)
-        I0, I1, E1, E2 = _flat(i0), _flat(i1), _flat(e1), _flat(e2)
-        G = torch.empty_like(F2)
-        g_tot, g0, g1 = g_tot.reshape(-1, 1), g0.reshape(-1, 1), g1.reshape(-1, 1)
-        for sl in chunks:
-            gc = G[sl]
-            gc.copy_(g_tot[sl].expand_as(gc))
-            for k, gl, lse in zip(ks, g_lse, lses):
-                ex, m = _LogitStats._shifted_exp(F2[sl], k, None if E1 is None else E1[sl],
-                                                 None if E2 is None else E2[sl])
-                ls = lse[sl]
-                scale = torch.where(torch.isfinite(ls), k * gl.reshape(-1)[sl] * torch.exp(m - ls),
-                                    torch.zeros_like(ls))
-                gc.add_(ex.mul_(scale[:, None]))
-            gc.scatter_add_(-1, I0[sl], g0[sl]).scatter_add_(-1, I1[sl], g1[sl])
-        return G.view(f.shape), None, None, None, None, None
-
-
-def logit_stats(f, i0, i1=None, ks: tuple = (1.0,), exclude: tuple | None = None):
-    """(lse_k for k in ks..., Σ_y f_y, f[i0], f[i1]) over the last axis (see _LogitStats)."""
-    e1, e2 = exclude if exclude is not None else (None, None)
-    return _LogitStats.apply(f, tuple(ks), i0, i0 if i1 is None else i1, e1, e2)
-
-
 def _gather(x, i):
     return x.gather(-1, i[..., None])[..., 0]
-
-
-# ----------------------------------------------------------------------------- forward process
-def perturb(x0, counted, sigma, graph: str, V: int, generator=None):
-    """x_t ~ p_{t|0}(·|x_0) for counted tokens; others stay clean."""
-    dev = x0.device
-    hit = (torch.rand(x0.shape, generator=generator, device=dev, dtype=torch.float64)
-           >= torch.exp(-sigma.to(dev))[:, None]) & counted
-    if graph == "absorb":
-        return torch.where(hit, torch.full_like(x0, V), x0)
-    return torch.where(hit, torch.randint(0, V, x0.shape, generator=generator, device=dev), x0)
 
 
 # ----------------------------------------------------------------------------- DWDSE per graph
@@ -237,23 +145,6 @@ def dse_uniform(log_s, x0, x_t, sigma, dsigma):
     same_term = E - c * Lsum + (V - 1) * c * (log_c - 1)
     diff_term = E - (Lsum - l0) - (V - 2) + rho * _phi(l0 - log_rho)
     return (dsigma.to(dt)[:, None] / V) * torch.where(same, same_term, diff_term)
-
-
-def prior_kl(a1: torch.Tensor, V: int, graph: str) -> torch.Tensor:
-    """KL(p_{1|0}(·|x_0) ‖ p_base) per token, a1 = e^{−σ(1)}."""
-    a = a1.double()
-    if graph == "absorb":
-        return a * math.log(V)
-    return torch.xlogy(a + (1 - a) / V, 1 + a * (V - 1)) + (V - 1) * (1 - a) / V * torch.log1p(-a.clamp(max=1 - 1e-16))
-
-
-def recon(a0: torch.Tensor, V: int, graph: str) -> torch.Tensor:
-    """E_{x|x_0}[−log p_dec(x_0|x)] per token at t = 0, a0 = e^{−σ(0)}."""
-    a = a0.double()
-    if graph == "absorb":
-        return (1 - a) * math.log(V)
-    b = (1 - a) / V
-    return -torch.xlogy(a + b, a + b) - (V - 1) * torch.xlogy(b, b)
 
 
 # ----------------------------------------------------------------------------- CSM per graph
@@ -350,6 +241,10 @@ class SEDD(Method):
     def default_label(cls, params) -> str:
         return f"SEDD {params.graph.capitalize()}"
 
+    def __init__(self, params, backbone, vocab_size, seq_len):
+        super().__init__(params, backbone, vocab_size, seq_len)
+        self.graph = GRAPHS[self.p.graph]   # the corruption graph: absorb or uniform
+
     def sigma(self, t):
         p = self.p
         return sigma_of(t, p.noise, p.eps, p.sigma_min, p.sigma_max)
@@ -393,7 +288,7 @@ class SEDD(Method):
     def score(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log s_θ(x_t, t), (B, L, V)."""
         f = self.net(x_t, t).float()
-        if self.p.graph == "uniform":
+        if not self.graph.absorbing:
             return f
         sigma, _ = self.sigma(t)
         return f + (-torch.log(torch.expm1(sigma)) - math.log(self.V)).float()[:, None, None]
@@ -403,20 +298,20 @@ class SEDD(Method):
         ends = torch.tensor([0.0, 1.0], dtype=torch.float64)
         s = self.sigma(ends)[0]
         a = torch.exp(-s)
-        return (recon(a[:1], self.V, self.p.graph) + prior_kl(a[1:], self.V, self.p.graph))[0].to(device)
+        return (self.graph.recon(a[:1], self.V) + self.graph.prior_kl(a[1:], self.V))[0].to(device)
 
     def _draw(self, x0, counted, u, score, x_t=None):
         t, sigma, dsigma = self.time_map(u.to(x0.device))
         t = t.to(u.dtype)
         if x_t is None:
-            x_t = perturb(x0, counted, sigma, self.p.graph, self.V)
+            x_t = self.graph.corrupt(x0, counted, torch.exp(-sigma), self.V)
         return x_t, (score or self.score)(x_t, t), sigma, dsigma
 
     def nll(self, x0, counted, u, score: Score | None = None, x_t=None):
         """Per-sequence bound (nats) at t = t(u) (see time_map) for one draw x_t ~ p_{t|0} (or
         the given x_t)."""
         x_t, log_s, sigma, dsigma = self._draw(x0, counted, u, score, x_t)
-        if self.p.graph == "absorb":
+        if self.graph.absorbing:
             ell = dse_absorb(log_s, x0, x_t, sigma, dsigma, self.mask_id)
         else:
             ell = dse_uniform(log_s, x0, x_t, sigma, dsigma)
@@ -424,13 +319,8 @@ class SEDD(Method):
 
     # ---- sampling
     def _prior_sample(self, n, generator):
-        dev, V = self.device, self.V
-        rnd = torch.randint(0, V, (n, self.L), generator=generator, device=dev)
-        if self.p.graph == "uniform":
-            return rnd
         a1 = math.exp(-float(self.sigma(torch.tensor([1.0]))[0]))
-        keep = torch.rand((n, self.L), generator=generator, device=dev, dtype=torch.float64) < a1
-        return torch.where(keep, rnd, torch.full_like(rnd, self.mask_id))
+        return self.graph.prior_sample(n, self.L, a1, self.V, self.mask_id, generator, self.device)
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None, score: Score | None = None):
@@ -446,14 +336,14 @@ class SEDD(Method):
             dsig = (self.sigma(t[None])[0] - self.sigma(s[None])[0]).expand(n).to(dev)
             log_s = score(x, tt)
             log_s = log_s.double() if f64 else log_s.float()
-            if self.p.graph == "absorb":
+            if self.graph.absorbing:
                 probs = step_probs_absorb(log_s, dsig, analytic)
                 if i == steps - 1:
                     probs[..., -1] = 0  # the last step reveals every remaining [MASK]
-                new = gumbel_argmax(_log(probs), generator, f64)
+                new = gumbel_argmax(safe_log(probs), generator, f64)
                 x = torch.where(x == self.mask_id, new, x)
             else:
-                x = gumbel_argmax(_log(step_probs_uniform(log_s, x, dsig, analytic)), generator, f64)
+                x = gumbel_argmax(safe_log(step_probs_uniform(log_s, x, dsig, analytic)), generator, f64)
         return x
 
 
@@ -475,7 +365,7 @@ class CSM(SEDD):
     def loss(self, x0, counted, u):
         x_t, log_s, sigma, _ = self._draw(x0, counted, u, None)
         scaled = self.p.weighting == "scaled"
-        if self.p.graph == "absorb":
+        if self.graph.absorbing:
             ell = csm_absorb(log_s, x0, x_t, sigma, self.mask_id, scaled)
         else:
             ell = csm_uniform(log_s, x0, x_t, sigma, scaled)

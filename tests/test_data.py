@@ -87,3 +87,38 @@ def test_markov_entropy_is_exact(order, vocab):
     assert abs(nll.mean() - src.block_entropy(L)) < 4 * se
     assert 0 < src.entropy_rate < math.log(vocab)
     assert np.allclose(src.pi @ np.ones_like(src.pi), 1.0)
+
+
+def test_char_tokenizer_follows_text8_preprocessing():
+    from bench.data.tokenizers import CharTokenizer
+
+    tok = CharTokenizer()
+    assert tok.vocab_size == 27 and tok.eos_id == -1
+    assert tok.normalize("Mr. Darcy's 2 horses\n— Café!") == "mr darcy s two horses caf"
+    assert tok.normalize("1984") == "one nine eight four"
+    ids = tok.encode("It is a truth.")
+    assert tok.decode(ids) == "it is a truth " and max(ids) == 26 and min(ids) == 0
+    assert tok.encode_batch(["A", "", "  b  "]) == [[0, 26], [], [1, 26]]
+
+
+def test_char_suite_packs_documents_like_text8(tmp_path):
+    """packing none: documents back to back, one space between them, every character counted."""
+    from bench.config import DataConfig
+    from bench.data import corpora, load_blocks
+    from bench.data.tokenizers import CharTokenizer
+
+    data = DataConfig(train={"name": "austen"}, eval=[{"name": "kjv"}], tokenizer="char", seq_len=64)
+    b = load_blocks(data.eval[0], "test", data, "none")
+    text = CharTokenizer().decode(np.asarray(b.tokens)[np.asarray(b.counted)])
+    docs = corpora.documents("kjv", "test")
+    want = "".join(CharTokenizer.normalize(d) + " " for d in docs)
+    assert text == want and "  " not in text
+
+
+def test_char_tokenizer_needs_packing_none(tmp_path):
+    from bench.cli import main
+    from conftest import tiny_suite, write_suite
+
+    s = tiny_suite(data={"train": {"name": "austen"}, "eval": [{"name": "kjv"}], "tokenizer": "char", "seq_len": 32})
+    rc = main(["run", str(write_suite(tmp_path / "s.yaml", s)), "--out", str(tmp_path / "o")])
+    assert rc == 2 and not (tmp_path / "o").exists()

@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from bench.config import BackboneConfig
 from bench.evaluate import draw_u
+from methods import _discrete as dm
 from methods import d3pm as d3
 from methods import score as sc
 from methods.d3pm import D3PM
@@ -245,7 +246,7 @@ def test_d3pm_prior_kl_matches_dense(kind):
         else:
             p = torch.full((Vd,), 1 / Vd, dtype=F64)
         want = (torch.xlogy(q, q) - torch.xlogy(q, p)).sum()
-        got = d3.prior_kl(torch.tensor([a], dtype=F64), Vd, kind)[0]
+        got = dm.GRAPHS[kind].prior_kl(torch.tensor([a], dtype=F64), Vd)[0]
         assert got == pytest.approx(float(want), abs=1e-12)
 
 
@@ -271,13 +272,13 @@ def test_d3pm_reverse_matches_dense_and_fused_reduction_gradient():
     i0, i1 = torch.randint(0, Vd, (2, 3), generator=g), torch.randint(0, Vd, (2, 3), generator=g)
     c1, alpha = torch.rand(2, 3, generator=g, dtype=F64) * 3, torch.rand(2, 3, generator=g, dtype=F64)
     for beta in [torch.rand(2, 3, generator=g, dtype=F64) * 2, -alpha / 2]:
-        lse, z0, z1, mix = d3.softmax_stats(zz, i0, i1, mix=(c1, alpha, beta))
+        lse, z0, z1, mix = dm.softmax_stats(zz, i0, i1, mix=(c1, alpha, beta))
         pi = torch.softmax(zz.detach(), -1)
         c2 = alpha + beta * pi.gather(-1, i1[..., None])[..., 0]
         assert torch.allclose(mix, torch.log(c1[..., None] * pi + c2[..., None]).sum(-1))
         assert torch.allclose(lse, torch.logsumexp(zz.detach(), -1))
-        assert torch.autograd.gradcheck(lambda z: d3.softmax_stats(z, i0, i1, mix=(c1, alpha, beta)), (zz,))
-    assert torch.autograd.gradcheck(lambda z: d3.softmax_stats(z, i0, i1)[:3], (zz,))
+        assert torch.autograd.gradcheck(lambda z: dm.softmax_stats(z, i0, i1, mix=(c1, alpha, beta)), (zz,))
+    assert torch.autograd.gradcheck(lambda z: dm.softmax_stats(z, i0, i1)[:3], (zz,))
 
 
 def expm(A):
@@ -303,20 +304,20 @@ def test_logit_stats_values_and_gradient(k, exclude):
     i0, i1 = torch.randint(0, 6, (3, 4), generator=g), torch.randint(0, 6, (3, 4), generator=g)
     i1[0] = i0[0]                                        # the two indices may coincide
     ex = (i1, i0) if exclude else None
-    lse, tot, f0, f1 = sc.logit_stats(f, i0, i1, ks=(k,), exclude=ex)
+    lse, tot, f0, f1 = dm.logit_stats(f, i0, i1, ks=(k,), exclude=ex)
     kf = k * f.detach()
     if exclude:
         kf = kf.scatter(-1, i1[..., None], -math.inf).scatter(-1, i0[..., None], -math.inf)
     assert torch.allclose(lse, torch.logsumexp(kf, -1)) and torch.allclose(tot, f.detach().sum(-1))
     assert torch.equal(f0, f.detach().gather(-1, i0[..., None])[..., 0])
     assert torch.equal(f1, f.detach().gather(-1, i1[..., None])[..., 0])
-    assert torch.autograd.gradcheck(lambda f: sc.logit_stats(f, i0, i1, ks=(k, 0.5), exclude=ex), (f,))
-    old, sc.CHUNK = sc.CHUNK, 6 * 5                      # several chunks of 5 rows: same numbers
+    assert torch.autograd.gradcheck(lambda f: dm.logit_stats(f, i0, i1, ks=(k, 0.5), exclude=ex), (f,))
+    old, dm.CHUNK = dm.CHUNK, 6 * 5                      # several chunks of 5 rows: same numbers
     try:
-        assert torch.allclose(sc.logit_stats(f, i0, i1, ks=(k,), exclude=ex)[0], lse)
-        assert torch.autograd.gradcheck(lambda f: sc.logit_stats(f, i0, i1, ks=(k,), exclude=ex), (f,))
+        assert torch.allclose(dm.logit_stats(f, i0, i1, ks=(k,), exclude=ex)[0], lse)
+        assert torch.autograd.gradcheck(lambda f: dm.logit_stats(f, i0, i1, ks=(k,), exclude=ex), (f,))
     finally:
-        sc.CHUNK = old
+        dm.CHUNK = old
 
 
 def rate_matrix(graph, Vd):
@@ -591,9 +592,9 @@ def test_counted_tokens_only_are_noised_and_scored():
     counted = torch.zeros_like(x0, dtype=torch.bool)
     counted[:, 1] = True
     for kind in ["absorb", "uniform"]:
-        x_t, _ = d3.q_sample(x0, counted, torch.full((64,), 0.0, dtype=F64), kind, V)
+        x_t = dm.GRAPHS[kind].corrupt(x0, counted, torch.full((64,), 0.0, dtype=F64), V)
         assert (x_t[:, [0, 2]] == x0[:, [0, 2]]).all() and (x_t[:, 1] != x0[:, 1]).any()
-        x_t = sc.perturb(x0, counted, torch.full((64,), 30.0, dtype=F64), kind, V)
+        x_t = dm.GRAPHS[kind].corrupt(x0, counted, torch.exp(-torch.full((64,), 30.0, dtype=F64)), V)
         assert (x_t[:, [0, 2]] == x0[:, [0, 2]]).all() and (x_t[:, 1] != x0[:, 1]).any()
     none = torch.zeros_like(x0, dtype=torch.bool)
     u = torch.rand(64, generator=g)
@@ -724,8 +725,10 @@ def test_tdbench_methods_lists_the_family(capsys):
 
 
 def test_losses_wire_the_terms():
-    """hybrid = (T·KL_t + prior + λ·CE)/n; ce = CE/n; SEDD trains on its own bound; CSM's loss
-    is finite with gradients; every variant backpropagates."""
+    """hybrid = (KL_t + λ·CE)/n — the reference weighting (google-research d3pm, text:
+    vb_loss + hybrid_coeff·ce_loss at the drawn step; T only in the ELBO estimate, which stays
+    T·KL_t + prior); ce = CE/n; SEDD trains on its own bound; CSM's loss is finite with
+    gradients; every variant backpropagates."""
     torch.manual_seed(0)
     Vd, Ld = 11, 6
     x0 = torch.randint(0, Vd, (4, Ld))
@@ -735,13 +738,19 @@ def test_losses_wire_the_terms():
     for tr in ["absorb", "uniform"]:
         for lam in [0.0, 0.5]:
             m = D3PM(D3PM.Params(transition=tr, T=100, hybrid_lambda=lam), BB, Vd, Ld)
+            t = d3.discrete_t(u, 100)
             torch.manual_seed(1)
-            bound, ce = m.terms(x0, c, d3.discrete_t(u, 100))
+            bound, ce = m.terms(x0, c, t)[:2]
+            prior = dm.GRAPHS[tr].prior_kl(m.abar(torch.full_like(t, 100)), Vd) * c.sum(1)
+            kl_t = (bound.double() - prior.double()) / 100        # the ELBO estimate is T·KL_t + prior
             torch.manual_seed(1)
-            assert m.loss(x0, c, u).item() == pytest.approx(((bound.sum() + lam * ce.sum()) / c.sum()).item(), rel=1e-6)
+            assert torch.allclose(m.nll(x0, c, u).double(), bound.double(), rtol=1e-6)
+            torch.manual_seed(1)
+            assert m.loss(x0, c, u).item() == pytest.approx(((kl_t.sum() + lam * ce.sum()) / c.sum()).item(), rel=1e-5)
+            assert lam == 0 or ce.sum() > 0  # the CE term is present, so λ is tested
         m = D3PM(D3PM.Params(transition=tr, T=100, loss="ce"), BB, Vd, Ld)
         torch.manual_seed(1)
-        _, ce = m.terms(x0, c, d3.discrete_t(u, 100))
+        ce = m.terms(x0, c, d3.discrete_t(u, 100))[1]
         torch.manual_seed(1)
         loss = m.loss(x0, c, u)
         assert loss.item() == pytest.approx((ce.sum() / c.sum()).item(), rel=1e-6)

@@ -99,7 +99,7 @@ def test_unloadable_model_is_one_line(tmp_path, capsys):
     (tmp_path / "notamodel").mkdir()
     from bench import hf
     from bench.errors import UserError
-    with pytest.raises(UserError, match="notamodel: cannot load this local directory"):
+    with pytest.raises(UserError, match="notamodel: cannot load a causal LM from this local directory"):
         hf.load_causal_lm(str(tmp_path / "notamodel"))
 
 

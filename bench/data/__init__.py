@@ -176,6 +176,11 @@ def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str,
     return Blocks(toks, counted)
 
 
+def source_nll_of_blocks(ref: DatasetRef, tokens: np.ndarray) -> np.ndarray:
+    """−log p(block) under a synthetic source for each of the given blocks (nats), (N,)."""
+    return -synthetic.markov(dataset_params(ref)).log_prob(np.asarray(tokens, dtype=np.int64))
+
+
 def true_nll_per_token(ref: DatasetRef, seq_len: int) -> float | None:
     """Exact per-token entropy (nats) of a synthetic source's blocks; None for real text."""
     if not is_synthetic(ref):

@@ -1,10 +1,12 @@
 """Tokenizers: GPT-2 BPE offline from the files shipped in the package (ids identical to
-OpenAI's), a byte-level BPE trained on the training split (cached, deterministic), and the
-identity "tokenizer" of synthetic sources."""
+OpenAI's), a byte-level BPE trained on the training split (cached, deterministic), the
+character-level tokenizer of text8 (27 symbols), and the identity "tokenizer" of synthetic
+sources."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,25 +56,48 @@ class IdentityTokenizer(Tokenizer):
 
 
 class CharTokenizer(Tokenizer):
-    """text8's character level: ``a``–``z`` (ids 0–25) and space (26); anything else is
-    lowercased, and what is still outside the alphabet becomes a space. No EOS (``eos_id`` −1),
-    so text8 suites use ``eval.packing: none``. (Smallest version for issue 11; issue 9 brings
-    the full text8 normalisation under the same name.)"""
+    """text8's character level: 27 symbols, ``a``–``z`` (ids 0–25) and space (id 26).
+
+    Normalisation follows Matt Mahoney's ``wikifil.pl``, which made text8 from Wikipedia:
+    lowercase; each digit spelled out as a word (``2`` → `` two ``); every other character
+    outside ``a``–``z`` (punctuation, newlines, accented letters) becomes a space; runs of
+    spaces collapse to one. text8 is one stream of concatenated articles, so each document is
+    encoded as its normalised text followed by one space (no leading space): documents packed
+    with ``packing: none`` read exactly like text8. There is no EOS (``eos_id`` = −1), so the
+    protocol must use ``packing: none``; every token is one character, so bits per character
+    is log₂ of the token perplexity."""
 
     ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+    DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
     def __init__(self):
         self.key = "char-text8"
         self.vocab_size = len(self.ALPHABET)
         self.eos_id = -1
-        self._lut = np.full(256, 26, dtype=np.int32)
+        self._lut = np.full(128, 26, dtype=np.int32)
         self._lut[97:123] = np.arange(26)
 
+    @classmethod
+    def normalize(cls, text: str) -> str:
+        """The text8 string of ``text`` (see the class docstring)."""
+        text = text.lower()
+        for d, w in enumerate(cls.DIGITS):
+            text = text.replace(str(d), f" {w} ")
+        text = re.sub(r"[^a-z]+", " ", text)
+        return text.strip(" ")
+
+    def encode(self, text: str) -> list[int]:
+        norm = self.normalize(text)
+        if not norm:
+            return []
+        b = np.frombuffer((norm + " ").encode("ascii"), dtype=np.uint8)
+        return self._lut[b].tolist()
+
     def encode_batch(self, texts):
-        return [self._lut[np.frombuffer(t.lower().encode("latin-1", "replace"), np.uint8)].tolist() for t in texts]
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids):
-        return "".join(self.ALPHABET[int(i)] if 0 <= int(i) < 27 else "\ufffd" for i in ids)
+        return "".join(self.ALPHABET[int(i)] if 0 <= int(i) < len(self.ALPHABET) else "\ufffd" for i in ids)
 
 
 def gpt2() -> Tokenizer:

@@ -1,0 +1,353 @@
+"""Scoring samples: a sample set, a run directory, or a suite output directory.
+
+``score_set`` computes every metric of one sample set in one :class:`Context` (scorer, human
+reference, memorization index, featurizer). ``score_run`` scores a run's ``samples.jsonl`` per
+step budget plus the Source-text row and writes ``<run>/scores.json`` (values + resolved
+settings + the samples' sha256); a second call on unchanged samples and settings reads it
+back, and recomputing gives the same numbers (every step is deterministic on CPU). ``score_dir``
+does it for every complete run of a suite output directory, finding each run's default scorer:
+the complete ``ar`` run of the same size, seed and data there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.config import DataConfig, DatasetRef, RunSpec
+from bench.errors import UserError
+from bench.metrics import MetricsConfig
+from bench.metrics.base import settings_id
+from bench.metrics.genppl import gen_ppl, scorer_tokens
+from bench.metrics.ngrams import diversity, mean_entropy, memorization, tokenize
+from bench.records import read_record, write_json
+from bench.samples import FILE, read_samples
+
+SCORES = "scores.json"
+SCORES_VERSION = 1
+SELF_SCORED = "self-scored: the scorer is this run (gen_ppl = exp of its own sampling entropy rate)"
+
+
+@dataclass
+class Context:
+    cfg: MetricsConfig
+    scorer: Any = None                     # a bench.metrics.scorers.Scorer, or None
+    scorer_note: str | None = None         # why there is no scorer
+    scorer_desc: str = "ar"                # what the settings record as the scorer
+    view: tuple | None = None              # (tokenizer key, encode, eos id) when no scorer
+    samples_tokenizer: str | None = None   # the tokenizer key the samples' ids are in
+    reference: list[dict] | None = None    # MAUVE reference (human, held out)
+    source: list[dict] | None = None       # Source-text set (human, held out, disjoint)
+    ref_desc: dict | None = None
+    ref_note: str | None = None
+    mem_index: np.ndarray | None = None
+    mem_corpus: str | None = None
+    featurizer: Any = None
+    notes: dict = field(default_factory=dict)
+
+
+def _tok_view(ctx: Context):
+    if ctx.scorer is not None:
+        return ctx.scorer.tokenizer_key, ctx.scorer.encode, ctx.scorer.eos_id
+    return ctx.view
+
+
+def resolved_settings(ctx: Context, n: int) -> dict[str, dict]:
+    c = ctx.cfg
+    tk = _tok_view(ctx)[0] if _tok_view(ctx) else None
+    out = {"gen_ppl": {**c.gen_ppl.model_dump(mode="json"), "scorer": ctx.scorer_desc, "tokens": tk},
+           "entropy": {"tokens": tk, "eos": c.gen_ppl.eos, "retokenize": c.gen_ppl.retokenize, "unit": "nats",
+                       "over": "mean of per-sample unigram entropies"},
+           "div": {"tokenization": c.ngrams.tokenization, "orders": list(c.ngrams.div_orders)},
+           "mem": {"tokenization": c.ngrams.tokenization, "n": c.ngrams.mem_n, "corpus": ctx.mem_corpus}}
+    if c.mauve is not None:
+        out["mauve"] = {**c.mauve.model_dump(mode="json"), "reference": ctx.ref_desc, "n": n}
+    for v in out.values():
+        v["id"] = settings_id(v)
+    return out
+
+
+def score_set(samples: list[dict], ctx: Context, self_scored: bool = False) -> dict:
+    """{metric: {value, [std], id, [note]}} for one sample set."""
+    n = len(samples)
+    st = resolved_settings(ctx, n)
+    m: dict[str, dict] = {}
+    view = _tok_view(ctx)
+    seqs = scorer_tokens(samples, view[0], view[1], view[2], ctx.cfg.gen_ppl, ctx.samples_tokenizer) \
+        if view else None
+    if ctx.scorer is not None:
+        m["gen_ppl"] = {"value": gen_ppl(seqs, ctx.scorer, ctx.cfg.gen_ppl)["value"]}
+        if self_scored:
+            m["gen_ppl"]["note"] = SELF_SCORED
+    else:
+        m["gen_ppl"] = {"value": None, "note": ctx.scorer_note}
+    m["entropy"] = {"value": mean_entropy(seqs) if seqs is not None else None}
+    ws = [tokenize(s["text"], ctx.cfg.ngrams.tokenization) for s in samples]
+    m["div"] = {"value": diversity(ws, ctx.cfg.ngrams.div_orders)}
+    m["mem"] = ({"value": memorization(ws, ctx.mem_index, ctx.cfg.ngrams.mem_n)} if ctx.mem_index is not None
+                else {"value": None, "note": ctx.notes.get("mem", "no training corpus to compare with")})
+    if ctx.cfg.mauve is not None:
+        if ctx.featurizer is None:
+            m["mauve"] = {"value": None, "note": ctx.notes.get("mauve")}
+        elif ctx.reference is None:
+            m["mauve"] = {"value": None, "note": ctx.ref_note}
+        else:
+            from bench.metrics.mauve import mauve_score
+            p = ctx.featurizer([s["text"] for s in samples])
+            q = ctx.featurizer([s["text"] for s in ctx.reference])
+            m["mauve"] = mauve_score(p, q, ctx.cfg.mauve)
+    for k, v in m.items():
+        v["id"] = st[k]["id"]
+    return {"n": n, "metrics": m, "settings": st}
+
+
+def budget_groups(samples: list[dict]) -> dict:
+    out: dict = {}
+    for s in samples:
+        out.setdefault(s.get("steps"), []).append(s)
+    return out
+
+
+def score_samples(samples: list[dict], ctx: Context, self_scored: bool = False) -> dict:
+    """Per step budget (+ NFE, samples/s when recorded) and the Source-text row."""
+    budgets = []
+    for steps, group in budget_groups(samples).items():
+        b = {"steps": steps, **score_set(group, ctx, self_scored)}
+        if all("nfe" in s for s in group):
+            b["nfe"] = float(np.mean([s["nfe"] for s in group]))
+        if all(s.get("wall_s") for s in group):
+            b["samples_per_s"] = float(1 / np.mean([s["wall_s"] for s in group]))
+        budgets.append(b)
+    out = {"budgets": budgets}
+    if ctx.cfg.source_text and ctx.source is not None:
+        out["source_text"] = score_set(ctx.source, ctx)
+    return out
+
+
+# ----------------------------------------------------------------------------- contexts
+def _featurizer(cfg: MetricsConfig, cache: dict, ctx: Context):
+    """The MAUVE featurizer (shared); None, with the reason in ctx.notes, when the optional
+    MAUVE stack is not installed (the other metrics are still computed)."""
+    if cfg.mauve is None:
+        return None
+    key = ("feat", cfg.mauve.featurizer, cfg.mauve.max_text_length)
+    if key not in cache:
+        import importlib.util
+
+        from bench.metrics.mauve import Featurizer
+        missing = [m for m in ("mauve", "faiss") if importlib.util.find_spec(m) is None]
+        if missing:
+            cache[key] = "mauve: not installed (pip install 'tdbench[mauve]')"
+        else:
+            try:
+                cache[key] = Featurizer(cfg.mauve.featurizer, cfg.mauve.max_text_length, cfg.mauve.batch_size)
+            except UserError as e:
+                cache[key] = str(e)
+    if isinstance(cache[key], str):
+        ctx.notes["mauve"] = cache[key]
+        return None
+    return cache[key]
+
+
+def _mem(ctx: Context, name: str, cache: dict):
+    from bench.metrics.reference import train_index
+
+    c = ctx.cfg.ngrams
+    key = ("mem", name, c.mem_n, c.tokenization)
+    if key not in cache:
+        cache[key] = train_index(name, c.mem_n, c.tokenization)
+    ctx.mem_index = cache[key]
+    ctx.mem_corpus = f"{name}:train" if cache[key] is not None else None
+    if cache[key] is None:
+        ctx.notes["mem"] = f"{name} is not a text corpus"
+
+
+def _human(ctx: Context, data: DataConfig, packing: str, ref: DatasetRef, n: int, cache: dict):
+    from bench.metrics.reference import human_sets
+
+    r = ctx.cfg.reference
+    key = ("human", data.model_dump_json(), packing, ref.key, r.split, n, r.seed, ctx.cfg.source_text)
+    if key not in cache:
+        cache[key] = human_sets(data, packing, ref, r.split, n, r.seed, ctx.cfg.source_text)
+    ctx.reference, src = cache[key]
+    ctx.source = src or None
+    ctx.ref_desc = {"dataset": ref.key, "split": r.split, "seed": r.seed, "seq_len": data.seq_len,
+                    "tokenizer": data.tokenizer.name if data.tokenizer.name == "gpt2" else
+                    f"bpe-{data.tokenizer.vocab_size or 8000}"}
+
+
+def find_baseline(out: Path, spec: RunSpec) -> Path | None:
+    """The complete ``ar`` run of the same size, seed and data in this output directory."""
+    for p in sorted((Path(out) / "runs").glob("*/result.json")):
+        try:
+            r = read_record(p)
+        except UserError:
+            continue
+        if r["status"] == "complete" and r["method"] == "ar" and r["size"] == spec.size and \
+                r["seed"] == spec.seed and r["spec"]["data"] == spec.data.model_dump(mode="json"):
+            return p.parent
+    return None
+
+
+def run_context(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> Context:
+    from bench.data import get_tokenizer
+
+    ctx = Context(cfg=cfg)
+    tok = get_tokenizer(spec.data)
+    ctx.samples_tokenizer = tok.key
+    ctx.view = (tok.key, tok.encode_batch, tok.eos_id if tok.eos_id >= 0 else None)
+    g = cfg.gen_ppl
+    if g.scorer == "ar":
+        base = find_baseline(run_dir.parent.parent, spec)
+        ctx.scorer_desc = "ar (the suite's matching-size AR baseline, same seed)"
+        if base is None:
+            ctx.scorer_note = (f"no scorer: no complete 'ar' run of size {spec.size}, seed {spec.seed} "
+                               f"in {run_dir.parent.parent}; give metrics.gen_ppl.scorer")
+        else:
+            key = ("scorer", str(base))
+            if key not in cache:
+                from bench.metrics.scorers import RunScorer
+                cache[key] = RunScorer(base)
+            ctx.scorer = cache[key]
+    else:
+        key = ("scorer", g.scorer)
+        if key not in cache:
+            from bench.metrics.scorers import make_scorer
+            cache[key] = make_scorer(g.scorer, g.stride)
+        ctx.scorer = cache[key]
+        ctx.scorer_desc = ctx.scorer.key
+    ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
+    _mem(ctx, ref.name, cache)
+    ctx.featurizer = _featurizer(cfg, cache, ctx)
+    return ctx
+
+
+def samples_sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, write: bool = True,
+              reuse: bool = True, log=None) -> dict | None:
+    """Score ``run_dir/samples.jsonl``; None when the run has no samples."""
+    cache = {} if cache is None else cache
+    run_dir = Path(run_dir)
+    path = run_dir / FILE
+    if not path.is_file():
+        return None
+    rec = read_record(run_dir / "result.json")
+    spec = RunSpec(**rec["spec"])
+    sha = samples_sha(path)
+    old = _read_scores(run_dir)
+    ctx = run_context(run_dir, spec, cfg, cache)
+    scorer_key = ctx.scorer.key if ctx.scorer is not None else None
+    head = {"version": SCORES_VERSION, "samples_sha256": sha, "config": cfg.model_dump(mode="json"),
+            "scorer": scorer_key}
+    if reuse and old and all(old.get(k) == v for k, v in head.items()):
+        return old
+    samples = read_samples(path)
+    n = max(len(g) for g in budget_groups(samples).values())
+    ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
+    try:
+        _human(ctx, spec.data, spec.eval.packing, ref, n, cache)
+    except UserError as e:
+        ctx.ref_note = str(e)
+    if log:
+        log(f"scoring {rec['label']} {spec.size} seed={spec.seed}: {len(samples)} samples")
+    self_scored = scorer_key is not None and ctx.scorer.key == f"tdbench-ar:{spec.run_id}"
+    res = {**head, "run_id": spec.run_id, "label": rec["label"], "size": spec.size, "seed": spec.seed,
+           "scorer_run": scorer_key, "reference": ctx.ref_desc, **score_samples(samples, ctx, self_scored)}
+    res = json.loads(json.dumps(res))      # exactly what a reader of the file sees
+    if write:
+        write_json(run_dir / SCORES, res)
+    return res
+
+
+def _read_scores(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / SCORES
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def score_dir(out: Path, cfg: MetricsConfig, reuse: bool = True, log=None) -> dict[str, dict]:
+    """Score every complete run with samples in a suite output directory."""
+    cache: dict = {}
+    res = {}
+    recs = []
+    for p in sorted((Path(out) / "runs").glob("*/result.json")):
+        try:
+            r = read_record(p)
+        except UserError:
+            continue
+        if r["status"] == "complete" and (p.parent / FILE).is_file():
+            recs.append((p.parent, r))
+    for rd, r in recs:
+        try:
+            s = score_run(rd, cfg, cache, reuse=reuse, log=log)
+        except UserError as e:
+            print(f"error: scoring {rd.name}: {e}", file=sys.stderr)
+            continue
+        if s is not None:
+            res[rd.name] = s
+    return res
+
+
+def metrics_config_of(out: Path) -> MetricsConfig:
+    """The metric settings a suite output directory was scored with (``metrics.json``)."""
+    p = Path(out) / "metrics.json"
+    if not p.is_file():
+        return MetricsConfig()
+    try:
+        return MetricsConfig(**json.loads(p.read_text()))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{p}: corrupt metric settings ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+# ----------------------------------------------------------------------------- any JSONL file
+def file_context(cfg: MetricsConfig, samples: list[dict], reference: str | None, cache: dict) -> Context:
+    """Context for samples no run produced: scorer from ``cfg.gen_ppl.scorer`` ("ar" means none
+    here), tokens in GPT-2's tokenization unless the scorer has its own, human sets from the
+    ``reference`` dataset (GPT-2 blocks as long as the samples' median length)."""
+    from bench.data import gpt2
+
+    ctx = Context(cfg=cfg)
+    g = cfg.gen_ppl
+    if g.scorer == "ar":
+        ctx.scorer_note = "no scorer: give --scorer (a Hugging Face causal LM name/path or a tdbench ar run dir)"
+        ctx.scorer_desc = "none"
+    else:
+        from bench.metrics.scorers import make_scorer
+        ctx.scorer = make_scorer(g.scorer, g.stride)
+        ctx.scorer_desc = ctx.scorer.key
+    tok = gpt2()
+    ctx.view = (tok.key, tok.encode_batch, tok.eos_id)
+    ctx.featurizer = _featurizer(cfg, cache, ctx)
+    if reference is None:
+        ctx.ref_note = "no reference: give --reference DATASET"
+        ctx.notes["mem"] = "no reference: give --reference DATASET"
+        return ctx
+    from bench.data import dataset_params
+    ref = DatasetRef(name=reference)
+    dataset_params(ref, "--reference")
+    _mem(ctx, reference, cache)
+    lens = [len(x) for x in tok.encode_batch([s["text"] for s in samples])]
+    L = max(4, int(np.median(lens)))
+    data = DataConfig(train=ref, eval=[ref], tokenizer={"name": "gpt2"}, seq_len=L)
+    try:
+        _human(ctx, data, "eos_per_doc", ref, len(samples), cache)
+    except UserError as e:
+        ctx.ref_note = str(e)
+    return ctx
+
+
+def score_file(path: Path, cfg: MetricsConfig, reference: str | None) -> dict:
+    samples = read_samples(path)
+    ctx = file_context(cfg, samples, reference, {})
+    res = score_samples(samples, ctx)
+    return json.loads(json.dumps({"file": str(path), "scorer": ctx.scorer_desc, "reference": ctx.ref_desc, **res}))

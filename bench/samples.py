@@ -1,0 +1,151 @@
+"""Samples as artifacts: ``<run>/samples.jsonl``, drawn by the harness from a method's sampler.
+
+One line per sample::
+
+    {"ids": [...], "text": "...", "steps": 64, "index": 0, "seed": 12345, "nfe": 64,
+     "wall_s": 0.031, "float64_sampling": true}
+
+``steps`` is the step budget (null for samplers that ignore it, e.g. the AR baseline); ``nfe``
+the real network evaluations per sample, averaged over its batch (a hook on the method's
+network counts the sequences each call processed, so a call a cache skipped, or a sequence it
+left out of a call, is not counted); ``wall_s`` the batch's sampling wall time
+divided by its size; ``seed`` the seed of the batch's generator. Sample ``i`` of a budget comes
+from batch ``i // eval.batch_size`` with the generator seeded by (eval.seed, steps, batch): the
+first n samples never depend on how many were drawn, so ``tdbench sample DIR --n N`` extends a
+file and gives the same lines as drawing N at once.
+
+Any JSONL file of ``{"text": ...}`` lines (other fields optional) is a sample file for
+``tdbench score``; a malformed one is a one-line error naming the file and line.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.config import RunSpec
+from bench.errors import UserError
+from bench.records import atomic_write_text, read_record
+
+FILE = "samples.jsonl"
+
+
+def budgets(method, spec: RunSpec) -> list[int | None]:
+    return list(spec.eval.sample_steps) if method.sampler_steps else [None]
+
+
+def _count_calls(module: torch.nn.Module):
+    """[sequences evaluated so far] and the hook's handle (remove it when done)."""
+    box = [0]
+
+    def hook(_module, _args, output):
+        box[0] += output.shape[0]
+    return box, module.register_forward_hook(hook)
+
+
+def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int = 0) -> list[dict]:
+    """Samples ``start .. n−1`` of budget ``steps`` (see the module doc for the seeding)."""
+    from bench.train import seed_of
+
+    B = spec.eval.batch_size
+    f64 = getattr(method.p, "float64_sampling", None)
+    out = []
+    method.eval()
+    for b in range(start // B, -(-n // B)):
+        seed = seed_of(spec.eval.seed, steps or 0, b)
+        g = torch.Generator(device=method.device).manual_seed(seed)
+        calls, handle = _count_calls(method.net)
+        t0 = time.perf_counter()
+        try:
+            x = method.sample(B, steps, generator=g).cpu().tolist()
+        finally:
+            handle.remove()
+        wall = time.perf_counter() - t0
+        for j, ids in enumerate(x):
+            i = b * B + j
+            if start <= i < n:
+                out.append({"ids": ids, "text": tokenizer.decode(ids), "steps": steps, "index": i, "seed": seed,
+                            "nfe": round(calls[0] / B, 4), "wall_s": round(wall / B, 6), "float64_sampling": f64})
+    return out
+
+
+def write_run_samples(method, spec: RunSpec, tokenizer, run_dir: Path, n: int | None = None,
+                      steps: list[int] | None = None, log=None) -> int:
+    """Draw (or extend to) ``n`` samples per step budget into ``run_dir/samples.jsonl``;
+    returns the number of lines in the file."""
+    n = spec.eval.samples if n is None else n
+    path = Path(run_dir) / FILE
+    have = read_samples(path) if path.is_file() else []
+    todo = budgets(method, spec) if steps is None or not method.sampler_steps else list(steps)
+    new = []
+    for s in todo:
+        k = sum(1 for r in have if r.get("steps") == s)
+        if k < n:
+            t0 = time.time()
+            new += draw(method, spec, tokenizer, s, n, start=k)
+            if log:
+                log(f"samples: {n - k} at steps={s} in {time.time() - t0:.1f} s")
+    if new:
+        lines = [json.dumps(r) for r in have + new]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+    return len(have) + len(new)
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Parse a JSONL sample file; UserError naming the file (and line) if it is malformed."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    out = []
+    for no, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{no}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{no}: expected a JSON object with a 'text' field")
+        if not isinstance(rec.get("text"), str):
+            raise UserError(f"{path}:{no}: missing 'text' (a string)" if "text" not in rec else
+                            f"{path}:{no}: 'text' must be a string")
+        ids = rec.get("ids")
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+            raise UserError(f"{path}:{no}: 'ids' must be a list of integers")
+        out.append(rec)
+    if not out:
+        raise UserError(f"{path}: empty (no samples)")
+    return out
+
+
+def load_final_method(run_dir: Path):
+    """(method with its final weights, spec) of a complete run: the latest checkpoint's
+    ``ema.safetensors`` when the run trained with EMA, else its ``model.safetensors``."""
+    from safetensors.torch import load_file
+
+    from bench.data import get_tokenizer
+    from bench.registry import get_method
+    from bench.rundir import latest_checkpoint, verify_manifest
+
+    run_dir = Path(run_dir)
+    rec = read_record(run_dir / "result.json")
+    if rec["status"] != "complete":
+        raise UserError(f"{run_dir}: run is {rec['status']}, not complete")
+    spec = RunSpec(**rec["spec"])
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise UserError(f"{run_dir}: no checkpoint (ckpt/step_*) to load the final weights from")
+    verify_manifest(ck)
+    f = ck / ("ema.safetensors" if spec.train.ema > 0 else "model.safetensors")
+    cls = get_method(spec.method)
+    method = cls(cls.Params(**spec.params), spec.backbone, get_tokenizer(spec.data).vocab_size, spec.data.seq_len)
+    try:
+        state = load_file(f)
+        method.load_state_dict({k: v.to(method.state_dict()[k].dtype) for k, v in state.items()})
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return method.eval(), spec

@@ -1,0 +1,329 @@
+"""Gaussian diffusion machinery shared by the continuous family (methods/continuous.py).
+
+Everything is written in the variational-diffusion notation of Kingma et al. 2021 (VDM):
+a noise schedule is the negative log signal-to-noise ratio γ(t), increasing on [0, 1], and
+
+    ᾱ_t = α_t² = sigmoid(−γ(t)),   σ_t² = 1 − ᾱ_t = sigmoid(γ(t)),   SNR(t) = e^{−γ(t)}.
+
+Forward process (DDPM eq. 4 / VDM eq. 1):  q(z_t | x) = N(α_t x, σ_t² I), i.e.
+z_t = √ᾱ_t x + √(1 − ᾱ_t) ε, ε ~ N(0, I)                              — :func:`diffuse`.
+
+Posterior between s < t (VDM eq. 3 and App. A), with c = 1 − SNR(t)/SNR(s) = −expm1(γ_s − γ_t):
+
+    q(z_s | z_t, x) = N( (α_s/α_t)(1 − c)·z_t + α_s·c·x ,  σ_s²·c·I )   — :func:`posterior`.
+
+DDPM ancestral sampling draws from it with x replaced by the model's x̂0; DDIM (Song et al.
+2021, eq. 12 with η = 0) moves deterministically: z_s = α_s x̂0 + σ_s ε̂, ε̂ = (z_t − α_t x̂0)/σ_t.
+Both run on any grid of ``steps`` equal time steps 1 = t_N > … > t_0 = 0 and return the last
+x̂0 (:func:`sample_loop`).
+
+Continuous-time bound (VDM eq. 17, T → ∞): for data x with latents z_t,
+
+    −log p(x) ≤ KL(q(z_1|x) ‖ N(0, I))  +  E_{q(z_0|x)}[−log p(x | z_0)]
+                + ½ E_{t~U(0,1), ε} [ γ'(t) · e^{−γ(t)} · ‖x − x̂_θ(z_t; t)‖² ]
+
+— :func:`prior_kl`, the decoder term (owned by each method), :func:`diffusion_term`. It holds
+for any monotone γ with finite endpoints γ(0), γ(1) and any predictor x̂_θ; the integrand only
+needs γ and γ' at t, so each schedule gives both in closed form.
+
+Schedules (:class:`Schedule` subclasses): cosine (Nichol & Dhariwal 2021, eq. 17), sqrt
+(Diffusion-LM, Li et al. 2022, App. A: ᾱ_t = 1 − √(t + s)), tan-d (TEncDM, Shabalin et al.
+2024: α_t = 1/√(1 + d²·tan²(πt/2)), d = 9) and a learned monotone γ(t) with learned endpoints
+(VDM §3.4 / PLAID). The fixed ones clamp γ to [GAMMA_MIN, GAMMA_MAX] (their exact endpoints are
+±∞); the clamp is part of the schedule, so γ' is 0 where it binds and the bound stays exact.
+
+Parameterisations (:class:`Parameterisation` objects): what the network outputs and what its
+simple loss regresses — x0 (Diffusion-LM), ε (DDPM), v = α ε − σ x (Salimans & Ho 2022).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GAMMA_MIN, GAMMA_MAX = -13.0, 13.0   # ᾱ ∈ [2.3e-6, 1 − 2.3e-6] for the fixed schedules
+
+
+# ----------------------------------------------------------------------------- schedules
+class Schedule(nn.Module):
+    """γ(t) = −log SNR(t), increasing in t; subclasses give γ and γ' in closed form."""
+
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.raw_gamma(t).clamp(GAMMA_MIN, GAMMA_MAX)
+
+    def dgamma(self, t: torch.Tensor) -> torch.Tensor:
+        """dγ/dt (0 where the clamp binds)."""
+        g = self.raw_gamma(t)
+        return self.raw_dgamma(t) * ((g > GAMMA_MIN) & (g < GAMMA_MAX)).to(t.dtype)
+
+    def raw_gamma(self, t):
+        raise NotImplementedError
+
+    def raw_dgamma(self, t):
+        raise NotImplementedError
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) = (√sigmoid(−γ), √sigmoid(γ))."""
+        g = self.gamma(t)
+        return torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-self.gamma(t))
+
+
+class Cosine(Schedule):
+    """ᾱ_t = cos²(φ_t)/cos²(φ_0), φ_t = (π/2)(t + s)/(1 + s), s = 0.008 (Nichol & Dhariwal eq. 17).
+    γ = log((1 − ᾱ)/ᾱ); we drop the normaliser cos²(φ_0) = 1 − 1.6e-4, so γ = 2 log tan φ_t and
+    γ' = 2π / ((1 + s) sin 2φ_t)."""
+
+    def __init__(self, s: float = 0.008):
+        super().__init__()
+        self.s = s
+
+    def _phi(self, t):
+        return (math.pi / 2) * (t + self.s) / (1 + self.s)
+
+    def raw_gamma(self, t):
+        return 2 * torch.log(torch.tan(self._phi(t).clamp(max=math.pi / 2 - 1e-7)))
+
+    def raw_dgamma(self, t):
+        return 2 * math.pi / ((1 + self.s) * torch.sin(2 * self._phi(t)).clamp(min=1e-12))
+
+
+class Sqrt(Schedule):
+    """Diffusion-LM's sqrt schedule ᾱ_t = 1 − √(t + s), s = 1e-4: noise rises fast at small t
+    ("text needs more noise"). With r = √(t + s): γ = log r − log(1 − r),
+    γ' = (1/(2r)) · (1/r + 1/(1 − r))."""
+
+    def __init__(self, s: float = 1e-4):
+        super().__init__()
+        self.s = s
+
+    def _r(self, t):
+        return torch.sqrt(t + self.s).clamp(max=1 - 1e-7)
+
+    def raw_gamma(self, t):
+        r = self._r(t)
+        return torch.log(r) - torch.log1p(-r)
+
+    def raw_dgamma(self, t):
+        r = self._r(t)
+        return (1 / (2 * r)) * (1 / r + 1 / (1 - r))
+
+
+class TanD(Schedule):
+    """TEncDM's tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)), d = 9: SNR = 1/(d² tan²(πt/2)),
+    γ = 2 log(d tan(πt/2)), γ' = 2π / sin(πt)."""
+
+    def __init__(self, d: float = 9.0):
+        super().__init__()
+        self.d = d
+
+    def raw_gamma(self, t):
+        return 2 * torch.log(self.d * torch.tan((math.pi / 2) * t.clamp(1e-12, 1 - 1e-7)))
+
+    def raw_dgamma(self, t):
+        return 2 * math.pi / torch.sin(math.pi * t.clamp(1e-12, 1 - 1e-7))
+
+
+class Learned(Schedule):
+    """A learned monotone γ(t) = γ_0 + (γ_1 − γ_0)·h̃(t) with learned endpoints (VDM §3.4, PLAID).
+
+    h̃(t) = (h(t) − h(0)) / (h(1) − h(0)) with h(t) = t + Σ_k a_k·sigmoid(w_k (t − b_k)),
+    a_k, w_k > 0 (softplus), so h̃ is increasing with h̃(0) = 0, h̃(1) = 1; γ_1 − γ_0 =
+    softplus(·) > 0. Not clamped: γ_0, γ_1 are whatever the bound trains them to (PLAID
+    initialises them at −3 and 6). γ' = (γ_1 − γ_0)·h'(t)/(h(1) − h(0))."""
+
+    def __init__(self, gamma_0: float = -3.0, gamma_1: float = 6.0, hidden: int = 4):
+        super().__init__()
+        if gamma_1 <= gamma_0:
+            raise ValueError(f"gamma_1 ({gamma_1}) must exceed gamma_0 ({gamma_0})")
+        self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_0)))
+        gap = gamma_1 - gamma_0
+        self.raw_gap = nn.Parameter(torch.tensor(gap + math.log(-math.expm1(-gap))))  # softplus⁻¹
+        self.a = nn.Parameter(torch.full((hidden,), -4.0))     # softplus(−4) ≈ 0.018: ~linear at init
+        self.w = nn.Parameter(torch.full((hidden,), 1.0))
+        self.b = nn.Parameter(torch.linspace(0.1, 0.9, hidden))
+
+    def _h(self, t):
+        a, w = F.softplus(self.a), F.softplus(self.w) * 4
+        return t + (a * torch.sigmoid(w * (t[..., None] - self.b))).sum(-1)
+
+    def _dh(self, t):
+        a, w = F.softplus(self.a), F.softplus(self.w) * 4
+        sg = torch.sigmoid(w * (t[..., None] - self.b))
+        return 1 + (a * w * sg * (1 - sg)).sum(-1)
+
+    def _norm(self, t):
+        one = torch.ones_like(t)
+        return self._h(one) - self._h(torch.zeros_like(t))
+
+    def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gamma_0, self.gamma_0 + F.softplus(self.raw_gap)
+
+    def gamma(self, t):
+        g0, g1 = self.endpoints()
+        return g0 + (g1 - g0) * (self._h(t) - self._h(torch.zeros_like(t))) / self._norm(t)
+
+    def dgamma(self, t):
+        g0, g1 = self.endpoints()
+        return (g1 - g0) * self._dh(t) / self._norm(t)
+
+
+SCHEDULES: dict[str, Callable[[], Schedule]] = {"cosine": Cosine, "sqrt": Sqrt, "tan-d": TanD,
+                                                "learned": Learned}
+
+
+# ----------------------------------------------------------------------------- parameterisations
+class Parameterisation:
+    """What the network predicts; every one converts to x̂0 (samplers and bounds use x̂0)."""
+
+    name = "?"
+
+    def x0(self, out, z, alpha, sigma):
+        raise NotImplementedError
+
+    def target(self, x0, eps, alpha, sigma):
+        """What the simple loss regresses the output on (DDPM's L_simple in this space)."""
+        raise NotImplementedError
+
+
+class PredictX0(Parameterisation):
+    name = "x0"
+
+    def x0(self, out, z, alpha, sigma):
+        return out
+
+    def target(self, x0, eps, alpha, sigma):
+        return x0
+
+
+class PredictEps(Parameterisation):
+    """x̂0 = (z − σ ε̂)/α; ill-conditioned as α → 0 (callers clamp/round x̂0 when sampling)."""
+
+    name = "eps"
+
+    def x0(self, out, z, alpha, sigma):
+        return (z - sigma * out) / alpha
+
+    def target(self, x0, eps, alpha, sigma):
+        return eps
+
+
+class PredictV(Parameterisation):
+    """v = α ε − σ x; x̂0 = α z − σ v̂ (α² + σ² = 1)."""
+
+    name = "v"
+
+    def x0(self, out, z, alpha, sigma):
+        return alpha * z - sigma * out
+
+    def target(self, x0, eps, alpha, sigma):
+        return alpha * eps - sigma * x0
+
+
+PARAMETERISATIONS: dict[str, Parameterisation] = {p.name: p for p in (PredictX0(), PredictEps(), PredictV())}
+
+
+# ----------------------------------------------------------------------------- forward process
+def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) → (B, 1, …) to broadcast against ``like``."""
+    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
+
+
+def diffuse(x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+            eps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_t = α_t x0 + σ_t ε (α, σ broadcastable); returns (z_t, ε)."""
+    eps = torch.randn_like(x0) if eps is None else eps
+    return alpha * x0 + sigma * eps, eps
+
+
+def posterior(z_t, x0_hat, gamma_t, gamma_s):
+    """Mean and variance of q(z_s | z_t, x = x̂0) for s < t (see the module docstring)."""
+    c = -torch.expm1(gamma_s - gamma_t)
+    a_t, a_s = torch.sigmoid(-gamma_t).sqrt(), torch.sigmoid(-gamma_s).sqrt()
+    mean = (a_s / a_t) * (1 - c) * z_t + a_s * c * x0_hat
+    return mean, torch.sigmoid(gamma_s) * c
+
+
+def ddpm_step(z_t, x0_hat, gamma_t, gamma_s, generator=None):
+    """Ancestral step z_s ~ q(z_s | z_t, x̂0)."""
+    mean, var = posterior(z_t, x0_hat, gamma_t, gamma_s)
+    noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
+    return mean + var.sqrt() * noise
+
+
+def ddim_step(z_t, x0_hat, gamma_t, gamma_s, generator=None):
+    """Deterministic DDIM step (η = 0): z_s = α_s x̂0 + σ_s (z_t − α_t x̂0)/σ_t."""
+    a_t, s_t = torch.sigmoid(-gamma_t).sqrt(), torch.sigmoid(gamma_t).sqrt()
+    a_s, s_s = torch.sigmoid(-gamma_s).sqrt(), torch.sigmoid(gamma_s).sqrt()
+    eps_hat = (z_t - a_t * x0_hat) / s_t
+    return a_s * x0_hat + s_s * eps_hat
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+# (z_t, t (B,), x̃0 or None) -> x̂0
+Predictor = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@torch.no_grad()
+def sample_loop(predict: Predictor, z: torch.Tensor, schedule: Schedule, steps: int, step_fn,
+                generator=None, snap: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                self_condition: bool = False) -> torch.Tensor:
+    """Run ``steps`` equal steps from t = 1 (z ~ the prior, given) to t = 0; returns the last x̂0.
+
+    ``snap`` is the clamping trick (Diffusion-LM §4.2): each x̂0 is replaced by the nearest
+    embedding before the step. With ``self_condition`` each prediction is fed the previous
+    step's x̂0 (zeros at the first step; Analog Bits Alg. 2), one network call per step."""
+    B = z.shape[0]
+    x_sc = None
+    x0_hat = z
+    for i in range(steps, 0, -1):
+        t = torch.full((B,), i / steps, device=z.device)
+        s = torch.full((B,), (i - 1) / steps, device=z.device)
+        x0_hat = predict(z, t, x_sc)
+        if snap is not None:
+            x0_hat = snap(x0_hat)
+        if self_condition:
+            x_sc = x0_hat
+        if i > 1:
+            g_t, g_s = bcast(schedule.gamma(t), z), bcast(schedule.gamma(s), z)
+            z = step_fn(z, x0_hat, g_t, g_s, generator)
+    return x0_hat
+
+
+def nearest_embedding(x: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """argmin_v ‖x − E_v‖² per position, (…, d) → (…) ids (Diffusion-LM's rounding)."""
+    d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ E.t() + (E * E).sum(-1)
+    return d2.argmin(-1)
+
+
+# ----------------------------------------------------------------------------- the bound
+def diffusion_term(x0, x0_hat, gamma_t, dgamma_t):
+    """½ γ'(t) e^{−γ(t)} ‖x0 − x̂0‖² summed over the last (feature) axis (VDM eq. 17); the
+    one-sample estimate of the continuous-time diffusion loss at t ~ U(0, 1)."""
+    return 0.5 * dgamma_t * torch.exp(-gamma_t) * ((x0 - x0_hat) ** 2).sum(-1)
+
+
+def prior_kl(x0, gamma_1):
+    """KL(N(α_1 x0, σ_1² I) ‖ N(0, I)) summed over the last axis:
+    ½ Σ_j (α_1² x_j² + σ_1² − 1 − log σ_1²)."""
+    a2, s2 = torch.sigmoid(-gamma_1), torch.sigmoid(gamma_1)
+    d = x0.shape[-1]
+    return 0.5 * (a2 * (x0 ** 2).sum(-1) + d * (s2 - 1 - F.logsigmoid(gamma_1)))
+
+
+# ----------------------------------------------------------------------------- self-conditioning
+def train_condition(first_pass: Callable[[], torch.Tensor], p_two_pass: float = 0.5,
+                    generator=None) -> Optional[torch.Tensor]:
+    """x̃0 for one training step (Chen et al. 2022, Analog Bits Alg. 1): with probability
+    1 − p none (the network sees zeros), else the network's own first prediction under
+    stop-gradient (no gradient flows through x̃0). One coin per micro-batch."""
+    if float(torch.rand((), generator=generator)) < p_two_pass:
+        with torch.no_grad():
+            return first_pass().detach()
+    return None

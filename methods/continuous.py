@@ -1,0 +1,347 @@
+"""Continuous diffusion for text: Diffusion-LM and PLAID (embeddings), SSD-LM (simplex).
+
+Diffusion-LM and PLAID diffuse learned token embeddings with Gaussian noise; SSD-LM diffuses
+a ±k representation on the vocabulary simplex. The Gaussian math lives in
+methods/_gaussian.py; this module writes each method's objective, bound and sampler.
+
+Shared notation (VDM): w ∈ V^L the tokens, e = Emb(w) ∈ R^{L×d} their embeddings, a schedule
+γ(t) with α_t² = sigmoid(−γ), σ_t² = sigmoid(γ); z_t = α_t e + σ_t ε. Tokens that do not count
+under the protocol (padding, an injected BOS) are given to the network as their clean
+embedding and never noised or scored.
+
+Self-conditioning (``self_condition: true``, every method here; Chen et al. 2022, Analog Bits
+§3.2). The backbone reads [z_t, x̃0] through one input projection (bench/backbone.py).
+- Training: one coin per micro-batch; with probability ½ x̃0 = 0, else x̃0 = the network's
+  own first prediction from the same z_t under stop-gradient (_gaussian.train_condition).
+- Sampling: x̃0 at step i is the x̂0 of step i + 1 (zeros at the first step): one network call
+  per step, so NFE = steps.
+- Bound: x̃0 is the network's own first pass on the same z_t (two calls per evaluation, as
+  PLAID evaluates). This is a valid bound: x̂_θ(z_t, t) := f(z_t, t, f(z_t, t, 0)) is just a
+  deterministic function of (z_t, t), and the continuous-time bound holds for any predictor.
+
+Diffusion-LM (Li et al. 2022): learned embeddings x = Emb(w) (end to end), the sqrt schedule,
+x0-prediction by default (ε and v as options), training_losses_e2e's objective
+
+    L = ‖target − f_θ(z_t, t)‖²  +  (−log p_θ(w | z_0))  +  ‖α_1 e‖²       (per token, means over d)
+
+(simple loss, rounding term with the tied softmax decoder p_θ(w|z_0) = softmax(z_0 Eᵀ), prior
+term ‖μ(q(z_1|e))‖² so the embeddings cannot collapse), t ~ U(0, 1) (low-discrepancy over the
+batch: bench.evaluate.batch_u).
+
+Its likelihood: a bound on −log p(w) in nats, the full discrete-data ELBO of Diffusion-LM's
+latent-variable model p(w, x_{0:1}) = p(w | x_0) p_θ(x_{0:1}) with the encoder
+q(x_{0:1} | w) = q(x_0 | w) Π q(x_t | x_s). Here q(x_0 | w) = N(α_0 e, σ_0² I) is the t = 0
+marginal of the same schedule (for sqrt: σ_0² = √s = 0.01, Diffusion-LM's first step). Then
+
+    −log p(w) ≤ E_q[ log q(x_{0:1} | w) − log p(w, x_{0:1}) ]
+             = E_q[−log p(w|x_0)]  −  H(q(x_0|w))  +  E_q[ log q(x_{(0,1]} | x_0) − log p_θ(x_{0:1}) ].   (1)
+
+The last two terms together are ≥ 0 only when written together: −H(q(x_0|w)) alone is
++(d/2)·log(1/(2πeσ_0²)) per token, and the continuous-density VLB of x_0 alone carries the
+opposite log σ_0 term; dropping the entropy (as a per-step loss does, it is constant in θ) gives a
+number that is not a bound and that shrinking the embeddings can make arbitrarily small.
+Because q(x_t | x_s, w) = q(x_t | x_s) (given x_s the diffusion forgets e), (1) can be regrouped
+with every KL conditioned on w instead of x_0 (the rewriting of DDPM eq. 5, one level further
+down: x_0 itself becomes a latent): log q(x_0|w) joins the first reverse step into
+KL(q(x_0 | x_Δ, w) ‖ p_θ(x_0 | x_Δ)), so the entropy is not dropped but absorbed, and as Δ → 0
+the sum of those KLs is the diffusion integral below. In continuous time (1) becomes
+
+    −log p(w) ≤ Σ_i [ KL(q(z_1^i|w) ‖ N(0, I))                          prior       (prior_kl)
+                     + E_{q(z_0|w)}[−log p_θ(w_i | z_0)]                   rounding
+                     + ½ E_{t~U(0,1)} γ'(t) e^{−γ(t)} ‖e_i − x̂_θ(z_t; t)_i‖² ]  diffusion (diffusion_term)
+
+with every entropy accounted for, valid for any embedding Emb and any x̂_θ. ``nll`` returns a
+one-sample estimate of it (one t from the protocol's u, one ε, one z_0), unbiased for the bound;
+the protocol averages K draws and gives the CI.
+
+PLAID (Gulrajani & Hashimoto 2023): learned low-dimensional embeddings (d = 16), a learned
+monotone γ(t) with learned endpoints (init γ_0 = −3, γ_1 = 6), x̂0 = softmax(f_θ(z_t, t)) E (the
+expected embedding under the predicted token distribution), the VDM decoder
+p(w_i | z_0) ∝ exp(−‖z_0^i − α_0 e_{w}‖² / (2σ_0²)) (exact under a uniform token prior) and
+the same continuous-time bound as its training loss and its eval; self-conditioning on by default
+(in training, sampling and the bound); low-discrepancy t during training.
+
+SSD-LM (Han et al. 2023): the simplex representation S_0[i, v] = +k if v = w_i else −k (k = 5),
+z_t = α_t S_0 + σ_t·k·ε (noise of scale k), network input softmax(z_t) E, cross-entropy loss on
+the logits; the sampler projects the predicted logits back to an almost-one-hot simplex
+(k·(2·onehot(ŵ) − 1), ŵ drawn from the logits) and re-noises it to the next time. It defines no
+likelihood: its ppl is "—"; it is ranked by the sample metrics.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+
+from bench.backbone import Backbone
+from bench.method import Method, Params, gumbel_argmax
+from bench.registry import register
+from methods._gaussian import (PARAMETERISATIONS, SAMPLERS, SCHEDULES, Learned, diffuse, diffusion_term,
+                               nearest_embedding, prior_kl, sample_loop, train_condition)
+
+SC_LABEL = " +SC"
+
+
+def _time(t, like):
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _sc_label(name: str, params) -> str:
+    return name + (SC_LABEL if params.self_condition else "")
+
+
+# ----------------------------------------------------------------------------- embedding diffusion
+class EmbeddingDiffusion(Method):
+    """Gaussian diffusion of learned token embeddings; Diffusion-LM and PLAID differ in how the
+    network's output becomes x̂0 (``predict_x0``), the decoder p(w | z_0) (``decoder_logits``),
+    the schedule and the training objective."""
+
+    likelihood = "bound"
+    time = "continuous"
+
+    def __init__(self, params, backbone, vocab_size, seq_len):
+        super().__init__(params, backbone, vocab_size, seq_len)
+        self.embedding = nn.Embedding(vocab_size, params.embed_dim)   # e = Emb(w), N(0, 1) init
+        self.schedule = self.make_schedule()
+
+    # --- what the two differ in ----------------------------------------------------------------
+    def make_schedule(self):
+        raise NotImplementedError
+
+    def predict_x0(self, z, t, x_sc):
+        raise NotImplementedError
+
+    def decoder_logits(self, z0, alpha0, sigma0):
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------
+    def endpoints(self, like):
+        one = torch.ones(1, device=like.device)
+        return self.schedule.gamma(0 * one), self.schedule.gamma(one)
+
+    def noised(self, e, counted, t):
+        """z_t ~ q(z_t | w) on the counted positions; clean e elsewhere; returns (z_t, ε, α, σ)."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        alpha, sigma = _time(alpha, e), _time(sigma, e)
+        z, eps = diffuse(e, alpha, sigma)
+        return torch.where(counted[..., None], z, e), eps, alpha, sigma
+
+    def rounding_nll(self, e, w):
+        """−log p_θ(w_i | z_0), z_0 ~ q(z_0 | w) = N(α_0 e, σ_0² I): one sample, (B, L)."""
+        g0, _ = self.endpoints(e)
+        a0, s0 = torch.sigmoid(-g0).sqrt(), torch.sigmoid(g0).sqrt()
+        z0 = a0 * e + s0 * torch.randn_like(e)
+        return F.cross_entropy(self.decoder_logits(z0, a0, s0).float().flatten(0, 1), w.flatten(),
+                               reduction="none").view(w.shape)
+
+    def elbo_terms(self, w, counted, t, train: bool):
+        """(B, L) per-token terms of the continuous-time bound (module docstring) at one t."""
+        e = self.embedding(w)
+        z, _, _, _ = self.noised(e, counted, t)
+        x_sc = None
+        if self.p.self_condition:
+            first = lambda: self.predict_x0(z, t, None)  # noqa: E731
+            x_sc = train_condition(first, self.p.self_condition_rate) if train else first()
+        x0_hat = self.predict_x0(z, t, x_sc).float()
+        _, g1 = self.endpoints(e)
+        diff = diffusion_term(e.float(), x0_hat, self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
+        return diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)
+
+    def nll(self, x0, counted, u):
+        return (self.elbo_terms(x0, counted, u, train=False) * counted).sum(1)
+
+    @torch.no_grad()
+    def self_condition_chain(self, w, counted, t: float, K: int):
+        """From one z_t ~ q(z_t | w), x̂0^(k) = f(z_t, t, x̂0^(k−1)), x̂0^(0) = 0, k = 1..K; returns
+        the mean per-token ‖x̂0^(k)‖ over counted tokens (K values) and the mean ‖e‖ (the
+        lecture's self-conditioning magnitude experiment; bench.experiments)."""
+        if not self.p.self_condition:
+            raise ValueError("self_condition_chain needs a network with a self-conditioning input")
+        e = self.embedding(w)
+        tt = torch.full((w.shape[0],), float(t), device=e.device)
+        z, _, _, _ = self.noised(e, counted, tt)
+        c = counted.float()
+        norm = lambda x: float((x.float().norm(dim=-1) * c).sum() / c.sum())  # noqa: E731
+        x_sc, out = None, []
+        for _ in range(K):
+            x_sc = self.predict_x0(z, tt, x_sc)
+            out.append(norm(x_sc))
+        return out, norm(e)
+
+    @torch.no_grad()
+    def sample(self, n, steps=64, generator=None):
+        E = self.embedding.weight
+        z = torch.randn((n, self.L, E.shape[1]), generator=generator, device=E.device)
+        snap = (lambda x: E[nearest_embedding(x, E)]) if self.p.clamp else None  # noqa: E731
+        x0 = sample_loop(self.predict_x0, z, self.schedule, steps, SAMPLERS[self.p.sampler], generator,
+                         snap=snap, self_condition=self.p.self_condition)
+        return nearest_embedding(x0.float(), E.float())
+
+
+SC_RATE = Field(0.5, ge=0.0, le=1.0, description="training: probability of the two-pass (x̃0 = first pass) branch")
+
+
+class DiffusionLMParams(Params):
+    self_condition: bool = False
+    self_condition_rate: float = SC_RATE
+    embed_dim: PositiveInt = 16
+    schedule: Literal["sqrt", "cosine", "tan-d"] = "sqrt"
+    parameterisation: Literal["x0", "eps", "v"] = "x0"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    clamp: bool = Field(True, description="snap each x̂0 to the nearest embedding while sampling")
+
+
+@register("diffusion-lm")
+class DiffusionLM(EmbeddingDiffusion):
+    Params = DiffusionLMParams
+    variants = {"self-cond": {"self_condition": True}}
+
+    @classmethod
+    def default_label(cls, params):
+        return _sc_label("Diffusion-LM", params)
+
+    def build_network(self, cfg):
+        # The network outputs a d-vector per position (x̂0, ε̂ or v̂); no token embedding.
+        return Backbone(cfg, vocab_in=None, vocab_out=self.p.embed_dim, seq_len=self.L,
+                        in_dim=self.p.embed_dim, self_condition=self.p.self_condition)
+
+    def make_schedule(self):
+        return SCHEDULES[self.p.schedule]()
+
+    @property
+    def parameterisation(self):
+        return PARAMETERISATIONS[self.p.parameterisation]
+
+    def predict_x0(self, z, t, x_sc):
+        alpha, sigma = (_time(v, z) for v in self.schedule.alpha_sigma(t))
+        return self.parameterisation.x0(self.net(t=t, embeds=z, self_cond=x_sc).float(), z, alpha, sigma)
+
+    def decoder_logits(self, z0, alpha0, sigma0):
+        return z0 @ self.embedding.weight.t()        # the tied rounding head (lm_head = Emb)
+
+    def loss(self, x0, counted, u):
+        """training_losses_e2e: simple loss in the parameterisation's space + rounding + prior."""
+        w, t = x0, u
+        e = self.embedding(w)
+        z, eps, alpha, sigma = self.noised(e, counted, t)
+        x_sc = None
+        if self.p.self_condition:
+            x_sc = train_condition(lambda: self.predict_x0(z, t, None), self.p.self_condition_rate)
+        out = self.net(t=t, embeds=z, self_cond=x_sc).float()
+        mse = ((out - self.parameterisation.target(e, eps, alpha, sigma)) ** 2).mean(-1)
+        _, g1 = self.endpoints(e)
+        prior = torch.sigmoid(-g1) * (e.float() ** 2).mean(-1)          # ‖μ(q(z_1|e))‖² per dim
+        per_tok = mse + self.rounding_nll(e, w) + prior
+        return (per_tok * counted).sum() / counted.sum().clamp(min=1)
+
+
+class PLAIDParams(Params):
+    self_condition: bool = True
+    self_condition_rate: float = SC_RATE
+    embed_dim: PositiveInt = 16
+    gamma_0: float = -3.0
+    gamma_1: float = 6.0
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    clamp: bool = False
+
+
+@register("plaid")
+class PLAID(EmbeddingDiffusion):
+    Params = PLAIDParams
+
+    @classmethod
+    def default_label(cls, params):
+        return "PLAID" if params.self_condition else "PLAID −SC"
+
+    def build_network(self, cfg):
+        return Backbone(cfg, vocab_in=None, vocab_out=self.V, seq_len=self.L,
+                        in_dim=self.p.embed_dim, self_condition=self.p.self_condition)
+
+    def make_schedule(self):
+        return Learned(self.p.gamma_0, self.p.gamma_1)
+
+    def predict_x0(self, z, t, x_sc):
+        """x̂0 = softmax(logits) E: the expected embedding under the predicted tokens."""
+        probs = F.softmax(self.net(t=t, embeds=z, self_cond=x_sc).float(), dim=-1)
+        return probs @ self.embedding.weight.float()
+
+    def decoder_logits(self, z0, alpha0, sigma0):
+        """log p(w_i = v | z_0) + const = (α_0 z_0·e_v − ½ α_0² ‖e_v‖²) / σ_0² (VDM decoder)."""
+        E = self.embedding.weight
+        scale = alpha0 / sigma0 ** 2                  # fold the scale into E (V×d), not the logits
+        return z0 @ (scale * E).t() - (0.5 * alpha0 * scale) * (E * E).sum(-1)
+
+    def loss(self, x0, counted, u):
+        """The bound itself, per counted token (its gradient also trains γ_0, γ_1)."""
+        return (self.elbo_terms(x0, counted, u, train=True) * counted).sum() / counted.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- simplex diffusion
+class SSDLMParams(Params):
+    self_condition: bool = False
+    self_condition_rate: float = SC_RATE
+    simplex_k: float = Field(5.0, gt=0)
+    schedule: Literal["cosine", "sqrt", "tan-d"] = "cosine"
+    float64_sampling: bool = True
+
+
+@register("ssd-lm")
+class SSDLM(Method):
+    Params = SSDLMParams
+    likelihood = "none"
+    time = "continuous"
+
+    def __init__(self, params, backbone, vocab_size, seq_len):
+        super().__init__(params, backbone, vocab_size, seq_len)
+        self.E = nn.Parameter(torch.randn(vocab_size, backbone.hidden))   # input softmax(S_t)·E
+        self.schedule = SCHEDULES[params.schedule]()
+
+    @classmethod
+    def default_label(cls, params):
+        return _sc_label("SSD-LM", params)
+
+    def build_network(self, cfg):
+        return Backbone(cfg, vocab_in=None, vocab_out=self.V, seq_len=self.L, in_dim=cfg.hidden,
+                        self_condition=self.p.self_condition)
+
+    def simplex(self, w):
+        """S_0 = k·(2·onehot(w) − 1) ∈ {−k, +k}^V."""
+        k = self.p.simplex_k
+        return k * (2 * F.one_hot(w, self.V).float() - 1)
+
+    def logits(self, S, t, x_sc):
+        return self.net(t=t, embeds=F.softmax(S, -1) @ self.E, self_cond=x_sc).float()
+
+    def condition_of(self, logits):
+        return F.softmax(logits, -1) @ self.E
+
+    def loss(self, x0, counted, u):
+        S0 = self.simplex(x0)
+        alpha, sigma = (_time(v, S0) for v in self.schedule.alpha_sigma(u))
+        S, _ = diffuse(S0, alpha, sigma * self.p.simplex_k)
+        S = torch.where(counted[..., None], S, S0)
+        x_sc = None
+        if self.p.self_condition:
+            x_sc = train_condition(lambda: self.condition_of(self.logits(S, u, None)), self.p.self_condition_rate)
+        ce = F.cross_entropy(self.logits(S, u, x_sc).flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
+        return (ce * counted).sum() / counted.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def sample(self, n, steps=64, generator=None):
+        k, dev = self.p.simplex_k, self.device
+        S = k * torch.randn((n, self.L, self.V), generator=generator, device=dev)
+        x_sc, w = None, None
+        for i in range(steps, 0, -1):
+            t = torch.full((n,), i / steps, device=dev)
+            logits = self.logits(S, t, x_sc)
+            w = gumbel_argmax(logits, generator, self.p.float64_sampling)
+            if self.p.self_condition:
+                x_sc = self.condition_of(logits)
+            if i > 1:
+                a, s = (_time(v, S) for v in self.schedule.alpha_sigma(torch.full((n,), (i - 1) / steps, device=dev)))
+                noise = torch.randn(S.shape, generator=generator, device=dev)
+                S = a * self.simplex(w) + s * k * noise
+        return w

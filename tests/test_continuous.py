@@ -1,0 +1,167 @@
+"""The continuous family (methods/continuous.py): self-conditioning's training branch and
+stop-gradient, what the bound and the sampler condition on, masking of uncounted tokens, and on
+a synthetic Markov source the Diffusion-LM and PLAID bounds stay above the true perplexity
+while SSD-LM shows "—" for ppl and real sample metrics."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.config import BackboneConfig
+from bench.registry import get_method
+
+CFG = BackboneConfig(layers=1, hidden=32, heads=2, cond_dim=16)
+METHODS = ["diffusion-lm", "plaid", "ssd-lm"]
+
+
+def _make(name, **kw):
+    cls = get_method(name)
+    torch.manual_seed(0)
+    return cls(cls.Params(**kw), CFG, 20, 8)
+
+
+class Calls:
+    """Records every call of the method's network: the self_cond it was given."""
+
+    def __init__(self, net):
+        self.log = []
+        self.h = net.register_forward_pre_hook(lambda mod, args, kw: self.log.append(kw.get("self_cond")),
+                                               with_kwargs=True)
+
+    def take(self):
+        out, self.log = self.log, []
+        return out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_self_conditioning_two_pass_half_the_time_and_no_gradient_through_x0_tilde(name):
+    m = _make(name, self_condition=True)
+    calls = Calls(m.net)
+    x = torch.randint(0, 20, (4, 8))
+    c = torch.ones(4, 8, dtype=torch.bool)
+    two, n = 0, 200
+    for i in range(n):
+        torch.manual_seed(i)
+        loss = m.loss(x, c, torch.rand(4))
+        log = calls.take()
+        assert len(log) in (1, 2) and log[0] is None
+        if len(log) == 2:
+            two += 1
+            assert log[1] is not None and not log[1].requires_grad and log[1].grad_fn is None
+            if i % 50 == 0:
+                loss.backward()          # the graph holds only the second pass
+    # Binomial(200, ½): s.d. 7.1; ±30 is 4.2 s.d.
+    assert abs(two - n / 2) < 30, two
+
+
+@pytest.mark.parametrize("name", ["diffusion-lm", "plaid"])
+def test_bound_conditions_on_the_models_own_first_pass(name):
+    m = _make(name, self_condition=True).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(m.net.head.weight)    # the zero-initialised head would give x̂0 = 0
+    firsts = []
+    h = m.net.register_forward_hook(lambda mod, a, kw, out: firsts.append(out), with_kwargs=True)
+    calls = Calls(m.net)
+    x = torch.randint(0, 20, (3, 8))
+    with torch.no_grad():
+        m.nll(x, torch.ones(3, 8, dtype=torch.bool), torch.rand(3))
+    h.remove()
+    log = calls.take()
+    assert len(log) == 2 and log[0] is None
+    # the condition of the second call is the x̂0 the first call produced
+    out = firsts[0].float()
+    expect = torch.softmax(out, -1) @ m.embedding.weight if name == "plaid" else out  # x0-param: x̂0 = output
+    assert log[1].abs().sum() > 0 and torch.allclose(log[1], expect)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_sampler_feeds_previous_x0_one_call_per_step(name):
+    m = _make(name, self_condition=True).eval()
+    calls = Calls(m.net)
+    out = m.sample(2, 6, torch.Generator().manual_seed(0))
+    log = calls.take()
+    assert out.shape == (2, 8) and out.dtype == torch.long and int(out.max()) < 20
+    assert len(log) == 6 and log[0] is None and all(s is not None for s in log[1:])
+
+
+@pytest.mark.parametrize("name", ["diffusion-lm", "plaid"])
+def test_uncounted_tokens_are_never_scored(name):
+    m = _make(name).eval()
+    x = torch.randint(0, 20, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(m.nll(x, torch.zeros(2, 8, dtype=torch.bool), torch.rand(2)), torch.zeros(2))
+
+
+def test_no_parameter_is_unused_in_a_training_step():
+    """DDP runs with find_unused_parameters=False: every parameter must get a gradient in both
+    self-conditioning branches (no token embedding exists when embeddings are passed)."""
+    for name in METHODS:
+        for sc in (False, True):
+            m = _make(name, self_condition=sc)
+            assert getattr(m.net, "tok", None) is None
+            for seed in range(6):                  # both coin outcomes occur
+                m.zero_grad()
+                torch.manual_seed(seed)
+                m.loss(torch.randint(0, 20, (2, 8)), torch.ones(2, 8, dtype=torch.bool), torch.rand(2)).backward()
+                missing = [n for n, p in m.named_parameters() if p.grad is None]
+                assert not missing, (name, sc, missing)
+
+
+def test_markov_source_bounds_above_truth_and_ssd_lm_has_no_ppl(tmp_path):
+    from bench.cli import main
+    from conftest import write_suite
+
+    src = {"name": "markov", "vocab": 16, "order": 1, "seed": 7, "concentration": 0.3}
+    suite = {"name": "cont-markov", "data": {"train": src, "eval": [src], "seq_len": 32},
+             "sizes": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "cond_dim": 16}},
+             "methods": [{"method": "diffusion-lm"}, {"method": "plaid"}, {"method": "ssd-lm"}],
+             "baseline": "ar",
+             "train": {"steps": 150, "batch_size": 16, "lr": 3e-3, "warmup": 10, "ckpt_every": 150},
+             "eval": {"t_samples": 8, "packing": "none", "max_blocks": 64, "batch_size": 64,
+                      "samples": 8, "sample_steps": [16]},
+             "metrics": {"mauve": None, "source_text": False},
+             "launch": {"executor": "debug", "threads": 1}}
+    out = tmp_path / "out"
+    assert main(["run", str(write_suite(tmp_path / "s.yaml", suite)), "--out", str(out)]) == 0
+    t = pd.read_csv(out / "leaderboard.csv")
+    ppl = t[t.metric == "ppl"].set_index("model")
+    true = ppl.loc["Source (true)", "value"]
+    print(ppl[["value", "ci_low", "ci_high"]])
+    for model in ("Diffusion-LM", "PLAID"):
+        r = ppl.loc[model]
+        half = r.value - r.ci_low
+        assert bool(r.bound) and r.value >= true - half, (model, r.value, r.ci_low, true)
+    ssd = ppl.loc["SSD-LM"]
+    assert pd.isna(ssd.value)
+    md = (out / "leaderboard.md").read_text()
+    row = next(line for line in md.splitlines() if "SSD-LM" in line and "|" in line)
+    assert "—" in row
+    s = t[(t.model == "SSD-LM") & t.metric.isin(["gen_ppl", "entropy"])]
+    assert len(s) == 2 and s.value.notna().all() and (s.value.astype(float) > 0).all(), s
+    assert math.isfinite(float(s[s.metric == "gen_ppl"].value.iloc[0]))
+
+
+def test_new_method_continuous_skeleton_trains_bounds_and_samples(tmp_path):
+    import importlib.util
+    import sys
+
+    from bench.cli import main
+
+    assert main(["new-method", "skel_cont", "--family", "continuous", "--dir", str(tmp_path)]) == 0
+    spec = importlib.util.spec_from_file_location("skel_cont", tmp_path / "skel_cont.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["skel_cont"] = mod          # pydantic resolves the annotations through it
+    spec.loader.exec_module(mod)
+    cls = get_method("skel_cont")
+    for sc in (False, True):
+        m = cls(cls.Params(self_condition=sc), CFG, 20, 8)
+        x, c = torch.randint(0, 20, (2, 8)), torch.ones(2, 8, dtype=torch.bool)
+        m.loss(x, c, torch.rand(2)).backward()
+        assert all(p.grad is not None for p in m.parameters())
+        with torch.no_grad():
+            nll = m.nll(x, c, torch.rand(2))
+        assert nll.shape == (2,) and torch.isfinite(nll).all() and (nll > 0).all()
+        assert m.sample(2, 4).shape == (2, 8)
