@@ -29,6 +29,15 @@ def cmd_run(args) -> int:
         if args.executor:
             raise UserError(f"--cluster: only for --executor slurm (not {executor})")
         executor = "slurm"
+    if args.dry_run:
+        from bench.plan import render
+
+        if not 0 < args.mfu <= 1:
+            raise UserError(f"--mfu: {args.mfu}: a fraction in (0, 1]")
+        if args.peak_tflops <= 0:
+            raise UserError(f"--peak-tflops: {args.peak_tflops}: must be positive")
+        print(render(suite, specs, executor, args.cluster or suite.launch.cluster, args.mfu, args.peak_tflops))
+        return 0
     out = _out_dir(args, suite)
     t0 = time.time()
     status = run_suite(suite, specs, out, executor, cluster=args.cluster, max_running=args.max_running)
@@ -396,6 +405,26 @@ def cmd_speed(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from bench.data import catalog
+
+    if args.data_cmd == "list":
+        for row in catalog.listing():
+            print(f"{row['name']:12s} {row['kind']:9s} {row['source']}  [splits: {row['splits']}]")
+            for c in row["cached"]:
+                print(f"    cached {c['split']:5s} {c['tokenizer']:10s} L={c['seq_len']:<5d} {c['packing']:17s} "
+                      f"{c['n_tokens']:>12,} tokens {c['n_blocks']:>9,} blocks  ({c['dataset']})")
+        return 0
+    rows = catalog.prepare(args.name, args.path, args.tokenizer, args.seq_len, args.protocol,
+                           args.split, args.num_proc)
+    for r in rows:
+        how = (f"built in {r['build_s']:.1f} s ({r['tokens_per_s']:,} tokens/s, {r['num_proc']} worker(s))"
+               if r["fresh"] else "already cached")
+        print(f"{args.name}/{r['split']}: {r['n_docs']:,} documents, {r['n_tokens']:,} tokens, {r['blocks']:,} blocks "
+              f"of {r['seq_len']} ({r['packing']}, {r['n_counted']:,} counted); {how}: {r['dir']}")
+    return 0
+
+
 def _annotation(a) -> str:
     """A parameter's type for humans: ``absorb|uniform``, ``float?`` (optional), ``int``."""
     from typing import Literal, Union, get_args, get_origin
@@ -572,6 +601,8 @@ def cmd_new_method(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from bench.plan import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
+
     p = argparse.ArgumentParser(prog="tdbench", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run every incomplete run of a suite, then write the leaderboard")
@@ -580,6 +611,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "debug", "slurm"])
     r.add_argument("--cluster", help="slurm cluster profile (name in slurm/ or a path); implies --executor slurm")
     r.add_argument("--max-running", type=int, help="slurm: array tasks running at once (default: the profile's)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print each run, its resources and estimated GPU-hours; run and write nothing")
+    r.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"dry run: assumed model FLOPs utilisation (default {DEFAULT_MFU})")
+    r.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                   help=f"dry run: assumed peak TFLOP/s per GPU (default {DEFAULT_PEAK_TFLOPS:g}, A100 bf16)")
     r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run these seeds instead of the suite's seeds: (e.g. --seeds 0 1 2)")
     r.set_defaults(fn=cmd_run)
@@ -621,6 +657,19 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-families", action="store_true", help="only AR vs HF GPT-2")
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(fn=cmd_speed)
+    da = sub.add_parser("data", help="prepare (cache) or list datasets")
+    dsub = da.add_subparsers(dest="data_cmd", required=True)
+    dp = dsub.add_parser("prepare", help="tokenize and pack a dataset into the block cache (progress bar)")
+    dp.add_argument("name", help="a registered dataset (tdbench data list)")
+    dp.add_argument("--path", help="a local copy laid out like the hub's (directory or file)")
+    dp.add_argument("--tokenizer", choices=["gpt2", "char"], help="default: gpt2 (char for text8)")
+    dp.add_argument("--seq-len", type=int, help="block length (default 1024; 256 for text8)")
+    dp.add_argument("--protocol", help="sedd (default), mdlm, no-specials, or none (no EOS; text8)")
+    dp.add_argument("--split", action="append", help="only this split (repeatable; default: all the dataset has)")
+    dp.add_argument("--num-proc", type=int, help="tokenisation workers (default: by size, up to all cores)")
+    dp.set_defaults(fn=cmd_data)
+    dl = dsub.add_parser("list", help="registered datasets, where they come from, what is cached")
+    dl.set_defaults(fn=cmd_data)
     sa = sub.add_parser("sample", help="draw (or extend) samples of complete runs without retraining, then score")
     sa.add_argument("dir", help="a tdbench output directory or one run directory")
     sa.add_argument("--n", type=int, help="samples per step budget (default: the run's eval.samples)")
@@ -651,7 +700,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    for k in ("max_running", "tail"):
+    for k in ("max_running", "tail", "num_proc", "seq_len"):
         if getattr(args, k, None) is not None and getattr(args, k) < 1:
             return _fail(f"--{k.replace('_', '-')}: must be a positive integer")
     try:

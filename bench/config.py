@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+                      field_validator, model_serializer, model_validator)
 
 from bench.errors import UserError
 from bench.metrics import MetricsConfig
@@ -38,8 +38,15 @@ class DatasetRef(BaseModel):
 
     @property
     def key(self) -> str:
-        """Display name: ``markov(order=1,seed=7,vocab=32)``, or just ``austen``."""
+        """Display name: ``markov(order=1,seed=7,vocab=32)``, or just ``austen``. A hub
+        dataset's ``path`` (where a local copy lives) is not part of what it is:
+        ``{name: ptb, path: /data/ptb}`` is ``ptb``; a textfile is named by its file:
+        ``textfile(notes.txt)``."""
         p = self.params
+        if self.name == "textfile" and isinstance(p.get("path"), str):
+            rest = {k: v for k, v in p.items() if k != "path"}
+            return f"textfile({Path(p['path']).name}" + "".join(f",{k}={rest[k]}" for k in sorted(rest)) + ")"
+        p = {k: v for k, v in p.items() if k != "path"}
         return self.name if not p else self.name + "(" + ",".join(f"{k}={p[k]}" for k in sorted(p)) + ")"
 
 
@@ -129,9 +136,24 @@ class TrainConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- evaluation
+# Protocol presets (``eval.protocol``): the published conventions of "which tokens count".
+# Each fixes the packing and which injected specials are scored; the other knobs stay the
+# suite's (the papers' block length, 1024, is data.seq_len in suites/sedd-table.yaml etc.).
+PROTOCOL_PRESETS: dict[str, dict] = {
+    "sedd": {"packing": "eos_per_doc", "count_bos": False, "count_eos": True,
+             "counted": "SEDD: document tokens + the EOS appended per document (no BOS); padding excluded"},
+    "mdlm": {"packing": "bos_eos_per_block", "count_bos": True, "count_eos": True,
+             "counted": "MDLM: [BOS] seq_len-2 tokens [EOS] per block, all counted; padding excluded"},
+    "no-specials": {"packing": "eos_per_doc", "count_bos": False, "count_eos": False,
+                    "counted": "no-specials: document tokens only; the EOS between documents is context, "
+                               "never counted; padding excluded"},
+}
+
+
 class EvalConfig(Strict):
     """The suite's ``eval:`` block: the knobs of the likelihood protocol."""
 
+    protocol: Optional[Literal["sedd", "mdlm", "no-specials"]] = None  # a preset (PROTOCOL_PRESETS)
     t_samples: PositiveInt = 8                    # K: t samples per sequence
     t_sampling: Literal["stratified", "antithetic", "iid"] = "stratified"
     t_min: float = Field(0.0, ge=0.0, lt=1.0)     # 0 keeps the bound valid (no truncation)
@@ -152,6 +174,32 @@ class EvalConfig(Strict):
     @classmethod
     def _one_budget(cls, v):
         return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_packing(cls, v):
+        """A preset fixes the packing; an explicit, different ``packing`` is a contradiction."""
+        if isinstance(v, dict) and v.get("protocol") in PROTOCOL_PRESETS:
+            want = PROTOCOL_PRESETS[v["protocol"]]["packing"]
+            if v.get("packing", want) != want:
+                raise ValueError(f"packing: {v['packing']} contradicts protocol {v['protocol']} "
+                                 f"(which packs {want}); drop one of them")
+            v = {**v, "packing": want}
+        return v
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_preset(self, handler):
+        # Without a preset the dump (hence every run id) is what it was before presets existed.
+        d = handler(self)
+        if isinstance(d, dict) and d.get("protocol") is None:
+            d.pop("protocol", None)
+        return d
+
+    @property
+    def counting(self) -> tuple[bool, bool]:
+        """(count_bos, count_eos): which injected specials are scored."""
+        p = PROTOCOL_PRESETS.get(self.protocol or "")
+        return (p["count_bos"], p["count_eos"]) if p else (False, True)
 
 
 class Protocol(Strict):
@@ -174,10 +222,12 @@ class Protocol(Strict):
     confidence: float
     max_blocks: Optional[int]
     split: str = "test"
+    preset: str = "custom"   # eval.protocol, or "custom" (the packing settings as given)
 
     @property
     def id(self) -> str:
-        return short_hash(self.model_dump())[:8]
+        # "custom" protocols hash as they did before presets existed (ids stay stable)
+        return short_hash(self.model_dump(exclude={"preset"} if self.preset == "custom" else None))[:8]
 
 
 def tokenizer_key(tok: TokenizerConfig) -> str:
@@ -206,6 +256,7 @@ class MethodEntry(Strict):
     method: str
     label: Optional[str] = None
     params: dict[str, Any] = {}
+    sizes: Optional[list[str]] = None   # only these sizes (e.g. a pretrained GPT-2 small row)
 
 
 # ----------------------------------------------------------------------------- suite
@@ -287,10 +338,12 @@ class RunSpec(Strict):
         counted = {"eos_per_doc": "document tokens + appended EOS; padding excluded",
                    "bos_eos_per_block": "block tokens + EOS; injected BOS and padding excluded",
                    "none": "all tokens; padding excluded"}[e.packing]
+        if e.protocol:
+            counted = PROTOCOL_PRESETS[e.protocol]["counted"]
         return Protocol(tokenizer=tokenizer_key(self.data.tokenizer), seq_len=self.data.seq_len,
                         packing=e.packing, counted=counted, t_samples=e.t_samples,
                         t_sampling=e.t_sampling, t_min=e.t_min, confidence=e.confidence,
-                        max_blocks=e.max_blocks)
+                        max_blocks=e.max_blocks, preset=e.protocol or "custom")
 
 
 def short_hash(obj: Any) -> str:

@@ -18,7 +18,7 @@ from bench.errors import UserError
 from bench.records import atomic_write_text, read_record
 
 INDEX = "index.json"
-FORMAT = 2  # 2: the train curve (learning.png) is kept
+FORMAT = 3  # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset
 # record keys the derived views use; the spec, env and log tail stay in the record
 KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "finished",
         "protocol")
@@ -28,7 +28,8 @@ TRAIN_KEEP = ("params", "steps", "tokens", "tokens_per_s", "wall_s", "final_loss
 def summarize(rec: dict) -> dict:
     out = {k: rec[k] for k in KEEP if k in rec}
     if isinstance(rec.get("protocol"), dict):
-        out["protocol"] = {"confidence": rec["protocol"].get("confidence"), "id": rec["protocol"].get("id")}
+        out["protocol"] = {"confidence": rec["protocol"].get("confidence"), "id": rec["protocol"].get("id"),
+                           "preset": rec["protocol"].get("preset", "custom")}
     if isinstance(rec.get("train"), dict):
         out["train"] = {k: rec["train"][k] for k in TRAIN_KEEP if k in rec["train"]}
     return out

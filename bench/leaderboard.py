@@ -211,7 +211,7 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
         vals = g["value"].dropna().astype(float)
         n = len(g)
         note = next((x for x in g["note"] if isinstance(x, str)), None)
-        row.update(bound=False, n_seeds=n, params=None, note=note)
+        row.update(bound=False, n_seeds=n, params=None, note=note, estimate="sample")
         if vals.empty:
             row.update(value=None, ci_low=None, ci_high=None, std=None)
         elif len(vals) == 1:
@@ -323,7 +323,8 @@ def write(out: Path, fmt: str | None = None, compare: tuple[str, pd.DataFrame] |
     if fmt == "json":
         return json.dumps(json.loads(t.to_json(orient="records")), indent=2), problems
     if fmt == "latex":
-        return t.to_latex(index=False), problems
+        from bench.tables import latex
+        return latex(t), problems
     return (csv if fmt == "csv" else md), problems
 
 
@@ -359,7 +360,7 @@ def compare_markdown(t: pd.DataFrame, name: str, ref: pd.DataFrame) -> str:
         cols = list(dict.fromkeys(ours["dataset"]))
         rcols = list(dict.fromkeys(r["dataset"]))
         models = list(dict.fromkeys(list(ours["model"]) + list(r["model"])))
-        lines = [f"| Model | " + " | ".join(cols + [f"{d} (published)" for d in rcols]) + " |",
+        lines = ["| Model | " + " | ".join(cols + [f"{d} (published)" for d in rcols]) + " |",
                  "|---|" + "---|" * (len(cols) + len(rcols))]
         for m in models:
             cells = []

@@ -16,6 +16,9 @@ A method is an ``nn.Module`` built on the shared :class:`~bench.backbone.Backbon
 an injected BOS) are given to the model as clean context and never scored or noised.
 ``u`` is mapped by each method to its own time: t = u in continuous time, ⌈u·T⌉ in discrete.
 
+A method with ``trains = False`` (a pretrained model, e.g. ``hf-causal-lm``) is evaluated as
+given: the runner never calls the training loop for it.
+
 Parameters are a pydantic ``Params`` schema with defaults; ``variants`` are named presets of
 them (``sedd: {absorb: {graph: absorb}, uniform: {graph: uniform}}``). Later families add
 stages (encoder → decoder) by overriding ``stages``; the default is one training stage.
@@ -51,6 +54,8 @@ class Method(nn.Module):
     causal: ClassVar[bool] = False
     stages: ClassVar[tuple[str, ...]] = ("train",)
     display: ClassVar[str | None] = None   # default label in tables, e.g. "GPT-2"
+    trains: ClassVar[bool] = True          # False: evaluated as given (a pretrained model); the
+                                           # runner skips the training loop and train: is unused
     sampler_steps: ClassVar[bool] = True   # False: sample() ignores the step budget (AR: NFE = L)
 
     def __init__(self, params: BaseModel, backbone: BackboneConfig, vocab_size: int, seq_len: int):
@@ -70,6 +75,16 @@ class Method(nn.Module):
     @classmethod
     def check_compatible(cls, params: dict, data, where: str) -> None:
         """Raise UserError if this method cannot run on ``data`` (e.g. needs a tokenizer)."""
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Called once by the runner with the suite's tokenizer (bench.data.tokenizers) before
+        training or evaluation. Default: nothing; a pretrained model that reads text (not the
+        suite's ids) keeps it to detokenize."""
+
+    def info(self) -> dict:
+        """Facts about this run's model worth recording beside its numbers (``method_info`` in
+        result.json), e.g. a pretrained model's name and whether text was retokenized."""
+        return {}
 
     @classmethod
     def supports(cls) -> list[str]:

@@ -7,7 +7,6 @@ latest checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -137,7 +136,7 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
         if method.likelihood == "none":
             metrics.append({**row, "value": None, "ci_low": None, "ci_high": None, "bound": None})
             continue
-        blocks = load_blocks(ref, "test", spec.data, spec.eval.packing).head(spec.eval.max_blocks)
+        blocks = load_blocks(ref, "test", spec.data, spec.eval.packing, spec.eval.counting).head(spec.eval.max_blocks)
         t0 = time.time()
         nll, ntok = per_sequence_nll(method, blocks.tokens, blocks.counted, protocol, spec.eval.batch_size,
                                      spec.eval.seed, device, desc=f"eval {ref.key}")
@@ -278,11 +277,16 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
         method = build_method(spec, tokenizer.vocab_size)
+        method.bind_tokenizer(tokenizer)
         params = count_params(method)
-        train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing)
-        log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
-        stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch,
-                      curve=learning_probe(method, spec, accelerator.device))
+        if method.trains:
+            train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
+            log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
+            stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch,
+                          curve=learning_probe(method, spec, accelerator.device))
+        else:  # a pretrained model evaluated as given (Method.trains = False)
+            log(f"{params['params']:,} parameters; {spec.label} is evaluated as given (no training)")
+            stats = {"steps": 0, "tokens": 0, "trained": False, "final_loss": None, "tokens_per_s": None}
         stats.update(params)
         if not accelerator.is_main_process:
             return "complete"
@@ -294,7 +298,8 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
         n_samples = write_samples(method, spec, tokenizer, run_dir, log)
         write_record(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
-                                   "train": stats, "samples": n_samples, "env": env, "finished": now()})
+                                   "train": stats, "samples": n_samples, "method_info": method.info(), "env": env,
+                                   "finished": now()})
         log(f"run {spec.run_id}: complete")
         return "complete"
     except Exception as e:  # noqa: BLE001 - one run's failure is recorded, never raised further

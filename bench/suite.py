@@ -47,6 +47,9 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
         raw = dict(raw)
         name = raw.pop("method", None)
         label = raw.pop("label", None)
+        only = raw.pop("sizes", None)
+        if only is not None and (not isinstance(only, list) or any(x not in suite.sizes for x in only)):
+            raise UserError(f"{where}.sizes: must be a list of the suite's sizes ({', '.join(suite.sizes)}), got {only!r}")
         if not isinstance(name, str):
             raise UserError(f"{where}.method: required (a registered method name)")
         try:
@@ -65,9 +68,11 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
         if label is not None and not isinstance(label, str):
             raise UserError(f"{where}.label: must be a string")
         out.append(MethodEntry(method=name, label=label or cls.default_label(params),
-                               params=params.model_dump(mode="json")))
-    labels = [m.label for m in out]
-    dup = {x for x in labels if labels.count(x) > 1}
+                               params=params.model_dump(mode="json"), sizes=only))
+    dup = set()
+    for size in suite.sizes:  # a label names one row per size
+        labels = [m.label for m in out if m.sizes is None or size in m.sizes]
+        dup |= {x for x in labels if labels.count(x) > 1}
     if dup:
         raise UserError(f"methods: duplicate label(s) {sorted(dup)}; give each a distinct 'label'")
     return out
@@ -93,6 +98,8 @@ def expand(suite: Suite) -> list[RunSpec]:
     specs = []
     for size, bb in sizes.items():
         for m in methods:
+            if m.sizes is not None and size not in m.sizes:
+                continue
             get_method(m.method).check_compatible(m.params, suite.data, where=f"methods[{m.label}]")
             for seed in suite.seeds:
                 specs.append(RunSpec(method=m.method, label=m.label, params=m.params, size=size,

@@ -54,7 +54,7 @@ def test_block_cache_is_reused(tmp_path, monkeypatch):
     assert len(files) == 2 and isinstance(a.tokens, np.memmap)
     stamp = [f.stat().st_mtime_ns for f in files]
     import bench.data as D
-    monkeypatch.setattr(D, "encode_to_array", lambda *a, **k: pytest.fail("re-tokenized"))
+    monkeypatch.setattr(D.blockcache, "build", lambda *a, **k: pytest.fail("re-tokenized"))
     b = load_blocks(DatasetRef(name="kjv"), "test", data, "eos_per_doc")
     assert np.array_equal(a.tokens, b.tokens) and [f.stat().st_mtime_ns for f in files] == stamp
     assert a.counted.sum() == sum(len(x) + 1 for x in gpt2_free_count(data))

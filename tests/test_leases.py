@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench.rundir import LEASE, Lease, lease_state, read_lease
 from conftest import REPO, tiny_suite, write_suite

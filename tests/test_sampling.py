@@ -2,9 +2,7 @@
 counted from real network calls, samples.jsonl extension without retraining."""
 from __future__ import annotations
 
-import json
 
-import pytest
 import torch
 
 from bench.config import BackboneConfig

@@ -1,12 +1,16 @@
 """Datasets and tokenizers: the registry of named datasets, tokenized-block caching.
 
-``load_blocks(ref, split, data, packing)`` is the one entry point the harness uses: it returns
-packed ``tokens``/``counted`` arrays (memory-mapped from a cache keyed by a hash of corpus +
-tokenizer + packing + length, so a second run does not re-tokenize).
+``load_blocks(ref, split, data, packing, counting)`` is the one entry point the harness uses:
+it returns packed ``tokens``/``counted`` arrays, memory-mapped from the block cache
+(bench.data.blockcache) keyed by a hash of corpus + tokenizer + packing + counting + length,
+built once (in parallel, under a lock) and shared by every rank and run.
+
+Datasets: the embedded corpora (bench.data.corpora), the public benchmarks through Hugging
+Face ``datasets`` with a local ``path:`` override (bench.data.hub), ``textfile`` (your own
+UTF-8 file), and synthetic sources with a known entropy rate (bench.data.synthetic).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -17,12 +21,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bench.config import DataConfig, DatasetRef, first_error, short_hash, tokenizer_key
-from bench.data import corpora, synthetic
-from bench.data.packing import pack
-from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, Tokenizer, encode_to_array, gpt2, train_bpe
+from bench.data import blockcache, corpora, hub, synthetic
+from bench.data.paths import cache_dir
+from bench.data.detokenizers import DETOKENIZERS
+from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, Tokenizer, gpt2, train_bpe
 from bench.errors import UserError, did_you_mean
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 class NoParams(BaseModel):
@@ -32,12 +37,10 @@ class NoParams(BaseModel):
 # name -> (kind, params schema)
 DATASETS: dict[str, tuple[str, type[BaseModel]]] = {
     **{name: ("text", NoParams) for name in corpora.CORPORA},
+    **{name: ("hub", hub.HubParams) for name in hub.SOURCES},
+    "textfile": ("file", hub.TextfileParams),
     "markov": ("synthetic", synthetic.MarkovParams),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TDBENCH_CACHE", Path.home() / ".cache" / "tdbench"))
 
 
 def dataset_params(ref: DatasetRef, where: str = "data") -> BaseModel:
@@ -69,6 +72,17 @@ def validate_data_config(data: DataConfig) -> None:
         raise UserError("data.eval: a synthetic source cannot evaluate a model trained on text")
     if data.seq_len < 4:
         raise UserError("data.seq_len: must be at least 4")
+    for where, ref in [("data.train", data.train)] + [(f"data.eval[{i}]", r) for i, r in enumerate(data.eval)]:
+        kind, params = DATASETS[ref.name][0], dataset_params(ref, where)
+        if kind in ("hub", "file") and params.path:
+            p = Path(params.path).expanduser()
+            if not p.exists() or (kind == "file" and not p.is_file()):
+                raise UserError(f"{where}.path: {params.path}: {'not a file' if p.exists() else 'not found'}")
+        if kind == "hub":
+            need = "train" if where == "data.train" else "test"
+            if need not in hub.SOURCES[ref.name].splits:
+                raise UserError(f"{where}: {ref.name} has no {need} split (only "
+                                f"{', '.join(hub.SOURCES[ref.name].splits)})")
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -84,6 +98,9 @@ def _text_tokenizer(name: str, vocab_size: int, train_name: str) -> Tokenizer:
         return gpt2()
     if name == "char":
         return CharTokenizer()
+    if train_name not in corpora.CORPORA:
+        raise UserError(f"data.tokenizer: a trained bpe is trained on an embedded corpus ({', '.join(corpora.CORPORA)}); "
+                        f"for {train_name} use gpt2")
     key = f"bpe-{vocab_size}"
     h = short_hash([key, train_name, corpora.corpus_sha(train_name), "bytelevel-bpe/1"])[:16]
     return train_bpe(corpora.documents(train_name, "train"), vocab_size,
@@ -107,7 +124,41 @@ class Blocks:
         return self if n is None else Blocks(self.tokens[:n], self.counted[:n])
 
 
-def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str) -> Blocks:
+def source_fingerprint(ref: DatasetRef) -> str:
+    """What identifies a dataset's content for the cache (no network: hub sets by name)."""
+    kind = DATASETS[ref.name][0]
+    if kind == "text":
+        return corpora.corpus_sha(ref.name)
+    return hub.source_fingerprint(ref.name, dataset_params(ref))
+
+
+def documents(ref: DatasetRef, split: str):
+    """One split's raw documents as a ``datasets.Dataset`` (column ``text``)."""
+    import datasets
+
+    kind = DATASETS[ref.name][0]
+    if kind == "text":
+        return datasets.Dataset.from_dict({"text": corpora.documents(ref.name, split)})
+    return hub.split_documents(ref.name, dataset_params(ref), split)
+
+
+def detokenizer(ref: DatasetRef):
+    return DETOKENIZERS[hub.SOURCES[ref.name].detokenizer] if ref.name in hub.SOURCES else DETOKENIZERS["none"]
+
+
+def block_cache_dir(ref: DatasetRef, split: str, data: DataConfig, packing: str,
+                    counting: tuple[bool, bool] = (False, True)) -> Path:
+    tok = get_tokenizer(data)
+    key = short_hash([CACHE_FORMAT, ref.name, source_fingerprint(ref), split, tok.key, tok.vocab_size,
+                      data.train.name if tok.key.startswith("bpe") else "", packing, data.seq_len,
+                      list(counting)])[:20]
+    return cache_dir() / "blocks" / f"{ref.name}-{split}-{tok.key}-{data.seq_len}-{key}"
+
+
+def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str,
+                counting: tuple[bool, bool] = (False, True), num_proc: int | None = None) -> Blocks:
+    """Packed blocks of one split; ``counting`` = (count_bos, count_eos), the protocol's
+    ``EvalConfig.counting``. Builds the cache on first use (see bench.data.blockcache)."""
     params = dataset_params(ref)
     L = data.seq_len
     if is_synthetic(ref):
@@ -115,32 +166,26 @@ def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str) -> 
         toks = synthetic.markov(params).sample(n, L, split)
         return Blocks(toks, np.ones_like(toks, dtype=bool))
     tok = get_tokenizer(data)
-    key = short_hash([CACHE_FORMAT, ref.name, corpora.corpus_sha(ref.name), split, tok.key,
-                      tok.vocab_size, data.train.name if tok.key.startswith("bpe") else "", packing, L])[:20]
-    d = cache_dir() / "blocks" / f"{ref.name}-{split}-{tok.key}-{L}-{key}"
-    if (d / "counted.npy").is_file():
+    if packing != "none" and tok.eos_id < 0:
+        raise UserError(f"eval.packing: {packing} needs an EOS token; the {tok.key} tokenizer has none "
+                        "(use packing: none)")
+    d = block_cache_dir(ref, split, data, packing, counting)
+    for attempt in (0, 1):
+        if not blockcache.is_built(d):
+            meta = {"dataset": ref.key, "split": split, "tokenizer": tok.key, "source": source_fingerprint(ref)}
+            blockcache.build(d, lambda: documents(ref, split), tok, detokenizer(ref), L, packing, counting[0],
+                             counting[1], f"{ref.key}/{split}", meta, num_proc=num_proc)
         try:
-            tokens = np.load(d / "tokens.npy", mmap_mode="r")
-            counted = np.load(d / "counted.npy", mmap_mode="r")
-            if tokens.shape == counted.shape and tokens.ndim == 2 and tokens.shape[1] == L:
-                return Blocks(tokens, counted)
-            raise ValueError(f"shapes {tokens.shape} / {counted.shape}")
+            toks, counted = blockcache.open_blocks(d)
+            if toks.shape != counted.shape or toks.ndim != 2 or toks.shape[1] != L:
+                raise ValueError(f"shapes {toks.shape} / {counted.shape}")
+            return Blocks(toks, counted)
         except (OSError, ValueError, EOFError) as e:  # damaged cache entry: derived data, rebuild it
+            if attempt:
+                raise
             print(f"warning: {d}: unreadable cached blocks ({type(e).__name__}: {str(e)[:80]}); rebuilding",
                   file=sys.stderr)
             shutil.rmtree(d, ignore_errors=True)
-    if not (d / "counted.npy").is_file():
-        docs = encode_to_array(tok, corpora.documents(ref.name, split))
-        toks, counted = pack(docs, L, packing, tok.eos_id)
-        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        np.save(tmp / "tokens.npy", toks)
-        np.save(tmp / "counted.npy", counted)
-        try:
-            os.replace(tmp, d)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return Blocks(np.load(d / "tokens.npy", mmap_mode="r"), np.load(d / "counted.npy", mmap_mode="r"))
 
 
 def source_nll_of_blocks(ref: DatasetRef, tokens: np.ndarray) -> np.ndarray:

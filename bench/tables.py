@@ -1,0 +1,198 @@
+"""Tables for papers, and the published tables beside ours.
+
+- :func:`latex`: the leaderboard pivoted like the SEDD / TEncDM tables (booktabs; rows Size /
+  Model, one column per dataset, ``$\\leq$`` for bounds, best per column in bold, the interval
+  as a ``$_{\\pm h}$`` subscript). The markdown leaderboard (bench.leaderboard.markdown) has
+  the same shape.
+- :func:`compare`: ours vs a published table (``results/reference/NAME.csv``): one cell per
+  (size, model) × dataset with ours, published and the relative difference (ours − published)
+  / published, and a list of the cells that have no counterpart on either side.
+
+A reference CSV is tidy like ``leaderboard.csv`` (``size, model, dataset, metric, value,
+bound``, plus ``protocol`` and ``published_as``); ``#`` lines at the top name the source.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import UserError
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
+SOURCE_LABEL = "Source (true)"
+
+
+def _num(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _true(x) -> bool:
+    if isinstance(x, str):
+        return x.strip().lower() in ("true", "1", "yes")
+    return x is not None and not (isinstance(x, float) and math.isnan(x)) and bool(x)
+
+
+def pivot(t: pd.DataFrame, metric: str = "ppl", lower_is_better: bool = True):
+    """(columns, rows) of the paper-shaped table: rows are (size, model, {column: cell}),
+    a cell is a dict value / bound / half (CI half-width or None) / best."""
+    t = t[t["metric"] == metric]
+    if t.empty:
+        return [], []
+    multi = t.groupby("dataset")["protocol"].nunique().max() > 1 if "protocol" in t else False
+    t = t.assign(col=[f"{d} [{p}]" if multi else d for d, p in zip(t["dataset"], t.get("protocol", t["dataset"]))])
+    cols = list(dict.fromkeys(t["col"]))
+    best = {}
+    for c in cols:
+        vals = [_num(v) for v, m in zip(t.loc[t["col"] == c, "value"], t.loc[t["col"] == c, "model"])
+                if m != SOURCE_LABEL and _num(v) is not None]
+        if len(vals) > 1:
+            best[c] = min(vals) if lower_is_better else max(vals)
+    rows = []
+    for (size, model), g in t.groupby(["size", "model"], sort=False):
+        cells = {}
+        for c in cols:
+            r = g[g["col"] == c]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            v = _num(r["value"])
+            lo, hi = _num(r.get("ci_low")), _num(r.get("ci_high"))
+            half = (hi - lo) / 2 if v is not None and lo is not None and hi is not None and hi - lo > 1e-9 else None
+            cells[c] = {"value": v, "bound": _true(r.get("bound")), "half": half,
+                        "best": v is not None and c in best and v == best[c] and model != SOURCE_LABEL}
+        rows.append((size, model, cells))
+    return cols, rows
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def _tex_cell(c: dict | None) -> str:
+    if c is None or c["value"] is None:
+        return "---"
+    s = f"{c['value']:.2f}"
+    if c["best"]:
+        s = rf"\textbf{{{s}}}"
+    if c["bound"]:
+        s = r"$\leq$ " + s
+    if c["half"] is not None:
+        s += rf"$_{{\pm {c['half']:.2f}}}$"
+    return s
+
+
+def latex(t: pd.DataFrame, metric: str = "ppl", caption: str | None = None) -> str:
+    cols, rows = pivot(t, metric)
+    if not rows:
+        return f"% no complete runs with metric {metric}\n"
+    out = [r"% tdbench leaderboard; needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
+           r"\begin{tabular}{ll" + "r" * len(cols) + "}", r"\toprule",
+           "Size & Model & " + " & ".join(tex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    last = None
+    for size, model, cells in rows:
+        if last is not None and size != last:
+            out.append(r"\midrule")
+        out.append(f"{tex_escape(size.capitalize()) if size != last else ''} & {tex_escape(model)} & "
+                   + " & ".join(_tex_cell(cells.get(c)) for c in cols) + r" \\")
+        last = size
+    cap = caption or (f"{metric} (lower is better); $\\leq$: an upper bound; subscript: the CI half-width; "
+                      "best per column in bold.")
+    out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{cap}}}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- published tables
+def resolve_reference(name: str) -> Path:
+    """``reference/sedd``, ``sedd``, ``sedd.csv`` (in results/reference/) or a path to a CSV."""
+    p = Path(name)
+    if p.suffix == ".csv" and p.is_file():
+        return p
+    stem = name.removeprefix("reference/").removesuffix(".csv")
+    q = REFERENCE_DIR / f"{stem}.csv"
+    if q.is_file():
+        return q
+    known = sorted(x.stem for x in REFERENCE_DIR.glob("*.csv"))
+    from bench.errors import did_you_mean
+    raise UserError(f"--compare: {name}: no such published table; {did_you_mean(stem, known)}")
+
+
+def read_reference(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """(tidy rows, the file's ``#`` source lines). UserError naming the file if malformed."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        source = [x.lstrip("# ").rstrip() for x in lines if x.startswith("#")]
+        ref = pd.read_csv(path, comment="#", dtype={"size": str, "model": str, "dataset": str})
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{path}: unreadable reference table ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    need = {"size", "model", "dataset", "metric", "value"}
+    if not need <= set(ref.columns):
+        raise UserError(f"{path}: a reference table needs columns {', '.join(sorted(need))} "
+                        f"(has {', '.join(ref.columns)})")
+    bad = ref[pd.to_numeric(ref["value"], errors="coerce").isna()]
+    if len(bad):
+        raise UserError(f"{path}: row {int(bad.index[0]) + 1}: value {bad['value'].iloc[0]!r} is not a number")
+    return ref, source
+
+
+def compare(ours: pd.DataFrame, path: Path, metric: str = "ppl", our_presets: list[str] = ()) -> str:
+    """Markdown: ours / published / relative difference per cell, and what has no counterpart."""
+    ref, source = read_reference(path)
+    ref = ref[ref["metric"] == metric]
+    ours = ours[(ours["metric"] == metric) & (ours["model"] != SOURCE_LABEL)]
+    mine = {(str(r["size"]), str(r["model"]), str(r["dataset"])): r for _, r in ours.iterrows()}
+    theirs = {(str(r["size"]), str(r["model"]), str(r["dataset"])): r for _, r in ref.iterrows()}
+    rows = list(dict.fromkeys([(k[0], k[1]) for k in theirs] + [(k[0], k[1]) for k in mine]))
+    size_order = list(dict.fromkeys(r[0] for r in rows))
+    rows.sort(key=lambda r: size_order.index(r[0]))  # stable: published rows first within a size
+    cols = list(dict.fromkeys([k[2] for k in theirs] + [k[2] for k in mine]))
+
+    def fmt(r) -> str:
+        v = _num(r["value"])
+        return "—" if v is None else ("≤ " if _true(r.get("bound")) else "") + f"{v:.2f}"
+
+    lines = [f"Ours vs published: {Path(path).name} ({metric}; cell = ours / published (relative difference); "
+             "— = no counterpart)", ""]
+    lines += ["| Size | Model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    matched, only_ours, only_theirs, last = 0, [], [], None
+    for size, model in rows:
+        cells = []
+        for c in cols:
+            a, b = mine.get((size, model, c)), theirs.get((size, model, c))
+            if a is not None and b is not None:
+                va, vb = _num(a["value"]), _num(b["value"])
+                rel = f"{(va - vb) / vb:+.1%}" if va is not None and vb else "n/a"
+                cells.append(f"{fmt(a)} / {fmt(b)} ({rel})")
+                matched += 1
+            elif a is not None:
+                cells.append(f"{fmt(a)} / —")
+                only_ours.append(f"{size} {model} {c}")
+            elif b is not None:
+                cells.append(f"— / {fmt(b)}")
+                only_theirs.append(f"{size} {model} {c}")
+            else:
+                cells.append("")
+        lines.append(f"| {size if size != last else ''} | {model} | " + " | ".join(cells) + " |")
+        last = size
+    lines += ["", f"{matched} cell(s) matched by (size, model) and dataset."]
+    if only_ours:
+        lines.append(f"No published counterpart ({len(only_ours)}): " + "; ".join(only_ours))
+    if only_theirs:
+        lines.append(f"Published, not in this leaderboard ({len(only_theirs)}): " + "; ".join(only_theirs))
+    pubs = sorted({str(p) for p in ref.get("protocol", pd.Series(dtype=str)).dropna()})
+    if pubs:
+        mine_p = sorted(set(our_presets)) or ["?"]
+        warn = "" if set(mine_p) <= set(pubs) else " — NOT the same protocol: differences include the token-counting convention"
+        lines.append(f"Published protocol: {', '.join(pubs)}; ours: {', '.join(mine_p)} (eval.protocol){warn}.")
+    if source:
+        lines += ["", "Source: " + " ".join(source)]
+    return "\n".join(lines) + "\n"

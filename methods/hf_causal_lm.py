@@ -1,0 +1,74 @@
+"""hf-causal-lm: any pretrained Hugging Face causal LM as a leaderboard row, evaluated under
+the suite's protocol (exact likelihood; nothing is trained).
+
+    methods: [{method: hf-causal-lm, model: gpt2, label: GPT-2 (OpenAI)}]   # or a save_pretrained dir
+
+−log p(x) = Σ_j −log p_θ(x_j | x_<j) per block, the first token of each block conditioned on
+the model's BOS (GPT-2: ``<|endoftext|>``), as lm-eval's rolling loglikelihood; blocks longer
+than the model's context are scored in windows (bench.hf.causal_lm_token_nll).
+
+Which ids: when the suite's tokenizer is the model's (``gpt2`` for GPT-2 models, also when a
+saved directory holds no tokenizer), the suite's token ids are scored as they are, so the row
+scores exactly the tokens every other row scores. Otherwise each block's counted tokens are
+detokenized and retokenized with the model's own tokenizer; the NLL of that text is divided
+by the suite's counted tokens (per original token, so the column stays comparable), and the
+record says so (``method_info.retokenized``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import Field
+
+from bench import hf
+from bench.method import Method, Params
+from bench.registry import register
+
+
+class HFCausalLMParams(Params):
+    model: str = Field("gpt2", description="hub name (gpt2, gpt2-medium, ...) or a save_pretrained directory")
+    stride: Optional[int] = Field(None, ge=1, description="window stride beyond the model's context (default: its context)")
+
+
+@register("hf-causal-lm")
+class HFCausalLM(Method):
+    Params = HFCausalLMParams
+    likelihood = "exact"
+    time = "none"
+    causal = True
+    trains = False
+
+    @classmethod
+    def default_label(cls, params) -> str:
+        return f"{Path(params.model).name} (pretrained)"
+
+    def build_network(self, cfg):
+        self.retokenized = None
+        return hf.load_causal_lm(self.p.model)
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        self.suite_tok = tokenizer
+        self.hf_tok = hf.load_tokenizer(self.p.model)
+        if hf.same_tokenizer(tokenizer, self.net, self.hf_tok):
+            self.retokenized = False
+        elif self.hf_tok is None:
+            from bench.errors import UserError
+            raise UserError(f"methods[hf-causal-lm].model: {self.p.model} has no tokenizer of its own and the suite's "
+                            f"({tokenizer.key}) is not its vocabulary; save its tokenizer beside it")
+        else:
+            self.retokenized = True
+        self.first_context = hf.bos_id(self.net, self.hf_tok)
+
+    def info(self) -> dict:
+        return {"model": self.p.model, "retokenized": self.retokenized, "first_context_id": self.first_context,
+                "counted_per": "suite token", "context": hf.context_length(self.net)}
+
+    def nll(self, x0, counted, u=None):
+        if not self.retokenized:
+            tok_nll = hf.causal_lm_token_nll(self.net, x0, self.first_context, self.p.stride)
+            return (tok_nll.to(x0.device) * counted).sum(1)
+        texts = [self.suite_tok.decode(x[c].tolist()) for x, c in zip(x0.cpu(), counted.cpu())]
+        return torch.tensor(hf.text_nll(self.net, self.hf_tok, texts, self.first_context, self.p.stride),
+                            dtype=torch.float64, device=x0.device)
