@@ -14,6 +14,19 @@ import numpy as np
 GRID = 200  # points each curve is resampled to (over the fraction of training done)
 
 
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
 def aggregate(recs: list[dict]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:
     """{size: {model: (steps, mean, sd, n_seeds)}} of the loss curves; curves of one model are
     resampled onto a common step grid (linear interpolation) before averaging."""
@@ -60,13 +73,7 @@ def training_curves(recs: list[dict], path: Path) -> Path | None:
         ax.set_ylabel("training loss (nats / token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def learning_curves(recs: list[dict], path: Path) -> Path | None:
@@ -116,13 +123,7 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def frontier(st, path: Path) -> Path | None:
@@ -185,10 +186,4 @@ def frontier(st, path: Path) -> Path | None:
     if not drew:
         plt.close(fig)
         return None
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
