@@ -26,6 +26,7 @@ import pandas as pd
 
 from bench.config import SelfCondMagnitude, StepsCurve, Suite
 from bench.errors import UserError
+from bench.plots import save_figure
 from bench.records import read_record, write_json
 
 SUITE_FILE = "suite.json"
@@ -121,7 +122,7 @@ def plot_magnitude(res: dict, path: Path) -> Path | None:
         ax.set_ylabel("mean per-token ‖x̂0‖ (dotted: ‖e‖ of the data)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -183,7 +184,7 @@ def plot_steps(res: dict, exp: StepsCurve, path: Path) -> Path | None:
         ax.set_ylabel(f"perplexity on {rows[0]['dataset']} (log scale)")
         ax.set_title("likelihood (bound ≤ for diffusion)")
         ax.legend(fontsize=7)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -195,15 +196,6 @@ def _pyplot():
     except ImportError:
         return None
     return plt
-
-
-def _save(fig, plt, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def table(res: dict) -> str:
