@@ -253,7 +253,11 @@ def cmd_leaderboard(args) -> int:
     out = Path(args.dir)
     if not (out / "runs").is_dir():
         raise UserError(f"{out}: not a tdbench output directory (no runs/ inside)")
-    compare = leaderboard.read_reference(args.compare) if args.compare else None  # before writing
+    from bench import tables
+    compare = None
+    if args.compare:  # resolved and parsed before anything is written
+        compare = tables.resolve_reference(args.compare)
+        tables.read_reference(compare)
     text, problems = leaderboard.write(out, args.format, compare=compare)
     print(text, end="" if text.endswith("\n") else "\n")
     for p in problems:

@@ -169,6 +169,10 @@ class EvalConfig(Strict):
     curve_every: int = Field(0, ge=0)
     curve_blocks: PositiveInt = 16
     curve_t_samples: PositiveInt = 2
+    # Also count per byte: a ``bpb`` row (bits per UTF-8 byte of the decoded counted tokens,
+    # Σ NLL / (ln 2 · Σ bytes)) beside ppl — the unit that stays comparable when a row scores
+    # retokenised text (hf-causal-lm with its own tokenizer) or tokenizers differ across suites.
+    per_byte: bool = False
 
     @field_validator("sample_steps", mode="before")
     @classmethod
@@ -190,9 +194,12 @@ class EvalConfig(Strict):
     @model_serializer(mode="wrap")
     def _drop_unset_preset(self, handler):
         # Without a preset the dump (hence every run id) is what it was before presets existed.
+        # Likewise per_byte: off, it leaves every existing run id unchanged.
         d = handler(self)
         if isinstance(d, dict) and d.get("protocol") is None:
             d.pop("protocol", None)
+        if isinstance(d, dict) and not d.get("per_byte", False):
+            d.pop("per_byte", None)
         return d
 
     @property

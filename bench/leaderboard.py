@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.errors import UserError
-
+from bench import tables
+from bench.tables import SOURCE_LABEL, SOURCE_LABELS
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
            "std", "protocol", "params", "estimate"]
-SOURCE_LABEL = "Source (true)"
-SOURCE_BLOCKS_LABEL = "Source (test blocks)"  # the source's exact NLL of the very test blocks
-SOURCES = (SOURCE_LABEL, SOURCE_BLOCKS_LABEL)
+SOURCES = SOURCE_LABELS
 # Tables written after the ppl table when their metric is present (markdown).
 EXTRA_METRICS = {"bpc": "bits per character (log₂ ppl; character tokens)",
+                 "bpb": "bits per UTF-8 byte of the decoded counted tokens (eval.per_byte; comparable across "
+                        "tokenizers and for rows that retokenise)",
                  "gap": "nats per token above the source's exact NLL of the same test blocks "
                         "(paired interval over blocks)"}
 
@@ -291,12 +291,13 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
 
 
-def write(out: Path, fmt: str | None = None, compare: tuple[str, pd.DataFrame] | None = None
+def write(out: Path, fmt: str | None = None, compare: Path | None = None
           ) -> tuple[str, list[str]]:
     """Write leaderboard.csv, leaderboard.md, training.png (loss curves) and learning.png
     (intermediate evaluation) into ``out`` (with sample metrics — runs' scores.json — also the
-    TEncDM-shaped table and frontier.png); ``compare`` = (name, published table) appends our rows
-    beside the published ones to the markdown. Return (text in ``fmt``, problems)."""
+    TEncDM-shaped table and frontier.png); ``compare`` = a published table's CSV
+    (bench.tables.resolve_reference) appends ours / published / relative difference per cell
+    to the markdown (bench.tables.compare). Return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 
     recs, problems, failed = collect(out)
@@ -306,7 +307,8 @@ def write(out: Path, fmt: str | None = None, compare: tuple[str, pd.DataFrame] |
         if (t["metric"] == metric).any():
             md += "\n" + markdown(t, metric=metric)
     if compare is not None:
-        md += "\n" + compare_markdown(t, *compare)
+        md += "\n" + tables.compare(t, compare, our_presets=[r.get("protocol", {}).get("preset", "custom")
+                                                            for r in recs])
     st = sample_tidy(collect_scores(out, recs))
     if not st.empty:
         md = sample_markdown(st, t) + "\n" + md
@@ -323,59 +325,5 @@ def write(out: Path, fmt: str | None = None, compare: tuple[str, pd.DataFrame] |
     if fmt == "json":
         return json.dumps(json.loads(t.to_json(orient="records")), indent=2), problems
     if fmt == "latex":
-        from bench.tables import latex
-        return latex(t), problems
+        return tables.latex(t), problems
     return (csv if fmt == "csv" else md), problems
-
-
-def read_reference(spec: str | Path) -> tuple[str, pd.DataFrame]:
-    """A published-numbers table: ``reference/NAME`` (→ results/reference/NAME.csv, looked up
-    from the current directory and the repository) or a CSV path, with columns
-    ``model, dataset, metric, value, bound, source``. Returns (name, table)."""
-    p = Path(spec)
-    cands = [p] if p.suffix == ".csv" else []
-    if str(spec).startswith("reference/"):
-        rel = Path("results") / (str(spec) + ("" if p.suffix == ".csv" else ".csv"))
-        cands += [rel, Path(__file__).resolve().parent.parent / rel]
-    f = next((c for c in cands if c.is_file()), None)
-    if f is None:
-        raise UserError(f"--compare {spec}: no such reference table "
-                        f"(tried {', '.join(str(c) for c in cands) or 'a .csv path'})")
-    try:
-        ref = pd.read_csv(f)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-        raise UserError(f"{f}: not a readable CSV ({type(e).__name__})") from None
-    missing = {"model", "dataset", "metric", "value", "bound", "source"} - set(ref.columns)
-    if missing:
-        raise UserError(f"{f}: missing column(s) {sorted(missing)}")
-    return f.stem, ref
-
-
-def compare_markdown(t: pd.DataFrame, name: str, ref: pd.DataFrame) -> str:
-    """Our rows beside the published ones, for each metric the reference has: one column per
-    our dataset, then one per reference dataset ("published"), rows matched by model label."""
-    out = []
-    for metric, r in ref.groupby("metric", sort=False):
-        ours = t[(t["metric"] == metric) & (~t["model"].isin(SOURCES))]
-        cols = list(dict.fromkeys(ours["dataset"]))
-        rcols = list(dict.fromkeys(r["dataset"]))
-        models = list(dict.fromkeys(list(ours["model"]) + list(r["model"])))
-        lines = ["| Model | " + " | ".join(cols + [f"{d} (published)" for d in rcols]) + " |",
-                 "|---|" + "---|" * (len(cols) + len(rcols))]
-        for m in models:
-            cells = []
-            for c in cols:
-                g = ours[(ours["model"] == m) & (ours["dataset"] == c)]
-                cells.append(_fmt(g.iloc[0]) if len(g) else "—")
-            for d in rcols:
-                g = r[(r["model"] == m) & (r["dataset"] == d)]
-                if len(g):
-                    v = g.iloc[0]
-                    b = str(v["bound"]).strip().lower() in ("true", "1")
-                    cells.append(("≤ " if b else "") + f"{float(v['value']):.2f}")
-                else:
-                    cells.append("—")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        src = "; ".join(dict.fromkeys(r["source"].astype(str)))
-        out.append("\n".join(lines) + f"\n\nMetric: {metric}. Published ({name}): {src}.\n")
-    return "\n".join(out)

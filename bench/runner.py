@@ -91,11 +91,25 @@ def estimate_kind(method, protocol) -> str:
     return method.likelihood
 
 
-def bpc_row(row: dict) -> dict:
-    """The ``bpc`` metric of a character-level ``ppl`` row: bits per character = log₂ ppl."""
+def bpc_row(row: dict, metric: str = "bpc") -> dict:
+    """Bits per unit = log₂ of a per-unit perplexity row: ``bpc`` of a character-level ``ppl``
+    row (a unit is a character token), ``bpb`` of a per-byte row (a unit is a UTF-8 byte)."""
     lg = lambda v: None if v is None else math.log2(v)  # noqa: E731
-    return {**row, "metric": "bpc", "value": lg(row["value"]), "ci_low": lg(row["ci_low"]),
+    return {**row, "metric": metric, "value": lg(row["value"]), "ci_low": lg(row["ci_low"]),
             "ci_high": lg(row["ci_high"])}
+
+
+def utf8_bytes_per_block(tokenizer, tokens: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """(N,) UTF-8 bytes of each block's counted tokens, decoded with the suite's tokenizer: the
+    per-byte denominator, the same for every row of a suite (and for any tokenizer of the text).
+    Injected specials (EOS/BOS, ids ``tokenizer.eos_id`` / ``bos_id``) are no text: 0 bytes
+    (a counted EOS's NLL stays in the numerator, as for every row)."""
+    specials = [i for i in (getattr(tokenizer, "eos_id", None), getattr(tokenizer, "bos_id", None)) if i is not None]
+    out = []
+    for x, c in zip(tokens, counted):
+        x = np.asarray(x)[np.asarray(c)]
+        out.append(len(tokenizer.decode(x[~np.isin(x, specials)].tolist()).encode("utf-8")))
+    return np.array(out, dtype=np.float64)
 
 
 def paired_gap(nll: np.ndarray, ntok: np.ndarray, source_nll: np.ndarray, confidence: float) -> dict:
@@ -120,7 +134,7 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
     synthetic sources also the source's expected per-token entropy ("Source (true)"), its
     exact NLL of the very test blocks ("Source (test blocks)") and each row's paired ``gap``
     to it."""
-    from bench.data import load_blocks, source_nll_of_blocks, true_nll_per_token
+    from bench.data import get_tokenizer, load_blocks, source_nll_of_blocks, true_nll_per_token
     from bench.evaluate import per_sequence_nll, summarize
 
     protocol = spec.protocol()
@@ -146,6 +160,12 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
         metrics.append(row)
         if char:
             metrics.append(bpc_row(row))
+        if spec.eval.per_byte:
+            nbytes = utf8_bytes_per_block(get_tokenizer(spec.data), blocks.tokens, blocks.counted)
+            per_byte = summarize(nll, nbytes, protocol.confidence, exact=method.likelihood == "exact",
+                                 scheme=protocol.t_sampling)
+            metrics.append({**bpc_row({**row, **per_byte}, "bpb"), "n_bytes": per_byte["n_tokens"],
+                            "n_tokens": row["n_tokens"]})
         mark = {"bound": "≤ ", "truncated": "≈ (truncated, t_min > 0) "}.get(kind, "")
         log(f"{ref.key}: ppl {mark}{row['value']:.3f} "
             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] over {row['n_tokens']} tokens")

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bench.config import NAMED_SIZES, BackboneConfig, MethodEntry, RunSpec, Suite, first_error, read_validated
-from bench.data import validate_data_config
+from bench.data import is_synthetic, validate_data_config
 from bench.errors import FileError, UserError, did_you_mean
 from bench.registry import get_method
 
@@ -95,6 +95,8 @@ def expand(suite: Suite) -> list[RunSpec]:
     sizes = resolve_sizes(suite)
     methods = resolve_methods(suite)
     validate_data_config(suite.data)
+    if suite.eval.per_byte and is_synthetic(suite.data.train):
+        raise UserError("eval.per_byte: a synthetic source's symbols are not text; bytes are not defined for it")
     specs = []
     for size, bb in sizes.items():
         for m in methods:

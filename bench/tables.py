@@ -22,6 +22,8 @@ from bench.errors import UserError
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 SOURCE_LABEL = "Source (true)"
+SOURCE_BLOCKS_LABEL = "Source (test blocks)"  # the source's exact NLL of the very test blocks
+SOURCE_LABELS = (SOURCE_LABEL, SOURCE_BLOCKS_LABEL)  # reference rows of a synthetic source, not models
 
 
 def _num(x) -> float | None:
@@ -50,7 +52,7 @@ def pivot(t: pd.DataFrame, metric: str = "ppl", lower_is_better: bool = True):
     best = {}
     for c in cols:
         vals = [_num(v) for v, m in zip(t.loc[t["col"] == c, "value"], t.loc[t["col"] == c, "model"])
-                if m != SOURCE_LABEL and _num(v) is not None]
+                if m not in SOURCE_LABELS and _num(v) is not None]
         if len(vals) > 1:
             best[c] = min(vals) if lower_is_better else max(vals)
     rows = []
@@ -65,7 +67,7 @@ def pivot(t: pd.DataFrame, metric: str = "ppl", lower_is_better: bool = True):
             lo, hi = _num(r.get("ci_low")), _num(r.get("ci_high"))
             half = (hi - lo) / 2 if v is not None and lo is not None and hi is not None and hi - lo > 1e-9 else None
             cells[c] = {"value": v, "bound": _true(r.get("bound")), "half": half,
-                        "best": v is not None and c in best and v == best[c] and model != SOURCE_LABEL}
+                        "best": v is not None and c in best and v == best[c] and model not in SOURCE_LABELS}
         rows.append((size, model, cells))
     return cols, rows
 
@@ -144,13 +146,30 @@ def read_reference(path: Path) -> tuple[pd.DataFrame, list[str]]:
     return ref, source
 
 
-def compare(ours: pd.DataFrame, path: Path, metric: str = "ppl", our_presets: list[str] = ()) -> str:
-    """Markdown: ours / published / relative difference per cell, and what has no counterpart."""
+def compare(ours: pd.DataFrame, path: Path, metric: str | None = None, our_presets: list[str] = ()) -> str:
+    """Markdown: ours / published / relative difference per cell, and what has no counterpart;
+    one section per metric of the reference table (or only ``metric``). A published row with
+    no size (e.g. text8 bpc, whose paper gives one model size) matches our rows of that model
+    at every size."""
     ref, source = read_reference(path)
-    ref = ref[ref["metric"] == metric]
-    ours = ours[(ours["metric"] == metric) & (ours["model"] != SOURCE_LABEL)]
+    metrics = [metric] if metric else list(dict.fromkeys(ref["metric"].astype(str)))
+    return "\n".join(_compare_metric(ours, ref[ref["metric"] == m], m, Path(path).name, source, our_presets)
+                     for m in metrics)
+
+
+def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: str, source: list[str],
+                    our_presets) -> str:
+    ours = ours[(ours["metric"] == metric) & (~ours["model"].isin(SOURCE_LABELS))]
     mine = {(str(r["size"]), str(r["model"]), str(r["dataset"])): r for _, r in ours.iterrows()}
-    theirs = {(str(r["size"]), str(r["model"]), str(r["dataset"])): r for _, r in ref.iterrows()}
+    our_sizes: dict[str, list[str]] = {}
+    for size, model, _ in mine:
+        if size not in our_sizes.setdefault(model, []):
+            our_sizes[model].append(size)
+    theirs = {}
+    for _, r in ref.iterrows():
+        size = "" if "size" not in r or pd.isna(r["size"]) else str(r["size"]).strip()
+        for s in ([size] if size else our_sizes.get(str(r["model"]), [""])):
+            theirs[(s, str(r["model"]), str(r["dataset"]))] = r
     rows = list(dict.fromkeys([(k[0], k[1]) for k in theirs] + [(k[0], k[1]) for k in mine]))
     size_order = list(dict.fromkeys(r[0] for r in rows))
     rows.sort(key=lambda r: size_order.index(r[0]))  # stable: published rows first within a size
@@ -160,7 +179,7 @@ def compare(ours: pd.DataFrame, path: Path, metric: str = "ppl", our_presets: li
         v = _num(r["value"])
         return "—" if v is None else ("≤ " if _true(r.get("bound")) else "") + f"{v:.2f}"
 
-    lines = [f"Ours vs published: {Path(path).name} ({metric}; cell = ours / published (relative difference); "
+    lines = [f"Ours vs published: {name} ({metric}; cell = ours / published (relative difference); "
              "— = no counterpart)", ""]
     lines += ["| Size | Model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     matched, only_ours, only_theirs, last = 0, [], [], None

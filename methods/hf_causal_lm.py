@@ -11,8 +11,10 @@ Which ids: when the suite's tokenizer is the model's (``gpt2`` for GPT-2 models,
 saved directory holds no tokenizer), the suite's token ids are scored as they are, so the row
 scores exactly the tokens every other row scores. Otherwise each block's counted tokens are
 detokenized and retokenized with the model's own tokenizer; the NLL of that text is divided
-by the suite's counted tokens (per original token, so the column stays comparable), and the
-record says so (``method_info.retokenized``).
+by the suite's counted tokens (per original token, so the ppl column stays comparable), and
+the record says so (``method_info.retokenized``, ``counted_per``). With ``eval.per_byte: true``
+every row also gets ``bpb`` = Σ NLL / (ln 2 · UTF-8 bytes of the decoded counted tokens), a
+unit that does not depend on either tokenizer (bench.runner.utf8_bytes_per_block).
 """
 from __future__ import annotations
 

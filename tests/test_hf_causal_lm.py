@@ -93,6 +93,14 @@ def test_suite_of_one_pretrained_row_is_exact(tmp_path):
     want = by_hand_nll(model, ids, 50256).mean().item()
     assert abs(m["nll_per_token"] - want) < TOL and math.isfinite(m["value"])
     assert abs(math.log(m["value"]) - want) < TOL
+    # eval.per_byte: the same NLL over the UTF-8 bytes of the counted tokens (≠ the token count)
+    suite["eval"]["per_byte"] = True
+    assert main(["run", str(write_suite(tmp_path / "s2.yaml", suite)), "--out", str(tmp_path / "out2")]) == 0
+    rec2 = json.loads(next((tmp_path / "out2" / "runs").glob("*/result.json")).read_text())
+    bpb = next(x for x in rec2["metrics"] if x["metric"] == "bpb")
+    n_bytes = len(gpt2().decode(ids[:-1]).encode("utf-8"))  # the document's bytes; its EOS is no text
+    assert bpb["n_bytes"] == n_bytes != len(ids)
+    assert abs(bpb["value"] - want * len(ids) / (math.log(2) * n_bytes)) < TOL
 
 
 def test_unloadable_model_is_one_line(tmp_path, capsys):
@@ -134,3 +142,64 @@ def test_other_tokenizer_is_retokenized(tmp_path):
     text = char.decode(x[0, :-5].tolist())
     want = by_hand_nll(model, hf_tok(text)["input_ids"], 50256).sum().item()
     assert abs(got - want) < TOL * len(text)
+
+
+def test_retokenized_row_counts_per_byte(tmp_path):
+    """eval.per_byte: a character-level suite scores a model with its own (GPT-2) tokenizer; the
+    row's ``bpb`` is the hand-computed NLL of the retokenised text over its UTF-8 bytes (in
+    bits), and its ``ppl`` is the same NLL over the suite's counted character tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    from bench.data.tokenizers import CharTokenizer, gpt2
+
+    model = tiny_gpt2(tmp_path / "m", n_positions=128)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=gpt2()._tok, bos_token="<|endoftext|>",
+                                     eos_token="<|endoftext|>")
+    hf_tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "doc.txt").write_text(DOC + "\n")
+    suite = {"name": "bytes", "data": {"train": {"name": "textfile", "path": str(tmp_path / "doc.txt")},
+                                       "eval": [{"name": "textfile", "path": str(tmp_path / "doc.txt")}],
+                                       "tokenizer": "char", "seq_len": 128},
+             "sizes": {"tiny": {"layers": 1, "hidden": 32, "heads": 2}},
+             "methods": [{"method": "hf-causal-lm", "model": str(tmp_path / "m")}],
+             "baseline": None, "eval": {"packing": "none", "per_byte": True, "max_blocks": 4},
+             "launch": {"executor": "debug", "threads": 1}}
+    out = tmp_path / "out"
+    assert main(["run", str(write_suite(tmp_path / "s.yaml", suite)), "--out", str(out)]) == 0
+    rec = json.loads(next((out / "runs").glob("*/result.json")).read_text())
+    assert rec["method_info"]["retokenized"] is True
+    by = {m["metric"]: m for m in rec["metrics"]}
+    char = CharTokenizer()
+    text = char.decode(char.encode_batch([DOC])[0])       # the text the suite's blocks hold
+    want = by_hand_nll(model, hf_tok(text)["input_ids"], 50256).sum().item()
+    n_bytes = len(text.encode("utf-8"))
+    assert by["ppl"]["n_tokens"] == len(text) and by["bpb"]["n_bytes"] == n_bytes
+    assert abs(math.log(by["ppl"]["value"]) - want / len(text)) < TOL
+    assert abs(by["bpb"]["value"] - want / (math.log(2) * n_bytes)) < TOL
+    md = (out / "leaderboard.md").read_text()
+    assert "bits per UTF-8 byte" in md
+
+
+def test_per_byte_on_a_synthetic_source_is_refused(tmp_path, capsys):
+    src = {"name": "markov", "vocab": 8, "order": 1, "seed": 0}
+    suite = {"name": "x", "data": {"train": src, "eval": [src], "seq_len": 16},
+             "sizes": {"tiny": {"layers": 1, "hidden": 32, "heads": 2}}, "methods": [{"method": "mdlm"}],
+             "eval": {"per_byte": True}, "launch": {"executor": "debug"}}
+    assert main(["run", str(write_suite(tmp_path / "s.yaml", suite)), "--out", str(tmp_path / "o")]) == 2
+    assert "eval.per_byte" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_bytes_per_block_are_utf8_bytes_of_the_counted_tokens():
+    """Non-ASCII text: bytes ≠ characters ≠ tokens; uncounted tokens (padding) add none."""
+    import numpy as np
+
+    from bench.data.tokenizers import gpt2
+    from bench.runner import utf8_bytes_per_block
+
+    tok = gpt2()
+    text = "Café naïve — déjà vu."
+    ids = tok.encode_batch([text])[0]
+    x = np.array([ids + [50256] * 3])
+    c = np.array([[True] * (len(ids) + 1) + [False] * 2])  # a counted EOS: no bytes; padding: none
+    n = utf8_bytes_per_block(tok, x, c)
+    assert n.tolist() == [len(text.encode("utf-8"))] and len(text.encode("utf-8")) > len(text) > len(ids)

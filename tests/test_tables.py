@@ -99,6 +99,22 @@ def test_compare_cells_and_counterparts(tmp_path):
     assert "NOT the same protocol" in compare(_tidy(), ref, our_presets=["mdlm"])
 
 
+def test_compare_size_free_rows_and_every_metric(tmp_path):
+    """A published row without a size (text8's one model size) is matched to our row of that
+    model at every size; with no metric given, each metric of the reference gets its section."""
+    from bench.tables import compare
+
+    ref = tmp_path / "pub.csv"
+    ref.write_text("# Paper X\nsize,model,dataset,metric,value,bound\n"
+                   ",GPT-2,ptb_x,ppl,40,false\n,GPT-2,ptb_x,bpc,1.5,false\n,MD4,text8,bpc,1.37,true\n")
+    t = pd.concat([_tidy(), _tidy().assign(metric="bpc", value=lambda d: d["value"] / 20)], ignore_index=True)
+    md = compare(t, ref)
+    ppl, bpc = md.split("Ours vs published: pub.csv (bpc")
+    assert "| small | GPT-2 | 50.00 / 40.00 (+25.0%) |" in ppl and "| medium | GPT-2 | 30.00 / 40.00 (-25.0%) |" in ppl
+    assert "| small | GPT-2 | 2.50 / 1.50 (+66.7%) |" in bpc
+    assert "Published, not in this leaderboard (1):  MD4 text8" in bpc  # no size of ours to match it
+
+
 def test_compare_on_a_small_suite(tmp_path, capsys):
     """A pretrained tiny GPT-2 labelled as the table's GPT-2 row, evaluated zero-shot on
     hub-shaped local copies of WikiText2 and PTB, against results/reference/sedd.csv."""
@@ -126,6 +142,13 @@ def test_compare_on_a_small_suite(tmp_path, capsys):
     assert re.fullmatch(r"[\d.]+ / 138\.43 \([+-][\d.]+%\)", cells[2])  # ptb
     assert "2 cell(s) matched" in md and "No published counterpart (2): small Tiny wikitext2; small Tiny ptb" in md
     assert "Published protocol: sedd; ours: sedd" in md
+    # the CLI renders the same comparison into leaderboard.md; a bad name exits 2 writing nothing
+    assert main(["leaderboard", str(out), "--compare", "reference/sedd"]) == 0
+    assert md in (out / "leaderboard.md").read_text()
+    before = (out / "leaderboard.md").read_text()
+    assert main(["leaderboard", str(out), "--compare", "reference/sed"]) == 2
+    assert "did you mean 'sedd'" in capsys.readouterr().err
+    assert (out / "leaderboard.md").read_text() == before
     # bad names and malformed tables: one-line UserErrors
     from bench.errors import UserError
     with pytest.raises(UserError, match="did you mean 'sedd'"):
@@ -139,7 +162,7 @@ def test_compare_on_a_small_suite(tmp_path, capsys):
 def test_reference_tables_are_well_formed():
     from bench.tables import read_reference
 
-    for p in [REPO / "results" / "reference" / f"{n}.csv" for n in ("sedd", "mdlm-owt", "mdlm-lm1b", "duo")]:
+    for p in [REPO / "results" / "reference" / f"{n}.csv" for n in ("sedd", "mdlm-owt", "mdlm-lm1b", "duo", "text8")]:
         ref, source = read_reference(p)
         assert source and len(ref) and not ref.duplicated(["size", "model", "dataset", "metric"]).any(), p
 
