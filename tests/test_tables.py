@@ -53,6 +53,7 @@ def test_dry_run_gpu_hours_follow_6ND(tmp_path, capsys):
     # rows restricted with sizes: are where they belong
     assert [x.size for x in specs if x.method == "hf-causal-lm"] == ["small", "medium"]
     assert not any(x.method == "d3pm" and x.size == "medium" for x in specs)
+    assert [x.size for x in specs if x.method == "plaid"] == ["small"]  # the table's PLAID row
 
 
 def test_dry_run_bad_flags_are_one_line(capsys):
