@@ -16,12 +16,11 @@ def _out_dir(args, suite) -> Path:
 
 def cmd_run(args) -> int:
     from bench import leaderboard
-    from bench.suite import load_suite
+    from bench.suite import expand, load_suite
     from bench.launch import run_suite
 
     suite, specs = load_suite(args.suite)  # validates everything before anything is written
     if args.seeds:
-        from bench.config import expand
         suite = suite.model_copy(update={"seeds": list(dict.fromkeys(args.seeds))})
         specs = expand(suite)
     executor = args.executor or suite.launch.executor

@@ -179,3 +179,14 @@ def test_method_sizes_restrict_rows(tmp_path, capsys):
     s["methods"][1]["sizes"] = ["c"]
     assert main(["run", str(write_suite(tmp_path / "bad.yaml", s)), "--dry-run"]) == 2
     assert "methods[1].sizes: must be a list of the suite's sizes (a, b), got ['c']" in capsys.readouterr().err
+
+
+def test_seeds_flag_overrides_the_suites_seeds(capsys):
+    """`tdbench run SUITE --seeds 0 1 2` expands the suite with those seeds (here through the
+    dry run: every (method, size) row three times, one run id per seed)."""
+    suite, specs = load_suite(REPO / "suites" / "sedd-table-mini.yaml")
+    assert main(["run", str(REPO / "suites" / "sedd-table-mini.yaml"), "--seeds", "0", "1", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"sedd-table-mini: {3 * len(specs)} runs" in out
+    for s in (0, 1, 2):
+        assert f"-s{s}-" in out
