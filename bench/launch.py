@@ -16,8 +16,11 @@ recorded here as failed with its log tail; one failed run never stops the others
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,6 +95,47 @@ def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
     ex = submitit.LocalExecutor(folder=str(Path(out) / ".submitit" / "%j"))
     ex.update_parameters(timeout_min=suite.launch.timeout_min, tasks_per_node=tasks)
     queue, running, status = list(specs), {}, {}
+    with _stop_jobs_on_exit(running):
+        _run_local_loop(queue, running, status, ex, out, suite, threads, parallel, progress)
+    return status
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to ``tdbench run`` (kill, a batch system ending the job that runs it): handled
+    as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _stop_jobs_on_exit(running: dict):
+    """Local runs are this process's children: when it is stopped (Ctrl-C or SIGTERM) they are
+    stopped too (submitit's cancel: SIGINT to each job, which ends its task; the run's last
+    checkpoint stays, so rerunning the command resumes). Without this a SIGTERM left them
+    training: the training loop treats SIGTERM as a preemption notice and goes on."""
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        for _, job in list(running.values()):
+            try:
+                job.cancel(check=False)
+            except Exception:  # noqa: BLE001 - a job that already ended
+                pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(job.done() for _, job in running.values()):
+            time.sleep(0.2)
+        if running:
+            print(f"stopped {len(running)} local run(s): " + ", ".join(running), file=sys.stderr)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run_local_loop(queue, running, status, ex, out, suite, threads, parallel, progress) -> None:
     while queue or running:
         while queue and len(running) < parallel:
             s = queue.pop(0)
@@ -115,7 +159,6 @@ def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
                 got = "failed"
             status[rid] = got
             progress(s, status[rid])
-    return status
 
 
 def run_debug(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[str, str]:

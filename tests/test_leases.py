@@ -151,3 +151,48 @@ def test_execute_skips_a_run_held_elsewhere(tmp_path):
     assert execute(spec.model_dump(mode="json"), rd, 1) == "held"
     assert not (rd / "result.json").exists() and not (rd / "log.txt").exists()
     holder.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_tdbench_run_stops_its_local_runs(tmp_path):
+    """`kill PID` of a `tdbench run` (local executor) stops the runs it started: their training
+    processes (pids from the leases) are gone within 30 s and it exits 130 naming them (their
+    checkpoints stay; resuming from one is tests/test_resume.py). Before, the runs went on
+    training as orphans (the training loop treats SIGTERM as a preemption notice)."""
+    suite = tiny_suite(launch={"executor": "local", "threads": 1})
+    suite["train"].update(steps=100000, ckpt_every=50)
+    f = write_suite(tmp_path / "s.yaml", suite)
+    out = tmp_path / "out"
+    p = subprocess.Popen([*CLI, "run", str(f), "--out", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    deadline, pids = time.time() + 240, set()
+    try:
+        while time.time() < deadline and len(pids) < 2:
+            for rd in (out / "runs").glob("*") if (out / "runs").is_dir() else []:
+                lease = read_lease(rd)
+                if lease and (rd / "ckpt").is_dir() and any((rd / "ckpt").iterdir()):
+                    pids.add(lease["pid"])
+            time.sleep(0.5)
+        assert len(pids) == 2, "both runs were training with a checkpoint"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        assert "stopped 2 local run(s)" in err
+        t0 = time.time()
+        while time.time() - t0 < 30 and any(_alive(x) for x in pids):
+            time.sleep(0.2)
+        assert not any(_alive(x) for x in pids), "a training process outlived its tdbench run"
+    finally:  # never leave a trainer behind, whatever failed
+        p.kill()
+        for x in pids:
+            try:
+                os.kill(x, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
