@@ -20,7 +20,6 @@ from bench.tables import SOURCE_LABEL, SOURCE_LABELS
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
            "std", "protocol", "params", "estimate"]
-SOURCES = SOURCE_LABELS
 # Tables written after the ppl table when their metric is present (markdown).
 EXTRA_METRICS = {"bpc": "bits per character (log₂ ppl; character tokens)",
                  "bpb": "bits per UTF-8 byte of the decoded counted tokens (eval.per_byte; comparable across "
@@ -68,7 +67,7 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
     out = []
     for key, g in df.groupby(["size", "model", "dataset", "metric", "protocol"], sort=False, dropna=False):
         vals = g["value"].dropna()
-        if g["model"].iloc[0] in SOURCES:
+        if g["model"].iloc[0] in SOURCE_LABELS:
             g = g.iloc[:1]
             vals = vals.iloc[:1]
         n = len(g)
@@ -91,7 +90,7 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
         out.append(row)
     t = pd.DataFrame(out)[COLUMNS]
     size_order = {s: i for i, s in enumerate(t.groupby("size")["params"].max().sort_values().index)}
-    rank = lambda m: 2 if m in SOURCES else 0 if m == "GPT-2" else 1  # noqa: E731
+    rank = lambda m: 2 if m in SOURCE_LABELS else 0 if m == "GPT-2" else 1  # noqa: E731
     t["_s"] = t["size"].map(size_order)
     t["_m"] = t["model"].map(rank)
     return t.sort_values(["_s", "_m", "model", "dataset", "metric"]).drop(columns=["_s", "_m"]).reset_index(drop=True)
@@ -127,7 +126,7 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
         cols = list(dict.fromkeys(t["col"]))
         best = {}
         for c in cols:
-            g = t[(t["col"] == c) & (~t["model"].isin(SOURCES))].dropna(subset=["value"])
+            g = t[(t["col"] == c) & (~t["model"].isin(SOURCE_LABELS))].dropna(subset=["value"])
             if len(g) > 1:
                 best[c] = g["value"].min()
         lines = ["| Size | Model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -141,7 +140,7 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
                     continue
                 r = r.iloc[0]
                 s = _fmt(r)
-                if c in best and r["value"] == best[c] and model not in SOURCES:
+                if c in best and r["value"] == best[c] and model not in SOURCE_LABELS:
                     s = f"**{s}**"
                 cells.append(s)
             lines.append(f"| {size if size != last_size else ''} | {model} | " + " | ".join(cells) + " |")
