@@ -146,15 +146,13 @@ def read_reference(path: Path) -> tuple[pd.DataFrame, list[str]]:
     return ref, source
 
 
-def compare(ours: pd.DataFrame, path: Path, metric: str | None = None, our_presets: list[str] = ()) -> str:
+def compare(ours: pd.DataFrame, path: Path, our_presets: list[str] = ()) -> str:
     """Markdown: ours / published / relative difference per cell, and what has no counterpart;
-    one section per metric of the reference table (or only ``metric``). A published row with
-    no size (e.g. text8 bpc, whose paper gives one model size) matches our rows of that model
-    at every size."""
+    one section per metric of the reference table. A published row with no size (e.g. text8
+    bpc, whose paper gives one model size) matches our rows of that model at every size."""
     ref, source = read_reference(path)
-    metrics = [metric] if metric else list(dict.fromkeys(ref["metric"].astype(str)))
     return "\n".join(_compare_metric(ours, ref[ref["metric"] == m], m, Path(path).name, source, our_presets)
-                     for m in metrics)
+                     for m in dict.fromkeys(ref["metric"].astype(str)))
 
 
 def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: str, source: list[str],
