@@ -272,7 +272,8 @@ class PLAID(EmbeddingDiffusion):
         """log p(w_i = v | z_0) + const = (α_0 z_0·e_v − ½ α_0² ‖e_v‖²) / σ_0² (VDM decoder)."""
         E = self.embedding.weight
         scale = alpha0 / sigma0 ** 2                  # fold the scale into E (V×d), not the logits
-        return z0 @ (scale * E).t() - (0.5 * alpha0 * scale) * (E * E).sum(-1)
+        # one addmm with the −½ α_0 scale ‖e_v‖² term as its bias: no extra V-wide pass
+        return F.linear(z0, scale * E, -(0.5 * alpha0 * scale) * (E * E).sum(-1))
 
     def loss(self, x0, counted, u):
         """The bound itself, per counted token (its gradient also trains γ_0, γ_1)."""
@@ -318,11 +319,21 @@ class SSDLM(Method):
     def condition_of(self, logits):
         return F.softmax(logits, -1) @ self.E
 
+    def noised(self, w, counted, t):
+        """S_t = α_t S_0 + σ_t·k·ε on counted positions, S_0 elsewhere (the forward process of
+        _gaussian.diffuse, written in place on the V-wide noise: S_0 = k(2·onehot(w) − 1) is
+        −k plus 2k at w, so S_t = k(σ_t ε − α_t) + 2kα_t·onehot(w), three V-wide passes
+        instead of six)."""
+        k = self.p.simplex_k
+        alpha, sigma = (_time(v, w[..., None]) for v in self.schedule.alpha_sigma(t))
+        a = torch.where(counted[..., None], alpha, torch.ones_like(alpha))    # clean S_0 where uncounted
+        s = torch.where(counted[..., None], sigma, torch.zeros_like(sigma))
+        S = torch.randn((*w.shape, self.V), device=w.device)
+        S.mul_(s * k).sub_(a * k)
+        return S.scatter_add_(-1, w[..., None], 2 * k * a.expand(*w.shape, 1).contiguous())
+
     def loss(self, x0, counted, u):
-        S0 = self.simplex(x0)
-        alpha, sigma = (_time(v, S0) for v in self.schedule.alpha_sigma(u))
-        S, _ = diffuse(S0, alpha, sigma * self.p.simplex_k)
-        S = torch.where(counted[..., None], S, S0)
+        S = self.noised(x0, counted, u)
         x_sc = None
         if self.p.self_condition:
             x_sc = train_condition(lambda: self.condition_of(self.logits(S, u, None)), self.p.self_condition_rate)
