@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -38,29 +39,49 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _canonical(body: dict) -> str:
+    return json.dumps(body, sort_keys=True, default=str, ensure_ascii=False)
+
+
 def content_hash(rec: dict) -> str:
     """sha256 of a record's canonical JSON without its own ``sha256`` key."""
-    body = {k: v for k, v in rec.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(_canonical({k: v for k, v in rec.items() if k != "sha256"}).encode()).hexdigest()
+
+
+# A record is written as its canonical JSON with the hash appended as the last key, so a
+# reader can check the hash on the bytes as read, without serialising the record again.
+_SEAL = re.compile(rb', "sha256": "([0-9a-f]{64})"}\n?$')
 
 
 def write_record(path: Path, rec: dict) -> None:
-    """Write a run record with its content hash (atomically)."""
-    rec = json.loads(json.dumps({k: v for k, v in rec.items() if k != "sha256"}, default=str))
-    write_json(path, {**rec, "sha256": content_hash(rec)})
+    """Write a run record with its content hash (atomically): the canonical JSON of the record
+    (sorted keys) with ``"sha256"`` appended as its last key."""
+    body = json.loads(json.dumps({k: v for k, v in rec.items() if k != "sha256"}, default=str))
+    text = _canonical(body)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    atomic_write_text(path, text[:-1] + ("" if text == "{}" else ", ") + f'"sha256": "{digest}"}}\n')
+
+
+def _sealed(raw: bytes) -> bool:
+    """True when ``raw`` is a record as write_record writes it and its hash matches its bytes."""
+    m = _SEAL.search(raw)
+    return m is not None and hashlib.sha256(raw[:m.start()] + b"}").hexdigest().encode() == m.group(1)
 
 
 def read_record(path: Path) -> dict:
-    """Read and check a result.json; UserError naming the file if it is corrupt."""
+    """Read and check a result.json; UserError naming the file if it is corrupt. The hash is
+    checked on the bytes when the file is sealed as write_record writes it, else (a record
+    written by an older version, pretty-printed) on the canonical JSON of what was parsed."""
     try:
-        rec = json.loads(Path(path).read_bytes().decode("utf-8"))
+        raw = Path(path).read_bytes()
+        rec = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: corrupt run record ({type(e).__name__}: {e})") from None
     if not isinstance(rec, dict) or rec.get("status") not in STATUSES or "spec" not in rec:
         raise UserError(f"{path}: corrupt run record (missing 'status' or 'spec')")
     if not isinstance(rec.get("sha256"), str):
         raise UserError(f"{path}: corrupt run record (no content hash 'sha256')")
-    if content_hash(rec) != rec["sha256"]:
+    if not _sealed(raw) and content_hash(rec) != rec["sha256"]:
         raise UserError(f"{path}: corrupt run record (content hash mismatch: edited or damaged)")
     for key in ("run_id", "label", "size"):
         if not isinstance(rec.get(key), str):

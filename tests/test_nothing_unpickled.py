@@ -47,3 +47,40 @@ def test_record_hash_catches_an_edit(tmp_path):
     p.write_text(json.dumps(rec))
     with pytest.raises(UserError, match="content hash mismatch"):
         read_record(p)
+
+
+def _record():
+    return {"run_id": "r", "label": "MDLM é", "size": "tiny", "seed": 0, "spec": {"lr": 1e-3}, "status": "complete",
+            "metrics": [{"dataset": "a", "metric": "ppl", "value": 41.84, "bound": True}]}
+
+
+def test_sealed_record_is_checked_on_its_bytes_and_an_edit_in_place_is_caught(tmp_path):
+    """write_record seals the canonical bytes (hash as the last key); an edit that keeps the
+    sealed shape (same length, hash untouched) fails the byte check and the canonical check."""
+    p = tmp_path / "result.json"
+    write_record(p, _record())
+    raw = p.read_bytes()
+    assert raw.rstrip().endswith(b'"}') and b'"sha256": "' in raw[-80:]
+    assert read_record(p)["label"] == "MDLM é"
+    p.write_bytes(raw.replace(b"41.84", b"14.84"))
+    with pytest.raises(UserError, match="content hash mismatch"):
+        read_record(p)
+    p.write_bytes(raw[:-30])  # truncated
+    with pytest.raises(UserError, match="corrupt run record"):
+        read_record(p)
+
+
+def test_record_written_pretty_by_an_older_version_still_reads(tmp_path):
+    """Records written before the seal (indented JSON, hash over the canonical form) are
+    checked the old way, so existing results directories stay readable."""
+    from bench.records import content_hash
+
+    rec = _record()
+    p = tmp_path / "result.json"
+    p.write_text(json.dumps({**rec, "sha256": content_hash(rec)}, indent=2) + "\n", encoding="utf-8")
+    assert read_record(p)["metrics"][0]["value"] == 41.84
+    rec2 = {**rec, "sha256": content_hash(rec)}
+    rec2["seed"] = 1
+    p.write_text(json.dumps(rec2, indent=2), encoding="utf-8")
+    with pytest.raises(UserError, match="content hash mismatch"):
+        read_record(p)
