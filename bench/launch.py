@@ -92,7 +92,14 @@ def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
     tasks = world_size(suite)
     parallel = suite.launch.parallel or max(1, min(len(specs), cores // tasks))
     threads = suite.launch.threads or max(1, cores // (parallel * tasks))
-    ex = submitit.LocalExecutor(folder=str(Path(out) / ".submitit" / "%j"))
+    # One flat folder for every job's files (named <job id>_…): submitit's controller opens its
+    # log inside the job folder that the submitting process creates only after starting it, so a
+    # per-job folder (".submitit/%j") races with a loaded machine and loses the run (seen:
+    # FileNotFoundError on .submitit/<pid>/<pid>_0_log.out). A folder that exists beforehand has
+    # no such race.
+    folder = Path(out) / ".submitit"
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = submitit.LocalExecutor(folder=str(folder))
     ex.update_parameters(timeout_min=suite.launch.timeout_min, tasks_per_node=tasks)
     queue, running, status = list(specs), {}, {}
     with _stop_jobs_on_exit(running):

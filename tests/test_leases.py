@@ -196,3 +196,32 @@ def test_sigterm_to_tdbench_run_stops_its_local_runs(tmp_path):
                 os.kill(x, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+SLOW_PARENT = """
+import sys, time
+import submitit.core.utils as u
+orig = u.JobPaths.move_temporary_file
+def slow(self, *a, **k):   # the submitting process is slow to create the job's folder (a loaded machine)
+    time.sleep(2.0)
+    return orig(self, *a, **k)
+u.JobPaths.move_temporary_file = slow
+from bench.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_local_run_survives_a_submitter_slow_to_create_the_job_folder(tmp_path):
+    """Regression: with a per-job submitit folder, the job's controller opened its log in a
+    folder the submitting process had not created yet, and the run was lost ('job … ended
+    abnormally: no final record'). A submitter that is 2 s slow to do so must not matter."""
+    suite = tiny_suite()
+    suite["train"]["steps"] = 10
+    suite["launch"] = {"executor": "local", "threads": 1}
+    f = write_suite(tmp_path / "s.yaml", suite)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", SLOW_PARENT, "run", str(f), "--out", str(out)],
+                       capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    recs = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
+    assert [x["status"] for x in recs] == ["complete", "complete"]
