@@ -173,8 +173,12 @@ def run_debug(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
         print(f"debug executor: one process instead of {world_size(suite)} (same global batch)", file=sys.stderr)
     status = {}
     for s in specs:
-        status[s.run_id] = execute(s.model_dump(mode="json"), run_dir(out, s), suite.launch.threads,
-                                   suite.launch.micro_batch)
+        # A run's own chatter (third-party warnings printed to stdout, e.g. DeepSpeed's
+        # accelerator notice when it is installed) goes to stderr, as a local run's goes to its
+        # log: this command's stdout carries only the leaderboard.
+        with contextlib.redirect_stdout(sys.stderr):
+            status[s.run_id] = execute(s.model_dump(mode="json"), run_dir(out, s), suite.launch.threads,
+                                       suite.launch.micro_batch)
         progress(s, status[s.run_id])
     return status
 

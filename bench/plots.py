@@ -7,12 +7,13 @@ Written next to the leaderboard as ``training.png``; matplotlib is optional (no 
 error, when it is missing)."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 GRID = 200  # points each curve is resampled to (over the fraction of training done)
-
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -21,10 +22,17 @@ def save_figure(fig, path: Path) -> Path:
 
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    # a temp file of this call's own: two commands writing one results directory's plots at
+    # once (two `tdbench run` on one --out) must not rename each other's file away
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 def aggregate(recs: list[dict]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:

@@ -80,3 +80,44 @@ def test_methods_and_new_method(tmp_path, capsys):
     compile(src, "my_method.py", "exec")
     assert '@register("my_method")' in src
     assert main(["new-method", "mdlm", "--dir", str(tmp_path)]) == 2
+
+
+def test_two_writers_of_one_plot_at_once_both_succeed(tmp_path, monkeypatch):
+    """Two commands writing one results directory's plot at the same time (two `tdbench run`
+    on one --out) each write their own temp file and rename it: neither renames the other's
+    away (the fixed temp name did: FileNotFoundError in the second rename)."""
+    import threading
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    from bench.plots import save_figure
+
+    real = matplotlib.figure.Figure.savefig
+    both_saved = threading.Barrier(2)
+
+    def savefig(self, *a, **k):   # both writers have saved before either renames
+        real(self, *a, **k)
+        both_saved.wait(timeout=30)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    errors = []
+
+    def write():
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        try:
+            save_figure(fig, tmp_path / "training.png")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert (tmp_path / "training.png").stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["training.png"], "no temp file left behind"

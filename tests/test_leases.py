@@ -29,11 +29,19 @@ def _env():
 
 def test_two_concurrent_runs_train_each_run_once_and_agree(tmp_path):
     suite = tiny_suite()
-    suite["train"]["steps"] = 40
+    suite["train"]["steps"] = 300   # seconds of training: the second command meets a held run
     f = write_suite(tmp_path / "s.yaml", suite)
     out = tmp_path / "shared"
-    procs = [subprocess.Popen([*CLI, "run", str(f), "--out", str(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO) for _ in range(2)]
+
+    def start():
+        return subprocess.Popen([*CLI, "run", str(f), "--out", str(out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+
+    first = start()
+    t0 = time.time()   # the second starts once the first holds a lease, so the two overlap
+    while not list(out.glob(f"runs/*/{LEASE}")) and first.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    procs = [first, start()]
     res = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, res):
         assert p.returncode == 0, e
