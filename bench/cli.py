@@ -531,8 +531,8 @@ class {cls}(Method):
     likelihood = "bound"
     time = "continuous"
 
-    def __init__(self, params, backbone, vocab_size, seq_len):
-        super().__init__(params, backbone, vocab_size, seq_len)
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
         self.embedding = nn.Embedding(vocab_size, params.embed_dim)
         self.schedule = SCHEDULES[params.schedule]()
 

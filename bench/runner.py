@@ -75,11 +75,14 @@ def job_info() -> dict:
     return out
 
 
-def build_method(spec: RunSpec, vocab_size: int):
+def build_method(spec: RunSpec, vocab_size: int, tokenizer=None):
+    """The run's method, built with its :class:`~bench.method.Context` (the suite's tokenizer)."""
+    from bench.method import Context
     from bench.registry import get_method
 
     cls = get_method(spec.method)
-    return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len)
+    return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len,
+               context=Context(tokenizer=tokenizer))
 
 
 def estimate_kind(method, protocol) -> str:
@@ -296,8 +299,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
-        method = build_method(spec, tokenizer.vocab_size)
-        method.bind_tokenizer(tokenizer)
+        method = build_method(spec, tokenizer.vocab_size, tokenizer)
         params = count_params(method)
         if method.trains:
             train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
@@ -311,7 +313,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         if not accelerator.is_main_process:
             return "complete"
         if spec.train.engine == "deepspeed" and spec.train.zero_stage == 3:
-            method = _reload_final(spec, tokenizer.vocab_size, run_dir)  # ZeRO-3 partitions the weights
+            method = _reload_final(spec, tokenizer, run_dir)  # ZeRO-3 partitions the weights
         method.to(accelerator.device)
         write_progress(run_dir, phase="eval", step=stats["steps"], total=spec.train.steps,
                        loss=stats["final_loss"], tokens_per_s=stats["tokens_per_s"], eta_s=None, pid=os.getpid())
@@ -345,12 +347,12 @@ def _rank_from_env() -> int:
     return process_rank()[0]
 
 
-def _reload_final(spec: RunSpec, vocab_size: int, run_dir: Path):
+def _reload_final(spec: RunSpec, tokenizer, run_dir: Path):
     from safetensors.torch import load_file
 
     from bench.rundir import latest_checkpoint, verify_manifest
 
-    method = build_method(spec, vocab_size)
+    method = build_method(spec, tokenizer.vocab_size, tokenizer)
     ck = latest_checkpoint(run_dir)
     verify_manifest(ck)
     method.load_state_dict(load_file(ck / "model.safetensors"))

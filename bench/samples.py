@@ -128,6 +128,7 @@ def load_final_method(run_dir: Path):
     from safetensors.torch import load_file
 
     from bench.data import get_tokenizer
+    from bench.method import Context
     from bench.registry import get_method
     from bench.rundir import latest_checkpoint, verify_manifest
 
@@ -142,7 +143,9 @@ def load_final_method(run_dir: Path):
     verify_manifest(ck)
     f = ck / ("ema.safetensors" if spec.train.ema > 0 else "model.safetensors")
     cls = get_method(spec.method)
-    method = cls(cls.Params(**spec.params), spec.backbone, get_tokenizer(spec.data).vocab_size, spec.data.seq_len)
+    tokenizer = get_tokenizer(spec.data)
+    method = cls(cls.Params(**spec.params), spec.backbone, tokenizer.vocab_size, spec.data.seq_len,
+                 context=Context(tokenizer=tokenizer))
     try:
         state = load_file(f)
         method.load_state_dict({k: v.to(method.state_dict()[k].dtype) for k, v in state.items()})
