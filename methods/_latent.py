@@ -218,17 +218,21 @@ def load_encoder(name: str, where: str):
     Encoder-only models (BertModel, RobertaModel, ...) load through AutoModel; for an
     encoder-decoder (T5, BART: ``config.is_encoder_decoder``) only its encoder is kept
     (``get_encoder()``), so the call is ``encoder(input_ids, attention_mask)`` for every family."""
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path, local = resolve_model_path(name)
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=local)
-        model = AutoModel.from_pretrained(path, local_files_only=local)
+        arch = (getattr(cfg, "architectures", None) or [""])[0]
+        # a saved encoder half (T5EncoderModel) loads as itself, not as a model with a new decoder
+        cls = getattr(transformers, arch) if arch.endswith("EncoderModel") and hasattr(transformers, arch) else AutoModel
+        model = cls.from_pretrained(path, local_files_only=local)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{where}: cannot load encoder '{name}': {str(e).splitlines()[0][:200]}") from None
-    if getattr(cfg, "is_encoder_decoder", False):
-        model = model.get_encoder()
+    if hasattr(model, "decoder") or arch.endswith("EncoderModel"):
+        model = model.get_encoder()     # an encoder-decoder (BART, T5): keep its encoder
     if tok.pad_token is None:
         raise UserError(f"{where}: the tokenizer of '{name}' has no pad token")
     return model.eval(), tok, path

@@ -60,7 +60,7 @@ class LD4LGParams(LatentDiffusionParams):
                                                         "false for lm: null)")
     latents: PositiveInt = Field(16, description="n: latent vectors (LD4LG: 32)")
     latent_dim: PositiveInt = Field(32, description="d: width of each latent (LD4LG: 64)")
-    compress_layers: PositiveInt = Field(2, description="blocks in the compression and in the reconstruction network")
+    compress_layers: PositiveInt = Field(1, description="blocks in the compression and in the reconstruction network (LD4LG: 3)")
     enc_len: Optional[PositiveInt] = Field(None, description="LM tokens per block with a pretrained lm (default: seq_len)")
 
     @model_validator(mode="after")
@@ -91,7 +91,7 @@ class SuiteIds:
 
     def generation(self) -> dict:
         return dict(max_new_tokens=self.L, min_new_tokens=self.L, eos_token_id=None, pad_token_id=self.pad,
-                    decoder_start_token_id=self.bos)
+                    decoder_start_token_id=self.bos, suppress_tokens=[self.bos, self.pad])   # suite ids only
 
     def to_suite(self, generated, tokenizer, L):
         return pad_or_cut(generated[:, 1:].tolist(), L, tokenizer.eos_id)
