@@ -191,7 +191,6 @@ class LD4LG(Method):
     likelihood = "none"
     time = "continuous"
     stages = ("autoencoder", "diffusion")
-    stage_defaults = {"autoencoder": {}, "diffusion": {}}
     display = "LD4LG"
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):

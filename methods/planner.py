@@ -57,7 +57,6 @@ class Planner(Method):
     likelihood = "none"
     time = "continuous"
     stages = ("autoencoder", "diffusion")
-    stage_defaults = {"autoencoder": {}, "diffusion": {}}
     display = "PLANNER"
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):

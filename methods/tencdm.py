@@ -102,7 +102,6 @@ class TEncDM(Method):
     likelihood = "none"
     time = "continuous"
     stages = ("decoder", "diffusion")
-    stage_defaults = {"decoder": {}, "diffusion": {}}
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
         where = "methods[tencdm].encoder"
