@@ -44,6 +44,11 @@ class TwoStageToy(Method):
             self.E = nn.Embedding(vocab_size, DIM)
         self.D = nn.Linear(DIM, vocab_size)
 
+    def info(self) -> dict:
+        if not self.p.encoder:
+            return super().info()
+        return {**super().info(), "text_crossing": "suite ids fed to the encoder as its own ids (test method)"}
+
     def build_network(self, cfg):
         return Backbone(cfg, vocab_in=None, vocab_out=DIM, seq_len=self.L, in_dim=DIM)
 

@@ -48,10 +48,10 @@ def toy_registered():
     registry._METHODS.pop(stage_plugin.NAME, None)
 
 
-def _suite(stages: dict, params: dict | None = None, **train) -> dict:
+def _suite(stages: dict, params: dict | None = None, launch: dict | None = None, **train) -> dict:
     return tiny_suite(methods=[{"method": stage_plugin.NAME, **(params or {})}], baseline=None,
                       train={"steps": 10, "batch_size": 8, "lr": 3e-3, "warmup": 2, "ckpt_every": 5,
-                             "stages": stages, **train})
+                             "stages": stages, **train}, **({"launch": launch} if launch else {}))
 
 
 def _spec(tmp_path, stages, params=None, **train):
@@ -236,12 +236,18 @@ def test_frozen_encoder_gets_no_gradient_is_not_checkpointed_and_is_checked(tmp_
 
     monkeypatch.setattr(stage_plugin.TwoStageToy, "stage_loss", spy)
     spec = _spec(tmp_path, {"autoencoder": {"steps": 4}, "diffusion": {"steps": 4}}, {"encoder": str(tiny_bert)})
-    rd = tmp_path / "run"
+    rd = tmp_path / "out" / "runs" / spec.run_id
     before = weights_sha256(BertModel.from_pretrained(tiny_bert))
     assert execute(spec.model_dump(mode="json"), rd, 1) == "complete"
     rec = _record(rd)
     assert seen.count("autoencoder") == 4 and seen.count("diffusion") == 4
     assert rec["method_info"]["frozen"] == {"encoder": {"source": str(tiny_bert), "sha256": before}}
+    crossing = "suite ids fed to the encoder as its own ids (test method)"
+    assert rec["protocol"]["text_crossing"] == crossing and rec["protocol"]["id"] == spec.protocol().id
+    from bench.leaderboard import write
+
+    md, _ = write(tmp_path / "out")
+    assert f"- text crossing, {spec.label}: {crossing}" in md
     bert_keys = set(BertModel.from_pretrained(tiny_bert).state_dict())
     for sd in (AE, DIFF):
         ck = _final(rd, sd)
@@ -263,3 +269,44 @@ def test_frozen_encoder_gets_no_gradient_is_not_checkpointed_and_is_checked(tmp_
     assert execute(spec.model_dump(mode="json"), rd, 1) == "failed"
     err = json.loads((rd / "result.json").read_text())["error"]
     assert err.startswith(f"{tiny_bert}: frozen module 'encoder' changed") and "\n" not in err
+
+
+def test_methods_lists_stages_and_new_method_offers_them(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    assert "stages (trained in order; suite train.stages.<stage> sets steps, lr, ...): " \
+           "autoencoder (lr=0.01) → diffusion" in text
+    after = text.split("\nmdlm  (")[1].split("\n")[1:]
+    mdlm = after[:next(i for i, line in enumerate(after) if not line.startswith("    "))]
+    assert mdlm and not any("stages" in line for line in mdlm)   # a single-stage method shows none
+    assert main(["new-method", "two_st", "--stages", "autoencoder,diffusion", "--dir", str(tmp_path)]) == 0
+    src = (tmp_path / "two_st.py").read_text()
+    compile(src, "two_st.py", "exec")
+    assert "stages = ('autoencoder', 'diffusion')" in src and "def stage_parameters" in src and "def stage_loss" in src
+    assert main(["new-method", "one_st", "--dir", str(tmp_path)]) == 0
+    assert "stages = (" not in (tmp_path / "one_st.py").read_text()
+    assert main(["new-method", "bad_st", "--stages", "diffusion", "--dir", str(tmp_path)]) == 2
+    assert "new-method --stages: 'diffusion' must name two or more" in capsys.readouterr().err
+    assert not (tmp_path / "bad_st.py").exists()
+
+
+def test_live_view_shows_the_stage():
+    from bench import live
+
+    r = live.Row("r1", "LD", "tiny", 0, "running", step=5, total=40, phase="train:diffusion", loss=1.0)
+    assert live.plain_line(r) == "LD tiny seed=0: running, stage diffusion, step 5/40, loss 1.000"
+    assert live.stage_of("train") is None and live.stage_of("eval") is None
+
+
+def test_a_stage_batch_that_does_not_split_is_named(tmp_path):
+    from bench.errors import UserError
+    from bench.launch import check_launch
+    from bench.suite import load_suite
+    from conftest import write_suite
+
+    s = _suite({"diffusion": {"batch_size": 6}}, launch={"executor": "local", "tasks_per_node": 4})
+    suite, specs = load_suite(write_suite(tmp_path / "s.yaml", s))
+    with pytest.raises(UserError, match=r"^train\.stages\.diffusion\.batch_size: 6 is not divisible by the world size 4"):
+        check_launch(suite, specs, "local")
