@@ -1,9 +1,15 @@
 """The one training loop for every method (Accelerate; DDP or DeepSpeed when distributed).
 
+Stages: a method trains its ``stages`` in order (one, ``train``, unless it declares more). Each
+stage has its settings (``spec.train.for_stage``), its optimizer, schedule and EMA over
+``method.stage_parameters(stage)`` — requires_grad is set to exactly those before the model is
+wrapped, so DDP registers and synchronises only them — and its checkpoints. Frozen parts
+(``Method.add_frozen``) are no parameters: never optimised, averaged, synchronised or saved.
+
 Determinism and resume: the batch of step k and all noise drawn at step k depend only on
-(seed, k) — batches come from a per-epoch permutation seeded by (seed, epoch) and the global
-RNG is re-seeded with (seed, k, o) before each micro-batch, o = the offset of its first
-sequence in the global batch — so a run resumed from a checkpoint at step k replays exactly
+(seed, k) — in stage s > 0 on (stage_seed(seed, s), k) — batches come from a per-epoch
+permutation seeded by (seed, epoch) and the global RNG is re-seeded with (seed, k, o) before
+each micro-batch, o = the offset of its first sequence in the global batch — so a run resumed from a checkpoint at step k replays exactly
 what the uninterrupted run would have done (on CPU, bit for bit).
 
 Distributed: the global batch (``train.batch_size``) and the time draws u (stratified over the
@@ -15,13 +21,17 @@ average gives Σ_m loss_m · c_m / C. Because the noise of a micro-batch depends
 W processes with micro-batch b compute what one process computes with micro-batch b and W
 accumulation steps, up to float summation order.
 
-Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` with model (and EMA) weights in safetensors, the
+Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` (``<run>/ckpt/<i>-<stage>/step_XXXXXXX/`` for each
+stage of a multi-stage method; each holds all of the method's weights, and a stage's last one,
+``stage_complete``, stays as its result) with model (and EMA) weights in safetensors, the
 optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve), and
 ``manifest.json``: the sha256 and size of every other file (bench.rundir), checked before
 anything is parsed. Nothing
 is unpickled: the optimizer/scheduler/RNG file is read with ``torch.load(weights_only=True)``
 (tensors and plain containers only). They are written to a temp dir and renamed; only the
-latest is kept; the latest is loaded at start.
+latest is kept; the latest is loaded at start (of a multi-stage run: the latest of its last
+stage that has one; the run goes on in that stage). The frozen parts' sources and hashes are
+kept in ``state.json`` and checked on resume.
 Under DeepSpeed the optimizer state is sharded: every rank writes its shard into
 ``deepspeed/`` of the same directory (the full weights still go to ``model.safetensors``), and
 such a checkpoint resumes with the same world size. Under Slurm a preemption signal makes every
