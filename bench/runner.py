@@ -302,6 +302,8 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         torch.manual_seed(spec.seed)
         method = build_method(spec, tokenizer.vocab_size, tokenizer)
         params = count_params(method)
+        if method.frozen_modules():   # pretrained parts held frozen: not trained, not in the checkpoints
+            params["params_frozen"] = sum(p.numel() for m in method.frozen_modules().values() for p in m.parameters())
         if method.trains:
             train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
             log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")

@@ -255,6 +255,7 @@ def test_frozen_encoder_gets_no_gradient_is_not_checkpointed_and_is_checked(tmp_
         assert keys and not any(k.startswith("encoder") or k in bert_keys for k in keys)
         assert json.loads((ck / "state.json").read_text())["frozen"]["encoder"]["sha256"] == before
     assert rec["train"]["params"] == sum(v.numel() for v in _weights(_final(rd, DIFF)).values())
+    assert rec["train"]["params_frozen"] == sum(p.numel() for p in BertModel.from_pretrained(tiny_bert).parameters())
     m, _ = load_final_method(rd)   # same weights on disk: fine
     assert all(p.grad is None and not p.requires_grad for p in m.encoder.parameters())
 
