@@ -132,11 +132,12 @@ class Method(nn.Module):
 
     # --- stages -----------------------------------------------------------------------------
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        """Parameters that ``stage`` trains. Default: every parameter of the module (frozen
-        parts are never parameters of the module, see add_frozen). The harness sets
-        requires_grad to exactly these during the stage and builds that stage's optimizer (and
-        EMA) over them."""
-        return list(self.parameters())
+        """Parameters that ``stage`` trains. Default: every parameter of the module that
+        requires grad as built (frozen parts are never parameters of the module, see
+        add_frozen). The harness asks with requires_grad as built, sets requires_grad to
+        exactly these during the stage and builds that stage's optimizer (and EMA) over them.
+        Under DDP each of them must get a gradient from ``stage_loss(stage, ...)``."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def stage_loss(self, stage: str, x0: torch.Tensor, counted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The stage's scalar training loss (per counted token). Default: ``loss``."""
