@@ -8,18 +8,18 @@ vectors back to text with a decoder it trains. This module owns what they share:
 
 - :class:`Normaliser` — per-dimension mean and standard deviation of the space, estimated
   from the first ``norm_batches`` training batches that reach it and then frozen, kept as
-  buffers (so checkpoints hold them). Diffusion runs on x̄ = (x − μ)/s (TEncDM §3.2
+  buffers (so checkpoints hold them). Diffusion runs on x̄ = (x − μ)/s (TEncDM
   normalises encodings to zero mean and unit variance per component, so the tan-d schedule's
   noise scale means the same thing in every space).
 - :class:`LatentDiffusion` — the diffusion over x̄ (VDM notation, see _gaussian):
   z_t = α_t x̄ + σ_t ε, the tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)), d = 9 by default
-  (TEncDM eq. 6), x0-prediction by default (TEncDM §3.3; ε and v as options, LD4LG trains v),
+  (TEncDM), x0-prediction by default (TEncDM; ε and v as options, LD4LG trains v),
   the simple loss E_t ‖target − f_θ(z_t, t, x̃0)‖² (DDPM's L_simple in the chosen
   parameterisation, mean over positions and dimensions), self-conditioning (Chen et al. 2022,
   Analog Bits Alg. 1/2: training conditions on a stop-gradient first pass with probability
   ``self_condition_rate``, zeros otherwise; sampling feeds the previous step's x̂0, one network
   call per step), and DDIM (η = 0; the Euler step of the probability-flow ODE in the variables
-  z/α and σ/α, Song et al. 2021 §4.3 eq. 14) or DDPM ancestral sampling over N equal steps,
+  z/α and σ/α, Song et al. 2021 §4.3) or DDPM ancestral sampling over N equal steps,
   so NFE = N.
 
 The network is the method's own ``self.net`` (the shared Backbone with ``in_dim = d``,

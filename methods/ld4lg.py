@@ -7,10 +7,10 @@ and decode them autoregressively with the encoder-decoder's decoder.
 
 Autoencoder (stage ``autoencoder``):
 - E: the language model's encoder, states H = E(w) ∈ R^{m×D} with its attention mask.
-- Compression f_φ (Perceiver resampler, Jaegle et al. 2021; LD4LG §3.1): n learned queries
+- Compression f_φ (Perceiver resampler, Jaegle et al. 2021, as LD4LG): n learned queries
   Q ∈ R^{n×D} pass through ``compress_layers`` blocks of [self-attention over the queries,
   cross-attention to H (padding masked), MLP], then a linear map to d: x = f_φ(H) ∈ R^{n×d}.
-- Reconstruction g_φ (LD4LG §3.1): a linear map d → D and ``compress_layers`` transformer
+- Reconstruction g_φ (as LD4LG): a linear map d → D and ``compress_layers`` transformer
   blocks over the n vectors, H̃ = g_φ(x) ∈ R^{n×D}, the states the decoder cross-attends to.
 - Loss: −log p_LM(w | H̃) = Σ_i −log p(w_i | w_<i, H̃) per counted token (teacher forcing).
   With a pretrained LM (``lm`` a name or dir) the LM is frozen by default (``freeze_lm``,
@@ -22,7 +22,7 @@ Autoencoder (stage ``autoencoder``):
   null). That row measures the LD4LG recipe, not the benefit of a pretrained BART.
 
 Diffusion (stage ``diffusion``): methods/_latent.LatentDiffusion over x (normalised per
-dimension): v-prediction by default (LD4LG §3.2 trains v; x0 and ε as options),
+dimension): v-prediction by default (LD4LG trains v; x0 and ε as options),
 self-conditioning, tan-d by default (LD4LG uses cosine; the ``schedule`` param chooses), DDIM
 over the harness's step budget (NFE = steps: only the denoiser is counted).
 

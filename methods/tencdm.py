@@ -1,4 +1,4 @@
-"""TEncDM (Shabalin et al. 2025, "TEncDM: Understanding the Properties of the Diffusion Model
+"""TEncDM (Shabalin et al., arXiv 2402.19097, "TEncDM: Understanding the Properties of the Diffusion Model
 in the Space of Language Model Encodings"): Gaussian diffusion over the outputs of a frozen
 pretrained text encoder, decoded to tokens by a small trained decoder.
 
@@ -27,12 +27,12 @@ tokenizer → (n, L) suite ids, padded with EOS / cut to L (methods/_latent.text
 Stages.
 1. ``decoder``: a bidirectional Backbone (in_dim = d, vocab_out = the encoder's vocabulary)
    from normalised vectors to encoder tokens, trained with cross-entropy on corrupted vectors
-   z = α_t x̄ + σ_t ε, t ~ U(0, decoder_t_max), under the diffusion's own schedule (TEncDM
-   §3.4: the decoder is trained on noised latents so that it tolerates the diffusion's
-   errors; with tan-d, d = 9 the default t_max = 0.05 gives σ_t up to 0.58 in units of the
-   per-dimension std). The normaliser's mean/std are estimated here (first stage).
-2. ``diffusion``: methods/_latent.LatentDiffusion over x̄: x0-prediction (TEncDM §3.3), the
-   tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)) (TEncDM eq. 6), self-conditioning, DDIM/Euler
+   z = α_t x̄ + σ_t ε, t ~ U(0, decoder_t_max), under the diffusion's own schedule (TEncDM:
+   the decoder is trained on noised latents so that it tolerates the diffusion's
+   errors; the default t_max = 0.05 is our choice: under tan-d, d = 9 it gives σ_t up to 0.58
+   in units of the per-dimension std). Cross-entropy over all L_enc positions, padding included. The normaliser's mean/std are estimated here (first stage).
+2. ``diffusion``: methods/_latent.LatentDiffusion over x̄: x0-prediction (as TEncDM), the
+   tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)) (TEncDM), self-conditioning, DDIM/Euler
    or DDPM over the harness's step budget (NFE = steps; the decoder's single call is not a
    diffusion step and is not counted).
 
