@@ -416,3 +416,35 @@ def test_sample_returns_suite_ids_in_nfe_equal_steps(build, tiny_models, austen)
     assert int(out.min()) >= 0 and int(out.max()) < tok.vocab_size
     assert calls[0] == 5
     assert "text_crossing" in m.info()
+
+
+# ----------------------------------------------------------------------------- through the harness
+@pytest.mark.parametrize("entry", ["tencdm", "ld4lg", "planner"])
+def test_each_method_runs_its_stages_and_samples_through_the_harness(entry, tiny_models, tmp_path):
+    """bench.runner.execute on a tiny suite (BPE 512, blocks of 32, 2 steps per stage, 4
+    samples at 3 steps): the run completes both stages in order, the record carries the text
+    crossing (protocol) and, for TEncDM, the frozen encoder's source; every sample line has
+    NFE = 3 (denoiser calls only) and L suite ids."""
+    import json
+
+    from bench.runner import execute
+    from conftest import specs_of, tiny_suite
+
+    method = {"tencdm": {"method": "tencdm", "encoder": tiny_models["bert"], "norm_batches": 1},
+              "ld4lg": {"method": "ld4lg", "norm_batches": 1},
+              "planner": {"method": "planner", "norm_batches": 1}}[entry]
+    stages = {"tencdm": TEncDM, "ld4lg": LD4LG, "planner": Planner}[entry].stages
+    suite = tiny_suite(methods=[method], baseline=None,
+                       train={"steps": 2, "batch_size": 4, "lr": 3e-3, "warmup": 1, "ckpt_every": 2,
+                              "stages": {st: {"steps": 2} for st in stages}},
+                       eval={"t_samples": 1, "max_blocks": 4, "batch_size": 4, "samples": 4, "sample_steps": [3]})
+    spec = specs_of(suite, tmp_path)[0]
+    rd = tmp_path / "run"
+    assert execute(spec.model_dump(mode="json"), rd, 1) == "complete"
+    rec = json.loads((rd / "result.json").read_text())
+    assert list(rec["train"]["stages"]) == list(stages) and all(v["steps"] == 2 for v in rec["train"]["stages"].values())
+    assert rec["protocol"]["text_crossing"]
+    if entry == "tencdm":
+        assert rec["method_info"]["frozen"]["encoder"]["source"] == tiny_models["bert"]
+    lines = [json.loads(x) for x in (rd / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(r["nfe"] == 3 and len(r["ids"]) == 32 for r in lines)
