@@ -35,7 +35,7 @@ from pydantic import Field, PositiveInt
 from bench.backbone import Backbone, KVCache
 from bench.method import Method, gumbel_argmax
 from bench.registry import register
-from methods._latent import LatentDiffusion, LatentDiffusionParams, check_text_data
+from methods._latent import LatentDiffusion, LatentDiffusionParams
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -67,10 +67,6 @@ class Planner(Method):
                                 causal=True)
         self.latent_in = nn.Linear(dz, backbone.hidden)       # W: z_j → a prefix input vector
         self.diffusion = LatentDiffusion(dz, params)
-
-    @classmethod
-    def check_compatible(cls, params, data, where):
-        check_text_data(data, where)
 
     def build_network(self, cfg):
         return Backbone(cfg, vocab_in=None, vocab_out=self.p.latent_dim, seq_len=self.p.latents,
