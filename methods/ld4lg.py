@@ -168,8 +168,14 @@ def bart_from_config(backbone, V: int, L: int, eos_id: int):
                      decoder_attention_heads=backbone.heads, encoder_ffn_dim=backbone.mlp_ratio * backbone.hidden,
                      decoder_ffn_dim=backbone.mlp_ratio * backbone.hidden, max_position_embeddings=L + 2,
                      pad_token_id=V + 1, bos_token_id=V, eos_token_id=eos_id, decoder_start_token_id=V,
-                     forced_bos_token_id=None, forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0)
+                     forced_bos_token_id=None, forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0,
+                     tie_word_embeddings=False)
+    # untied: encoder, decoder and output embeddings are separate tensors (a checkpoint holds no
+    # shared storage); BART's ``model.shared`` table is then read by nothing and never trained
     return BartForConditionalGeneration(cfg)
+
+
+UNUSED_WHEN_UNTIED = ("lm.model.shared.weight",)
 
 
 def load_seq2seq(name: str, where: str):
@@ -249,7 +255,8 @@ class LD4LG(Method):
     # --- stages -----------------------------------------------------------------------------
     def stage_parameters(self, stage):
         if stage == "autoencoder":
-            return [p for name, p in self.named_parameters() if not name.startswith(("net.", "diffusion."))]
+            return [p for name, p in self.named_parameters()
+                    if not name.startswith(("net.", "diffusion.")) and name not in UNUSED_WHEN_UNTIED]
         return list(self.net.parameters())
 
     def stage_loss(self, stage, x0, counted, u):
