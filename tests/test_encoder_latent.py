@@ -212,6 +212,7 @@ def test_encoder_families_load_offline_and_give_vectors_of_the_right_shape(tiny_
     both spaces: (B, enc_len, width 32)."""
     enc, tok, source = load_encoder(tiny_models[family], "test")
     assert source == tiny_models[family]
+    assert not hasattr(enc, "decoder")               # BART/T5: the encoder half, not the decoder's states
     batch = tok(["It is a truth universally acknowledged.", "Emma"], padding="max_length", max_length=16,
                 truncation=True, return_tensors="pt")
     for space in SPACES.values():
@@ -410,6 +411,8 @@ def test_sample_returns_suite_ids_in_nfe_equal_steps(build, tiny_models, austen)
                                            BB, tok.vocab_size, L, ctx),
          "planner": lambda: Planner(PlannerParams(norm_batches=1), BB, tok.vocab_size, L, ctx)}[build]()
     _fitted(m, train[:4])
+    if build == "ld4lg":     # make BART's own [BOS]/[PAD] (ids V, V+1) its favourites: still never emitted
+        m.lm.final_logits_bias[..., m.V:] = 1e4
     calls = _count(m.net)
     out = m.sample(3, 5, torch.Generator().manual_seed(0))
     assert out.shape == (3, L) and out.dtype == torch.long
