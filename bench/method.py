@@ -154,7 +154,7 @@ class Method(nn.Module):
         if name in self._frozen or hasattr(self, name):
             raise ValueError(f"{type(self).__name__}.add_frozen: '{name}' is already an attribute")
         module.requires_grad_(False)
-        module.eval()
+        module.eval()   # and so it stays: the method's train() reaches its children only
         self._frozen[name] = (module, str(source), weights_sha256(module))
         object.__setattr__(self, name, module)   # bypasses nn.Module.__setattr__: no child module
 
@@ -182,12 +182,6 @@ class Method(nn.Module):
                 raise UserError(f"{have['source']}: frozen module '{k}' changed since the run recorded it "
                                 f"(sha256 {have['sha256'][:12]}… ≠ {str(want.get('sha256'))[:12]}…); restore "
                                 f"those weights or start a new run")
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.frozen_modules().values():
-            m.eval()   # a frozen part never trains (dropout off, norms fixed)
-        return self
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)

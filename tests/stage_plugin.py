@@ -63,17 +63,20 @@ class TwoStageToy(Method):
         return [p for m in mods for p in m.parameters()]
 
     def stage_loss(self, stage, x0, counted, u):
+        """Both stages' losses reach E, D's input and the denoiser, so that only the harness (which
+        trains ``stage_parameters(stage)`` and nothing else) keeps the other stage's weights still:
+        stage 1 = reconstruction + 0.1 · denoising error, stage 2 = denoising error."""
         z0 = self.latent(x0, counted)
         w = counted.float()
-        if stage == "autoencoder":
-            logits = self.D(z0 + 0.1 * torch.randn_like(z0))
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(w)
-            return (ce * w).sum() / w.sum().clamp(min=1)
-        z0 = z0.detach()
         a = (1 - u).view(-1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn_like(z0)
         err = ((self.net(t=u, embeds=zt).float() - z0) ** 2).sum(-1)
-        return (err * w).sum() / w.sum().clamp(min=1)
+        denoise = (err * w).sum() / w.sum().clamp(min=1)
+        if stage == "diffusion":
+            return denoise
+        logits = self.D(z0 + 0.1 * torch.randn_like(z0))
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(w)
+        return (ce * w).sum() / w.sum().clamp(min=1) + 0.1 * denoise
 
     def nll(self, x0, counted, u):
         z0 = self.latent(x0, counted)
