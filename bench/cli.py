@@ -452,6 +452,10 @@ def cmd_methods(args) -> int:
             print(f"    {doc[0]}")
         if cls.variants:
             print("    variants: " + "; ".join(f"{k} = {v}" for k, v in cls.variants.items()))
+        if len(cls.stages) > 1:
+            print("    stages (trained in order; suite train.stages.<stage> sets steps, lr, ...): " + " → ".join(
+                st + (" (" + ", ".join(f"{k}={v}" for k, v in cls.stage_defaults[st].items()) + ")"
+                      if cls.stage_defaults.get(st) else "") for st in cls.stages))
         for fname, f in cls.Params.model_fields.items():
             ann = _annotation(f.annotation)
             desc = f"  # {f.description}" if f.description else ""
@@ -481,7 +485,7 @@ class {cls}(Method):
     Params = {cls}Params
     likelihood = "bound"       # "exact" | "bound" | "none"
     time = "continuous"        # "continuous" | "discrete" | "none"
-
+{stages}
     def nll(self, x0, counted, u):
         """Per-sequence NLL upper bound (nats) for one time draw u per sequence."""
         raise NotImplementedError("write the bound of {name}")
@@ -531,8 +535,8 @@ class {cls}(Method):
     likelihood = "bound"
     time = "continuous"
 
-    def __init__(self, params, backbone, vocab_size, seq_len):
-        super().__init__(params, backbone, vocab_size, seq_len)
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
         self.embedding = nn.Embedding(vocab_size, params.embed_dim)
         self.schedule = SCHEDULES[params.schedule]()
 
@@ -581,6 +585,27 @@ class {cls}(Method):
 '''
 
 
+ONE_STAGE = """    # Several training stages (e.g. an autoencoder, then diffusion over its latents) and frozen
+    # pretrained parts: `tdbench new-method NAME --stages autoencoder,diffusion`, README
+    # "Multi-stage methods and frozen parts".
+"""
+
+STAGES = """    stages = {stages!r}   # trained in this order, each with its own optimizer and checkpoints
+    # per stage: defaults of train settings (steps, lr, batch_size, warmup, ema, ...); the suite's
+    # `train: {{stages: {{<stage>: {{...}}}}}}` overrides them
+    stage_defaults = {defaults!r}
+
+    def stage_parameters(self, stage):
+        \"\"\"The parameters `stage` trains; the others (and frozen parts, see add_frozen) stay as
+        they are. Under DDP each must get a gradient from stage_loss(stage, ...).\"\"\"
+        raise NotImplementedError("say which parameters each stage of {name} trains")
+
+    def stage_loss(self, stage, x0, counted, u):
+        \"\"\"The scalar loss of `stage` (per counted token).\"\"\"
+        raise NotImplementedError("write the loss of each stage of {name}")
+"""
+
+
 def cmd_new_method(args) -> int:
     import re
 
@@ -595,8 +620,16 @@ def cmd_new_method(args) -> int:
         raise UserError(f"{path}: already exists")
     cls = "".join(p.capitalize() for p in name.split("_"))
     from bench.records import atomic_write_text
+    stages = tuple(x.strip() for x in (args.stages or "").split(",") if x.strip())
+    if args.stages is not None and (len(stages) < 2 or len(set(stages)) < len(stages)
+                                    or not all(re.fullmatch(r"[a-z][a-z0-9_]*", x) for x in stages)):
+        raise UserError(f"new-method --stages: '{args.stages}' must name two or more distinct stages "
+                        "(lowercase letters, digits, underscores), comma-separated")
+    if stages and args.family == "continuous":
+        raise UserError("new-method --stages: only with --family discrete (the continuous skeleton is one stage)")
+    block = STAGES.format(stages=stages, defaults={st: {} for st in stages}, name=name) if stages else ONE_STAGE
     template = TEMPLATE_CONTINUOUS if args.family == "continuous" else TEMPLATE
-    atomic_write_text(path, template.format(name=name, cls=cls, title=cls))
+    atomic_write_text(path, template.format(name=name, cls=cls, title=cls, stages=block))
     what = "a working Gaussian-embedding skeleton: change its math" if args.family == "continuous" else \
         "fill in nll() and sample()"
     print(f"wrote {path}: {what}; `tdbench methods` lists it once it imports")
@@ -697,6 +730,8 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--family", choices=["discrete", "continuous"], default="discrete",
                    help="skeleton: discrete (fill in nll/sample) or continuous (a working Gaussian-embedding "
                         "method on methods/_gaussian.py)")
+    n.add_argument("--stages", default=None, metavar="A,B",
+                   help="a multi-stage skeleton: its training stages in order, e.g. autoencoder,diffusion")
     n.set_defaults(fn=cmd_new_method)
     return p
 

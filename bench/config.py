@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, create_model,
                       field_validator, model_serializer, model_validator)
 
 from bench.errors import UserError
@@ -118,7 +118,10 @@ NAMED_SIZES: dict[str, dict[str, int]] = {
 
 
 # ----------------------------------------------------------------------------- training
-class TrainConfig(Strict):
+class StageSettings(Strict):
+    """The training settings a stage of a multi-stage method may set on its own (each stage
+    has its own optimizer, schedule, EMA and checkpoints)."""
+
     steps: PositiveInt = 300
     batch_size: PositiveInt = 16          # global batch (sequences per optimizer step)
     lr: PositiveFloat = 1e-3
@@ -127,12 +130,69 @@ class TrainConfig(Strict):
     grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
     ema: float = Field(0.0, ge=0.0, lt=1.0)  # 0 disables; SEDD/MDLM use 0.9999
     ckpt_every: PositiveInt = 100
+
+
+STAGE_FIELDS: tuple[str, ...] = tuple(StageSettings.model_fields)
+
+# The suite's ``train.stages.<stage>``: the same fields, each optional (unset: the method's
+# stage_defaults, then the suite's top-level train value, then the default above).
+StageOverrides = create_model(
+    "StageOverrides", __base__=Strict,
+    **{k: (Optional[Annotated[(f.annotation, *f.metadata)]], None) for k, f in StageSettings.model_fields.items()})
+
+
+class TrainConfig(StageSettings):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     engine: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[0, 1, 2, 3] = 0
     # torch.compile the training forward (inductor). Same math up to float rounding; a run id
     # only includes it when true, so existing run ids are unchanged.
     compile: bool = False
+    # Per-stage settings of a multi-stage method (Method.stages). In a suite: overrides, by
+    # stage name, of the fields above. In a run spec: every stage of the method, resolved
+    # (resolve_stages); empty for a single-stage method, whose one stage is the fields above.
+    stages: dict[str, StageOverrides] = {}
+
+    @model_serializer(mode="wrap")
+    def _drop_no_stages(self, handler):
+        # Without stages the dump (hence every single-stage run id) is what it was before them.
+        d = handler(self)
+        if isinstance(d, dict) and not d.get("stages"):
+            d.pop("stages", None)
+        return d
+
+    def for_stage(self, stage: str) -> "TrainConfig":
+        """The settings stage ``stage`` trains with (a run spec's resolved stage, or these)."""
+        given = self.stages.get(stage)
+        if given is None:
+            return self.model_copy(update={"stages": {}})
+        return self.model_copy(update={**given.model_dump(exclude_none=True), "stages": {}})
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.for_stage(k).steps for k in self.stages) if self.stages else self.steps
+
+    @property
+    def train_sequences(self) -> int:
+        """Sequences seen over the whole training (all stages)."""
+        cfgs = [self.for_stage(k) for k in self.stages] or [self]
+        return sum(c.steps * c.batch_size for c in cfgs)
+
+
+def resolve_stages(train: TrainConfig, stages: tuple[str, ...], defaults: dict[str, dict]) -> TrainConfig:
+    """A method's training settings per stage. Each field: the suite's ``train.stages.<stage>``
+    value, else the method's ``stage_defaults[stage]``, else the suite's top-level ``train``
+    value, else the default. A single-stage method's one stage becomes the top-level fields
+    (``stages`` stays empty: its run id is what it was before stages existed)."""
+    top = {k: getattr(train, k) for k in STAGE_FIELDS if k in train.model_fields_set}
+    out = {}
+    for st in stages:
+        given = train.stages.get(st)
+        out[st] = StageSettings(**{**top, **defaults.get(st, {}),
+                                   **(given.model_dump(exclude_none=True) if given else {})})
+    if len(stages) == 1:
+        return train.model_copy(update={**out[stages[0]].model_dump(), "stages": {}})
+    return train.model_copy(update={"stages": {k: StageOverrides(**v.model_dump()) for k, v in out.items()}})
 
 
 # ----------------------------------------------------------------------------- evaluation

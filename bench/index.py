@@ -18,7 +18,7 @@ from bench.errors import UserError
 from bench.records import atomic_write_text, read_record
 
 INDEX = "index.json"
-FORMAT = 3  # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset
+FORMAT = 4  # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset; 4: its text_crossing
 # record keys the derived views use; the spec, env and log tail stay in the record
 KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "finished",
         "protocol")
@@ -30,6 +30,8 @@ def summarize(rec: dict) -> dict:
     if isinstance(rec.get("protocol"), dict):
         out["protocol"] = {"confidence": rec["protocol"].get("confidence"), "id": rec["protocol"].get("id"),
                            "preset": rec["protocol"].get("preset", "custom")}
+        if rec["protocol"].get("text_crossing"):
+            out["protocol"]["text_crossing"] = rec["protocol"]["text_crossing"]
     if isinstance(rec.get("train"), dict):
         out["train"] = {k: rec["train"][k] for k in TRAIN_KEEP if k in rec["train"]}
     return out

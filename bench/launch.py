@@ -61,6 +61,12 @@ def check_launch(suite: Suite, specs: list[RunSpec], executor: str) -> None:
 
     world = world_size(suite) if executor != "debug" else 1
     for s in specs:
+        for st in s.train.stages:   # each stage of a multi-stage method splits its own batch
+            try:
+                batch_plan(s.train.for_stage(st).batch_size, world, suite.launch.micro_batch)
+            except UserError as e:
+                msg = str(e).replace("train.batch_size:", f"train.stages.{st}.batch_size:", 1)
+                raise UserError(f"{msg} ({s.label}, stage {st})") from None
         batch_plan(s.train.batch_size, world, suite.launch.micro_batch)
         if s.train.engine == "ddp" and s.train.zero_stage:
             raise UserError(f"train.zero_stage: {s.train.zero_stage} needs train.engine: deepspeed")

@@ -116,7 +116,18 @@ def _fmt(row) -> str:
     return s
 
 
-def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> str:
+def text_crossings(recs: list[dict]) -> list[str]:
+    """One note per model whose text crosses into another tokenizer (the record's
+    ``protocol.text_crossing``, written from the method's ``info()``)."""
+    seen = {}
+    for r in recs:
+        c = (r.get("protocol") or {}).get("text_crossing")
+        if c:
+            seen.setdefault((r.get("label"), str(c)), None)
+    return [f"- text crossing, {label}: {c}" for label, c in seen]
+
+
+def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", crossings=()) -> str:
     t = t[t["metric"] == metric]
     if t.empty:
         body = "_no complete runs yet_\n"
@@ -150,6 +161,7 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl") -> st
     notes = ["", f"Metric: {metric} ({what}; \"≤\" marks an upper bound, \"≈ … (t_min)\" an estimate "
                  "truncated at t_min > 0, which is not a bound; ± is the CI half-width, "
                  "over seeds when n_seeds > 1, else the protocol's Monte-Carlo interval). Best per column in bold."]
+    notes.extend(crossings)
     for r in failed:
         notes.append(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} ({r.get('run_id')}): {r.get('error')}")
     for p in problems:
@@ -301,7 +313,7 @@ def write(out: Path, fmt: str | None = None, compare: Path | None = None
 
     recs, problems, failed = collect(out)
     t = tidy(recs)
-    md = markdown(t, problems, failed)
+    md = markdown(t, problems, failed, crossings=text_crossings(recs))
     for metric in EXTRA_METRICS:
         if (t["metric"] == metric).any():
             md += "\n" + markdown(t, metric=metric)

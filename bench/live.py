@@ -70,7 +70,7 @@ def rows(out: Path, specs=None, scheduler: bool = True) -> list[Row]:
                   st.seed if st and st.seed is not None else (sp.seed if sp else None),
                   st.state if st else "pending", detail=st.detail if st else "", job_id=st.job_id if st else None)
         if sp is not None:
-            row.total = sp.train.steps
+            row.total = sp.train.total_steps
         tr = (st.summary or {}).get("train") if st else None
         if row.state in FINAL and isinstance(tr, dict):  # what the record says it did
             row.step, row.total = tr.get("steps"), row.total or tr.get("steps")
@@ -126,16 +126,26 @@ def table(rs: list[Row], title: str = ""):
         t.add_column(c, justify=just, no_wrap=c != "where / detail")
     for r in rs:
         step = f"{r.step}/{r.total}" if r.step is not None and r.total else (f"–/{r.total}" if r.total else "")
-        state = r.state + (f" ({r.phase})" if r.phase in ("setup", "eval") and r.state == "running" else "")
+        state = r.state + (f" ({stage_of(r.phase) or r.phase})" if (r.phase in ("setup", "eval") or stage_of(r.phase))
+                           and r.state == "running" else "")
         t.add_row(r.name, f"[{colour.get(r.state, 'white')}]{state}[/]", step,
                   f"{r.loss:.3f}" if r.loss is not None else "", f"{r.tok_s:,.0f}" if r.tok_s else "",
                   _fmt_s(r.eta_s), r.where or r.detail[:60])
     return t
 
 
+def stage_of(phase: Optional[str]) -> Optional[str]:
+    """The stage a multi-stage run trains now (its progress phase is ``train:<stage>``; its
+    step/total are that stage's)."""
+    return phase.split(":", 1)[1] if isinstance(phase, str) and phase.startswith("train:") else None
+
+
 def numbers(r: Row) -> str:
-    """``step 120/800, loss 5.123, 8,000 tok/s, ETA 1:25, host pid 123``."""
+    """``step 120/800, loss 5.123, 8,000 tok/s, ETA 1:25, host pid 123`` (``stage diffusion,
+    step 120/800, ...`` for a stage of a multi-stage run)."""
     bits = []
+    if stage_of(r.phase) and r.state == "running":
+        bits.append(f"stage {stage_of(r.phase)}")
     if r.step is not None and r.total:
         bits.append(f"step {r.step}/{r.total}")
     if r.loss is not None:

@@ -20,11 +20,33 @@ A method with ``trains = False`` (a pretrained model, e.g. ``hf-causal-lm``) is 
 given: the runner never calls the training loop for it.
 
 Parameters are a pydantic ``Params`` schema with defaults; ``variants`` are named presets of
-them (``sedd: {absorb: {graph: absorb}, uniform: {graph: uniform}}``). Later families add
-stages (encoder → decoder) by overriding ``stages``; the default is one training stage.
+them (``sedd: {absorb: {graph: absorb}, uniform: {graph: uniform}}``).
+
+Context: the harness builds a method with a :class:`Context` (the suite's tokenizer), so a
+method that reads text (a pretrained model, a frozen encoder with its own tokenizer) has it
+from construction on: ``self.context.tokenizer``. A method whose text crosses into another
+tokenizer (detokenise with the suite's, retokenise with the encoder's) says how in
+``info()["text_crossing"]``; the runner records it in the run's protocol block.
+
+Stages: ``stages`` names the training stages in order (default one stage, ``"train"``), e.g.
+``("autoencoder", "diffusion")``. Each stage trains ``stage_parameters(stage)`` (default:
+every parameter) on ``stage_loss(stage, x0, counted, u)`` (default: ``loss``) with its own
+optimizer, schedule, EMA and checkpoints; ``stage_defaults[stage]`` gives its default
+training settings (TrainConfig fields: steps, lr, batch_size, ...), which the suite's
+``train: {stages: {<stage>: {...}}}`` overrides. The harness sets ``current_stage`` before
+each stage; ``forward`` routes to that stage's loss.
+
+Frozen parts: ``add_frozen(name, module, source)`` holds a pretrained module that is never
+trained: it is no child of the method, so it is outside ``parameters()``, ``state_dict()``,
+the optimizer, EMA, gradient sync and checkpoints; it moves with the method (``.to()``) and
+stays in eval mode. A run records its ``source`` and the sha256 of its weights
+(``info()["frozen"]``) and, when reloaded, loads it again from ``source`` and refuses to go on
+when the hash differs.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -33,6 +55,26 @@ from pydantic import BaseModel, ConfigDict
 
 from bench.backbone import Backbone
 from bench.config import BackboneConfig
+from bench.errors import UserError
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the harness hands a method at construction, beyond its params."""
+
+    tokenizer: object | None = None   # the suite's tokenizer (bench.data.tokenizers): .encode(text) -> ids,
+                                      # .decode(ids) -> text, .vocab_size, .eos_id
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes and raw bytes, in name order): the
+    identity of a frozen pretrained module, checked when a run is reloaded."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class NoParams(BaseModel):
@@ -52,15 +94,19 @@ class Method(nn.Module):
     likelihood: ClassVar[Literal["exact", "bound", "none"]] = "bound"
     time: ClassVar[Literal["continuous", "discrete", "none"]] = "continuous"
     causal: ClassVar[bool] = False
-    stages: ClassVar[tuple[str, ...]] = ("train",)
+    stages: ClassVar[tuple[str, ...]] = ("train",)          # ordered training stages
+    stage_defaults: ClassVar[dict[str, dict]] = {}          # per stage: defaults of TrainConfig fields
     display: ClassVar[str | None] = None   # default label in tables, e.g. "GPT-2"
     trains: ClassVar[bool] = True          # False: evaluated as given (a pretrained model); the
                                            # runner skips the training loop and train: is unused
     sampler_steps: ClassVar[bool] = True   # False: sample() ignores the step budget (AR: NFE = L)
 
-    def __init__(self, params: BaseModel, backbone: BackboneConfig, vocab_size: int, seq_len: int):
+    def __init__(self, params: BaseModel, backbone: BackboneConfig, vocab_size: int, seq_len: int,
+                 context: Context | None = None):
         super().__init__()
         self.p, self.V, self.L = params, vocab_size, seq_len
+        self.context = context if context is not None else Context()
+        self.current_stage = self.stages[0]   # set by the harness before each stage
         self.net = self.build_network(backbone)
 
     # --- what a method may override ---------------------------------------------------------
@@ -76,15 +122,72 @@ class Method(nn.Module):
     def check_compatible(cls, params: dict, data, where: str) -> None:
         """Raise UserError if this method cannot run on ``data`` (e.g. needs a tokenizer)."""
 
-    def bind_tokenizer(self, tokenizer) -> None:
-        """Called once by the runner with the suite's tokenizer (bench.data.tokenizers) before
-        training or evaluation. Default: nothing; a pretrained model that reads text (not the
-        suite's ids) keeps it to detokenize."""
-
     def info(self) -> dict:
         """Facts about this run's model worth recording beside its numbers (``method_info`` in
-        result.json), e.g. a pretrained model's name and whether text was retokenized."""
-        return {}
+        result.json), e.g. a pretrained model's name and whether text was retokenized. An
+        override extends ``super().info()`` (it holds ``frozen``); ``text_crossing`` (how text
+        crosses from the suite's tokenizer to another one, when it does) goes into the
+        record's protocol block."""
+        return {"frozen": self.frozen_info()} if self._frozen else {}
+
+    # --- stages -----------------------------------------------------------------------------
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """Parameters that ``stage`` trains. Default: every parameter of the module that
+        requires grad as built (frozen parts are never parameters of the module, see
+        add_frozen). The harness asks with requires_grad as built, sets requires_grad to
+        exactly these during the stage and builds that stage's optimizer (and EMA) over them.
+        Under DDP each of them must get a gradient from ``stage_loss(stage, ...)``."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def stage_loss(self, stage: str, x0: torch.Tensor, counted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The stage's scalar training loss (per counted token). Default: ``loss``."""
+        return self.loss(x0, counted, u)
+
+    # --- frozen parts -----------------------------------------------------------------------
+    def add_frozen(self, name: str, module: nn.Module, source: str) -> None:
+        """Hold a frozen pretrained module (e.g. an HF encoder) as attribute ``name``: not an
+        nn.Module child, so it is outside parameters(), state_dict(), the optimizer, EMA, DDP
+        gradient sync and checkpoints; requires_grad False; eval mode always; moved with the
+        method by .to()/.cuda()/.float(); ``source`` (HF name or local path) and the sha256 of
+        its weights are reported by info()["frozen"] and checked when a run is reloaded (the
+        module is loaded again from ``source``, never from our checkpoint)."""
+        if name in self._frozen or hasattr(self, name):
+            raise ValueError(f"{type(self).__name__}.add_frozen: '{name}' is already an attribute")
+        module.requires_grad_(False)
+        module.eval()   # and so it stays: the method's train() reaches its children only
+        self._frozen[name] = (module, str(source), weights_sha256(module))
+        object.__setattr__(self, name, module)   # bypasses nn.Module.__setattr__: no child module
+
+    @property
+    def _frozen(self) -> dict[str, tuple[nn.Module, str, str]]:
+        """name -> (module, source, sha256), kept outside nn.Module's registries."""
+        return self.__dict__.setdefault("_frozen_parts", {})
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {k: m for k, (m, _, _) in self._frozen.items()}
+
+    def frozen_info(self) -> dict[str, dict[str, str]]:
+        """``{name: {source, sha256}}`` of every frozen module (as loaded at construction)."""
+        return {k: {"source": src, "sha256": sha} for k, (_, src, sha) in self._frozen.items()}
+
+    def check_frozen(self, recorded: dict | None) -> None:
+        """UserError (one line, naming the source) unless every frozen module loaded now is the
+        one a run recorded (``recorded``: a ``frozen_info()`` of that run)."""
+        for k, want in (recorded or {}).items():
+            have = self.frozen_info().get(k)
+            if have is None:
+                raise UserError(f"{want.get('source')}: the run was trained with a frozen module '{k}' "
+                                f"this method no longer holds")
+            if have["sha256"] != want.get("sha256"):
+                raise UserError(f"{have['source']}: frozen module '{k}' changed since the run recorded it "
+                                f"(sha256 {have['sha256'][:12]}… ≠ {str(want.get('sha256'))[:12]}…); restore "
+                                f"those weights or start a new run")
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for m in self.frozen_modules().values():
+            m._apply(fn, *args, **kwargs)   # .to(), .cuda(), .float() move the frozen parts too
+        return self
 
     @classmethod
     def supports(cls) -> list[str]:
@@ -98,7 +201,7 @@ class Method(nn.Module):
         return "the sampled model's NLL" if self.likelihood == "bound" else ""
 
     def forward(self, x0, counted, u):
-        return self.loss(x0, counted, u)
+        return self.stage_loss(self.current_stage, x0, counted, u)
 
     def loss(self, x0: torch.Tensor, counted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.nll(x0, counted, u).sum() / counted.sum().clamp(min=1)

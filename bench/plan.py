@@ -63,7 +63,7 @@ def estimate(specs: list[RunSpec], mfu: float, peak_tflops: float) -> list[Estim
         if key not in cache:
             cache[key] = n_params(s)
         N = cache[key]
-        D = s.train.steps * s.train.batch_size * s.data.seq_len if cls.trains else 0
+        D = s.train.train_sequences * s.data.seq_len if cls.trains else 0
         train = 6.0 * N * D if N else 0.0
         K = 1 if cls.likelihood == "exact" else s.eval.t_samples
         ev = None if s.eval.max_blocks is None or N is None else \

@@ -39,10 +39,30 @@ PROGRESS = "progress.json"  # written by the training loop (bench.train), read b
 MANIFEST = "manifest.json"
 
 
-def latest_checkpoint(rd: Path) -> Path | None:
-    ck = sorted((Path(rd) / "ckpt").glob("step_*[0-9]"))
-    ck = [c for c in ck if (c / "state.json").is_file()]
-    return ck[-1] if ck else None
+def checkpoint_root(rd: Path, stage: str | None = None, index: int = 0) -> Path:
+    """Where a run's checkpoints live: ``ckpt/`` for a single-stage method, and
+    ``ckpt/<index+1>-<stage>/`` for each stage of a multi-stage one (each keeps its latest
+    checkpoint; a finished stage's last one stays, holding the weights the stage ended with)."""
+    root = Path(rd) / "ckpt"
+    return root if stage is None else root / f"{index + 1}-{stage}"
+
+
+def _stage_number(p: Path) -> int:
+    head = p.name.split("-", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def latest_checkpoint(rd: Path, root: Path | None = None) -> Path | None:
+    """The latest checkpoint under ``root`` (a checkpoint root), or of the whole run: of its
+    last stage that has one (every checkpoint holds all of the method's weights)."""
+    roots = [Path(root)] if root is not None else \
+        sorted((p for p in (Path(rd) / "ckpt").glob("[0-9]*-*") if p.is_dir()), key=_stage_number, reverse=True) \
+        + [Path(rd) / "ckpt"]
+    for r in roots:
+        ck = [c for c in sorted(r.glob("step_*[0-9]")) if (c / "state.json").is_file()]
+        if ck:
+            return ck[-1]
+    return None
 
 
 def _sha256(path: Path) -> str:

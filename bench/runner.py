@@ -7,6 +7,7 @@ latest checkpoint.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -75,11 +76,14 @@ def job_info() -> dict:
     return out
 
 
-def build_method(spec: RunSpec, vocab_size: int):
+def build_method(spec: RunSpec, vocab_size: int, tokenizer=None):
+    """The run's method, built with its :class:`~bench.method.Context` (the suite's tokenizer)."""
+    from bench.method import Context
     from bench.registry import get_method
 
     cls = get_method(spec.method)
-    return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len)
+    return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len,
+               context=Context(tokenizer=tokenizer))
 
 
 def estimate_kind(method, protocol) -> str:
@@ -292,13 +296,14 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         env.update(job_info())
         if accelerator.is_main_process:
             write_record(result_path, {**base, "status": "running", "env": env})
-            write_progress(run_dir, phase="setup", step=None, total=spec.train.steps, pid=os.getpid())
+            write_progress(run_dir, phase="setup", step=None, total=spec.train.total_steps, pid=os.getpid())
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
-        method = build_method(spec, tokenizer.vocab_size)
-        method.bind_tokenizer(tokenizer)
+        method = build_method(spec, tokenizer.vocab_size, tokenizer)
         params = count_params(method)
+        if method.frozen_modules():   # pretrained parts held frozen: not trained, not in the checkpoints
+            params["params_frozen"] = sum(p.numel() for m in method.frozen_modules().values() for p in m.parameters())
         if method.trains:
             train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
             log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
@@ -311,15 +316,19 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         if not accelerator.is_main_process:
             return "complete"
         if spec.train.engine == "deepspeed" and spec.train.zero_stage == 3:
-            method = _reload_final(spec, tokenizer.vocab_size, run_dir)  # ZeRO-3 partitions the weights
+            method = _reload_final(spec, tokenizer, run_dir)  # ZeRO-3 partitions the weights
         method.to(accelerator.device)
-        write_progress(run_dir, phase="eval", step=stats["steps"], total=spec.train.steps,
+        write_progress(run_dir, phase="eval", step=stats["steps"], total=spec.train.total_steps,
                        loss=stats["final_loss"], tokens_per_s=stats["tokens_per_s"], eta_s=None, pid=os.getpid())
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
         n_samples = write_samples(method, spec, tokenizer, run_dir, log)
-        write_record(result_path, {**base, "status": "complete", "metrics": metrics, "reference": reference,
-                                   "train": stats, "samples": n_samples, "method_info": method.info(), "env": env,
-                                   "finished": now()})
+        info = method_info(method)
+        protocol = base["protocol"]
+        if info.get("text_crossing"):   # how the method's text crosses into another tokenizer
+            protocol = {**protocol, "text_crossing": info["text_crossing"]}
+        write_record(result_path, {**base, "protocol": protocol, "status": "complete", "metrics": metrics,
+                                   "reference": reference, "train": stats, "samples": n_samples,
+                                   "method_info": info, "env": env, "finished": now()})
         log(f"run {spec.run_id}: complete")
         return "complete"
     except Exception as e:  # noqa: BLE001 - one run's failure is recorded, never raised further
@@ -341,17 +350,27 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         teardown()
 
 
+def method_info(method) -> dict:
+    """``method.info()`` with the frozen parts it holds (source and sha256 of each), whatever
+    the method's own ``info`` returns."""
+    info = dict(method.info())
+    if method.frozen_modules():
+        info["frozen"] = method.frozen_info()
+    return info
+
+
 def _rank_from_env() -> int:
     return process_rank()[0]
 
 
-def _reload_final(spec: RunSpec, vocab_size: int, run_dir: Path):
+def _reload_final(spec: RunSpec, tokenizer, run_dir: Path):
     from safetensors.torch import load_file
 
     from bench.rundir import latest_checkpoint, verify_manifest
 
-    method = build_method(spec, vocab_size)
+    method = build_method(spec, tokenizer.vocab_size, tokenizer)   # frozen parts: again from their source
     ck = latest_checkpoint(run_dir)
     verify_manifest(ck)
+    method.check_frozen(json.loads((ck / "state.json").read_bytes().decode("utf-8")).get("frozen"))
     method.load_state_dict(load_file(ck / "model.safetensors"))
     return method

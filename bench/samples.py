@@ -124,10 +124,15 @@ def read_samples(path: Path) -> list[dict]:
 
 def load_final_method(run_dir: Path):
     """(method with its final weights, spec) of a complete run: the latest checkpoint's
-    ``ema.safetensors`` when the run trained with EMA, else its ``model.safetensors``."""
+    ``model.safetensors`` with its ``ema.safetensors`` over it when the (last stage of the) run
+    trained with EMA. Frozen parts come again from their source and must be the ones the run
+    recorded."""
+    import json
+
     from safetensors.torch import load_file
 
     from bench.data import get_tokenizer
+    from bench.method import Context
     from bench.registry import get_method
     from bench.rundir import latest_checkpoint, verify_manifest
 
@@ -140,12 +145,20 @@ def load_final_method(run_dir: Path):
     if ck is None:
         raise UserError(f"{run_dir}: no checkpoint (ckpt/step_*) to load the final weights from")
     verify_manifest(ck)
-    f = ck / ("ema.safetensors" if spec.train.ema > 0 else "model.safetensors")
     cls = get_method(spec.method)
-    method = cls(cls.Params(**spec.params), spec.backbone, get_tokenizer(spec.data).vocab_size, spec.data.seq_len)
+    tokenizer = get_tokenizer(spec.data)
+    method = cls(cls.Params(**spec.params), spec.backbone, tokenizer.vocab_size, spec.data.seq_len,
+                 context=Context(tokenizer=tokenizer))
+    f = ck / "state.json"
     try:
+        recorded = json.loads(f.read_bytes().decode("utf-8")).get("frozen")
+        f = ck / "model.safetensors"
         state = load_file(f)
+        if (ck / "ema.safetensors").exists():
+            f = ck / "ema.safetensors"
+            state.update(load_file(f))
         method.load_state_dict({k: v.to(method.state_dict()[k].dtype) for k, v in state.items()})
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    method.check_frozen(recorded)
     return method.eval(), spec

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from bench.config import NAMED_SIZES, BackboneConfig, MethodEntry, RunSpec, Suite, first_error, read_validated
+from bench.config import (NAMED_SIZES, BackboneConfig, MethodEntry, RunSpec, StageOverrides, Suite, TrainConfig,
+                          first_error, read_validated, resolve_stages)
 from bench.data import is_synthetic, validate_data_config
 from bench.errors import FileError, UserError, did_you_mean
 from bench.registry import get_method
@@ -97,14 +98,50 @@ def expand(suite: Suite) -> list[RunSpec]:
     validate_data_config(suite.data)
     if suite.eval.per_byte and is_synthetic(suite.data.train):
         raise UserError("eval.per_byte: a synthetic source's symbols are not text; bytes are not defined for it")
+    trains = resolve_train(suite, methods)
     specs = []
     for size, bb in sizes.items():
-        for m in methods:
+        for i, m in enumerate(methods):
             if m.sizes is not None and size not in m.sizes:
                 continue
             get_method(m.method).check_compatible(m.params, suite.data, where=f"methods[{m.label}]")
             for seed in suite.seeds:
                 specs.append(RunSpec(method=m.method, label=m.label, params=m.params, size=size,
-                                     backbone=bb, data=suite.data, train=suite.train,
+                                     backbone=bb, data=suite.data, train=trains[i],
                                      eval=suite.eval, seed=seed))
     return specs
+
+
+def _where(i: int, suite: Suite) -> str:
+    return f"methods[{i}]" if i < len(suite.methods) else "baseline"
+
+
+def resolve_train(suite: Suite, methods: list[MethodEntry]) -> list[TrainConfig]:
+    """Each method's training settings, per stage (bench.config.resolve_stages). Every
+    ``train.stages.<name>`` must name a stage of some method of the suite; a method's own
+    ``stage_defaults`` must name its stages and valid settings."""
+    classes = [get_method(m.method) for m in methods]
+    for name in suite.train.stages:
+        if not any(name in cls.stages for cls in classes):
+            have = "; ".join(f"{_where(i, suite)} {m.method}: {', '.join(cls.stages)}"
+                             for i, (m, cls) in enumerate(zip(methods, classes)))
+            raise UserError(f"train.stages.{name}: no method of this suite has a stage '{name}' ({have})")
+    out = []
+    for i, (m, cls) in enumerate(zip(methods, classes)):
+        where = _where(i, suite)
+        for st, d in cls.stage_defaults.items():
+            if st not in cls.stages:
+                raise UserError(f"{where}.method: {m.method}.stage_defaults.{st}: not one of its stages "
+                                f"({', '.join(cls.stages)})")
+            try:
+                StageOverrides(**d)
+            except ValidationError as e:
+                raise UserError(f"{where}.method: " + first_error(e, (f"{m.method}.stage_defaults", st))) from None
+        if len(cls.stages) > 1 and suite.train.engine == "deepspeed":
+            raise UserError(f"train.engine: deepspeed trains one model engine per run, and {where} "
+                            f"({m.method}) trains in {len(cls.stages)} stages ({', '.join(cls.stages)}); use ddp")
+        try:
+            out.append(resolve_stages(suite.train, cls.stages, cls.stage_defaults))
+        except ValidationError as e:
+            raise UserError(f"{where}.method: " + first_error(e, ("train",))) from None
+    return out

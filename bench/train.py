@@ -1,9 +1,15 @@
 """The one training loop for every method (Accelerate; DDP or DeepSpeed when distributed).
 
+Stages: a method trains its ``stages`` in order (one, ``train``, unless it declares more). Each
+stage has its settings (``spec.train.for_stage``), its optimizer, schedule and EMA over
+``method.stage_parameters(stage)`` — requires_grad is set to exactly those before the model is
+wrapped, so DDP registers and synchronises only them — and its checkpoints. Frozen parts
+(``Method.add_frozen``) are no parameters: never optimised, averaged, synchronised or saved.
+
 Determinism and resume: the batch of step k and all noise drawn at step k depend only on
-(seed, k) — batches come from a per-epoch permutation seeded by (seed, epoch) and the global
-RNG is re-seeded with (seed, k, o) before each micro-batch, o = the offset of its first
-sequence in the global batch — so a run resumed from a checkpoint at step k replays exactly
+(seed, k) — in stage s > 0 on (stage_seed(seed, s), k) — batches come from a per-epoch
+permutation seeded by (seed, epoch) and the global RNG is re-seeded with (seed, k, o) before
+each micro-batch, o = the offset of its first sequence in the global batch — so a run resumed from a checkpoint at step k replays exactly
 what the uninterrupted run would have done (on CPU, bit for bit).
 
 Distributed: the global batch (``train.batch_size``) and the time draws u (stratified over the
@@ -15,13 +21,17 @@ average gives Σ_m loss_m · c_m / C. Because the noise of a micro-batch depends
 W processes with micro-batch b compute what one process computes with micro-batch b and W
 accumulation steps, up to float summation order.
 
-Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` with model (and EMA) weights in safetensors, the
+Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` (``<run>/ckpt/<i>-<stage>/step_XXXXXXX/`` for each
+stage of a multi-stage method; each holds all of the method's weights, and a stage's last one,
+``stage_complete``, stays as its result) with model (and EMA) weights in safetensors, the
 optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve), and
 ``manifest.json``: the sha256 and size of every other file (bench.rundir), checked before
 anything is parsed. Nothing
 is unpickled: the optimizer/scheduler/RNG file is read with ``torch.load(weights_only=True)``
 (tensors and plain containers only). They are written to a temp dir and renamed; only the
-latest is kept; the latest is loaded at start.
+latest is kept; the latest is loaded at start (of a multi-stage run: the latest of its last
+stage that has one; the run goes on in that stage). The frozen parts' sources and hashes are
+kept in ``state.json`` and checked on resume.
 Under DeepSpeed the optimizer state is sharded: every rank writes its shard into
 ``deepspeed/`` of the same directory (the full weights still go to ``model.safetensors``), and
 such a checkpoint resumes with the same world size. Under Slurm a preemption signal makes every
@@ -83,25 +93,33 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float):
+    """Exponential moving average of the model's state (``keys=None``: all of it, the
+    single-stage case) or of the entries ``keys`` (a stage's parameters)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, keys=None):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()
+                       if keys is None or k in keys}
 
     @torch.no_grad()
     def update(self, model):
         for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
+            if k in self.shadow and v.dtype.is_floating_point:
                 self.shadow[k].mul_(self.decay).add_(v.float(), alpha=1 - self.decay)
 
+    @torch.no_grad()
     def copy_to(self, model):
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+        state = model.state_dict()
+        for k, v in self.shadow.items():
+            state[k].copy_(v.to(state[k].dtype))
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, step: int, model, opt, sched, ema, state: dict) -> None:
+def save_checkpoint(root: Path, step: int, model, opt, sched, ema, state: dict) -> None:
+    """A checkpoint under ``root`` (bench.rundir.checkpoint_root); only the latest is kept."""
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "ckpt"
+    root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,11 +165,11 @@ def load_checkpoint(ckpt: Path, model, opt, sched, ema) -> dict:
 DS_DIR, DS_TAG = "deepspeed", "zero"
 
 
-def save_checkpoint_deepspeed(run_dir: Path, step: int, accelerator, engine, sched, ema, state: dict) -> None:
+def save_checkpoint_deepspeed(root: Path, step: int, accelerator, engine, sched, ema, state: dict) -> None:
     """Collective: every rank writes its ZeRO shard, rank 0 the full weights and the rest."""
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "ckpt"
+    root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
     main = accelerator.is_main_process
@@ -195,27 +213,126 @@ def load_checkpoint_deepspeed(ckpt: Path, accelerator, engine, sched, ema) -> di
 
 
 # ----------------------------------------------------------------------------- loop
+def stage_seed(seed: int, index: int) -> int:
+    """The seed stage ``index`` draws its batches and noise from: the run's own seed for the
+    first stage (a single-stage run is what it always was), a derived one for each later
+    stage, so that every draw depends on (seed, stage, step) only."""
+    return seed if index == 0 else seed_of(seed, index, 1 << 22)
+
+
+def stage_parameters(method, stage: str, requires: dict[int, bool]) -> list[torch.nn.Parameter]:
+    """``method.stage_parameters(stage)``, checked, with requires_grad set to exactly them
+    (asked with every parameter's requires_grad as the method built it, ``requires``)."""
+    for p in method.parameters():
+        p.requires_grad_(requires[id(p)])
+    mine = {id(p) for p in method.parameters()}
+    params = list(method.stage_parameters(stage))
+    if not params or any(id(p) not in mine for p in params):
+        raise ValueError(f"{type(method).__name__}.stage_parameters('{stage}') must return a non-empty list of "
+                         f"the method's own parameters")
+    train_ids = {id(p) for p in params}
+    for p in method.parameters():
+        p.requires_grad_(id(p) in train_ids)
+    return params
+
+
 def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=print,
           micro_batch: int | None = None, curve=None) -> dict:
-    """Train ``method`` to ``spec.train.steps``. ``curve`` (optional): a callable
+    """Train ``method`` through its stages (``method.stages``, in order), each with its own
+    settings (``spec.train.for_stage``), optimizer and schedule over its own parameters
+    (``method.stage_parameters``), EMA and checkpoints. A multi-stage run resumes in the last
+    stage that has a checkpoint (each checkpoint holds all of the method's weights, so the
+    earlier stages' results come with it). ``curve`` (optional): a callable
     ``curve(model, step, tokens) -> dict`` called on the main process every ``curve.every``
-    steps; its points are kept in the checkpointed state (a resumed run keeps its curve)."""
-    from bench.distributed import NONE, REQUEUE, batch_plan, current_guard, is_deepspeed, param_checksum
+    steps of the last stage; its points are kept in the checkpointed state."""
+    from bench.distributed import is_deepspeed, param_checksum
+    from bench.rundir import checkpoint_root
 
-    cfg = spec.train
+    stages = tuple(method.stages)
+    multi = len(stages) > 1
+    if multi and is_deepspeed(accelerator):
+        raise UserError(f"train.engine: deepspeed trains one model engine per run; {spec.method} trains in "
+                        f"{len(stages)} stages; use ddp")
+    roots = [checkpoint_root(run_dir, st if multi else None, i) for i, st in enumerate(stages)]
+    start, ckpt = 0, None
+    for i in reversed(range(len(stages))):
+        ckpt = latest_checkpoint(run_dir, roots[i])
+        if ckpt is not None:
+            start = i
+            break
+    done: list[dict] = []   # what each finished stage did (kept in every later checkpoint)
+    total = {"tokens_here": 0, "el": 0.0}
+    requires = {id(p): p.requires_grad for p in method.parameters()}
+    for i in range(start, len(stages)):
+        last = i == len(stages) - 1
+        out = _train_stage(method, spec, i, stages[i], data, run_dir, roots[i], ckpt if i == start else None,
+                           done, requires, accelerator, log, micro_batch, curve if last else None)
+        done = out["done"] + [out["stats"]]
+        total["tokens_here"] += out["tokens_here"]
+        total["el"] += out["el"]
+        if i == start:
+            resumed = {"resumed_from_step": out["resumed_from"]}
+            if multi:
+                resumed["resumed_in_stage"] = stages[start] if ckpt is not None else None
+        if not last:   # the next stage wraps the method anew (DDP registers only its parameters)
+            accelerator.unwrap_model(out["model"], keep_fp32_wrapper=False)
+            method.__dict__.pop("_is_accelerate_prepared", None)
+            accelerator.free_memory()
+    model, state, cfg, plan = out["model"], out["state"], out["cfg"], out["plan"]
+    for p in method.parameters():
+        p.requires_grad_(requires[id(p)])
+    world, ds = accelerator.num_processes, is_deepspeed(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    checksums = None
+    if not (ds and cfg.zero_stage == 3):
+        mine = param_checksum(unwrapped)
+        checksums = [mine]
+        if world > 1:
+            checksums = [None] * world
+            torch.distributed.all_gather_object(checksums, mine)
+    if out["ema"] is not None:
+        out["ema"].copy_to(unwrapped)
+    losses = state["losses"]
+    el, tokens_here = total["el"], total["tokens_here"]
+    stats = {"steps": sum(d["steps"] for d in done), "tokens": sum(d["tokens"] for d in done), **resumed,
+             "tokens_per_s": tokens_here / el if el > 0 and tokens_here else None,
+             "wall_s": round(sum(d["wall_s"] for d in done), 3), "final_loss": done[-1]["final_loss"],
+             "loss_curve": losses[:: max(1, len(losses) // 100)],
+             "world_size": world, "micro_batch": plan.micro, "grad_accum": plan.accum,
+             "engine": "deepspeed" if ds else "ddp" if world > 1 else "single",
+             "compiled": bool(cfg.compile), "fused_adamw": out["fused"],
+             "param_checksums": checksums, "curve": state.get("curve", []),
+             "curve_s": round(state.get("curve_s", 0.0), 3)}
+    if multi:
+        stats["stages"] = {d["stage"]: {k: v for k, v in d.items() if k != "stage"} for d in done}
+    return stats
+
+
+def _train_stage(method, spec: RunSpec, index: int, stage: str, data: Blocks, run_dir: Path, root: Path, ckpt,
+                 done: list, requires: dict, accelerator, log, micro_batch, curve) -> dict:
+    """One stage: its optimizer, schedule and EMA over its parameters, from its checkpoint
+    ``ckpt`` (or from the method as it is), to its ``steps``."""
+    from bench.distributed import NONE, REQUEUE, batch_plan, current_guard, is_deepspeed
+
+    multi = len(method.stages) > 1
+    cfg = spec.train.for_stage(stage)
+    seed = stage_seed(spec.seed, index)
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = batch_plan(cfg.batch_size, world, micro_batch)
     ds = is_deepspeed(accelerator)
     if ds and cfg.ema > 0 and cfg.zero_stage == 3:
         raise UserError("train.ema: EMA is not supported with ZeRO-3 (parameters are partitioned); "
                         "use zero_stage 1 or 2")
+    params = stage_parameters(method, stage, requires)
+    method.current_stage = stage
     fused = accelerator.device.type == "cuda" and not ds  # fused AdamW kernel on GPUs
-    opt = torch.optim.AdamW(method.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999),
                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
-    ema = EMA(method, cfg.ema) if cfg.ema > 0 else None
+    every = len(params) == len(list(method.parameters()))
+    ema_keys = None if every else {n for n, p in method.named_parameters() if p.requires_grad}
+    ema = EMA(method, cfg.ema, ema_keys) if cfg.ema > 0 else None
     state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
-    ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and not ds:
         state = load_checkpoint(ckpt, method, opt, sched, ema)
     model, opt = accelerator.prepare(method, opt)
@@ -224,19 +341,31 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
         state = load_checkpoint_deepspeed(ckpt, accelerator, model, sched, ema)
     state.pop("world_size", None)
     if ckpt is not None:
-        log(f"resuming from {ckpt.name} (step {state['step']})")
+        method.check_frozen(state.get("frozen"))
+        done = state.get("stages_done", done)
+        where = f"stage {stage} ({index + 1}/{len(method.stages)}) " if multi else ""
+        log(f"resuming {where}from {ckpt.name} (step {state['step']})")
+    elif multi:
+        log(f"stage {stage} ({index + 1}/{len(method.stages)}): {cfg.steps} steps, batch {cfg.batch_size}, "
+            f"lr {cfg.lr:g}, {sum(p.numel() for p in params):,} trained parameters")
+    if multi:
+        state.update(stage=stage, stage_index=index, stages_done=done)
+    if method.frozen_modules():
+        state["frozen"] = method.frozen_info()
     resumed_from, wall_before = state["step"], state["wall_s"]
     N = len(data)
     # DeepSpeed divides each micro-batch's loss by accum itself; DDP averages over ranks.
     scale = world * (plan.accum if ds else 1)
     guard = current_guard()
     t0, tokens_here = time.time(), 0
+    desc = f"train {spec.label}" + (f" [{stage}]" if multi else "")
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
-               desc=f"train {spec.label}", disable=not accelerator.is_main_process, mininterval=2)
+               desc=desc, disable=not accelerator.is_main_process, mininterval=2)
     if guard is not None:
         guard.training = True
     main = accelerator.is_main_process
     last_progress = 0.0
+    phase = f"train:{stage}" if multi else "train"
 
     def progress(phase: str) -> None:
         el_ = time.time() - t0
@@ -248,17 +377,17 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
                        eta_s=eta, pid=os.getpid())
 
     if main:
-        progress("train")
+        progress(phase)
     for step in bar:
-        gidx = batch_indices(step, cfg.batch_size, N, spec.seed)
+        gidx = batch_indices(step, cfg.batch_size, N, seed)
         C = max(int(data.counted[gidx].sum()), 1)
-        g = torch.Generator().manual_seed(seed_of(spec.seed, step, 1 << 20))
+        g = torch.Generator().manual_seed(seed_of(seed, step, 1 << 20))
         u_all = batch_u(cfg.batch_size, g)
         model.train()
         step_loss = 0.0
         for j in range(plan.accum):
             off = rank * plan.per_rank + j * plan.micro
-            torch.manual_seed(seed_of(spec.seed, step, off))
+            torch.manual_seed(seed_of(seed, step, off))
             idx = gidx[off:off + plan.micro]
             x = torch.as_tensor(data.tokens[idx], dtype=torch.long, device=accelerator.device)
             c = torch.as_tensor(data.counted[idx], dtype=torch.bool, device=accelerator.device)
@@ -277,7 +406,7 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
                     accelerator.backward(scaled)
             step_loss += float(loss.detach()) if w == 1.0 else float(loss.detach()) * w
         if cfg.grad_clip > 0 and not ds:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -302,15 +431,17 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
         el = time.time() - t0
         bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{tokens_here / max(el, 1e-9):,.0f}", refresh=False)
         if main and (time.time() - last_progress >= PROGRESS_EVERY_S or state["step"] == cfg.steps):
-            progress("train")
+            progress(phase)
             last_progress = time.time()
         if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps or request != NONE:
             state["wall_s"] = wall_before + el
+            if multi:
+                state["stage_complete"] = state["step"] == cfg.steps   # the record that the stage is done
             if ds:
-                save_checkpoint_deepspeed(run_dir, state["step"], accelerator, model, sched, ema, state)
+                save_checkpoint_deepspeed(root, state["step"], accelerator, model, sched, ema, state)
             else:
                 if accelerator.is_main_process:
-                    save_checkpoint(run_dir, state["step"], accelerator.unwrap_model(model), opt, sched, ema,
+                    save_checkpoint(root, state["step"], accelerator.unwrap_model(model), opt, sched, ema,
                                     state)
                 accelerator.wait_for_everyone()
         if request != NONE:
@@ -323,24 +454,14 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
         guard.leave_training()
     bar.close()
     el = time.time() - t0
-    unwrapped = accelerator.unwrap_model(model)
-    checksums = None
-    if not (ds and cfg.zero_stage == 3):
-        mine = param_checksum(unwrapped)
-        checksums = [mine]
-        if world > 1:
-            checksums = [None] * world
-            torch.distributed.all_gather_object(checksums, mine)
-    if ema is not None:
-        ema.copy_to(unwrapped)
+    if ema is not None and multi and index < len(method.stages) - 1:
+        ema.copy_to(method)   # the next stage starts from this stage's averaged weights
     losses = state["losses"]
     tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": state["step"], "tokens": state["tokens"], "resumed_from_step": resumed_from,
-            "tokens_per_s": tokens_here / el if el > 0 and tokens_here else None,
-            "wall_s": round(wall_before + el, 3), "final_loss": sum(tail) / len(tail) if tail else None,
-            "loss_curve": losses[:: max(1, len(losses) // 100)],
-            "world_size": world, "micro_batch": plan.micro, "grad_accum": plan.accum,
-            "engine": "deepspeed" if ds else "ddp" if world > 1 else "single",
-            "compiled": bool(cfg.compile), "fused_adamw": fused,
-            "param_checksums": checksums, "curve": state.get("curve", []),
-            "curve_s": round(state.get("curve_s", 0.0), 3)}
+    stats = {"stage": stage, "steps": state["step"], "tokens": state["tokens"],
+             "wall_s": round(wall_before + el, 3), "final_loss": sum(tail) / len(tail) if tail else None}
+    if multi:
+        stats.update(batch_size=cfg.batch_size, lr=cfg.lr)
+    return {"model": model, "state": state, "cfg": cfg, "plan": plan, "ema": ema, "fused": fused,
+            "stats": stats, "done": done, "tokens_here": tokens_here, "el": el, "resumed_from": resumed_from}
+

@@ -102,8 +102,8 @@ class EmbeddingDiffusion(Method):
     likelihood = "bound"
     time = "continuous"
 
-    def __init__(self, params, backbone, vocab_size, seq_len):
-        super().__init__(params, backbone, vocab_size, seq_len)
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
         self.embedding = nn.Embedding(vocab_size, params.embed_dim)   # e = Emb(w), N(0, 1) init
         self.schedule = self.make_schedule()
 
@@ -295,8 +295,8 @@ class SSDLM(Method):
     likelihood = "none"
     time = "continuous"
 
-    def __init__(self, params, backbone, vocab_size, seq_len):
-        super().__init__(params, backbone, vocab_size, seq_len)
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
         self.E = nn.Parameter(torch.randn(vocab_size, backbone.hidden))   # input softmax(S_t)·E
         self.schedule = SCHEDULES[params.schedule]()
 

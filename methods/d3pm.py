@@ -187,8 +187,8 @@ class D3PM(Method):
     def default_label(cls, params) -> str:
         return f"D3PM {params.transition.capitalize()}"
 
-    def __init__(self, params, backbone, vocab_size, seq_len):
-        super().__init__(params, backbone, vocab_size, seq_len)
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
         self.graph = GRAPHS[self.p.transition]   # the transition family: absorb or uniform
 
     def abar(self, t):

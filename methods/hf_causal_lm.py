@@ -46,11 +46,18 @@ class HFCausalLM(Method):
     def default_label(cls, params) -> str:
         return f"{Path(params.model).name} (pretrained)"
 
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
+        self.retokenized = self.first_context = None
+        if self.context.tokenizer is not None:   # the suite's tokenizer: which ids the model scores
+            self.choose_ids(self.context.tokenizer)
+
     def build_network(self, cfg):
-        self.retokenized = None
         return hf.load_causal_lm(self.p.model)
 
-    def bind_tokenizer(self, tokenizer) -> None:
+    def choose_ids(self, tokenizer) -> None:
+        """Score the suite's ids as they are when ``tokenizer`` is the model's own; else
+        detokenize each block and retokenize its text with the model's tokenizer."""
         self.suite_tok = tokenizer
         self.hf_tok = hf.load_tokenizer(self.p.model)
         if hf.same_tokenizer(tokenizer, self.net, self.hf_tok):

@@ -241,8 +241,8 @@ class SEDD(Method):
     def default_label(cls, params) -> str:
         return f"SEDD {params.graph.capitalize()}"
 
-    def __init__(self, params, backbone, vocab_size, seq_len):
-        super().__init__(params, backbone, vocab_size, seq_len)
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
         self.graph = GRAPHS[self.p.graph]   # the corruption graph: absorb or uniform
 
     def sigma(self, t):

