@@ -48,8 +48,20 @@ def n_params(spec: RunSpec) -> int | None:
     cls = get_method(spec.method)
     if not cls.trains:
         return None
-    with torch.device("meta"):
-        m = cls(cls.Params(**spec.params), spec.backbone, vocab_size(spec), spec.data.seq_len)
+    args = (cls.Params(**spec.params), spec.backbone, vocab_size(spec), spec.data.seq_len)
+    try:
+        with torch.device("meta"):
+            m = cls(*args)
+    except Exception:  # noqa: BLE001 - a method that loads pretrained parts or reads text at
+        # construction (a frozen encoder, the suite's tokenizer) cannot be built on the meta
+        # device: build it for real (its frozen parts are no parameters, so are not counted)
+        from bench.data import get_tokenizer
+        from bench.method import Context
+
+        try:
+            m = cls(*args, context=Context(tokenizer=get_tokenizer(spec.data)))
+        except Exception:  # noqa: BLE001 - unknown here; the run itself reports the cause
+            return None
     return sum(p.numel() for p in m.parameters())
 
 
