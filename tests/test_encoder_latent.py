@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench.config import BackboneConfig
+from conftest import REPO
 from bench.data.corpora import documents
 from bench.data.tokenizers import gpt2
 from bench.method import Context
@@ -451,3 +452,17 @@ def test_each_method_runs_its_stages_and_samples_through_the_harness(entry, tiny
         assert rec["method_info"]["frozen"]["encoder"]["source"] == tiny_models["bert"]
     lines = [json.loads(x) for x in (rd / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(r["nfe"] == 3 and len(r["ids"]) == 32 for r in lines)
+
+
+def test_dry_run_counts_a_method_with_a_frozen_pretrained_encoder(tmp_path, capsys):
+    """`tdbench run SUITE --dry-run` builds each method to count its parameters; a method that
+    loads a pretrained encoder at construction cannot be built on the meta device, so it is
+    built for real (the frozen encoder's weights are not parameters and are not counted)."""
+    from bench.cli import main
+
+    out = tmp_path / "never"
+    assert main(["run", str(REPO / "suites" / "tencdm-encoders-mini.yaml"), "--dry-run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if "TEncDM MiniLM emb" in line)
+    assert "n/a" not in row.split()[5:7], row
+    assert not out.exists()
