@@ -35,6 +35,7 @@ def save_figure(fig, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
     return path
 
+
 def aggregate(recs: list[dict]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:
     """{size: {model: (steps, mean, sd, n_seeds)}} of the loss curves; curves of one model are
     resampled onto a common step grid (linear interpolation) before averaging."""

@@ -185,8 +185,12 @@ def test_seeds_flag_overrides_the_suites_seeds(capsys):
     """`tdbench run SUITE --seeds 0 1 2` expands the suite with those seeds (here through the
     dry run: every (method, size) row three times, one run id per seed)."""
     suite, specs = load_suite(REPO / "suites" / "sedd-table-mini.yaml")
-    assert main(["run", str(REPO / "suites" / "sedd-table-mini.yaml"), "--seeds", "0", "1", "2", "--dry-run"]) == 0
+    rows = len(specs) // len(suite.seeds)
+    assert main(["run", str(REPO / "suites" / "sedd-table-mini.yaml"), "--seeds", "7", "8", "9", "10",
+                 "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"sedd-table-mini: {3 * len(specs)} runs" in out
-    for s in (0, 1, 2):
+    assert f"sedd-table-mini: {4 * rows} runs" in out
+    for s in (7, 8, 9, 10):
         assert f"-s{s}-" in out
+    for s in suite.seeds:
+        assert f"-s{s}-" not in out        # the suite's own seeds are replaced, not added to
