@@ -69,3 +69,14 @@ def get_method(name: str) -> type:
 def all_methods() -> dict[str, type]:
     discover()
     return dict(sorted(_METHODS.items()))
+
+
+def build_method(spec, vocab_size: int, tokenizer=None):
+    """The method of run ``spec`` (a bench.config.RunSpec), built with its
+    :class:`~bench.method.Context` (the suite's tokenizer): what a run trains and what its
+    final weights are loaded into."""
+    from bench.method import Context
+
+    cls = get_method(spec.method)
+    return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len,
+               context=Context(tokenizer=tokenizer))

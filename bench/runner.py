@@ -21,6 +21,7 @@ import numpy as np
 from bench.config import RunSpec
 from bench.errors import UserError
 from bench.records import environment, record_status, write_json, write_record
+from bench.registry import build_method
 from bench.distributed import process_rank
 from bench.rundir import Lease, lease_state, read_lease
 
@@ -74,16 +75,6 @@ def job_info() -> dict:
     elif e.get("SUBMITIT_EXECUTOR") == "local":
         out = {"scheduler": "local", "job_id": e.get("SUBMITIT_LOCAL_JOB_ID")}
     return out
-
-
-def build_method(spec: RunSpec, vocab_size: int, tokenizer=None):
-    """The run's method, built with its :class:`~bench.method.Context` (the suite's tokenizer)."""
-    from bench.method import Context
-    from bench.registry import get_method
-
-    cls = get_method(spec.method)
-    return cls(cls.Params(**spec.params), spec.backbone, vocab_size, spec.data.seq_len,
-               context=Context(tokenizer=tokenizer))
 
 
 def estimate_kind(method, protocol) -> str:

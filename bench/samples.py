@@ -127,13 +127,10 @@ def load_final_method(run_dir: Path):
     ``model.safetensors`` with its ``ema.safetensors`` over it when the (last stage of the) run
     trained with EMA. Frozen parts come again from their source and must be the ones the run
     recorded."""
-    import json
-
     from safetensors.torch import load_file
 
     from bench.data import get_tokenizer
-    from bench.method import Context
-    from bench.registry import get_method
+    from bench.registry import build_method
     from bench.rundir import latest_checkpoint, verify_manifest
 
     run_dir = Path(run_dir)
@@ -145,10 +142,8 @@ def load_final_method(run_dir: Path):
     if ck is None:
         raise UserError(f"{run_dir}: no checkpoint (ckpt/step_*) to load the final weights from")
     verify_manifest(ck)
-    cls = get_method(spec.method)
     tokenizer = get_tokenizer(spec.data)
-    method = cls(cls.Params(**spec.params), spec.backbone, tokenizer.vocab_size, spec.data.seq_len,
-                 context=Context(tokenizer=tokenizer))
+    method = build_method(spec, tokenizer.vocab_size, tokenizer)
     f = ck / "state.json"
     try:
         recorded = json.loads(f.read_bytes().decode("utf-8")).get("frozen")
