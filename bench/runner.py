@@ -7,7 +7,6 @@ latest checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -355,13 +354,8 @@ def _rank_from_env() -> int:
 
 
 def _reload_final(spec: RunSpec, tokenizer, run_dir: Path):
-    from safetensors.torch import load_file
+    from bench.rundir import latest_checkpoint
+    from bench.samples import load_weights
 
-    from bench.rundir import latest_checkpoint, verify_manifest
-
-    method = build_method(spec, tokenizer.vocab_size, tokenizer)   # frozen parts: again from their source
-    ck = latest_checkpoint(run_dir)
-    verify_manifest(ck)
-    method.check_frozen(json.loads((ck / "state.json").read_bytes().decode("utf-8")).get("frozen"))
-    method.load_state_dict(load_file(ck / "model.safetensors"))
-    return method
+    # frozen parts: again from their source (ZeRO-3 keeps no EMA, so this is model.safetensors)
+    return load_weights(build_method(spec, tokenizer.vocab_size, tokenizer), latest_checkpoint(run_dir))

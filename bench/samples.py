@@ -127,11 +127,9 @@ def load_final_method(run_dir: Path):
     ``model.safetensors`` with its ``ema.safetensors`` over it when the (last stage of the) run
     trained with EMA. Frozen parts come again from their source and must be the ones the run
     recorded."""
-    from safetensors.torch import load_file
-
     from bench.data import get_tokenizer
     from bench.registry import build_method
-    from bench.rundir import latest_checkpoint, verify_manifest
+    from bench.rundir import latest_checkpoint
 
     run_dir = Path(run_dir)
     rec = read_record(run_dir / "result.json")
@@ -141,9 +139,20 @@ def load_final_method(run_dir: Path):
     ck = latest_checkpoint(run_dir)
     if ck is None:
         raise UserError(f"{run_dir}: no checkpoint (ckpt/step_*) to load the final weights from")
-    verify_manifest(ck)
     tokenizer = get_tokenizer(spec.data)
-    method = build_method(spec, tokenizer.vocab_size, tokenizer)
+    return load_weights(build_method(spec, tokenizer.vocab_size, tokenizer), ck).eval(), spec
+
+
+def load_weights(method, ck: Path):
+    """Load checkpoint ``ck`` into ``method`` (built anew, its frozen parts again from their
+    source): the manifest checked first, ``model.safetensors`` with ``ema.safetensors`` over it
+    when the (last stage of the) run kept an EMA, and the frozen parts' hashes checked against
+    the ones the run recorded. Returns ``method``."""
+    from safetensors.torch import load_file
+
+    from bench.rundir import verify_manifest
+
+    verify_manifest(ck)
     f = ck / "state.json"
     try:
         recorded = json.loads(f.read_bytes().decode("utf-8")).get("frozen")
@@ -156,4 +165,4 @@ def load_final_method(run_dir: Path):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     method.check_frozen(recorded)
-    return method.eval(), spec
+    return method

@@ -67,3 +67,27 @@ def test_corrupt_checkpoint_fails_the_run_naming_the_file(tmp_path):
     rec = json.loads((rd / "result.json").read_text())
     assert rec["status"] == "failed"
     assert "model.safetensors: corrupt checkpoint" in rec["error"]
+
+
+def test_reload_after_zero3_and_load_final_method_read_the_same_weights(tmp_path):
+    """The two ways a run's final weights are read back — the runner's reload after ZeRO-3
+    training and `tdbench sample`'s load_final_method — go through one loader and agree."""
+    import torch
+
+    from bench.cli import main
+    from bench.config import RunSpec
+    from bench.data import get_tokenizer
+    from bench.records import read_record
+    from bench.runner import _reload_final
+    from bench.samples import load_final_method
+    from conftest import tiny_suite, write_suite
+
+    f = write_suite(tmp_path / "s.yaml", tiny_suite())
+    assert main(["run", str(f), "--out", str(tmp_path / "out")]) == 0
+    rd = sorted((tmp_path / "out" / "runs").iterdir())[0]
+    spec = RunSpec(**read_record(rd / "result.json")["spec"])
+    a = _reload_final(spec, get_tokenizer(spec.data), rd)
+    b, _ = load_final_method(rd)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(v.abs().sum() > 0 for k, v in sa.items() if "head" in k), "trained weights, not the zero init"
