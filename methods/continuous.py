@@ -11,8 +11,9 @@ embedding and never noised or scored.
 
 Self-conditioning (``self_condition: true``, every method here; Chen et al. 2022, Analog Bits
 §3.2). The backbone reads [z_t, x̃0] through one input projection (bench/backbone.py).
-- Training: one coin per micro-batch; with probability ½ x̃0 = 0, else x̃0 = the network's
-  own first prediction from the same z_t under stop-gradient (_gaussian.train_condition).
+- Training: one coin per micro-batch; with probability 1 − r x̃0 = 0, else x̃0 = the network's
+  own first prediction from the same z_t under stop-gradient (_gaussian.train_condition);
+  r = ``self_condition_rate``, the lecture's ½ by default (PLAID: ¼, as its train.py).
 - Sampling: x̃0 at step i is the x̂0 of step i + 1 (zeros at the first step): one network call
   per step, so NFE = steps.
 - Bound: x̃0 is the network's own first pass on the same z_t (two calls per evaluation, as
@@ -56,10 +57,23 @@ the protocol averages K draws and gives the CI.
 
 PLAID (Gulrajani & Hashimoto 2023): learned low-dimensional embeddings (d = 16), a learned
 monotone γ(t) with learned endpoints (init γ_0 = −3, γ_1 = 6), x̂0 = softmax(f_θ(z_t, t)) E (the
-expected embedding under the predicted token distribution), the VDM decoder
-p(w_i | z_0) ∝ exp(−‖z_0^i − α_0 e_{w}‖² / (2σ_0²)) (exact under a uniform token prior) and
-the same continuous-time bound as its training loss and its eval; self-conditioning on by default
-(in training, sampling and the bound); low-discrepancy t during training.
+expected embedding under the predicted token distribution), and as decoder p(w | z_0) the
+network's own token distribution at t = 0, softmax(f_θ(z_0, 0)) (plaid/train.py: the
+reconstruction loss is the cross-entropy of the model's logits on the rows whose t is 0; no
+separate V-wide decoder). The same continuous-time bound is its training loss and its eval; it
+is estimated the way train.py splits a batch, written as one draw per sequence: with share q
+(``reconstruction_share``, 1/8 as PLAID's eval),
+
+    u < q:  t = 0,                 estimate = prior + (1/q)·CE(f_θ(z_0, 0), w)
+    u ≥ q:  t = (u − q)/(1 − q),   estimate = prior + (1/(1 − q))·diffusion term at t
+
+so for u ~ U(0, 1) the estimate is unbiased for prior + reconstruction + ∫ diffusion (a mixture
+over which term a draw estimates, one network pass per draw); the protocol's K draws and CI
+cover its variance, and with the harness's low-discrepancy training draws exactly ⌈qB⌉ or ⌊qB⌋
+rows of a batch are reconstruction rows, as in train.py (which adapts q from the two terms'
+variances; ours is fixed). Self-conditioning on by default (in training, sampling and the
+bound), in training on a quarter of the draws as in train.py (``self_condition_rate`` ¼; the
+generic default elsewhere is the lecture's ½); low-discrepancy t during training.
 
 SSD-LM (Han et al. 2023): the simplex representation S_0[i, v] = +k if v = w_i else −k (k = 5),
 z_t = α_t S_0 + σ_t·k·ε (noise of scale k), network input softmax(z_t) E, cross-entropy loss on
@@ -96,8 +110,8 @@ def _sc_label(name: str, params) -> str:
 # ----------------------------------------------------------------------------- embedding diffusion
 class EmbeddingDiffusion(Method):
     """Gaussian diffusion of learned token embeddings; Diffusion-LM and PLAID differ in how the
-    network's output becomes x̂0 (``predict_x0``), the decoder p(w | z_0) (``decoder_logits``),
-    the schedule and the training objective."""
+    network's output becomes x̂0 (``predict_x0``), the schedule, the decoder p(w | z_0) and so
+    the estimate of the bound (``elbo_terms``), and the training objective."""
 
     likelihood = "bound"
     time = "continuous"
@@ -114,7 +128,8 @@ class EmbeddingDiffusion(Method):
     def predict_x0(self, z, t, x_sc):
         raise NotImplementedError
 
-    def decoder_logits(self, z0, alpha0, sigma0):
+    def elbo_terms(self, w, counted, t, train: bool):
+        """(B, L) per-token one-draw estimate of the bound (module docstring) at draws t."""
         raise NotImplementedError
 
     # --- shared --------------------------------------------------------------------------------
@@ -129,26 +144,12 @@ class EmbeddingDiffusion(Method):
         z, eps = diffuse(e, alpha, sigma)
         return torch.where(counted[..., None], z, e), eps, alpha, sigma
 
-    def rounding_nll(self, e, w):
-        """−log p_θ(w_i | z_0), z_0 ~ q(z_0 | w) = N(α_0 e, σ_0² I): one sample, (B, L)."""
-        g0, _ = self.endpoints(e)
-        a0, s0 = torch.sigmoid(-g0).sqrt(), torch.sigmoid(g0).sqrt()
-        z0 = a0 * e + s0 * torch.randn_like(e)
-        return F.cross_entropy(self.decoder_logits(z0, a0, s0).float().flatten(0, 1), w.flatten(),
-                               reduction="none").view(w.shape)
-
-    def elbo_terms(self, w, counted, t, train: bool):
-        """(B, L) per-token terms of the continuous-time bound (module docstring) at one t."""
-        e = self.embedding(w)
-        z, _, _, _ = self.noised(e, counted, t)
-        x_sc = None
-        if self.p.self_condition:
-            first = lambda: self.predict_x0(z, t, None)  # noqa: E731
-            x_sc = train_condition(first, self.p.self_condition_rate) if train else first()
-        x0_hat = self.predict_x0(z, t, x_sc).float()
-        _, g1 = self.endpoints(e)
-        diff = diffusion_term(e.float(), x0_hat, self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
-        return diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)
+    def first_pass(self, z, t, train: bool):
+        """x̃0 for the network's second call, or None (self-conditioning; module docstring)."""
+        if not self.p.self_condition:
+            return None
+        first = lambda: self.predict_x0(z, t, None)  # noqa: E731
+        return train_condition(first, self.p.self_condition_rate) if train else first()
 
     def nll(self, x0, counted, u):
         return (self.elbo_terms(x0, counted, u, train=False) * counted).sum(1)
@@ -219,18 +220,29 @@ class DiffusionLM(EmbeddingDiffusion):
         alpha, sigma = (_time(v, z) for v in self.schedule.alpha_sigma(t))
         return self.parameterisation.x0(self.net(t=t, embeds=z, self_cond=x_sc).float(), z, alpha, sigma)
 
-    def decoder_logits(self, z0, alpha0, sigma0):
-        return z0 @ self.embedding.weight.t()        # the tied rounding head (lm_head = Emb)
+    def rounding_nll(self, e, w):
+        """−log p_θ(w_i | z_0) with the tied rounding head p_θ(w | z_0) = softmax(z_0 Eᵀ) (lm_head =
+        Emb), z_0 ~ q(z_0 | w) = N(α_0 e, σ_0² I): one sample, (B, L)."""
+        g0, _ = self.endpoints(e)
+        z0 = torch.sigmoid(-g0).sqrt() * e + torch.sigmoid(g0).sqrt() * torch.randn_like(e)
+        logits = z0 @ self.embedding.weight.t()
+        return F.cross_entropy(logits.float().flatten(0, 1), w.flatten(), reduction="none").view(w.shape)
+
+    def elbo_terms(self, w, counted, t, train: bool):
+        """(B, L) per-token terms of the bound (1) at one t: every term at every draw."""
+        e = self.embedding(w)
+        z, _, _, _ = self.noised(e, counted, t)
+        x0_hat = self.predict_x0(z, t, self.first_pass(z, t, train)).float()
+        _, g1 = self.endpoints(e)
+        diff = diffusion_term(e.float(), x0_hat, self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
+        return diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)
 
     def loss(self, x0, counted, u):
         """training_losses_e2e: simple loss in the parameterisation's space + rounding + prior."""
         w, t = x0, u
         e = self.embedding(w)
         z, eps, alpha, sigma = self.noised(e, counted, t)
-        x_sc = None
-        if self.p.self_condition:
-            x_sc = train_condition(lambda: self.predict_x0(z, t, None), self.p.self_condition_rate)
-        out = self.net(t=t, embeds=z, self_cond=x_sc).float()
+        out = self.net(t=t, embeds=z, self_cond=self.first_pass(z, t, train=True)).float()
         mse = ((out - self.parameterisation.target(e, eps, alpha, sigma)) ** 2).mean(-1)
         _, g1 = self.endpoints(e)
         prior = torch.sigmoid(-g1) * (e.float() ** 2).mean(-1)          # ‖μ(q(z_1|e))‖² per dim
@@ -240,12 +252,16 @@ class DiffusionLM(EmbeddingDiffusion):
 
 class PLAIDParams(Params):
     self_condition: bool = True
-    self_condition_rate: float = SC_RATE
+    # plaid/train.py conditions a quarter of each batch on its first pass (selfcond_mask[offset::4])
+    self_condition_rate: float = Field(0.25, ge=0.0, le=1.0, description=SC_RATE.description + " (PLAID: ¼)")
     embed_dim: PositiveInt = 16
     gamma_0: float = -3.0
     gamma_1: float = 6.0
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     clamp: bool = False
+    reconstruction_share: float = Field(0.125, gt=0.0, lt=1.0, description=(
+        "q: share of draws (rows) that estimate the t = 0 reconstruction term, weighted 1/q; "
+        "the rest estimate the diffusion term, weighted 1/(1 − q)"))
 
 
 @register("plaid")
@@ -263,17 +279,31 @@ class PLAID(EmbeddingDiffusion):
     def make_schedule(self):
         return Learned(self.p.gamma_0, self.p.gamma_1)
 
-    def predict_x0(self, z, t, x_sc):
+    def expected_embedding(self, logits):
         """x̂0 = softmax(logits) E: the expected embedding under the predicted tokens."""
-        probs = F.softmax(self.net(t=t, embeds=z, self_cond=x_sc).float(), dim=-1)
-        return probs @ self.embedding.weight.float()
+        return F.softmax(logits, dim=-1) @ self.embedding.weight.float()
 
-    def decoder_logits(self, z0, alpha0, sigma0):
-        """log p(w_i = v | z_0) + const = (α_0 z_0·e_v − ½ α_0² ‖e_v‖²) / σ_0² (VDM decoder)."""
-        E = self.embedding.weight
-        scale = alpha0 / sigma0 ** 2                  # fold the scale into E (V×d), not the logits
-        # one addmm with the −½ α_0 scale ‖e_v‖² term as its bias: no extra V-wide pass
-        return F.linear(z0, scale * E, -(0.5 * alpha0 * scale) * (E * E).sum(-1))
+    def predict_x0(self, z, t, x_sc):
+        return self.expected_embedding(self.net(t=t, embeds=z, self_cond=x_sc).float())
+
+    def elbo_terms(self, w, counted, u, train: bool):
+        """(B, L) per-token estimate of the bound from one draw u per row (module docstring):
+        rows with u < q estimate the reconstruction term at t = 0 with the network as decoder,
+        the others the diffusion term at t = (u − q)/(1 − q); the prior term is exact on all."""
+        q = self.p.reconstruction_share
+        rec = u < q                                                      # (B,)
+        t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))
+        e = self.embedding(w)
+        z, _, _, _ = self.noised(e, counted, t)
+        logits = self.net(t=t, embeds=z, self_cond=self.first_pass(z, t, train)).float()
+        diff = diffusion_term(e.float(), self.expected_embedding(logits), self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
+        reconst = torch.zeros_like(diff)
+        if bool(rec.any()):                                  # −log p_θ(w | z_0), on those rows only
+            reconst[rec] = F.cross_entropy(logits[rec].flatten(0, 1), w[rec].flatten(),
+                                           reduction="none").view(-1, w.shape[1])
+        _, g1 = self.endpoints(e)
+        estimate = torch.where(rec[:, None], reconst / q, diff / (1 - q))
+        return estimate + prior_kl(e.float(), g1)
 
     def loss(self, x0, counted, u):
         """The bound itself, per counted token (its gradient also trains γ_0, γ_1)."""
@@ -313,31 +343,37 @@ class SSDLM(Method):
         k = self.p.simplex_k
         return k * (2 * F.one_hot(w, self.V).float() - 1)
 
-    def logits(self, S, t, x_sc):
-        return self.net(t=t, embeds=F.softmax(S, -1) @ self.E, self_cond=x_sc).float()
+    def simplex_input(self, S):
+        """The network's input softmax(S_t)·E (the expected embedding under the simplex). S is
+        consumed: the softmax is written over it (S never needs a gradient), which spares a
+        fresh V-wide buffer per call — ~10 ms of a ~190 ms CPU step at the smoke size."""
+        return torch.softmax(S, -1, out=S) @ self.E
+
+    def logits(self, inp, t, x_sc):
+        return self.net(t=t, embeds=inp, self_cond=x_sc).float()
 
     def condition_of(self, logits):
         return F.softmax(logits, -1) @ self.E
 
     def noised(self, w, counted, t):
         """S_t = α_t S_0 + σ_t·k·ε on counted positions, S_0 elsewhere (the forward process of
-        _gaussian.diffuse, written in place on the V-wide noise: S_0 = k(2·onehot(w) − 1) is
-        −k plus 2k at w, so S_t = k(σ_t ε − α_t) + 2kα_t·onehot(w), three V-wide passes
-        instead of six)."""
+        _gaussian.diffuse), up to a constant per position: S_0 = k(2·onehot(w) − 1) is −k plus
+        2k at w, so S_t = k(σ_t ε − α_t) + 2kα_t·onehot(w), and the −kα_t term, the same for every
+        v, is left out, because S_t is only ever read through softmax over v, which does not see
+        it. Written in place on the V-wide noise: one pass over it after drawing it."""
         k = self.p.simplex_k
         alpha, sigma = (_time(v, w[..., None]) for v in self.schedule.alpha_sigma(t))
         a = torch.where(counted[..., None], alpha, torch.ones_like(alpha))    # clean S_0 where uncounted
         s = torch.where(counted[..., None], sigma, torch.zeros_like(sigma))
-        S = torch.randn((*w.shape, self.V), device=w.device)
-        S.mul_(s * k).sub_(a * k)
+        S = torch.randn((*w.shape, self.V), device=w.device).mul_(s * k)
         return S.scatter_add_(-1, w[..., None], 2 * k * a.expand(*w.shape, 1).contiguous())
 
     def loss(self, x0, counted, u):
-        S = self.noised(x0, counted, u)
+        inp = self.simplex_input(self.noised(x0, counted, u))     # shared by both passes
         x_sc = None
         if self.p.self_condition:
-            x_sc = train_condition(lambda: self.condition_of(self.logits(S, u, None)), self.p.self_condition_rate)
-        ce = F.cross_entropy(self.logits(S, u, x_sc).flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
+            x_sc = train_condition(lambda: self.condition_of(self.logits(inp, u, None)), self.p.self_condition_rate)
+        ce = F.cross_entropy(self.logits(inp, u, x_sc).flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
         return (ce * counted).sum() / counted.sum().clamp(min=1)
 
     @torch.no_grad()
@@ -347,7 +383,7 @@ class SSDLM(Method):
         x_sc, w = None, None
         for i in range(steps, 0, -1):
             t = torch.full((n,), i / steps, device=dev)
-            logits = self.logits(S, t, x_sc)
+            logits = self.logits(self.simplex_input(S), t, x_sc)
             w = gumbel_argmax(logits, generator, self.p.float64_sampling)
             if self.p.self_condition:
                 x_sc = self.condition_of(logits)

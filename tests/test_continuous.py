@@ -38,7 +38,8 @@ class Calls:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_self_conditioning_two_pass_half_the_time_and_no_gradient_through_x0_tilde(name):
-    m = _make(name, self_condition=True)
+    """At the generic rate ½ (the lecture's); PLAID's own default (¼) is checked below."""
+    m = _make(name, self_condition=True, self_condition_rate=0.5)
     calls = Calls(m.net)
     x = torch.randint(0, 20, (4, 8))
     c = torch.ones(4, 8, dtype=torch.bool)
@@ -55,6 +56,73 @@ def test_self_conditioning_two_pass_half_the_time_and_no_gradient_through_x0_til
                 loss.backward()          # the graph holds only the second pass
     # Binomial(200, ½): s.d. 7.1; ±30 is 4.2 s.d.
     assert abs(two - n / 2) < 30, two
+
+
+def test_plaid_conditions_a_quarter_of_its_training_draws():
+    m = _make("plaid")
+    assert m.p.self_condition and m.p.self_condition_rate == 0.25
+    calls = Calls(m.net)
+    x, c, two, n = torch.randint(0, 20, (4, 8)), torch.ones(4, 8, dtype=torch.bool), 0, 400
+    for i in range(n):
+        torch.manual_seed(i)
+        m.loss(x, c, torch.rand(4))
+        two += len(calls.take()) == 2
+    # Binomial(400, ¼): s.d. 8.7; ±35 is 4.0 s.d.
+    assert abs(two - n / 4) < 35, two
+
+
+@torch.no_grad()
+def test_plaid_draw_estimates_one_term_weighted_by_its_share():
+    """PLAID's one-draw estimate (methods/continuous.py): u < q gives prior + CE of the network
+    at t = 0 over q; u ≥ q gives prior + the diffusion term at t = (u − q)/(1 − q) over 1 − q.
+    Averaged over u ~ U(0, 1) that is prior + reconstruction + ∫ diffusion: the bound.
+    Same ε in the estimate and the reference (same seed); float32 sums of 8 tokens: 1e-5."""
+    import torch.nn.functional as F
+
+    from methods._gaussian import diffusion_term, prior_kl
+    m = _make("plaid", self_condition=False).eval()
+    torch.nn.init.normal_(m.net.head.weight)          # the zero-initialised head gives flat logits
+    q = m.p.reconstruction_share
+    x, c = torch.randint(0, 20, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
+    e = m.embedding(x)
+    prior = prior_kl(e, m.endpoints(e)[1])
+
+    def estimate_and_z(u, t):
+        torch.manual_seed(0)
+        est = m.elbo_terms(x, c, u, train=False)
+        torch.manual_seed(0)
+        return est, m.noised(e, c, t)[0]
+
+    t0 = torch.zeros(3)
+    est, z = estimate_and_z(torch.tensor([0.0, q / 2, q * 0.99]), t0)
+    ce = F.cross_entropy(m.net(t=t0, embeds=z).flatten(0, 1), x.flatten(), reduction="none").view(3, 8)
+    assert torch.allclose(est, prior + ce / q, rtol=1e-5, atol=1e-5)
+
+    u = torch.tensor([q, 0.5, 0.9])
+    t = (u - q) / (1 - q)
+    est, z = estimate_and_z(u, t)
+    diff = diffusion_term(e, m.predict_x0(z, t, None), m.schedule.gamma(t)[:, None], m.schedule.dgamma(t)[:, None])
+    assert torch.allclose(est, prior + diff / (1 - q), rtol=1e-5, atol=1e-5)
+
+
+def test_ssd_lm_simplex_forward_process_up_to_a_constant_per_position():
+    """SSDLM.noised is S_t = α_t S_0 + σ_t·k·ε (S_0 where uncounted) up to a shift per position,
+    which the softmax that reads it does not see. Same ε by seed; |S| ≲ 30, so float32 rounding
+    is ≲ 4e-6: 1e-5."""
+    m = _make("ssd-lm")
+    k = m.p.simplex_k
+    w, c = torch.randint(0, 20, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
+    c[0, :2] = False
+    t = torch.tensor([0.1, 0.5, 0.9])
+    torch.manual_seed(0)
+    S = m.noised(w, c, t)
+    torch.manual_seed(0)
+    eps = torch.randn(3, 8, 20)
+    a, s = (v[:, None, None] for v in m.schedule.alpha_sigma(t))
+    ref = torch.where(c[..., None], a * m.simplex(w) + s * k * eps, m.simplex(w))
+    shift = S - ref
+    assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-5)
+    assert torch.allclose(torch.softmax(S, -1), torch.softmax(ref, -1), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["diffusion-lm", "plaid"])
