@@ -9,7 +9,11 @@ comparison compares objectives, not architectures (MDLM's ``small-ar``).
 Inputs: token ids (B, L) or precomputed embeddings (B, L, hidden) for continuous methods; the
 conditioning scalar per sequence t (B,), a time in [0, 1] (embedded as 1000·t, DiT's range;
 zeros when unused, as for the AR baseline).
-Output: logits (B, L, vocab_out), or the final hidden states with ``return_hidden=True``.
+Output: logits (B, L, vocab_out), or the final hidden states with ``return_hidden=True``, or
+with ``targets`` (B, L) ids the per-token −log softmax(logits)[target] (B, L) through the fused
+head + cross-entropy of :class:`Head` (the logits are never returned, so one (B·L, V) buffer
+serves the forward and, in place, the gradient), or with ``expect`` = E (V, d) the expectation
+softmax(logits)·E (B, L, d) the same way (and with both, the pair).
 
 Continuous input (optional, for Gaussian/simplex diffusion): ``in_dim=d`` adds an input
 projection ``inp: R^d → R^hidden`` applied to ``embeds`` (B, L, d); ``vocab_in=None`` then
@@ -44,24 +48,153 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-def rotary_tables(L: int, head_dim: int, device, base: float = 10000.0):
-    """cos/sin tables (L, head_dim/2) of rotary position embeddings (Su et al. 2021, RoFormer
-    eq. 34), as in SEDD's and MDLM's DiT: attention sees relative positions from the start."""
+def rotary_tables(L: int, head_dim: int, device, base: float = 10000.0) -> torch.Tensor:
+    """e^{i·p·θ_j}, (L, head_dim/2) complex, θ_j = base^{−2j/head_dim}: rotary position
+    embeddings (Su et al. 2021, RoFormer eq. 34), as in SEDD's and MDLM's DiT — attention sees
+    relative positions from the start."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     ang = torch.arange(L, device=device, dtype=torch.float32)[:, None] * inv[None]
-    return ang.cos(), ang.sin()
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate pairs (x_{2i}, x_{2i+1}) of x (B, L, H, d) by position-dependent angles."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[None, :, None].to(x.dtype), sin[None, :, None].to(x.dtype)
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+def apply_rotary(x, rope):
+    """Rotate each pair (x_{2j}, x_{2j+1}) of x (B, L, …, d) by the angle of its position:
+    (x_{2j} + i·x_{2j+1})·e^{i·p·θ_j}, i.e. (x_{2j} cos − x_{2j+1} sin, x_{2j} sin + x_{2j+1} cos).
+    One complex multiplication on a view of x's pairs (no stacking of halves: a third of the
+    cost of writing it with real ops at the smoke size); fp32 arithmetic, x's dtype out."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    r = rope.reshape(rope.shape[0], *([1] * (x.dim() - 3)), rope.shape[1])   # (L, 1…, d/2)
+    return torch.view_as_real(xc * r).flatten(-2).to(x.dtype)
 
 
 def modulate(x, shift, scale):
     """x · (1 + scale) + shift, per sequence (one fused pass: addcmul)."""
     return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+class _HeadNLL(torch.autograd.Function):
+    """nll_n = −log softmax(h_n Wᵀ + b)[y_n] per row n, holding one (N, V) buffer.
+
+    Forward: logits = h Wᵀ + b (in fp32), the row log-normalisers lse_n = log Σ_v e^{logits_nv}
+    (computed in row chunks, so no second (N, V) temporary), nll_n = lse_n − logits_{n, y_n}.
+    Backward: the same buffer becomes, in place, ∂nll_n/∂logits_n = softmax(logits_n) − onehot(y_n),
+    and the incoming per-row gradient g_n is folded into the (N, d)-sized operands:
+    ∂h = (G W)·g, ∂W = Gᵀ (h·g), ∂b = Gᵀ g — no further (N, V) pass. The unfused path
+    (log_softmax → gather, and their backward) allocates three more (N, V) buffers (log-probs, the
+    zero-filled gather gradient, the log-softmax gradient) and passes over each; at the smoke
+    size, (2048, 2048) floats = 16 MB apiece, that is a third of a CPU training step.
+    Under CUDA autocast the matrix products run in the autocast dtype (bf16) and the softmax
+    arithmetic in fp32, as the unfused path with ``.float()`` logits does. Its backward may run
+    once (it consumes the buffer)."""
+
+    CHUNK = 256   # rows per log-sum-exp chunk: (256, V) fp32 stays in cache at V of a few thousand
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, W, b, y):
+        logits = F.linear(h, W, b)
+        if logits.element_size() < 4:                                 # bf16/fp16 → fp32 softmax
+            logits = logits.float()
+        lse = _row_lse(logits)
+        nll = lse - logits.gather(-1, y[:, None])[:, 0]
+        ctx.save_for_backward(h, W, logits, lse, y)
+        ctx.has_bias, ctx.done = b is not None, False
+        return nll
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        if ctx.done:
+            raise RuntimeError("the fused head's backward consumes its buffer: it runs once (no retain_graph)")
+        ctx.done = True
+        h, W, logits, lse, y = ctx.saved_tensors
+        G = logits.sub_(lse[:, None]).exp_()                          # softmax, in place
+        G.scatter_add_(-1, y[:, None], torch.full_like(lse[:, None], -1.0))   # − onehot(y)
+        g = g.to(G.dtype)
+        Gm = G.to(h.dtype) if h.dtype != G.dtype else G               # autocast: products in bf16
+        grad_h = (Gm @ W.to(h.dtype)).mul_(g[:, None].to(h.dtype)) if ctx.needs_input_grad[0] else None
+        grad_W = (Gm.t() @ (h * g[:, None].to(h.dtype))).to(W.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = (G.t() @ g).to(W.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_W, grad_b, None
+
+
+def _row_lse(logits):
+    lse = torch.empty(logits.shape[0], device=logits.device, dtype=logits.dtype)
+    for s in range(0, logits.shape[0], _HeadNLL.CHUNK):
+        lse[s:s + _HeadNLL.CHUNK] = torch.logsumexp(logits[s:s + _HeadNLL.CHUNK], dim=-1)
+    return lse
+
+
+class _HeadExpect(torch.autograd.Function):
+    """x̂_n = softmax(h_n Wᵀ + b)·E, the expectation of the rows of E (V, d) under the head's
+    token distribution (PLAID's x̂0 = Σ_v p_θ(v | z_t) e_v), and with targets y also
+    nll_n = −log softmax(·)[y_n] — in one (N, V) buffer, as :class:`_HeadNLL`.
+
+    Forward: logits, lse in row chunks, nll from the logits, then the buffer becomes P =
+    softmax in place and x̂ = P E. Backward with incoming ḡ (N, d) and g (N,): ∂E = Pᵀ ḡ, and
+    the buffer becomes, row chunk by row chunk in place, ∂logits = P ⊙ (ḡ Eᵀ − ⟨x̂_n, ḡ_n⟩ + g_n)
+    − g_n·onehot(y_n) (softmax's Jacobian applied to ḡ Eᵀ, plus the cross-entropy's); then
+    ∂h = ∂logits W, ∂W = ∂logitsᵀ h, ∂b = Σ_n ∂logits. Runs once, like :class:`_HeadNLL`."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, W, b, E, y):
+        logits = F.linear(h, W, b)
+        if logits.element_size() < 4:
+            logits = logits.float()
+        lse = _row_lse(logits)
+        nll = lse - logits.gather(-1, y[:, None])[:, 0] if y is not None else None
+        P = logits.sub_(lse[:, None]).exp_()
+        x_hat = P.to(h.dtype) @ E.to(h.dtype)
+        ctx.save_for_backward(h, W, E, P, x_hat, y)
+        ctx.has_bias, ctx.has_y, ctx.done = b is not None, y is not None, False
+        return (x_hat, nll) if y is not None else x_hat
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g_x, g_nll=None):
+        if ctx.done:
+            raise RuntimeError("the fused head's backward consumes its buffer: it runs once (no retain_graph)")
+        ctx.done = True
+        h, W, E, P, x_hat, y = ctx.saved_tensors
+        g_x = g_x.to(P.dtype)
+        grad_E = (P.t().to(h.dtype) @ g_x.to(h.dtype)).to(E.dtype) if ctx.needs_input_grad[3] else None
+        c = (x_hat.to(P.dtype) * g_x).sum(-1)                        # ⟨x̂_n, ḡ_n⟩
+        if ctx.has_y and g_nll is not None:
+            g_nll = g_nll.to(P.dtype)
+            c = c - g_nll
+        Ef = E.to(P.dtype)
+        for s in range(0, P.shape[0], _HeadNLL.CHUNK):
+            rows = slice(s, s + _HeadNLL.CHUNK)
+            P[rows].mul_((g_x[rows] @ Ef.t()).sub_(c[rows, None]))
+        if ctx.has_y and g_nll is not None:
+            P.scatter_add_(-1, y[:, None], -g_nll[:, None])
+        G = P.to(h.dtype)
+        grad_h = G @ W.to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_W = (G.t() @ h).to(W.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = P.sum(0).to(W.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_W, grad_b, grad_E, None
+
+
+class Head(nn.Linear):
+    """The output projection to vocabulary logits. With ``targets`` it returns the per-row NLL of
+    the targets through :class:`_HeadNLL` instead; with ``expect`` (a (V, d) matrix E) the
+    expectation softmax(logits)·E through :class:`_HeadExpect` (and the NLL too, as a pair,
+    when ``targets`` are also given). A module call either way, so wrappers that gather
+    parameters in a module's forward (DeepSpeed ZeRO-3) see it."""
+
+    def forward(self, x, targets=None, expect=None):
+        if targets is None and expect is None:
+            return super().forward(x)
+        lead = x.shape[:-1]
+        h = x.reshape(-1, x.shape[-1])
+        y = targets.reshape(-1) if targets is not None else None
+        if expect is None:
+            return _HeadNLL.apply(h, self.weight, self.bias, y).view(lead)
+        out = _HeadExpect.apply(h, self.weight, self.bias, expect, y)
+        if y is None:
+            return out.view(*lead, -1)
+        return out[0].view(*lead, -1), out[1].view(lead)
 
 
 class Block(nn.Module):
@@ -84,8 +217,7 @@ class Block(nn.Module):
         H = self.heads
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
         qkv = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(B, L, 3, H, D // H)
-        # rotary on q and k in one pass: (B, L, 2, H, d) seen as (B, L, 2H, d) heads
-        qk = apply_rotary(qkv[:, :, :2].reshape(B, L, 2 * H, D // H), *rope).view(B, L, 2, H, D // H)
+        qk = apply_rotary(qkv[:, :, :2], rope)          # rotary on q and k in one pass: (B, L, 2, H, d)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         causal, mask = self.causal, None
         if kv is not None:                     # prepend the cached keys/values of positions < P
@@ -129,12 +261,12 @@ class Backbone(nn.Module):
         self.adaLN_f = nn.Linear(cfg.cond_dim, 2 * d)
         nn.init.zeros_(self.adaLN_f.weight)
         nn.init.zeros_(self.adaLN_f.bias)
-        self.head = nn.Linear(d, vocab_out)
+        self.head = Head(d, vocab_out)
         nn.init.zeros_(self.head.weight)  # start from uniform predictions (as MDLM/DiT)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, tokens=None, t=None, embeds=None, return_hidden: bool = False,
-                cache: "KVCache | None" = None, self_cond=None):
+                cache: "KVCache | None" = None, self_cond=None, targets=None, expect=None):
         x = self.tok(tokens) if embeds is None else embeds
         if self.inp is not None and embeds is not None:
             if self.self_condition:
@@ -146,8 +278,7 @@ class Backbone(nn.Module):
             raise ValueError("a KV cache needs a causal backbone")
         if P + L > self.seq_len:
             raise ValueError(f"sequence of {P + L} tokens exceeds the backbone's seq_len {self.seq_len}")
-        cos, sin = rotary_tables(P + L, self.cfg.hidden // self.cfg.heads, x.device)
-        rope = (cos[P:], sin[P:])
+        rope = rotary_tables(P + L, self.cfg.hidden // self.cfg.heads, x.device)[P:]
         if t is None:
             t = torch.zeros(B, device=x.device)
         c = F.silu(self.t_mlp(timestep_embedding(1000 * t, self.cfg.cond_dim).to(x.dtype)))
@@ -157,7 +288,7 @@ class Backbone(nn.Module):
             cache.length += L
         sh, sc = self.adaLN_f(c).chunk(2, dim=-1)
         x = modulate(self.norm_f(x), sh, sc)
-        return x if return_hidden else self.head(x)
+        return x if return_hidden else self.head(x, targets, expect)
 
 
 class KVCache:

@@ -15,7 +15,8 @@ alike; a ratio is the median over rounds of the per-round tokens/s ratio, and th
 range of those per-round ratios. Tokens counted: batch × seq_len per step (every position is a
 training target in all contenders).
 
-On CUDA the steps run under bf16 autocast with fused AdamW; MFU is model FLOPs
+Both use the fused AdamW kernel, as the training loop does; on CUDA the steps run under bf16
+autocast; MFU is model FLOPs
 (6 · non-embedding params · tokens + the attention term 12 · layers · hidden · seq_len per
 token, as in the PaLM appendix) over the device's peak, which is given with ``--peak-tflops``
 (no table of devices is guessed here).
@@ -135,10 +136,10 @@ def run(sizes: list[str], steps: int, rounds: int, warmup: int, threads: int | N
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    fused = dev.type == "cuda"
+    fused = True                      # as the training loop (bench/train.py): fused AdamW on CPU and GPU
     rows = []
     log(f"tdbench speed: torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, "
-        f"{'bf16 autocast, fused AdamW' if dev.type == 'cuda' else 'fp32'}{', torch.compile' if compile_ else ''}; "
+        f"{'bf16 autocast' if dev.type == 'cuda' else 'fp32'}, fused AdamW{', torch.compile' if compile_ else ''}; "
         f"{rounds} rounds × {steps} steps per contender, interleaved, after {warmup} warm-up steps")
     for size in sizes:
         dims, V, L, B = SIZES[size]

@@ -325,7 +325,9 @@ def _train_stage(method, spec: RunSpec, index: int, stage: str, data: Blocks, ru
                         "use zero_stage 1 or 2")
     params = stage_parameters(method, stage, requires)
     method.current_stage = stage
-    fused = accelerator.device.type == "cuda" and not ds  # fused AdamW kernel on GPUs
+    # the fused AdamW kernel (one pass per parameter tensor): on GPUs, and on CPUs too, where the
+    # per-tensor loop of elementwise ops took ~30% of a 12 × 768 CPU step (4.6× slower in isolation)
+    fused = accelerator.device.type in ("cuda", "cpu") and not ds
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999),
                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))

@@ -11,7 +11,6 @@ the backbone's KV cache (default) each call reads only the new token, not the wh
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from bench.backbone import KVCache
 from bench.method import Method, Params, gumbel_argmax
@@ -31,13 +30,11 @@ class AutoRegressive(Method):
     causal = True
     display = "GPT-2"
 
-    def _logits(self, x0: torch.Tensor) -> torch.Tensor:
-        bos = torch.full_like(x0[:, :1], self.V)
-        return self.net(torch.cat([bos, x0[:, :-1]], dim=1))
-
     def nll(self, x0, counted, u=None):
-        logp = F.log_softmax(self._logits(x0).float(), dim=-1)
-        nll_tok = -logp.gather(-1, x0[..., None])[..., 0]
+        """Σ_i −log p_θ(x_i | x_<i) over counted tokens, through the backbone's fused head +
+        cross-entropy (bench/backbone.py: the logits are never materialised as log-probs)."""
+        bos = torch.full_like(x0[:, :1], self.V)
+        nll_tok = self.net(torch.cat([bos, x0[:, :-1]], dim=1), targets=x0)
         return (nll_tok * counted).sum(1)
 
     @torch.no_grad()

@@ -279,12 +279,10 @@ class PLAID(EmbeddingDiffusion):
     def make_schedule(self):
         return Learned(self.p.gamma_0, self.p.gamma_1)
 
-    def expected_embedding(self, logits):
-        """x̂0 = softmax(logits) E: the expected embedding under the predicted tokens."""
-        return F.softmax(logits, dim=-1) @ self.embedding.weight.float()
-
     def predict_x0(self, z, t, x_sc):
-        return self.expected_embedding(self.net(t=t, embeds=z, self_cond=x_sc).float())
+        """x̂0 = softmax(f_θ(z_t, t)) E: the expected embedding under the predicted tokens (through
+        the backbone's fused head: the (B, L, V) probabilities stay inside it)."""
+        return self.net(t=t, embeds=z, self_cond=x_sc, expect=self.embedding.weight).float()
 
     def elbo_terms(self, w, counted, u, train: bool):
         """(B, L) per-token estimate of the bound from one draw u per row (module docstring):
@@ -295,14 +293,13 @@ class PLAID(EmbeddingDiffusion):
         t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))
         e = self.embedding(w)
         z, _, _, _ = self.noised(e, counted, t)
-        logits = self.net(t=t, embeds=z, self_cond=self.first_pass(z, t, train)).float()
-        diff = diffusion_term(e.float(), self.expected_embedding(logits), self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
-        reconst = torch.zeros_like(diff)
-        if bool(rec.any()):                                  # −log p_θ(w | z_0), on those rows only
-            reconst[rec] = F.cross_entropy(logits[rec].flatten(0, 1), w[rec].flatten(),
-                                           reduction="none").view(-1, w.shape[1])
+        # x̂0 = softmax(f_θ) E and −log softmax(f_θ)[w] (the decoder's term on rows at t = 0) from
+        # one pass of the fused head
+        x0_hat, nll = self.net(t=t, embeds=z, self_cond=self.first_pass(z, t, train),
+                               expect=self.embedding.weight, targets=w)
+        diff = diffusion_term(e.float(), x0_hat.float(), self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
         _, g1 = self.endpoints(e)
-        estimate = torch.where(rec[:, None], reconst / q, diff / (1 - q))
+        estimate = torch.where(rec[:, None], nll.float() / q, diff / (1 - q))
         return estimate + prior_kl(e.float(), g1)
 
     def loss(self, x0, counted, u):
@@ -373,7 +370,7 @@ class SSDLM(Method):
         x_sc = None
         if self.p.self_condition:
             x_sc = train_condition(lambda: self.condition_of(self.logits(inp, u, None)), self.p.self_condition_rate)
-        ce = F.cross_entropy(self.logits(inp, u, x_sc).flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
+        ce = self.net(t=u, embeds=inp, self_cond=x_sc, targets=x0)        # fused head + cross-entropy
         return (ce * counted).sum() / counted.sum().clamp(min=1)
 
     @torch.no_grad()

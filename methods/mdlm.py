@@ -154,8 +154,14 @@ class MDLM(Method):
         return F.log_softmax(self.net(x_t, t).float(), dim=-1)
 
     def loss(self, x0, counted, u):
-        """Training: the time form of the NELBO (MDLM eq. 10), per counted token."""
-        return nelbo(x0, counted, u, self.denoise, self.mask_id).sum() / counted.sum().clamp(min=1)
+        """Training: the time form of the NELBO (MDLM eq. 10), per counted token — ``nelbo`` with
+        the masked tokens' −log p_θ(x_0^i | x_t) taken from the backbone's fused head +
+        cross-entropy (bench/backbone.py), the same value as −denoise(x_t, t)[x_0^i] without
+        materialising the (B, L, V) log-probabilities."""
+        x_t, masked = mask_tokens(x0, counted, u, self.mask_id)
+        t = u if self.p.time_conditioning else torch.zeros_like(u)
+        ce = self.net(x_t, t, targets=x0)
+        return (elbo_weight(u) * (ce * masked).sum(1)).sum() / counted.sum().clamp(min=1)
 
     def nll(self, x0, counted, u):
         return self.ESTIMATORS[self.p.estimator](x0, counted, u, self.denoise, self.mask_id)

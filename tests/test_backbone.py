@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.backbone import Backbone
+from bench.backbone import Backbone, Head, _HeadNLL
 from bench.config import BackboneConfig
 
 
@@ -73,3 +73,64 @@ def test_backbone_matches_the_plain_reference(causal):
     g2 = torch.autograd.grad(want.square().sum(), list(net.parameters()))
     for a, b in zip(g1, g2):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_head_nll_is_log_softmax_cross_entropy_with_its_gradients(bias, monkeypatch):
+    """Head(x, targets) = −log softmax(Head(x))[targets], value and gradients (x, W, b) under a
+    non-uniform incoming gradient per row; float64, so the two differ only in summation order
+    (1e-10). Chunks of 4 rows make the log-sum-exp loop run over several chunks and a ragged end."""
+    monkeypatch.setattr(_HeadNLL, "CHUNK", 4)
+    torch.manual_seed(0)
+    head = Head(16, 50, bias=bias).double()
+    torch.nn.init.normal_(head.weight)
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (3, 7))
+    g = torch.rand(3, 7, dtype=torch.float64)
+
+    def grads(nll):
+        params = [x, head.weight] + ([head.bias] if bias else [])
+        return nll, torch.autograd.grad((nll * g).sum(), params)
+
+    ref, ref_grads = grads(-F.log_softmax(head(x), -1).gather(-1, y[..., None])[..., 0])
+    out, out_grads = grads(head(x, y))
+    assert out.shape == (3, 7)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10)
+    for a, b in zip(out_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_fused_head_backward_runs_once():
+    head = Head(8, 10)
+    nll = head(torch.randn(4, 8, requires_grad=True), torch.randint(0, 10, (4,))).sum()
+    nll.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        nll.backward()
+
+
+@pytest.mark.parametrize("with_targets", [True, False])
+def test_fused_head_expectation_and_nll_with_their_gradients(with_targets, monkeypatch):
+    """Head(x, targets, expect=E) = (softmax(Head(x))·E, −log softmax(Head(x))[targets]), values
+    and gradients (x, W, b, E) under non-uniform incoming gradients on both outputs; float64,
+    1e-10 as above; chunks of 4 rows so the in-place backward loop runs over several chunks."""
+    monkeypatch.setattr(_HeadNLL, "CHUNK", 4)
+    torch.manual_seed(1)
+    head = Head(16, 50).double()
+    torch.nn.init.normal_(head.weight)
+    E = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (3, 7))
+    gx, gn = torch.randn(3, 7, 6, dtype=torch.float64), torch.rand(3, 7, dtype=torch.float64)
+    params = [x, head.weight, head.bias, E]
+
+    def grads(x_hat, nll):
+        obj = (x_hat * gx).sum() + ((nll * gn).sum() if with_targets else 0)
+        return [x_hat] + ([nll] if with_targets else []), torch.autograd.grad(obj, params)
+
+    logits = head(x)
+    ref = grads(torch.softmax(logits, -1) @ E, -F.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0])
+    out = head(x, y if with_targets else None, expect=E)
+    out = grads(*out) if with_targets else grads(out, None)
+    assert out[0][0].shape == (3, 7, 6)
+    for a, b in zip(out[0] + list(out[1]), ref[0] + list(ref[1])):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
