@@ -43,7 +43,7 @@ def main() -> None:
         torch.manual_seed(0)
         m = cls(cls.Params(**kw), cfg, V, L)
         label = cls.default_label(cls.Params(**kw)) + (" (SC rate ½)" if "self_condition_rate" in kw else "")
-        models.append((label, m, torch.optim.AdamW(m.parameters(), 1e-3)))
+        models.append((label, m, torch.optim.AdamW(m.parameters(), 1e-3, fused=True)))
 
     def run(m, opt, n):
         t0 = time.perf_counter()

@@ -332,7 +332,11 @@ class SSDLM(Method):
         return _sc_label("SSD-LM", params)
 
     def build_network(self, cfg):
-        return Backbone(cfg, vocab_in=None, vocab_out=self.V, seq_len=self.L, in_dim=cfg.hidden,
+        # softmax(S_t)·E enters the blocks directly, as SSD-LM's inputs_embeds enter RoBERTa (a
+        # projection after E would be a second linear map of the same input); with
+        # self-conditioning the backbone's input projection reads [softmax(S_t)·E, x̃0]
+        return Backbone(cfg, vocab_in=None, vocab_out=self.V, seq_len=self.L,
+                        in_dim=cfg.hidden if self.p.self_condition else None,
                         self_condition=self.p.self_condition)
 
     def simplex(self, w):
@@ -342,9 +346,11 @@ class SSDLM(Method):
 
     def simplex_input(self, S):
         """The network's input softmax(S_t)·E (the expected embedding under the simplex). S is
-        consumed: the softmax is written over it (S never needs a gradient), which spares a
-        fresh V-wide buffer per call — ~10 ms of a ~190 ms CPU step at the smoke size."""
-        return torch.softmax(S, -1, out=S) @ self.E
+        consumed: on CPU the softmax is written over it (S never needs a gradient; the row-wise
+        CPU kernel reads each row before writing it), which spares a fresh V-wide buffer per
+        call — ~5 ms of a ~170 ms CPU step at the smoke size; elsewhere a new buffer."""
+        P = torch.softmax(S, -1, out=S) if S.device.type == "cpu" else torch.softmax(S, -1)
+        return P @ self.E
 
     def logits(self, inp, t, x_sc):
         return self.net(t=t, embeds=inp, self_cond=x_sc).float()
