@@ -92,9 +92,7 @@ class _HeadNLL(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, W, b, y):
-        logits = F.linear(h, W, b)
-        if logits.element_size() < 4:                                 # bf16/fp16 → fp32 softmax
-            logits = logits.float()
+        logits = _logits_fp32(h, W, b)
         lse = _row_lse(logits)
         nll = lse - logits.gather(-1, y[:, None])[:, 0]
         ctx.save_for_backward(h, W, logits, lse, y)
@@ -104,9 +102,7 @@ class _HeadNLL(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
-        if ctx.done:
-            raise RuntimeError("the fused head's backward consumes its buffer: it runs once (no retain_graph)")
-        ctx.done = True
+        _consume_once(ctx)
         h, W, logits, lse, y = ctx.saved_tensors
         G = logits.sub_(lse[:, None]).exp_()                          # softmax, in place
         G.scatter_add_(-1, y[:, None], torch.full_like(lse[:, None], -1.0))   # − onehot(y)
@@ -116,6 +112,18 @@ class _HeadNLL(torch.autograd.Function):
         grad_W = (Gm.t() @ (h * g[:, None].to(h.dtype))).to(W.dtype) if ctx.needs_input_grad[1] else None
         grad_b = (G.t() @ g).to(W.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_h, grad_W, grad_b, None
+
+
+def _logits_fp32(h, W, b):
+    """h Wᵀ + b, in fp32 when autocast made it bf16/fp16 (the softmax arithmetic stays fp32)."""
+    logits = F.linear(h, W, b)
+    return logits.float() if logits.element_size() < 4 else logits
+
+
+def _consume_once(ctx):
+    if ctx.done:
+        raise RuntimeError("the fused head's backward consumes its buffer: it runs once (no retain_graph)")
+    ctx.done = True
 
 
 def _row_lse(logits):
@@ -139,9 +147,7 @@ class _HeadExpect(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, W, b, E, y):
-        logits = F.linear(h, W, b)
-        if logits.element_size() < 4:
-            logits = logits.float()
+        logits = _logits_fp32(h, W, b)
         lse = _row_lse(logits)
         nll = lse - logits.gather(-1, y[:, None])[:, 0] if y is not None else None
         P = logits.sub_(lse[:, None]).exp_()
@@ -153,9 +159,7 @@ class _HeadExpect(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_x, g_nll=None):
-        if ctx.done:
-            raise RuntimeError("the fused head's backward consumes its buffer: it runs once (no retain_graph)")
-        ctx.done = True
+        _consume_once(ctx)
         h, W, E, P, x_hat, y = ctx.saved_tensors
         g_x = g_x.to(P.dtype)
         grad_E = (P.t().to(h.dtype) @ g_x.to(h.dtype)).to(E.dtype) if ctx.needs_input_grad[3] else None
