@@ -375,7 +375,9 @@ class SSDLM(Method):
         inp = self.simplex_input(self.noised(x0, counted, u))     # shared by both passes
         x_sc = None
         if self.p.self_condition:
-            x_sc = train_condition(lambda: self.condition_of(self.logits(inp, u, None)), self.p.self_condition_rate)
+            # softmax(f_θ)·E of the first pass straight from the fused head (no V-wide probabilities)
+            first = lambda: self.net(t=u, embeds=inp, expect=self.E).float()  # noqa: E731
+            x_sc = train_condition(first, self.p.self_condition_rate)
         ce = self.net(t=u, embeds=inp, self_cond=x_sc, targets=x0)        # fused head + cross-entropy
         return (ce * counted).sum() / counted.sum().clamp(min=1)
 
