@@ -9,9 +9,11 @@ import math
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.config import BackboneConfig
 from bench.registry import get_method
+from methods._gaussian import NormalStream
 
 CFG = BackboneConfig(layers=1, hidden=32, heads=2, cond_dim=16)
 METHODS = ["diffusion-lm", "plaid", "ssd-lm"]
@@ -105,24 +107,27 @@ def test_plaid_draw_estimates_one_term_weighted_by_its_share():
     assert torch.allclose(est, prior + diff / (1 - q), rtol=1e-5, atol=1e-5)
 
 
-def test_ssd_lm_simplex_forward_process_up_to_a_constant_per_position():
-    """SSDLM.noised is S_t = α_t S_0 + σ_t·k·ε (S_0 where uncounted) up to a shift per position,
-    which the softmax that reads it does not see. Same ε by seed; |S| ≲ 30, so float32 rounding
-    is ≲ 4e-6: 1e-5."""
+@pytest.mark.parametrize("rows", [1, 3, 24])
+def test_ssd_lm_noised_probs_is_softmax_of_the_simplex_forward_process(rows, monkeypatch):
+    """SSDLM.noised_probs is softmax(S_t), S_t = α_t S_0 + σ_t·k·ε (S_0 where uncounted),
+    S_0 = k(2·onehot(w) − 1), whatever its CPU block size (1 row, 3 rows — 24 is not a multiple —
+    and all 24 rows at once). The reference draws ε from the same seeded NormalStream filled in the
+    same row blocks. Probabilities of logits |S| ≲ 30 in float32: 1e-6."""
     m = _make("ssd-lm")
-    k = m.p.simplex_k
-    w, c = torch.randint(0, 20, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
+    k, V = m.p.simplex_k, 20
+    monkeypatch.setattr(type(m), "ROWS_BYTES", rows * 4 * V)
+    w, c = torch.randint(0, V, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
     c[0, :2] = False
     t = torch.tensor([0.1, 0.5, 0.9])
-    torch.manual_seed(0)
-    S = m.noised(w, c, t)
-    torch.manual_seed(0)
-    eps = torch.randn(3, 8, 20)
+    P = m.noised_probs(w, c, t, torch.Generator().manual_seed(0))
+    stream, eps = NormalStream(torch.Generator().manual_seed(0)), torch.empty(24, V)
+    for r in range(0, 24, rows):
+        stream.fill_(eps[r:r + rows])
     a, s = (v[:, None, None] for v in m.schedule.alpha_sigma(t))
-    ref = torch.where(c[..., None], a * m.simplex(w) + s * k * eps, m.simplex(w))
-    shift = S - ref
-    assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-5)
-    assert torch.allclose(torch.softmax(S, -1), torch.softmax(ref, -1), atol=1e-6)
+    S0 = k * (2 * F.one_hot(w, V).float() - 1)
+    ref = torch.where(c[..., None], a * S0 + s * k * eps.view(3, 8, V), S0)
+    assert torch.allclose(P, torch.softmax(ref, -1), atol=1e-6)
+    assert torch.allclose(P.sum(-1), torch.ones(3, 8), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["diffusion-lm", "plaid"])

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
-from methods._gaussian import (GAMMA_MAX, GAMMA_MIN, SAMPLERS, Cosine, Learned, Sqrt, TanD, ddim_step,
-                               diffuse, diffusion_term, posterior, prior_kl, sample_loop)
+from methods._gaussian import (GAMMA_MAX, GAMMA_MIN, SAMPLERS, Cosine, Learned, NormalStream, Sqrt, TanD,
+                               ddim_step, diffuse, diffusion_term, posterior, prior_kl, sample_loop,
+                               standard_normal)
 
 SCHEDULES = {"cosine": Cosine(), "sqrt": Sqrt(), "tan-d": TanD(), "learned": Learned(-3.0, 6.0)}
 T = torch.linspace(0, 1, 2001, dtype=torch.float64)
@@ -206,3 +209,65 @@ def test_gaussian_vlb_bounds_the_true_nll_and_tightens_towards_the_truth():
     assert g1 < 0.05, means                      # and nearly tight with the exact denoiser
     gaps = [means[lam][0] for lam in (0.0, 0.5, 0.9, 1.0)]
     assert all(a > b for a, b in zip(gaps, gaps[1:])), means   # tightens as the model → truth
+
+
+# ----------------------------------------------------------------------------- NormalStream (SSD-LM's noise)
+N_DRAWS = 1 << 21
+
+
+def test_normal_stream_draws_are_standard_normal():
+    """Moments to the 4th within 5 standard errors (SE of mean, variance, skewness, excess
+    kurtosis: √(1/n), √(2/n), √(6/n), √(24/n)); Kolmogorov–Smirnov against Φ at p > 1e-6; the two
+    halves of one fill (cos and sin of the same radius) uncorrelated, also in their squares (SE
+    √(1/m)); the tail P(|z| > 3) within 5 binomial SE."""
+    z = standard_normal((N_DRAWS,), torch.Generator().manual_seed(0)).double()
+    n = z.numel()
+    m1 = z.mean()
+    c = z - m1
+    var = (c ** 2).mean()
+    skew, kurt = (c ** 3).mean() / var ** 1.5, (c ** 4).mean() / var ** 2 - 3
+    for value, se in [(m1, 1 / n), (var - 1, 2 / n), (skew, 6 / n), (kurt, 24 / n)]:
+        assert abs(float(value)) < 5 * math.sqrt(se), (float(value), math.sqrt(se))
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-6
+    a, b = z[: n // 2], z[n // 2:]
+    for x, y in [(a, b), (a ** 2, b ** 2)]:
+        r = torch.corrcoef(torch.stack([x, y]))[0, 1]
+        assert abs(float(r)) < 5 / math.sqrt(n // 2)
+    p3 = 2 * stats.norm.sf(3.0)
+    assert abs(float((z.abs() > 3).double().mean()) - p3) < 5 * math.sqrt(p3 * (1 - p3) / n)
+
+
+def test_normal_stream_follows_the_torch_generator_and_never_repeats():
+    """Same torch seed (explicit generator or the global one) → same draws; a stream's next fill,
+    another seed and an odd size all give new draws (an odd size is the first n of n + 1)."""
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    assert torch.equal(standard_normal((4, 5), g(1)), standard_normal((4, 5), g(1)))
+    torch.manual_seed(3)
+    first = standard_normal((4, 5))
+    torch.manual_seed(3)
+    assert torch.equal(first, standard_normal((4, 5)))
+    assert not torch.equal(standard_normal((4, 5), g(1)), standard_normal((4, 5), g(2)))
+    stream, out = NormalStream(g(1)), torch.empty(4, 5)
+    before = stream.fill_(out).clone()
+    assert not torch.equal(before, stream.fill_(out))
+    odd = standard_normal((7,), g(1))
+    assert torch.equal(odd, standard_normal((8,), g(1))[:7])
+
+
+def test_normal_stream_extreme_words_stay_finite():
+    """The smallest uniform a 32-bit word can give (U₁ = 0, word −2³¹) is lifted to 2⁻²⁶, so
+    |ε| ≤ √(52 ln 2) ≈ 6.004 instead of ∞; the largest (U₁ → 1) gives ε → 0."""
+    class Words:
+        def __init__(self, word):
+            self.word = word
+
+        def random_raw(self, n):
+            return np.full(2 * n, self.word, dtype=np.int32).view(np.uint64)[:n]
+
+    bound = math.sqrt(52 * math.log(2))
+    for word, expect in [(-(1 << 31), bound), ((1 << 31) - 1, 0.0)]:
+        stream = NormalStream(torch.Generator().manual_seed(0))
+        stream.words = Words(word)
+        z = stream.fill_(torch.empty(8))
+        assert torch.isfinite(z).all() and z.abs().max() <= bound + 1e-5
+        assert abs(float(z.abs().max()) - expect) < 1e-3, (word, z)
