@@ -317,6 +317,37 @@ class SSDLMParams(Params):
     float64_sampling: bool = True
 
 
+class _ExpectedEmbedding(torch.autograd.Function):
+    """softmax(S_t)·E = P E for simplex probabilities P (N, V), which need no gradient, and
+    ∂E = Pᵀ ḡ. On CPU Pᵀ ḡ is summed over blocks of BLOCK rows of P (addmm into one (V, d)
+    buffer) rather than one transposed product: at the smoke size, (2048 × 2048)ᵀ(2048 × 128) on
+    one thread, MKL's transposed product took 7.3–8.1 ms and the blocked sum 5.6–5.7 ms (the
+    forward P E: 5.2 ms), the same arithmetic in another summation order. (On two threads both
+    ran in ~3.4 ms; 64- and 256-row blocks were no faster.) Elsewhere one product."""
+
+    BLOCK = 128
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, P, E):
+        ctx.save_for_backward(P)
+        ctx.E_dtype = E.dtype
+        return P @ E
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        (P,) = ctx.saved_tensors
+        g = g.to(P.dtype)
+        if P.device.type != "cpu":
+            return None, (P.t() @ g).to(ctx.E_dtype)
+        b = _ExpectedEmbedding.BLOCK
+        grad = torch.mm(P[:b].t(), g[:b])
+        for s in range(b, P.shape[0], b):
+            grad.addmm_(P[s:s + b].t(), g[s:s + b])
+        return None, grad
+
+
 @register("ssd-lm")
 class SSDLM(Method):
     Params = SSDLMParams
@@ -369,7 +400,8 @@ class SSDLM(Method):
 
     def simplex_input(self, P):
         """The network's input softmax(S_t)·E: the expected embedding under the simplex."""
-        return P @ self.E
+        lead = P.shape[:-1]
+        return _ExpectedEmbedding.apply(P.reshape(-1, self.V), self.E).view(*lead, -1)
 
     def logits(self, inp, t, x_sc):
         return self.net(t=t, embeds=inp, self_cond=x_sc).float()

@@ -5,6 +5,7 @@ while SSD-LM shows "—" for ppl and real sample metrics."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -128,6 +129,21 @@ def test_ssd_lm_noised_probs_is_softmax_of_the_simplex_forward_process(rows, mon
     ref = torch.where(c[..., None], a * S0 + s * k * eps.view(3, 8, V), S0)
     assert torch.allclose(P, torch.softmax(ref, -1), atol=1e-6)
     assert torch.allclose(P.sum(-1), torch.ones(3, 8), atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 5, 128])
+def test_ssd_lm_expected_embedding_gradient_is_the_transposed_product(block, monkeypatch):
+    """simplex_input's ∂E, summed over row blocks of P on CPU (1 row, 5 rows — 24 rows is not a
+    multiple — and one block of all), equals Pᵀ ḡ; the forward equals P E. float64, so the only
+    difference is summation order: 1e-12."""
+    m = _make("ssd-lm").double()
+    monkeypatch.setattr(sys.modules[type(m).__module__]._ExpectedEmbedding, "BLOCK", block)
+    P = torch.softmax(torch.randn(3, 8, 20, dtype=torch.float64), -1)
+    g = torch.randn(3, 8, m.E.shape[1], dtype=torch.float64)
+    out = m.simplex_input(P)
+    (grad,) = torch.autograd.grad(out, m.E, g)
+    assert torch.allclose(out, P @ m.E, atol=1e-12)
+    assert torch.allclose(grad, P.reshape(-1, 20).t() @ g.reshape(-1, g.shape[-1]), atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["diffusion-lm", "plaid"])
