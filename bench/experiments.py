@@ -156,19 +156,30 @@ def plot_steps(res: dict, exp: StepsCurve, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
     axes = axes[0]
     colors: dict[str, str] = {}
+    budgets = sorted({n for c in res["curves"] for n in c["steps"]})
     for ax, metric in zip(axes, exp.metrics):
-        for c in (c for c in res["curves"] if c["metric"] == metric):
+        curves = [c for c in res["curves"] if c["metric"] == metric]
+        for i, c in enumerate(curves):
             col = colors.setdefault(c["model"], f"C{len(colors)}")
-            ax.plot(c["steps"], c["value"], "o-", color=col, label=c["model"])
+            if len(budgets) == 1:           # one budget: a point per model along a categorical axis
+                ax.plot([i], c["value"], "o", ms=8, color=col, label=c["model"])
+            else:
+                ax.plot(c["steps"], c["value"], "o-", color=col, label=c["model"])
         if metric in res["source_text"]:
             ax.axhline(res["source_text"][metric], color="k", ls="--", lw=1, label="Source text")
-        ax.set_xscale("log")
-        ax.set_xlabel("sampling steps (= NFE; log scale)")
+        if len(budgets) == 1:
+            ax.set_xticks(range(len(curves)), [c["model"] for c in curves], rotation=30, ha="right", fontsize=7)
+            ax.set_xlim(-0.5, len(curves) - 0.5)
+            ax.set_xlabel(f"model (sampled with {budgets[0]} steps = NFE)")
+            ax.set_title(f"{metric} at {budgets[0]} steps")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlabel("sampling steps (= NFE; log scale)")
+            ax.set_title(f"{metric} vs steps")
         ax.set_ylabel({"gen_ppl": "generative perplexity (AR scorer)", "entropy": "unigram entropy (nats)"}
                       .get(metric, metric))
         if metric == "gen_ppl":
             ax.set_yscale("log")
-        ax.set_title(f"{metric} vs steps")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     if res["ppl"]:

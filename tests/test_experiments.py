@@ -53,3 +53,28 @@ def test_steps_experiment_plots_sample_metrics_against_steps(tmp_path):
         assert len(curves[(model, "entropy")]["value"]) == 2
     assert {r["model"] for r in res["ppl"]} >= {"Diffusion-LM", "GPT-2"}   # SSD-LM has no bound
     assert (out / "steps.png").stat().st_size > 10_000
+
+
+def test_steps_plot_is_a_curve_over_budgets_and_points_per_model_at_one_budget(tmp_path, monkeypatch):
+    """Several step budgets: one line per model on a log step axis. One budget (the x0-vs-eps
+    suite): one point per model on a categorical axis named by the models and the budget."""
+    import bench.experiments as ex
+    from bench.config import StepsCurve
+
+    figs = []
+    monkeypatch.setattr(ex, "save_figure", lambda fig, path: figs.append(fig) or path)
+    exp = StepsCurve(kind="steps", metrics=["gen_ppl"])
+
+    def res(budgets):
+        return {"curves": [{"model": m, "metric": "gen_ppl", "size": "tiny", "steps": budgets,
+                            "value": [float(v + i) for i in range(len(budgets))]} for v, m in [(10, "a"), (20, "b")]],
+                "source_text": {"gen_ppl": 5.0}, "ppl": []}
+
+    ex.plot_steps(res([10, 50]), exp, tmp_path / "many.png")
+    ax = figs[-1].axes[0]
+    assert ax.get_xscale() == "log" and [len(line.get_xdata()) for line in ax.lines[:2]] == [2, 2]
+    ex.plot_steps(res([50]), exp, tmp_path / "one.png")
+    ax = figs[-1].axes[0]
+    assert ax.get_xscale() == "linear" and "50 steps" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    assert [(float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in ax.lines[:2]] == [(0, 10), (1, 20)]
