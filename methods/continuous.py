@@ -345,7 +345,7 @@ class _ExpectedEmbedding(torch.autograd.Function):
         grad = torch.mm(P[:b].t(), g[:b])
         for s in range(b, P.shape[0], b):
             grad.addmm_(P[s:s + b].t(), g[s:s + b])
-        return None, grad
+        return None, grad.to(ctx.E_dtype)
 
 
 @register("ssd-lm")
@@ -381,7 +381,9 @@ class SSDLM(Method):
 
         On CPU the (B, L, V) tensor is made ROWS_BYTES at a time — noise, scale, shift and an
         in-place softmax while the rows are in cache (one pass each over all of it: 21 ms for
-        2048 × 2048, in blocks 13 ms). Elsewhere in one block, the softmax out of place."""
+        2048 × 2048 on one thread, in blocks 11–13 ms). The block size is fixed, not derived from
+        the thread count: Box–Muller pairs words within a block, so the draws depend on it.
+        Elsewhere in one block, the softmax out of place."""
         k, V = self.p.simplex_k, self.V
         alpha, sigma = self.schedule.alpha_sigma(t)
         scale = (torch.where(counted, _time(sigma, w), 0.0) * k).reshape(-1, 1)
