@@ -119,9 +119,7 @@ def save_checkpoint(root: Path, step: int, model, opt, sched, ema, state: dict) 
     """A checkpoint under ``root`` (bench.rundir.checkpoint_root); only the latest is kept."""
     from safetensors.torch import save_file
 
-    root = Path(root)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
+    tmp = _staging(root, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
@@ -130,6 +128,19 @@ def save_checkpoint(root: Path, step: int, model, opt, sched, ema, state: dict) 
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state))
+    _publish(root, step)
+
+
+def _staging(root: Path, step: int) -> Path:
+    """Where a checkpoint is written before :func:`_publish` makes it the checkpoint."""
+    return Path(root) / f".tmp_step_{step:07d}"
+
+
+def _publish(root: Path, step: int) -> None:
+    """Seal the staged checkpoint with its manifest, move it into place atomically, and drop
+    every older one (only the latest is kept)."""
+    root, tmp = Path(root), _staging(root, step)
+    final = root / f"step_{step:07d}"
     write_manifest(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -169,9 +180,7 @@ def save_checkpoint_deepspeed(root: Path, step: int, accelerator, engine, sched,
     """Collective: every rank writes its ZeRO shard, rank 0 the full weights and the rest."""
     from safetensors.torch import save_file
 
-    root = Path(root)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
+    tmp = _staging(root, step)
     main = accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -185,12 +194,7 @@ def save_checkpoint_deepspeed(root: Path, step: int, accelerator, engine, sched,
             save_file(ema.shadow, tmp / "ema.safetensors")
         torch.save({"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}))
-        write_manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in root.glob("step_*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(root, step)
     accelerator.wait_for_everyone()
 
 
