@@ -142,9 +142,11 @@ class Learned(Schedule):
         super().__init__()
         if gamma_1 <= gamma_0:
             raise ValueError(f"gamma_1 ({gamma_1}) must exceed gamma_0 ({gamma_0})")
-        self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_0)))
+        # one-element tensors, not 0-dim: DeepSpeed broadcasts parameters as byte views, which a
+        # 0-dim tensor cannot give
+        self.gamma_0 = nn.Parameter(torch.tensor([float(gamma_0)]))
         gap = gamma_1 - gamma_0
-        self.raw_gap = nn.Parameter(torch.tensor(gap + math.log(-math.expm1(-gap))))  # softplus⁻¹
+        self.raw_gap = nn.Parameter(torch.tensor([gap + math.log(-math.expm1(-gap))]))  # softplus⁻¹
         self.a = nn.Parameter(torch.full((hidden,), -4.0))     # softplus(−4) ≈ 0.018: ~linear at init
         self.w = nn.Parameter(torch.full((hidden,), 1.0))
         self.b = nn.Parameter(torch.linspace(0.1, 0.9, hidden))
@@ -163,7 +165,16 @@ class Learned(Schedule):
         return self._h(one) - self._h(torch.zeros_like(t))
 
     def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gamma_0, self.gamma_0 + F.softplus(self.raw_gap)
+        """(γ_0, γ_1) as 0-dim tensors."""
+        g0 = self.gamma_0[0]
+        return g0, g0 + F.softplus(self.raw_gap[0])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("gamma_0", "raw_gap"):     # checkpoints before 2026-12-04 hold 0-dim tensors
+            v = state_dict.get(prefix + name)
+            if v is not None and v.dim() == 0:
+                state_dict[prefix + name] = v.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def gamma(self, t):
         g0, g1 = self.endpoints()

@@ -271,3 +271,13 @@ def test_normal_stream_extreme_words_stay_finite():
         z = stream.fill_(torch.empty(8))
         assert torch.isfinite(z).all() and z.abs().max() <= bound + 1e-5
         assert abs(float(z.abs().max()) - expect) < 1e-3, (word, z)
+
+
+def test_learned_schedule_loads_checkpoints_that_held_scalar_endpoints():
+    """Checkpoints written before γ_0 and the gap became one-element tensors still load."""
+    old = Learned(-2.0, 5.0)
+    sd = {k: (v[0].clone() if k in ("gamma_0", "raw_gap") else v) for k, v in old.state_dict().items()}
+    assert sd["gamma_0"].dim() == 0
+    new = Learned()
+    new.load_state_dict(sd)
+    assert [float(v.detach()) for v in new.endpoints()] == pytest.approx([-2.0, 5.0], abs=1e-6)

@@ -142,3 +142,14 @@ def test_forward_routes_to_the_current_stage():
     assert m.current_stage == "a" and float(m(*_batch())) == 1.0
     m.current_stage = "b"
     assert float(m(*_batch())) == 2.0
+
+
+@pytest.mark.parametrize("name,params", [("ar", {}), ("mdlm", {}), ("sedd", {}), ("d3pm", {}), ("csm", {}),
+                                         ("diffusion-lm", {"self_condition": True}), ("plaid", {}),
+                                         ("ssd-lm", {"self_condition": True}), ("planner", {})])
+def test_every_parameter_has_a_dimension(name, params):
+    """DeepSpeed broadcasts each parameter through a byte view at start-up, which a 0-dim tensor
+    cannot give (PLAID's learned γ endpoints were 0-dim and failed there)."""
+    cls = all_methods()[name]
+    m = cls(cls.Params(**params), BB, 11, 8)
+    assert all(p.dim() >= 1 for p in m.parameters()), [n for n, p in m.named_parameters() if p.dim() == 0]
