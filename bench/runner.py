@@ -337,7 +337,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
     finally:
         from bench.distributed import teardown
 
-        teardown()
+        teardown(accelerator)
 
 
 def method_info(method) -> dict:
