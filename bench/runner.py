@@ -21,7 +21,7 @@ from bench.config import RunSpec
 from bench.errors import UserError
 from bench.records import environment, record_status, write_json, write_record
 from bench.registry import build_method
-from bench.distributed import process_rank
+from bench.distributed import make_accelerator, process_rank, teardown
 from bench.rundir import Lease, lease_state, read_lease
 
 
@@ -275,7 +275,6 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
     try:
         from bench.backbone import count_params
         from bench.data import get_tokenizer, load_blocks
-        from bench.distributed import make_accelerator
         from bench.train import train, write_progress
 
         accelerator = make_accelerator(spec, micro_batch)
@@ -335,8 +334,6 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
                                        "finished": now()})
         return "failed"
     finally:
-        from bench.distributed import teardown
-
         teardown(accelerator)
 
 
