@@ -132,3 +132,38 @@ def test_bad_launch_settings_exit_2_before_anything_runs(tmp_path, capsys, train
     err = capsys.readouterr().err
     assert rc == 2 and key in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_run_with_a_0dim_parameter_fails_naming_it(tmp_path):
+    """A plugin with a 0-dim parameter under DeepSpeed: the run is recorded as failed with one line
+    naming the parameter, instead of DeepSpeed's "cannot view Float as Byte" from inside its
+    start-up broadcast."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'tdbench[deepspeed]')")
+    import torch
+
+    from bench import registry
+    from bench.registry import get_method
+
+    mdlm = get_method("mdlm")
+
+    class ScalarToy(mdlm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.temperature = torch.nn.Parameter(torch.tensor(1.0))
+
+        def loss(self, x0, counted, u):
+            return super().loss(x0, counted, u) * self.temperature
+
+    registry.register("scalar-toy")(ScalarToy)
+    try:
+        s = tiny_suite(name="scalar", methods=[{"method": "scalar-toy"}], baseline=None,
+                       launch={"executor": "debug", "threads": 1},
+                       train={"steps": 2, "batch_size": 8, "lr": 3e-3, "warmup": 1, "ckpt_every": 2,
+                              "engine": "deepspeed", "zero_stage": 2})
+        suite, specs = load_suite(write_suite(tmp_path / "scalar.yaml", s))
+        st = run_suite(suite, specs, tmp_path / "out", "debug")
+        assert set(st.values()) == {"failed"}, st
+        rec = json.loads(next((tmp_path / "out" / "runs").glob("*/result.json")).read_text())
+        assert "deepspeed cannot broadcast 0-dim parameters" in rec["error"] and "temperature" in rec["error"], rec
+    finally:
+        registry._METHODS.pop("scalar-toy", None)
