@@ -156,18 +156,19 @@ def plot_steps(res: dict, exp: StepsCurve, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
     axes = axes[0]
     colors: dict[str, str] = {}
-    budgets = sorted({n for c in res["curves"] for n in c["steps"]})
+    budgets = sorted({b for c in res["curves"] for b in c["steps"]})
+    single = len(budgets) == 1          # one budget: a point per model along a categorical axis
     for ax, metric in zip(axes, exp.metrics):
         curves = [c for c in res["curves"] if c["metric"] == metric]
         for i, c in enumerate(curves):
             col = colors.setdefault(c["model"], f"C{len(colors)}")
-            if len(budgets) == 1:           # one budget: a point per model along a categorical axis
+            if single:
                 ax.plot([i], c["value"], "o", ms=8, color=col, label=c["model"])
             else:
                 ax.plot(c["steps"], c["value"], "o-", color=col, label=c["model"])
         if metric in res["source_text"]:
             ax.axhline(res["source_text"][metric], color="k", ls="--", lw=1, label="Source text")
-        if len(budgets) == 1:
+        if single:
             ax.set_xticks(range(len(curves)), [c["model"] for c in curves], rotation=30, ha="right", fontsize=7)
             ax.set_xlim(-0.5, len(curves) - 0.5)
             ax.set_xlabel(f"model (sampled with {budgets[0]} steps = NFE)")

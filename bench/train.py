@@ -327,8 +327,8 @@ def _train_stage(method, spec: RunSpec, index: int, stage: str, data: Blocks, ru
     if ds and cfg.ema > 0 and cfg.zero_stage == 3:
         raise UserError("train.ema: EMA is not supported with ZeRO-3 (parameters are partitioned); "
                         "use zero_stage 1 or 2")
-    scalars = [n for n, p in method.named_parameters() if p.dim() == 0]
-    if ds and scalars:   # DeepSpeed's start-up broadcast takes a byte view of each parameter
+    scalars = [n for n, p in method.named_parameters() if p.dim() == 0] if ds else []
+    if scalars:   # DeepSpeed's start-up broadcast takes a byte view of each parameter
         raise UserError(f"train.engine: deepspeed cannot broadcast 0-dim parameters of {spec.label} "
                         f"({', '.join(scalars)}); give them shape (1,)")
     params = stage_parameters(method, stage, requires)

@@ -5,7 +5,6 @@ while SSD-LM shows "—" for ppl and real sample metrics."""
 from __future__ import annotations
 
 import math
-import sys
 
 import pandas as pd
 import pytest
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from bench.config import BackboneConfig
 from bench.registry import get_method
+import methods.continuous as continuous
 from methods._gaussian import NormalStream
 
 CFG = BackboneConfig(layers=1, hidden=32, heads=2, cond_dim=16)
@@ -137,7 +137,7 @@ def test_ssd_lm_expected_embedding_gradient_is_the_transposed_product(block, mon
     multiple — and one block of all), equals Pᵀ ḡ; the forward equals P E. float64, so the only
     difference is summation order: 1e-12."""
     m = _make("ssd-lm").double()
-    monkeypatch.setattr(sys.modules[type(m).__module__]._ExpectedEmbedding, "BLOCK", block)
+    monkeypatch.setattr(continuous._ExpectedEmbedding, "BLOCK", block)
     P = torch.softmax(torch.randn(3, 8, 20, dtype=torch.float64), -1)
     g = torch.randn(3, 8, m.E.shape[1], dtype=torch.float64)
     out = m.simplex_input(P)
