@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,34 @@ def specs_of(suite: dict, tmp_path: Path):
     from bench.suite import load_suite
 
     return load_suite(write_suite(tmp_path / "suite.yaml", suite))[1]
+
+
+# A child that runs one spec and SIGKILLs itself right after checkpoint K is published: the kill
+# lands at a known step whatever the machine's speed. (A watcher polling the run directory raced
+# fast runs: only the latest checkpoint is kept, so step 20 lived only until step 30 replaced it,
+# and on CI a tiny run finished all its steps before the watcher saw it.)
+_KILL_CHILD = """
+import json, os, signal, sys
+from pathlib import Path
+{prelude}
+import bench.train as T
+from bench.runner import execute
+publish, K, STAGE = T._publish, int(sys.argv[3]), sys.argv[4] or None
+def publish_then_die(root, step):
+    publish(root, step)
+    if step == K and (STAGE is None or Path(root).name == STAGE):
+        os.kill(os.getpid(), signal.SIGKILL)
+T._publish = publish_then_die
+execute(json.loads(sys.argv[1]), sys.argv[2], 1)
+"""
+
+
+def run_killed_at(spec_json: str, run_dir: Path, step: int, *, stage: str | None = None,
+                  prelude: str = "", env: dict | None = None) -> None:
+    """Run ``spec_json`` into ``run_dir`` in a child process SIGKILLed just after its checkpoint
+    ``step`` (of ``stage``'s checkpoint directory, when given) is published; the child must die
+    by that signal, not finish or fail."""
+    proc = subprocess.run([sys.executable, "-c", _KILL_CHILD.format(prelude=prelude), spec_json,
+                           str(run_dir), str(step), stage or ""], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"child exited {proc.returncode}:\n{proc.stderr[-2000:]}"
