@@ -191,7 +191,8 @@ def frontier(st, path: Path) -> Path | None:
             ax.set_yscale("log")
             ax.set_title(f"size {size}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps)")
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:   # a panel with no labelled line gets no legend
+                ax.legend(fontsize=7)
     if not drew:
         plt.close(fig)
         return None
