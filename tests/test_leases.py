@@ -29,7 +29,7 @@ def _env():
 
 def test_two_concurrent_runs_train_each_run_once_and_agree(tmp_path):
     suite = tiny_suite()
-    suite["train"]["steps"] = 300   # seconds of training: the second command meets a held run
+    suite["train"]["steps"] = 600   # ~4 s of training; the second command starts in ~1 s: it meets a held run
     f = write_suite(tmp_path / "s.yaml", suite)
     out = tmp_path / "shared"
 
