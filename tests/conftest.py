@@ -73,8 +73,10 @@ def run_killed_at(spec_json: str, run_dir: Path, step: int, *, stage: str | None
                   prelude: str = "", env: dict | None = None) -> None:
     """Run ``spec_json`` into ``run_dir`` in a child process SIGKILLed just after its checkpoint
     ``step`` (of ``stage``'s checkpoint directory, when given) is published; the child must die
-    by that signal, not finish or fail."""
+    by that signal, not finish or fail, and leave that checkpoint as the only one."""
     proc = subprocess.run([sys.executable, "-c", _KILL_CHILD.format(prelude=prelude), spec_json,
                            str(run_dir), str(step), stage or ""], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, f"child exited {proc.returncode}:\n{proc.stderr[-2000:]}"
+    left = [c.name for c in (Path(run_dir) / "ckpt" / (stage or "")).glob("step_*")]
+    assert left == [f"step_{step:07d}"], left

@@ -118,7 +118,6 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, entry):
     ref, ref_rec = metrics(ref_dir)
     run_dir = tmp_path / "killed"
     run_killed_at(spec_json, run_dir, 20)
-    assert [c.name for c in (run_dir / "ckpt").glob("step_*")] == ["step_0000020"]
     assert execute(json.loads(spec_json), run_dir, 1) == "complete"
     got, rec = metrics(run_dir)
     assert rec["train"]["resumed_from_step"] == 20

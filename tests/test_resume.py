@@ -27,7 +27,6 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
     run_dir = tmp_path / "killed"
     run_killed_at(spec_json, run_dir, 20)
-    assert [c.name for c in (run_dir / "ckpt").glob("step_*")] == ["step_0000020"]
     assert json.loads((run_dir / "result.json").read_text())["status"] == "running"
 
     assert execute(json.loads(spec_json), run_dir, 1) == "complete"

@@ -135,7 +135,6 @@ def test_sigkill_in_stage_two_then_resume_equals_uninterrupted(tmp_path):
 
     rd = tmp_path / "killed"
     run_killed_at(spec_json, rd, 20, stage=DIFF, env=_env(), prelude=REGISTER_TOY)
-    assert [c.name for c in (rd / "ckpt" / DIFF).glob("step_*")] == ["step_0000020"]
     killed_at = 20
     stage1 = _weights(_final(rd, AE), "ema.safetensors")   # stage 1's result: its averaged E and D
     assert set(stage1) == {k for k in _weights(_final(rd, AE)) if k.startswith(("E.", "D."))}
