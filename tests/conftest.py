@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated data cache per test session, and tiny suites/specs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,18 @@ def tiny_suite(**over) -> dict:
 def write_suite(path: Path, suite: dict) -> Path:
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
     return path
+
+
+def complete_record(run_dir: Path) -> dict:
+    """A run's result.json, which must say complete (else the test fails with its error and log tail)."""
+    rec = json.loads((Path(run_dir) / "result.json").read_text())
+    assert rec["status"] == "complete", f"{rec.get('error')}\n{rec.get('log_tail', '')}"
+    return rec
+
+
+def metric_rows(rec: dict) -> list[tuple]:
+    """(dataset, value, ci_low, ci_high) of each metric of a record: what a resumed run must repeat."""
+    return [(m["dataset"], m["value"], m["ci_low"], m["ci_high"]) for m in rec["metrics"]]
 
 
 def specs_of(suite: dict, tmp_path: Path):

@@ -19,7 +19,7 @@ import pytest
 from bench.launch import run_suite
 from bench.runner import execute
 from bench.suite import load_suite
-from conftest import run_killed_at, specs_of, tiny_suite, write_suite
+from conftest import complete_record, metric_rows, run_killed_at, specs_of, tiny_suite, write_suite
 
 STEPS = 12
 METHODS = [{"method": "diffusion-lm", "self_condition": True}, {"method": "plaid"},
@@ -108,18 +108,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, entry):
     spec = specs_of(suite, tmp_path)[0]
     spec_json = json.dumps(spec.model_dump(mode="json"))
 
-    def metrics(rd):
-        rec = json.loads((rd / "result.json").read_text())
-        assert rec["status"] == "complete", rec.get("error")
-        return [(m["dataset"], m["value"], m["ci_low"], m["ci_high"]) for m in rec["metrics"]], rec
-
     ref_dir = tmp_path / "uninterrupted"
     assert execute(json.loads(spec_json), ref_dir, 1) == "complete"
-    ref, ref_rec = metrics(ref_dir)
+    ref = complete_record(ref_dir)
     run_dir = tmp_path / "killed"
     run_killed_at(spec_json, run_dir, 20)
     assert execute(json.loads(spec_json), run_dir, 1) == "complete"
-    got, rec = metrics(run_dir)
+    rec = complete_record(run_dir)
     assert rec["train"]["resumed_from_step"] == 20
-    assert got == ref
-    assert rec["train"]["loss_curve"] == ref_rec["train"]["loss_curve"]
+    assert metric_rows(rec) == metric_rows(ref)
+    assert rec["train"]["loss_curve"] == ref["train"]["loss_curve"]

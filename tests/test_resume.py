@@ -4,16 +4,9 @@ depend only on (seed, k), and weights/optimizer/scheduler are restored bit for b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from bench.runner import execute
-from conftest import run_killed_at, specs_of, tiny_suite
-
-
-def _metrics(run_dir: Path):
-    rec = json.loads((run_dir / "result.json").read_text())
-    assert rec["status"] == "complete", rec.get("error")
-    return [(m["dataset"], m["value"], m["ci_low"], m["ci_high"]) for m in rec["metrics"]], rec
+from conftest import complete_record, metric_rows, run_killed_at, specs_of, tiny_suite
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
@@ -23,17 +16,17 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
     ref_dir = tmp_path / "uninterrupted"
     assert execute(json.loads(spec_json), ref_dir, 1) == "complete"
-    ref, _ = _metrics(ref_dir)
+    ref = metric_rows(complete_record(ref_dir))
 
     run_dir = tmp_path / "killed"
     run_killed_at(spec_json, run_dir, 20)
     assert json.loads((run_dir / "result.json").read_text())["status"] == "running"
 
     assert execute(json.loads(spec_json), run_dir, 1) == "complete"
-    got, rec = _metrics(run_dir)
+    rec = complete_record(run_dir)
     assert rec["train"]["resumed_from_step"] == 20
     assert "resuming from step_0000020" in (run_dir / "log.txt").read_text()
-    assert got == ref  # bit-identical
+    assert metric_rows(rec) == ref  # bit-identical
 
 
 def test_corrupt_checkpoint_fails_the_run_naming_the_file(tmp_path):

@@ -28,7 +28,7 @@ import torch
 import stage_plugin
 from bench import registry
 from bench.runner import execute
-from conftest import run_killed_at, specs_of, tiny_suite
+from conftest import complete_record, run_killed_at, specs_of, tiny_suite
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -60,12 +60,6 @@ def _spec(tmp_path, stages, params=None, **train):
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
-
-
-def _record(rd: Path) -> dict:
-    rec = json.loads((rd / "result.json").read_text())
-    assert rec["status"] == "complete", f"{rec.get('error')}\n{rec.get('log_tail', '')}"
-    return rec
 
 
 def _final(rd: Path, stage_dir: str) -> Path:
@@ -103,7 +97,7 @@ def test_each_stage_trains_only_its_parameters(tmp_path):
     spec = _spec(tmp_path, {"autoencoder": {"steps": 6}, "diffusion": {"steps": 6}})
     rd = tmp_path / "run"
     assert execute(spec.model_dump(mode="json"), rd, 1) == "complete"
-    rec = _record(rd)
+    rec = complete_record(rd)
     torch.manual_seed(spec.seed)
     init = build_method(spec, get_tokenizer(spec.data).vocab_size).state_dict()
     w1, w2 = _weights(_final(rd, AE)), _weights(_final(rd, DIFF))
@@ -131,7 +125,7 @@ def test_sigkill_in_stage_two_then_resume_equals_uninterrupted(tmp_path):
     spec_json = json.dumps(spec.model_dump(mode="json"))
     ref_dir = tmp_path / "uninterrupted"
     assert execute(json.loads(spec_json), ref_dir, 1) == "complete"
-    ref = _record(ref_dir)
+    ref = complete_record(ref_dir)
 
     rd = tmp_path / "killed"
     run_killed_at(spec_json, rd, 20, stage=DIFF, env=_env(), prelude=REGISTER_TOY)
@@ -139,7 +133,7 @@ def test_sigkill_in_stage_two_then_resume_equals_uninterrupted(tmp_path):
     stage1 = _weights(_final(rd, AE), "ema.safetensors")   # stage 1's result: its averaged E and D
     assert set(stage1) == {k for k in _weights(_final(rd, AE)) if k.startswith(("E.", "D."))}
     assert execute(json.loads(spec_json), rd, 1) == "complete"
-    got = _record(rd)
+    got = complete_record(rd)
     log = (rd / "log.txt").read_text()
     assert f"resuming stage diffusion (2/2) from step_{killed_at:07d} (step {killed_at})" in log
     assert got["train"]["resumed_from_step"] == killed_at and got["train"]["resumed_in_stage"] == "diffusion"
@@ -187,7 +181,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    r2, r1 = _record(two), _record(one)
+    r2, r1 = complete_record(two), complete_record(one)
     assert [p.returncode for p in procs] == [0, 0], errs
     t2, t1 = r2["train"], r1["train"]
     assert (t2["world_size"], t2["engine"], t2["grad_accum"]) == (2, "ddp", 1) and t1["grad_accum"] == 2
@@ -237,7 +231,7 @@ def test_frozen_encoder_gets_no_gradient_is_not_checkpointed_and_is_checked(tmp_
     rd = tmp_path / "out" / "runs" / spec.run_id
     before = weights_sha256(BertModel.from_pretrained(tiny_bert))
     assert execute(spec.model_dump(mode="json"), rd, 1) == "complete"
-    rec = _record(rd)
+    rec = complete_record(rd)
     assert seen.count("autoencoder") == 4 and seen.count("diffusion") == 4
     assert rec["method_info"]["frozen"] == {"encoder": {"source": str(tiny_bert), "sha256": before}}
     crossing = "suite ids fed to the encoder as its own ids (test method)"
