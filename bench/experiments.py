@@ -86,14 +86,15 @@ def selfcond_magnitude(out: Path, exp: SelfCondMagnitude, log=print) -> dict:
     rows = []
     for rd, rec in _complete_runs(out):
         method, spec = load_final_method(rd)
-        if not hasattr(method, "self_condition_chain"):
-            continue
         blocks = load_blocks(spec.data.eval[0], "test", spec.data, spec.eval.packing).head(exp.sequences)
         x = torch.as_tensor(np.array(blocks.tokens), dtype=torch.long)
         c = torch.as_tensor(np.array(blocks.counted), dtype=torch.bool)
         for t in exp.t:
             torch.manual_seed(exp.seed)
-            norms, ref = method.self_condition_chain(x, c, t, exp.iterations)
+            chain = method.self_condition_chain(x, c, t, exp.iterations)
+            if chain is None:   # the method has no self-conditioning chain (Method.self_condition_chain)
+                break
+            norms, ref = chain
             rows.append({"label": rec["label"], "seed": rec["seed"], "run_id": rec["run_id"], "t": t,
                          "x0_norm": [round(float(v), 5) for v in norms], "embedding_norm": round(float(ref), 5)})
             log(f"{rec['label']} t={t}: |x0| {norms[0]:.3f} -> {norms[-1]:.3f} (|e| {ref:.3f})")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -195,6 +196,30 @@ class Method(nn.Module):
         if cls.sample is not Method.sample:
             out.append("sampling")
         return out
+
+    @classmethod
+    def example_params(cls, workdir: Path) -> dict:
+        """Params (``cls.Params(**…)``) of a small instance that builds offline: what the
+        contract test (tests/test_method_contract.py) checks every registered method and
+        variant with. Default: the schema's defaults. A method whose defaults need a download
+        (a hub model) saves a tiny stand-in under ``workdir`` and names it here."""
+        return {}
+
+    @property
+    def float64_sampling(self) -> bool | None:
+        """Whether ``sample`` draws its categorical choices in float64 (float32 Gumbel noise
+        is truncated and lowers generative perplexity, flow_matching#27); recorded beside
+        every sample set. A method declares it with a ``float64_sampling: bool`` field of its
+        Params; None: the method declares none."""
+        return self.p.float64_sampling if "float64_sampling" in type(self.p).model_fields else None
+
+    def self_condition_chain(self, w: torch.Tensor, counted: torch.Tensor, t: float, K: int):
+        """The self-conditioning magnitude experiment (bench.experiments): from one z_t ~
+        q(z_t | w), x̂0^(k) = f(z_t, t, x̂0^(k−1)) with x̂0^(0) = 0, k = 1..K; returns the
+        mean per-token ‖x̂0^(k)‖ over counted tokens (K floats) and the mean ‖e‖ of the clean
+        embeddings. None (the default): the method has no such chain (no self-conditioning
+        input, or no embedding space), and the experiment skips its runs."""
+        return None
 
     def bounds(self) -> str:
         """What the ``nll`` estimate upper-bounds (recorded beside every bound row)."""

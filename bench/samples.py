@@ -36,7 +36,7 @@ def budgets(method, spec: RunSpec) -> list[int | None]:
     return list(spec.eval.sample_steps) if method.sampler_steps else [None]
 
 
-def _count_calls(module: torch.nn.Module):
+def count_calls(module: torch.nn.Module):
     """[sequences evaluated so far] and the hook's handle (remove it when done)."""
     box = [0]
 
@@ -50,13 +50,13 @@ def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int
     from bench.train import seed_of
 
     B = spec.eval.batch_size
-    f64 = getattr(method.p, "float64_sampling", None)
+    f64 = method.float64_sampling
     out = []
     method.eval()
     for b in range(start // B, -(-n // B)):
         seed = seed_of(spec.eval.seed, steps or 0, b)
         g = torch.Generator(device=method.device).manual_seed(seed)
-        calls, handle = _count_calls(method.net)
+        calls, handle = count_calls(method.net)
         t0 = time.perf_counter()
         try:
             x = method.sample(B, steps, generator=g).cpu().tolist()

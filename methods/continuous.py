@@ -159,9 +159,10 @@ class EmbeddingDiffusion(Method):
     def self_condition_chain(self, w, counted, t: float, K: int):
         """From one z_t ~ q(z_t | w), x̂0^(k) = f(z_t, t, x̂0^(k−1)), x̂0^(0) = 0, k = 1..K; returns
         the mean per-token ‖x̂0^(k)‖ over counted tokens (K values) and the mean ‖e‖ (the
-        lecture's self-conditioning magnitude experiment; bench.experiments)."""
+        lecture's self-conditioning magnitude experiment; bench.experiments); None without a
+        self-conditioning input."""
         if not self.p.self_condition:
-            raise ValueError("self_condition_chain needs a network with a self-conditioning input")
+            return None
         e = self.embedding(w)
         tt = torch.full((w.shape[0],), float(t), device=e.device)
         z, _, _, _ = self.noised(e, counted, tt)

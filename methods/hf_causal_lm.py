@@ -46,6 +46,19 @@ class HFCausalLM(Method):
     def default_label(cls, params) -> str:
         return f"{Path(params.model).name} (pretrained)"
 
+    @classmethod
+    def example_params(cls, workdir: Path) -> dict:
+        """A tiny random GPT-2 (GPT-2's vocabulary, no tokenizer saved: it scores the suite's
+        GPT-2 ids as they are) saved under ``workdir``: the hub is not needed to check it."""
+        import transformers
+
+        path = Path(workdir) / "tiny-gpt2"
+        if not path.is_dir():
+            torch.manual_seed(0)
+            cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)
+            transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+        return {"model": str(path)}
+
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
         super().__init__(params, backbone, vocab_size, seq_len, context)
         self.retokenized = self.first_context = None

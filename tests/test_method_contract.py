@@ -1,6 +1,7 @@
 """The method contract of bench/method.py: Context, stages (defaults keep a single-stage method
 as it was) and frozen parts (no gradient, no parameter, no state, moved with the method, always
-in eval mode, identified by source + sha256)."""
+in eval mode, identified by source + sha256). What every registered method must do is checked
+on each of them in tests/test_contract_every_method.py."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,6 @@ import torch.nn as nn
 from bench.config import BackboneConfig
 from bench.errors import UserError
 from bench.method import Context, Method, weights_sha256
-from bench.registry import all_methods
 
 BB = BackboneConfig(layers=1, hidden=32, heads=2, cond_dim=16)
 
@@ -109,24 +109,6 @@ def test_context_reaches_the_method():
     assert _frozen().context == Context()
 
 
-@pytest.mark.parametrize("name", ["mdlm", "sedd", "ar", "d3pm", "plaid", "ssd-lm"])
-def test_defaults_keep_a_single_stage_method_unchanged(name):
-    """One stage ``train``; it trains every parameter; forward is loss, bit for bit."""
-    cls = all_methods()[name]
-    assert cls.stages == ("train",) and cls.stage_defaults == {}
-    torch.manual_seed(0)
-    m = cls(cls.Params(), BB, 11, 8)
-    assert m.current_stage == "train" and m.frozen_modules() == {} and "frozen" not in m.info()
-    assert [id(p) for p in m.stage_parameters("train")] == [id(p) for p in m.parameters()]
-    x = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(3))
-    c, u = torch.ones_like(x, dtype=torch.bool), torch.tensor([0.3, 0.8])
-    torch.manual_seed(5)
-    a = m(x, c, u)
-    torch.manual_seed(5)
-    b = m.loss(x, c, u)
-    assert torch.equal(a, b)
-
-
 def test_forward_routes_to_the_current_stage():
     class TwoStage(Method):
         stages = ("a", "b")
@@ -142,14 +124,3 @@ def test_forward_routes_to_the_current_stage():
     assert m.current_stage == "a" and float(m(*_batch())) == 1.0
     m.current_stage = "b"
     assert float(m(*_batch())) == 2.0
-
-
-@pytest.mark.parametrize("name,params", [("ar", {}), ("mdlm", {}), ("sedd", {}), ("d3pm", {}), ("csm", {}),
-                                         ("diffusion-lm", {"self_condition": True}), ("plaid", {}),
-                                         ("ssd-lm", {"self_condition": True}), ("planner", {})])
-def test_every_parameter_has_a_dimension(name, params):
-    """DeepSpeed broadcasts each parameter through a byte view at start-up, which a 0-dim tensor
-    cannot give (PLAID's learned γ endpoints were 0-dim and failed there)."""
-    cls = all_methods()[name]
-    m = cls(cls.Params(**params), BB, 11, 8)
-    assert all(p.dim() >= 1 for p in m.parameters()), [n for n, p in m.named_parameters() if p.dim() == 0]

@@ -43,12 +43,12 @@ def test_kv_cache_gives_identical_samples_and_logits():
 
 
 def test_mdlm_time_agnostic_cache_same_samples_fewer_calls():
-    from bench.samples import _count_calls
+    from bench.samples import count_calls
 
     m = _method("mdlm", time_conditioning=False)
     out = {}
     for cache in (True, False):
-        calls, h = _count_calls(m.net)
+        calls, h = count_calls(m.net)
         x = m.sample(4, steps=200, generator=torch.Generator().manual_seed(5), cache=cache)
         h.remove()
         out[cache] = (x, calls[0])
@@ -58,7 +58,7 @@ def test_mdlm_time_agnostic_cache_same_samples_fewer_calls():
     assert (out[True][0] != m.mask_id).all()
     # with time conditioning the prediction depends on t: the cache is never used
     mt = _method("mdlm", time_conditioning=True)
-    calls, h = _count_calls(mt.net)
+    calls, h = count_calls(mt.net)
     mt.sample(4, steps=50, generator=torch.Generator().manual_seed(5))
     h.remove()
     assert calls[0] == 4 * 50
