@@ -1,4 +1,4 @@
-"""Math shared by the discrete-diffusion family (methods/d3pm.py, methods/score.py).
+"""Math shared by the discrete-diffusion family (methods/d3pm.py, methods/sedd.py).
 
 - The two corruption graphs as small objects, ``ABSORB`` and ``UNIFORM`` (``GRAPHS[name]``).
   Both corrupt a token independently, keeping it with probability α (D3PM's ᾱ_t, SEDD's e^{−σ}):

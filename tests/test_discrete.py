@@ -1,4 +1,4 @@
-"""The discrete-diffusion family (methods/d3pm.py, methods/score.py): D3PM, SEDD, CSM.
+"""The discrete-diffusion family (methods/d3pm.py, methods/sedd.py): D3PM, SEDD, CSM.
 
 Three kinds of evidence, none of them "the loss went down":
 
@@ -44,9 +44,9 @@ from bench.config import BackboneConfig
 from bench.evaluate import draw_u
 from methods import _discrete as dm
 from methods import d3pm as d3
-from methods import score as sc
+from methods import sedd as sc
 from methods.d3pm import D3PM
-from methods.score import CSM, SEDD
+from methods.sedd import CSM, SEDD
 
 V, L = 3, 3
 BB = BackboneConfig(layers=1, hidden=8, heads=1, cond_dim=8)

@@ -20,7 +20,7 @@ import torch
 from bench.config import BackboneConfig
 from methods._discrete import GRAPHS
 from methods.d3pm import D3PM
-from methods.score import SEDD, dse_absorb, dse_uniform
+from methods.sedd import SEDD, dse_absorb, dse_uniform
 
 BB = BackboneConfig(layers=1, hidden=8, heads=1, cond_dim=8)
 

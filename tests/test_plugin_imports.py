@@ -66,12 +66,12 @@ def test_no_plugin_imports_a_private_name_from_another_plugin():
 
 
 def test_the_check_catches_a_private_import(tmp_path):
-    """The checker itself can fail: a copy of methods/ with the old d3pm → score._rows import."""
+    """The checker itself can fail: a copy of methods/ with the old d3pm → sedd._rows import."""
     (tmp_path / "methods").mkdir()
     for p in (REPO / "methods").glob("*.py"):
         (tmp_path / "methods" / p.name).write_text(p.read_text())
     d3 = tmp_path / "methods" / "d3pm.py"
-    d3.write_text(d3.read_text() + "\nfrom methods.score import _rows  # noqa\n")
+    d3.write_text(d3.read_text() + "\nfrom methods.sedd import _rows  # noqa\n")
     ar = tmp_path / "methods" / "ar.py"
     ar.write_text(ar.read_text() + "\nfrom methods import mdlm as m  # noqa\nX = m._mask_m_subset  # noqa\n")
     v = violations(tmp_path)
@@ -80,11 +80,11 @@ def test_the_check_catches_a_private_import(tmp_path):
 
 
 def test_shared_discrete_math_lives_in_one_module():
-    from methods import _discrete, d3pm, score
+    from methods import _discrete, d3pm, sedd
 
     for name in ("softmax_stats", "logit_stats", "safe_log", "GRAPHS"):
         assert hasattr(_discrete, name)
-    for mod in (d3pm, score):
+    for mod in (d3pm, sedd):
         assert not hasattr(mod, "_rows") and not hasattr(mod, "_log") and not hasattr(mod, "prior_kl")
 
 

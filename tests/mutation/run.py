@@ -72,16 +72,16 @@ MUTANTS = [
      "               >= keep.to(x0.device)[:, None])\n", [DISC], "counted"),
     ("shared-logit-stats-backward-sign", "methods/_discrete.py", "                gc.add_(ex.mul_(scale[:, None]))",
      "                gc.sub_(ex.mul_(scale[:, None]))", [DISC], "logit_stats"),
-    # ---------------------------------------------------------------- methods/score.py
-    ("sedd-dse-absorb-sign", "methods/score.py", "    ell = w * (torch.exp(tot) - l0 - 1)\n",
+    # ---------------------------------------------------------------- methods/sedd.py
+    ("sedd-dse-absorb-sign", "methods/sedd.py", "    ell = w * (torch.exp(tot) - l0 - 1)\n",
      "    ell = w * (torch.exp(tot) + l0 - 1)\n", [DISC], "sedd or tight or score"),
-    ("sedd-drop-endpoint-terms", "methods/score.py",
+    ("sedd-drop-endpoint-terms", "methods/sedd.py",
      "        return (ell * counted).sum(1) + self.endpoint_terms(x0.device).to(ell.dtype) * counted.sum(1)\n",
      "        return (ell * counted).sum(1)\n", [ENDS, DISC], "endpoint or oracle"),
-    ("sedd-absorb-score-scale-dropped", "methods/score.py",
+    ("sedd-absorb-score-scale-dropped", "methods/sedd.py",
      "        return f + (-torch.log(torch.expm1(sigma)) - math.log(self.V)).float()[:, None, None]\n",
      "        return f\n", [DISC], "scaled"),
-    ("sedd-uniform-ratio-rho", "methods/score.py", "torch.log1p(V / em1)", "torch.log1p(V * em1)", [DISC], "sedd or score or csm"),
+    ("sedd-uniform-ratio-rho", "methods/sedd.py", "torch.log1p(V / em1)", "torch.log1p(V * em1)", [DISC], "sedd or score or csm"),
     # ---------------------------------------------------------------- bench/evaluate.py
     ("eval-per-sequence-mean", "bench/evaluate.py", "    r = n_i.sum() / C\n", "    r = (n_i / ntok).mean()\n", [EVAL]),
     ("eval-ci-too-wide (drop 1/R)", "bench/evaluate.py", "reps.var(1, ddof=1) / R).sum()", "reps.var(1, ddof=1)).sum()", [EVAL]),
