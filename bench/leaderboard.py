@@ -41,7 +41,7 @@ def collect(out: Path) -> tuple[list[dict], list[str], list[dict]]:
 
 
 def _t_quantile(conf: float, df: int) -> float:
-    # scipy.special, not scipy.stats: the same quantile without ~2 s of importing scipy.stats
+    # scipy.special, not scipy.stats: the same quantile without the slow import of scipy.stats
     from scipy.special import stdtrit  # noqa: PLC0415 - optional; falls back to normal
     return float(stdtrit(df, 0.5 + conf / 2))
 

@@ -1,4 +1,4 @@
-"""Benchmark figures for README (a script, not a test: timings are printed, never asserted).
+"""Benchmark figures for docs/performance.md (a script, not a test: timings are printed, never asserted).
 
 1. Memorization of 1,000 samples × 128 tokens against the whole embedded training corpus
    (Austen's train split, hashed 4-gram index), after the index is built; one CPU thread.

@@ -1,39 +1,19 @@
 """Gaussian diffusion machinery shared by the continuous family (methods/continuous.py).
 
-Everything is written in the variational-diffusion notation of Kingma et al. 2021 (VDM):
-a noise schedule is the negative log signal-to-noise ratio γ(t), increasing on [0, 1], and
+VDM notation (Kingma et al. 2021): a schedule is γ(t) = −log SNR(t), increasing on [0, 1],
+ᾱ_t = α_t² = sigmoid(−γ(t)), σ_t² = sigmoid(γ(t)), SNR(t) = e^{−γ(t)}.
 
-    ᾱ_t = α_t² = sigmoid(−γ(t)),   σ_t² = 1 − ᾱ_t = sigmoid(γ(t)),   SNR(t) = e^{−γ(t)}.
+- :func:`diffuse`: q(z_t | x) = N(α_t x, σ_t² I) (DDPM eq. 4 / VDM eq. 1).
+- :func:`posterior`: q(z_s | z_t, x), s < t (VDM eq. 3, App. A); DDPM ancestral and DDIM (Song
+  et al. 2021, eq. 12, η = 0) steps on any grid (:func:`sample_loop`).
+- :func:`prior_kl`, :func:`diffusion_term`: the continuous-time bound (VDM eq. 17), valid for
+  any monotone γ with finite endpoints and any predictor x̂_θ.
+- :class:`Schedule`: cosine (Nichol & Dhariwal 2021, eq. 17), sqrt (Li et al. 2022, App. A),
+  tan-d (Shabalin et al. 2024), learned γ(t) (VDM §3.4 / PLAID), each with γ and γ′ in closed
+  form; :class:`Parameterisation`: x0, ε (DDPM), v (Salimans & Ho 2022).
+- :class:`NormalStream`: N(0, 1) draws by Box–Muller on CPU, decided by the torch seed.
 
-Forward process (DDPM eq. 4 / VDM eq. 1):  q(z_t | x) = N(α_t x, σ_t² I), i.e.
-z_t = √ᾱ_t x + √(1 − ᾱ_t) ε, ε ~ N(0, I)                              — :func:`diffuse`.
-
-Posterior between s < t (VDM eq. 3 and App. A), with c = 1 − SNR(t)/SNR(s) = −expm1(γ_s − γ_t):
-
-    q(z_s | z_t, x) = N( (α_s/α_t)(1 − c)·z_t + α_s·c·x ,  σ_s²·c·I )   — :func:`posterior`.
-
-DDPM ancestral sampling draws from it with x replaced by the model's x̂0; DDIM (Song et al.
-2021, eq. 12 with η = 0) moves deterministically: z_s = α_s x̂0 + σ_s ε̂, ε̂ = (z_t − α_t x̂0)/σ_t.
-Both run on any grid of ``steps`` equal time steps 1 = t_N > … > t_0 = 0 and return the last
-x̂0 (:func:`sample_loop`).
-
-Continuous-time bound (VDM eq. 17, T → ∞): for data x with latents z_t,
-
-    −log p(x) ≤ KL(q(z_1|x) ‖ N(0, I))  +  E_{q(z_0|x)}[−log p(x | z_0)]
-                + ½ E_{t~U(0,1), ε} [ γ'(t) · e^{−γ(t)} · ‖x − x̂_θ(z_t; t)‖² ]
-
-— :func:`prior_kl`, the decoder term (owned by each method), :func:`diffusion_term`. It holds
-for any monotone γ with finite endpoints γ(0), γ(1) and any predictor x̂_θ; the integrand only
-needs γ and γ' at t, so each schedule gives both in closed form.
-
-Schedules (:class:`Schedule` subclasses): cosine (Nichol & Dhariwal 2021, eq. 17), sqrt
-(Diffusion-LM, Li et al. 2022, App. A: ᾱ_t = 1 − √(t + s)), tan-d (TEncDM, Shabalin et al.
-2024: α_t = 1/√(1 + d²·tan²(πt/2)), d = 9) and a learned monotone γ(t) with learned endpoints
-(VDM §3.4 / PLAID). The fixed ones clamp γ to [GAMMA_MIN, GAMMA_MAX] (their exact endpoints are
-±∞); the clamp is part of the schedule, so γ' is 0 where it binds and the bound stays exact.
-
-Parameterisations (:class:`Parameterisation` objects): what the network outputs and what its
-simple loss regresses — x0 (Diffusion-LM), ε (DDPM), v = α ε − σ x (Salimans & Ho 2022).
+Derivation: docs/methods.md#the-gaussian-machinery.
 """
 from __future__ import annotations
 
@@ -249,7 +229,7 @@ def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class NormalStream:
     """ε ~ N(0, I) for the V-wide noise of the simplex (SSD-LM): one draw per vocabulary entry per
     position, 4.2 M per training step at the smoke size, for which torch.randn (a serial Mersenne
-    twister) took 10.5–19 ms on one CPU thread (two machines).
+    twister) is slow on CPU (timings: docs/performance.md#ssd-lm-where-its-step-goes).
 
     On CPU, Box–Muller (Box & Muller 1958): for independent U₁, U₂ ~ U(0, 1],
     √(−2 ln U₁)·(cos 2πU₂, sin 2πU₂) are two independent N(0, 1). The uniforms are 32-bit words
@@ -259,9 +239,8 @@ class NormalStream:
     torch.randn's. Each word w, a signed int32 read as float32, gives U₁ = ½ + w·2⁻³² (steps of
     2⁻²⁵ near 0; U₁ = 0, probability 1.5·10⁻⁸, is lifted to 2⁻²⁶, so |ε| ≤ √(52 ln 2) = 6.0 —
     torch.randn's 24-bit uniforms stop at 5.8) or 2πU₂ = w·2π·2⁻³² ∈ [−π, π]; :meth:`fill_`
-    takes U₁ from the first half of its tensor's words and U₂ from the second. 4.2 M draws: 9.7 ms
-    in one call, 8.0 ms in 1 MiB calls (cache-resident), on the machine where torch.randn took
-    10.5 ms. Off the CPU (CUDA's Philox is fast) it is Tensor.normal_."""
+    takes U₁ from the first half of its tensor's words and U₂ from the second. Off the CPU
+    (CUDA's Philox is fast) it is Tensor.normal_."""
 
     def __init__(self, generator: Optional[torch.Generator] = None, device: Optional[torch.device | str] = None):
         self.generator = generator

@@ -1,36 +1,19 @@
 """Gaussian diffusion over a sequence of continuous vectors: the shared part of the
 latent-space family (methods/tencdm.py, methods/ld4lg.py, methods/planner.py).
 
-Each of those methods maps text to a sequence x ∈ R^{n×d} (a frozen encoder's outputs or
-input embeddings for TEncDM, Perceiver latents for LD4LG, a variational paragraph latent for
-PLANNER), diffuses x with the Gaussian machinery of methods/_gaussian.py, and maps generated
-vectors back to text with a decoder it trains. This module owns what they share:
+Each of those methods maps text to x ∈ R^{n×d} (a frozen encoder's outputs or input embeddings,
+Perceiver latents, a variational paragraph latent), diffuses x with methods/_gaussian.py and
+decodes generated vectors with a decoder it trains. Shared here:
 
-- :class:`Normaliser` — per-dimension mean and standard deviation of the space, estimated
-  from the first ``norm_batches`` training batches that reach it and then frozen, kept as
-  buffers (so checkpoints hold them). Diffusion runs on x̄ = (x − μ)/s (TEncDM
-  normalises encodings to zero mean and unit variance per component, so the tan-d schedule's
-  noise scale means the same thing in every space).
-- :class:`LatentDiffusion` — the diffusion over x̄ (VDM notation, see _gaussian):
-  z_t = α_t x̄ + σ_t ε, the tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)), d = 9 by default
-  (TEncDM), x0-prediction by default (TEncDM; ε and v as options, LD4LG trains v),
-  the simple loss E_t ‖target − f_θ(z_t, t, x̃0)‖² (DDPM's L_simple in the chosen
-  parameterisation, mean over positions and dimensions), self-conditioning (Chen et al. 2022,
-  Analog Bits Alg. 1/2: training conditions on a stop-gradient first pass with probability
-  ``self_condition_rate``, zeros otherwise; sampling feeds the previous step's x̂0, one network
-  call per step), and DDIM (η = 0; the Euler step of the probability-flow ODE in the variables
-  z/α and σ/α, Song et al. 2021 §4.3) or DDPM ancestral sampling over N equal steps,
-  so NFE = N.
+- :class:`Normaliser`: per-dimension mean/std from the first ``norm_batches`` batches, frozen
+  as buffers; diffusion runs on x̄ = (x − μ)/s (as TEncDM).
+- :class:`LatentDiffusion`: z_t = α_t x̄ + σ_t ε, tan-d α_t = 1/√(1 + d² tan²(πt/2)), d = 9
+  (TEncDM), x0 / ε / v targets, L_simple, self-conditioning (Chen et al. 2022, Analog Bits
+  Alg. 1/2), DDIM (η = 0; Song et al. 2021 §4.3) or DDPM over N steps, NFE = N; the denoiser is
+  the method's ``self.net``.
+- :func:`load_encoder`: any Hugging Face text encoder by name or local path.
 
-The network is the method's own ``self.net`` (the shared Backbone with ``in_dim = d``,
-``vocab_out = d`` and a self-conditioning input), passed in at each call, so the harness's
-NFE hook counts exactly the denoiser's calls. Every position of x is diffused (no padding
-mask: the spaces here have a fixed number of vectors per sequence; see each method for what
-fills unused positions).
-
-Also here: :func:`load_encoder`, any Hugging Face text encoder by name or local path — an
-encoder-only model (BERT, RoBERTa, ...) as it is, an encoder-decoder (T5, BART) through its
-``get_encoder()`` — which TEncDM reads and LD4LG's pretrained path reuses.
+Description: docs/methods.md#latent-diffusion-shared.
 """
 from __future__ import annotations
 

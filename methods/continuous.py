@@ -1,85 +1,23 @@
 """Continuous diffusion for text: Diffusion-LM and PLAID (embeddings), SSD-LM (simplex).
 
-Diffusion-LM and PLAID diffuse learned token embeddings with Gaussian noise; SSD-LM diffuses
-a ±k representation on the vocabulary simplex. The Gaussian math lives in
-methods/_gaussian.py; this module writes each method's objective, bound and sampler.
+Diffusion-LM (Li et al. 2022) and PLAID (Gulrajani & Hashimoto 2023) diffuse learned token
+embeddings with Gaussian noise; SSD-LM (Han et al. 2023) diffuses a ±k representation on the
+vocabulary simplex. The Gaussian math lives in methods/_gaussian.py; this module writes each
+method's objective, bound and sampler.
 
-Shared notation (VDM): w ∈ V^L the tokens, e = Emb(w) ∈ R^{L×d} their embeddings, a schedule
-γ(t) with α_t² = sigmoid(−γ), σ_t² = sigmoid(γ); z_t = α_t e + σ_t ε. Tokens that do not count
-under the protocol (padding, an injected BOS) are given to the network as their clean
-embedding and never noised or scored.
+Notation (VDM, Kingma et al. 2021): w ∈ V^L the tokens, e = Emb(w) ∈ R^{L×d} their embeddings,
+γ(t) the schedule, α_t² = sigmoid(−γ), σ_t² = sigmoid(γ), z_t = α_t e + σ_t ε, x̂_θ(z_t; t) the
+predicted clean embedding, x̃0 the self-conditioning input (Chen et al. 2022, Analog Bits §3.2).
 
-Self-conditioning (``self_condition: true``, every method here; Chen et al. 2022, Analog Bits
-§3.2). The backbone reads [z_t, x̃0] through one input projection (bench/backbone.py).
-- Training: one coin per micro-batch; with probability 1 − r x̃0 = 0, else x̃0 = the network's
-  own first prediction from the same z_t under stop-gradient (_gaussian.train_condition);
-  r = ``self_condition_rate``, the lecture's ½ by default (PLAID: ¼, as its train.py).
-- Sampling: x̃0 at step i is the x̂0 of step i + 1 (zeros at the first step): one network call
-  per step, so NFE = steps.
-- Bound: x̃0 is the network's own first pass on the same z_t (two calls per evaluation, as
-  PLAID evaluates). This is a valid bound: x̂_θ(z_t, t) := f(z_t, t, f(z_t, t, 0)) is just a
-  deterministic function of (z_t, t), and the continuous-time bound holds for any predictor.
+- Diffusion-LM: sqrt schedule, x0-prediction, L_simple + rounding −log p_θ(w|z_0) + ‖α_1 e‖²;
+  its ppl is the full discrete-data ELBO (prior KL + rounding + ½∫γ′e^{−γ}‖e − x̂0‖² dt, with the
+  entropy of q(x_0|w) accounted for; VDM eq. 17).
+- PLAID: learned monotone γ(t) with learned endpoints, x̂0 = softmax(f_θ)·E, the network's own
+  logits at t = 0 as decoder; the VDM bound is both loss and eval (share q of draws at t = 0).
+- SSD-LM: S_0 ∈ {−k, +k}^V, input softmax(S_t)·E, cross-entropy; no likelihood (ppl "—").
 
-Diffusion-LM (Li et al. 2022): learned embeddings x = Emb(w) (end to end), the sqrt schedule,
-x0-prediction by default (ε and v as options), training_losses_e2e's objective
-
-    L = ‖target − f_θ(z_t, t)‖²  +  (−log p_θ(w | z_0))  +  ‖α_1 e‖²       (per token, means over d)
-
-(simple loss, rounding term with the tied softmax decoder p_θ(w|z_0) = softmax(z_0 Eᵀ), prior
-term ‖μ(q(z_1|e))‖² so the embeddings cannot collapse), t ~ U(0, 1) (low-discrepancy over the
-batch: bench.evaluate.batch_u).
-
-Its likelihood: a bound on −log p(w) in nats, the full discrete-data ELBO of Diffusion-LM's
-latent-variable model p(w, x_{0:1}) = p(w | x_0) p_θ(x_{0:1}) with the encoder
-q(x_{0:1} | w) = q(x_0 | w) Π q(x_t | x_s). Here q(x_0 | w) = N(α_0 e, σ_0² I) is the t = 0
-marginal of the same schedule (for sqrt: σ_0² = √s = 0.01, Diffusion-LM's first step). Then
-
-    −log p(w) ≤ E_q[ log q(x_{0:1} | w) − log p(w, x_{0:1}) ]
-             = E_q[−log p(w|x_0)]  −  H(q(x_0|w))  +  E_q[ log q(x_{(0,1]} | x_0) − log p_θ(x_{0:1}) ].   (1)
-
-The last two terms together are ≥ 0 only when written together: −H(q(x_0|w)) alone is
-+(d/2)·log(1/(2πeσ_0²)) per token, and the continuous-density VLB of x_0 alone carries the
-opposite log σ_0 term; dropping the entropy (as a per-step loss does, it is constant in θ) gives a
-number that is not a bound and that shrinking the embeddings can make arbitrarily small.
-Because q(x_t | x_s, w) = q(x_t | x_s) (given x_s the diffusion forgets e), (1) can be regrouped
-with every KL conditioned on w instead of x_0 (the rewriting of DDPM eq. 5, one level further
-down: x_0 itself becomes a latent): log q(x_0|w) joins the first reverse step into
-KL(q(x_0 | x_Δ, w) ‖ p_θ(x_0 | x_Δ)), so the entropy is not dropped but absorbed, and as Δ → 0
-the sum of those KLs is the diffusion integral below. In continuous time (1) becomes
-
-    −log p(w) ≤ Σ_i [ KL(q(z_1^i|w) ‖ N(0, I))                          prior       (prior_kl)
-                     + E_{q(z_0|w)}[−log p_θ(w_i | z_0)]                   rounding
-                     + ½ E_{t~U(0,1)} γ'(t) e^{−γ(t)} ‖e_i − x̂_θ(z_t; t)_i‖² ]  diffusion (diffusion_term)
-
-with every entropy accounted for, valid for any embedding Emb and any x̂_θ. ``nll`` returns a
-one-sample estimate of it (one t from the protocol's u, one ε, one z_0), unbiased for the bound;
-the protocol averages K draws and gives the CI.
-
-PLAID (Gulrajani & Hashimoto 2023): learned low-dimensional embeddings (d = 16), a learned
-monotone γ(t) with learned endpoints (init γ_0 = −3, γ_1 = 6), x̂0 = softmax(f_θ(z_t, t)) E (the
-expected embedding under the predicted token distribution), and as decoder p(w | z_0) the
-network's own token distribution at t = 0, softmax(f_θ(z_0, 0)) (plaid/train.py: the
-reconstruction loss is the cross-entropy of the model's logits on the rows whose t is 0; no
-separate V-wide decoder). The same continuous-time bound is its training loss and its eval; it
-is estimated the way train.py splits a batch, written as one draw per sequence: with share q
-(``reconstruction_share``, 1/8 as PLAID's eval),
-
-    u < q:  t = 0,                 estimate = prior + (1/q)·CE(f_θ(z_0, 0), w)
-    u ≥ q:  t = (u − q)/(1 − q),   estimate = prior + (1/(1 − q))·diffusion term at t
-
-so for u ~ U(0, 1) the estimate is unbiased for prior + reconstruction + ∫ diffusion (a mixture
-over which term a draw estimates, one network pass per draw); the protocol's K draws and CI
-cover its variance, and with the harness's low-discrepancy training draws exactly ⌈qB⌉ or ⌊qB⌋
-rows of a batch are reconstruction rows, as in train.py (which adapts q from the two terms'
-variances; ours is fixed). Self-conditioning on by default (in training, sampling and the
-bound), in training on a quarter of the draws as in train.py (``self_condition_rate`` ¼; the
-generic default elsewhere is the lecture's ½); low-discrepancy t during training.
-
-SSD-LM (Han et al. 2023): the simplex representation S_0[i, v] = +k if v = w_i else −k (k = 5),
-z_t = α_t S_0 + σ_t·k·ε (noise of scale k), network input softmax(z_t) E, cross-entropy loss on
-the logits; the sampler projects the predicted logits back to an almost-one-hot simplex
-(k·(2·onehot(ŵ) − 1), ŵ drawn from the logits) and re-noises it to the next time. It defines no
-likelihood: its ppl is "—"; it is ranked by the sample metrics.
+Derivations: docs/methods.md#continuous-diffusion (#diffusion-lm, #plaid, #ssd-lm,
+#notation-and-self-conditioning).
 """
 from __future__ import annotations
 
@@ -321,10 +259,9 @@ class SSDLMParams(Params):
 class _ExpectedEmbedding(torch.autograd.Function):
     """softmax(S_t)·E = P E for simplex probabilities P (N, V), which need no gradient, and
     ∂E = Pᵀ ḡ. On CPU Pᵀ ḡ is summed over blocks of BLOCK rows of P (addmm into one (V, d)
-    buffer) rather than one transposed product: at the smoke size, (2048 × 2048)ᵀ(2048 × 128) on
-    one thread, MKL's transposed product took 7.3–8.1 ms and the blocked sum 5.6–5.7 ms (the
-    forward P E: 5.2 ms), the same arithmetic in another summation order. (On two threads both
-    ran in ~3.4 ms; 64- and 256-row blocks were no faster.) Elsewhere one product."""
+    buffer) rather than one transposed product — the same arithmetic in another summation order,
+    faster on one CPU thread at the smoke size (timings: docs/performance.md#ssd-lm-where-its-step-goes).
+    Elsewhere one product."""
 
     BLOCK = 128
 
@@ -381,8 +318,8 @@ class SSDLM(Method):
         and the −kα_t term, the same for every v, is left out — the softmax over v does not see it.
 
         On CPU the (B, L, V) tensor is made ROWS_BYTES at a time — noise, scale, shift and an
-        in-place softmax while the rows are in cache (one pass each over all of it: 21 ms for
-        2048 × 2048 on one thread, in blocks 11–13 ms). The block size is fixed, not derived from
+        in-place softmax while the rows are in cache (rather than one pass each over all of it;
+        timings: docs/performance.md#ssd-lm-where-its-step-goes). The block size is fixed, not derived from
         the thread count: Box–Muller pairs words within a block, so the draws depend on it.
         Elsewhere in one block, the softmax out of place."""
         k, V = self.p.simplex_k, self.V

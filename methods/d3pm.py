@@ -1,56 +1,18 @@
 """D3PM: discrete-time diffusion with structured transition matrices (Austin et al., 2021).
 
-Forward process, per token, T discrete steps (the paper's §3):
+Forward process (the paper's §3): q(x_t | x_0) = Cat(x_0 Q̄_t), Q̄_t = Q_1 ⋯ Q_t, with
+ᾱ_t = Π_{s≤t}(1−β_s) and two transition families — uniform Q̄_t = ᾱ_t I + (1−ᾱ_t)/|V|·11ᵀ and
+absorbing (x_t = x_0 w.p. ᾱ_t, else [MASK] = id V) — and ``linear`` / ``cosine`` schedules
+(ᾱ_T = 0). No |V|×|V| matrix is formed: posterior and x0-parameterised reverse
+p_θ(x_s | x_t) = Σ_{x̃0} q(x_s | x_t, x̃0) p_θ(x̃0 | x_t) (≡ the paper's eq. 4 with
+π ∝ exp(f_θ)·q(x_t|x̃0)) are closed forms in (ᾱ_s, ᾱ_t); the KLs go through the fused
+``softmax_stats`` (methods/_discrete.py).
 
-    q(x_t | x_{t−1}) = Cat(x_{t−1} Q_t),        q(x_t | x_0) = Cat(x_0 Q̄_t),  Q̄_t = Q_1 ⋯ Q_t
+Negative ELBO: L = KL(q(x_T|x_0) ‖ p(x_T)) + Σ_{t=1}^T E KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t)),
+estimated by T·KL_t + prior at t = ⌈u·T⌉. Training: ``hybrid`` KL_t + λ·CE (the reference
+weighting, google-research d3pm) or ``ce``. Sampler: ancestral over strided steps.
 
-with two of the paper's transition families, written through ᾱ_t = Π_{s≤t}(1−β_s):
-
-- uniform:   Q_t = (1−β_t) I + β_t/|V| · 11ᵀ  ⇒  Q̄_t = ᾱ_t I + (1−ᾱ_t)/|V| · 11ᵀ
-- absorbing: Q_t = (1−β_t) I + β_t · 1 e_mᵀ   ⇒  x_t = x_0 w.p. ᾱ_t, else [MASK] (id V)
-
-Schedules: ``linear`` ᾱ_t = 1 − t/T (β_t = 1/(T−t+1), the paper's schedule for absorbing) and
-``cosine`` ᾱ_t = f(t)/f(0), f(t) = cos²(π/2·(t/T+s)/(1+s)), s = 0.008 (default here for uniform). Both
-have ᾱ_T = 0 exactly, so q(x_T|x_0) is the prior and the prior term is zero; it is still
-computed from the general formula below so the bound stays valid for any schedule.
-
-No |V|×|V| matrix is ever formed: every quantity is a closed form in (ᾱ_s, ᾱ_t). For s < t let
-a = ᾱ_s, k = ᾱ_t/ᾱ_s (so q(x_t|x_s) keeps the token w.p. k). For uniform, with
-A_i = q(x_t|x_s = i), B_i(x_0) = q(x_s = i|x_0), D(x_0) = q(x_t|x_0):
-
-    posterior           q(x_s = i | x_t, x_0) = A_i B_i(x_0) / D(x_0)
-    x0-param.           p_θ(x_s = i | x_t) = Σ_{x̃0} q(x_s = i | x_t, x̃0) p_θ(x̃0 | x_t)
-                                          = A_i · M_i,  M_i = a·π_i / D(i) + (1−a)/|V| · S,
-                        π = p_θ(·|x_t),   S = Σ_j π_j / D(j)
-
-(the issue's form, Σ q(x_{t−1}|x_t,x̃0) p_θ(x̃0|x_t), which equals the true reverse when π is
-the true posterior p(x_0^i | x_t)). The network parameterises π ∝ exp(f_θ)·q(x_t|x̃0), which
-makes this identical to the paper's eq. 4, p_θ ∝ Σ q(x_{t−1},x_t|x̃0) p̃_θ(x̃0|x_t).
-A_i cancels in the KL: KL_t = Σ_i q_i [log B_i(x_0) − log D(x_0) − log M_i], a sum over i that
-only needs Σ_i log(c₁π_i + c₂) and a few gathers, computed in one fused, chunked autograd node
-(``softmax_stats``, methods/_discrete.py) whose only full-size tensor is the gradient of the logits. For absorbing, at
-a masked position KL_t = a(1−k)/(1−ak) · (−log π_{x_0}) and 0 elsewhere (carry-over: unmasked
-tokens are copied, the denoiser never predicts [MASK]).
-
-Negative ELBO, per sequence, with ᾱ_0 = 1:
-
-    L = KL(q(x_T|x_0) ‖ p(x_T))  +  Σ_{t=1}^{T} E_{q(x_t|x_0)} KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t))
-
-where the t = 1 member is the reconstruction term −log p_θ(x_0|x_1) (q(x_0|x_1,x_0) = δ_{x_0}).
-Estimator: t = ⌈u·T⌉ is uniform on {1..T} when u ~ U(0,1), so T·KL_t + prior is unbiased; the
-harness supplies K stratified u per sequence. Prior p(x_T): uniform for ``uniform``;
-(1−ᾱ_T)·δ_[MASK] + ᾱ_T·Uniform for ``absorb`` (= δ_[MASK] here), KL = ᾱ_T·log|V| per token.
-
-Training loss (nats per counted token): ``hybrid`` KL_t + λ·E[−log p_θ(x_0|x_t)] at the drawn
-t (λ = ``hybrid_lambda``, default 0.01 for absorbing, 0 for uniform), weighted as the reference
-implementation does (google-research d3pm, text: ``vb_loss + hybrid_coeff · ce_loss`` with the
-per-step KL_t, the t = 1 member being the reconstruction term): the factor T and the prior
-belong to the ELBO estimate only, so λ is relative to one step's KL, not to T·KL_t; or ``ce``
-the plain denoising cross-entropy. The CE
-is taken on the same p_θ(x̃0|x_t) the bound uses (the likelihood-multiplied one; D3PM puts it on
-p̃_θ, which for absorbing is the same thing at the masked positions).
-Sampler: ancestral, ``steps`` strided steps T = t_0 > … > t_steps = 0 through the same
-x0-parameterised p_θ(x_s | x_t) (exact ancestral sampling when steps = T).
+Derivation: docs/methods.md#d3pm.
 """
 from __future__ import annotations
 

@@ -5,33 +5,14 @@ and decode them autoregressively with the encoder-decoder's decoder.
     methods: [{method: ld4lg, lm: facebook/bart-base}]            # pretrained, frozen (the paper)
     methods: [{method: ld4lg}]                                   # offline: a BART trained here
 
-Autoencoder (stage ``autoencoder``):
-- E: the language model's encoder, states H = E(w) ∈ R^{m×D} with its attention mask.
-- Compression f_φ (Perceiver resampler, Jaegle et al. 2021, as LD4LG): n learned queries
-  Q ∈ R^{n×D} pass through ``compress_layers`` blocks of [self-attention over the queries,
-  cross-attention to H (padding masked), MLP], then a linear map to d: x = f_φ(H) ∈ R^{n×d}.
-- Reconstruction g_φ (as LD4LG): a linear map d → D and ``compress_layers`` transformer
-  blocks over the n vectors, H̃ = g_φ(x) ∈ R^{n×D}, the states the decoder cross-attends to.
-- Loss: −log p_LM(w | H̃) = Σ_i −log p(w_i | w_<i, H̃) per counted token (teacher forcing).
-  With a pretrained LM (``lm`` a name or dir) the LM is frozen by default (``freeze_lm``,
-  LD4LG keeps BART frozen): it is held with add_frozen, gradients flow through the frozen
-  decoder into g_φ and f_φ only. Offline there is no pretrained BART: ``lm: null`` (the
-  default) builds a BART-shaped encoder-decoder from config (transformers.BartConfig; width,
-  depth and heads of the suite's backbone size) over the suite's own token ids, and trains it
-  with f_φ and g_φ in this stage (``freeze_lm`` must then be false — its default when lm is
-  null). That row measures the LD4LG recipe, not the benefit of a pretrained BART.
-
-Diffusion (stage ``diffusion``): methods/_latent.LatentDiffusion over x (normalised per
-dimension): v-prediction by default (LD4LG trains v; x0 and ε as options),
-self-conditioning, tan-d by default (LD4LG uses cosine; the ``schedule`` param chooses), DDIM
-over the harness's step budget (NFE = steps: only the denoiser is counted).
-
-Sampling: x̂ → g_φ → greedy decoding with the LM's decoder (HF ``generate``, num_beams = 1,
-no sampling) → ids. Text crossing: with a pretrained LM, suite ids → text → the LM's tokenizer
-(≤ ``enc_len`` tokens) and back (generated text → the suite's tokenizer, EOS-padded / cut to
-L); with ``lm: null`` none (the BART reads and writes suite ids; it generates exactly L tokens).
-
+Stage ``autoencoder``: H = E(w) ∈ R^{m×D}; Perceiver compression (Jaegle et al. 2021)
+x = f_φ(H) ∈ R^{n×d}; reconstruction H̃ = g_φ(x) ∈ R^{n×D}; loss −log p_LM(w | H̃) (teacher
+forcing). A pretrained LM is frozen (``freeze_lm``); ``lm: null`` trains a BART-shaped
+encoder-decoder from config. Stage ``diffusion``: methods/_latent.LatentDiffusion over x
+(v-prediction, self-conditioning, DDIM; NFE = steps). Sampling: x̂ → g_φ → greedy decoding.
 No likelihood (ppl "—"): ranked by sample metrics.
+
+Description: docs/methods.md#ld4lg.
 """
 from __future__ import annotations
 

@@ -1,49 +1,19 @@
 """MDLM: masked (absorbing-state) diffusion in continuous time (Sahoo et al., 2024).
 
-Forward process (per token, independently): q(x_t | x_0) = Cat(α_t·e_{x0} + (1 − α_t)·e_[MASK]),
-with the log-linear schedule σ(t) = −log(1 − t), i.e. α_t = e^{−σ(t)} = 1 − t (SEDD/MDLM use
-ε = 1e-3 inside the log to keep σ(1) finite in training; ε = 0 here keeps α_1 = 0, so the prior
-term KL(q(x_1|x_0) ‖ δ_[MASK]) is exactly zero and the estimator below is a valid bound).
+Forward process q(x_t | x_0) = Cat(α_t·e_{x0} + (1 − α_t)·e_[MASK]), log-linear schedule
+σ(t) = −log(1 − t), α_t = 1 − t (ε = 0: the prior term is exactly zero). SUBS
+parameterisation (MDLM §3.2): [MASK] is the extra input id V, never predicted; unmasked tokens
+are carried over. Continuous-time NELBO (MDLM eq. 10):
 
-SUBS parameterisation (MDLM §3.2): the denoiser never predicts [MASK] (the network has V
-outputs, [MASK] is the extra input id V) and unmasked tokens are carried over unchanged.
+    L = E_{t~U(0,1)} [ (1/t) · Σ_{masked i} −log p_θ(x_0^i | x_t) ]
 
-Continuous-time NELBO (MDLM eq. 10), per sequence:
+``estimator``: ``beta`` (default) draws m ~ U{1..n}, masks a uniform m-subset and feeds
+t ~ Beta(m, n−m+1) with weight n/m — the same NELBO with bounded weights; ``count`` feeds
+t = m/n and bounds the any-order autoregressive model instead (Ou et al. 2024); ``time`` is
+t = u. Sampler: ancestral, revealing each masked token w.p. (t − s)/t; with
+``time_conditioning: false`` it reuses p_θ(x_0 | x_t) for rows that did not change.
 
-    L = ∫_0^1  (α'_t / (1 − α_t)) · Σ_{i : x_t^i = MASK}  log p_θ(x_0^i | x_t)  dt
-      = E_{t~U(0,1)} [ (1/t) · Σ_{masked i} −log p_θ(x_0^i | x_t) ]        (α_t = 1 − t)
-
-The reconstruction term at t = 0 is zero (nothing is masked). With the exact conditional
-denoiser this bound equals −log p(x_0) (it averages the any-order AR decompositions, Ou et
-al. 2024), which the oracle test checks.
-
-Evaluation (``estimator: beta``, the default) estimates the same NELBO with bounded weights.
-The probability that t ~ U(0,1) masks a given set M of m of the n counted tokens, times the
-weight 1/t, is t^{m−1}(1−t)^{n−m} = B(m, n−m+1)·Beta(t; m, n−m+1), with B(m, n−m+1) =
-1/(m·C(n,m)). So the time form is exactly
-
-    L = n · E_{m ~ U{1..n}} E_{M ⊂ counted, |M| = m} E_{t ~ Beta(m, n−m+1)} [ (1/m) · Σ_{i∈M} −log p_θ(x_0^i | x_M masked, t) ]
-
-— an importance reweighting of the time form: draw m, mask a uniform m-subset, draw t from its
-posterior given m, feed the network that t. The weights n/m are bounded by n, whereas the time
-form's 1/t weight has unbounded variance as t → 0 (E[(w·CE)²] ~ 1/t), so the interval is honest.
-The harness's u maps to m = ⌈u·n⌉ (stratified u → stratified m).
-
-``estimator: count`` is the pure masked-count form of earlier versions: the same draw of (m, M)
-but the network is fed t = m/n. Its expectation equals L only for a denoiser that ignores t;
-ours is t-conditioned (adaLN), so this form bounds −log of the *any-order autoregressive model*
-built from the network at t = m/n (Ou et al. 2024; Hoogeboom et al. 2022), not of the diffusion
-model that ``sample`` draws from. Rows evaluated with it say so (label and record).
-``estimator: time`` is the plain time form (t = u; unbounded weights).
-
-Sampler: ancestral, T steps from t = 1 to 0; between t and s < t each masked token is
-revealed with probability (α_s − α_t)/(1 − α_t) = (t − s)/t, drawn from p_θ(x_0 | x_t).
-
-``time_conditioning: false`` (MDLM's option) feeds the network t ≡ 0: the SUBS denoiser then
-depends on x_t only, which is all it needs (the number of masks carries the time). Only then
-is p_θ(x_0 | x_t) unchanged when no token changed in a step, and the sampler reuses it instead
-of calling the network again (MDLM's caching sampler), per sequence: a step calls the network
-only on the rows of the batch that changed (none: no call). The same samples, fewer calls.
+Derivation: docs/methods.md#mdlm.
 """
 from __future__ import annotations
 

@@ -4,26 +4,14 @@ diffusion over that latent.
 
     methods: [{method: planner, beta: 0.01, latents: 16, latent_dim: 32}]
 
-Autoencoder (stage ``autoencoder``), both halves on the shared Backbone over the suite's own
-tokens (no text crossing):
+Stage ``autoencoder``: encoder q_φ(z | w) (a bidirectional Backbone over the block and k query
+tokens → (μ, log σ²) ∈ R^{k×d_z}), causal decoder p_θ(w | z) with the latents as a prefix,
+loss −log p_θ(w | z) + β·KL(q_φ(z | w) ‖ N(0, I)) (β-VAE, Higgins et al. 2017). Stage
+``diffusion``: methods/_latent.LatentDiffusion over μ (x0, self-conditioning, DDIM; NFE =
+steps); sampling decodes ẑ with the KV-cached decoder. No likelihood (ppl "—"): the β-VAE's
+ELBO bounds the autoencoder, not the sampled model.
 
-- Encoder q_φ(z | w): a bidirectional Backbone reads [w_1 … w_L, q_1 … q_k] — the block followed
-  by k learned query tokens (extra input ids V … V+k−1) — and its head at the k query positions
-  gives (μ, log σ²) ∈ R^{k×d_z} each; z = μ + σ ⊙ ε (reparameterisation, Kingma & Welling 2014).
-- Decoder p_θ(w | z): a causal Backbone reads [W z_1 … W z_k, BOS, w_1 … w_{L−1}] (the latents as
-  a prefix of k input vectors) and predicts w_1 … w_L; −log p_θ(w | z) = Σ_i −log p_θ(w_i | w_<i, z).
-- Loss per counted token: (Σ_i −log p_θ(w_i | w_<i, z) + β · KL(q_φ(z | w) ‖ N(0, I))) / #counted
-  (the β-VAE objective, Higgins et al. 2017; PLANNER's paragraph VAE with a small β so the
-  latent stays informative), KL in closed form (:func:`kl_to_standard_normal`).
-
-Diffusion (stage ``diffusion``): methods/_latent.LatentDiffusion over the posterior mean μ
-(k vectors of d_z; normalised per dimension), x0-prediction, self-conditioning, tan-d by
-default, DDIM over the harness's step budget (NFE = steps: only the denoiser is counted).
-Sampling: ẑ from the diffusion → the decoder, ancestral (Gumbel-max, float64 by default), one
-token per call with the Backbone's KV cache → (n, L) suite ids.
-
-No likelihood (ppl "—"): the β-VAE's ELBO bounds log p of the autoencoder, not of the sampled
-diffusion-plus-decoder model. Ranked by sample metrics.
+Description: docs/methods.md#planner.
 """
 from __future__ import annotations
 

@@ -1,65 +1,18 @@
 """SEDD (score entropy, Lou et al. 2024) and CSM (concrete score matching, Meng et al. 2022).
 
-Continuous-time discrete diffusion learned through the concrete score, on two graphs.
+Continuous-time discrete diffusion learned through the concrete score s_θ(x_t, t)_y ≈
+p_t(y)/p_t(x_t) over single-token neighbours. Forward CTMC with rate σ'(t)·Q (SEDD's column
+convention), p_{t|0} = exp(σ(t) Q) e_{x_0}, on the ``absorb`` and ``uniform`` graphs; noise
+log-linear σ(t) = −log(1 − (1−ε)t) or geometric σ_min^{1−t} σ_max^t.
 
-Forward CTMC per token with rate σ'(t)·Q (SEDD's column convention Q(y, x) = rate x → y),
-p_{t|0}(·|x_0) = exp(σ(t) Q) e_{x_0}:
+- Loss and bound: denoising score entropy ℓ_t = Σ_y w_y R_y φ(log s_y − log R_y),
+  φ(d) = e^d − d − 1 (SEDD's DWDSE), fused in ``logit_stats`` (methods/_discrete.py); the NLL
+  bound is reconstruction + ∫_0^1 ℓ_t dt + KL(p_{1|0} ‖ p_base), extended to σ(0) > 0, with the
+  integral estimated at t = t(u) (``time_map``).
+- CSM: ½ Σ_y λ(t) (s_y − R_y)², evaluated with SEDD's bound.
+- Samplers: ``euler`` and ``analytic`` (SEDD's Tweedie τ-leaping).
 
-- absorb:  Q(m, x) = 1 for real tokens x  ⇒  x_t = x_0 w.p. α = e^{−σ}, else [MASK] (id V)
-- uniform: Q = 11ᵀ/|V| − I               ⇒  p_{t|0}(y|x_0) = α δ_{y x_0} + (1 − α)/|V|
-
-Noise: log-linear σ(t) = −log(1 − (1−ε)t) (ε = 1e-3, absorb's default) and geometric
-σ(t) = σ_min^{1−t} σ_max^t (1e-4 … 20, uniform's default).
-
-The network outputs log s_θ(x_t, t)_y ≈ log p_t(x_t with token i := y) / p_t(x_t), the concrete
-score over single-token neighbours. absorb: scores matter only at masked positions (the only
-ones with incoming forward rates), parameterised log s = f_θ − log|V| + log r_t with
-r_t = 1/(e^σ − 1), so at f_θ = 0 the scores already have the right total (SEDD's σ-scaling; the
-output is not normalised, which is what distinguishes it from MDLM). uniform: log s = f_θ.
-
-Denoising score entropy (SEDD's diffusion-weighted DWDSE, its likelihood bound): with ratios R_y = p_{t|0}(y|x_0) /
-p_{t|0}(x_t|x_0) and the forward rate w_y = σ'(t) Q(x_t, y) of y → x_t, per position
-
-    ℓ_t = Σ_{y ≠ x_t} w_y · ( s_y − R_y log s_y + K(R_y) ),   K(a) = a(log a − 1)
-        = Σ_y w_y · R_y · φ(log s_y − log R_y),                φ(d) = e^d − d − 1 ≥ 0
-
-which is ≥ 0 and zero iff s = R termwise (the score entropy's defining property).
-absorb (masked x_t):  w = σ', R_{x_0} = r_t, other R = 0:
-      ℓ = σ' r_t (Σ_y s_y / r_t − log(s_{x_0}/r_t) − 1)
-uniform:  w = σ'/|V|; if x_t = x_0, R = c = (e^σ−1)/(|V| + e^σ − 1) for all y ≠ x_t;
-      else R_{x_0} = ρ = 1 + |V|/(e^σ − 1) and R = 1 for the other |V|−2 neighbours.
-Both are sums over V (a log-sum-exp that excludes x_t and x_0, Σ log s, two gathers), fused in
-one autograd node (``logit_stats``, methods/_discrete.py): O(B·L·V) memory, the same as one fused cross-entropy; no
-|V|×|V| matrix.
-
-NLL bound, per sequence (SEDD's ELBO, extended to σ(0) > 0):
-
-    −log p_θ(x_0) ≤ E_{x_{t0}|x_0}[−log p_dec(x_0|x_{t0})]  +  ∫_0^1 E_{x_t ~ p_{t|0}} ℓ_t dt
-                    + KL(p_{1|0}(·|x_0) ‖ p_base)
-
-- the integral is estimated by importance sampling at t = t(u) from the harness's stratified u
-  (``SEDD.time_map``: t = u for log-linear; for geometric a density that follows e^{−σ}σ',
-  mixed with 10% uniform-in-t), an unbiased estimate of the same bound; training uses the same;
-- reconstruction (σ(0) = σ_min > 0 for geometric): the fixed decoder p_dec(x_0|x) = p_{t0|0}(x|x_0)
-  normalised over x_0 (symmetric for uniform; absorb: identity, or uniform over V for [MASK]),
-  so the term is exactly H(p_{t0|0}(·|x_0)) for uniform, (1 − α_0)·log|V| for absorb; 0 when
-  σ(0) = 0 (log-linear);
-- prior: p_base = Uniform for uniform (KL ~ e^{−σ_max}); for absorb p_base = (1−α_1)δ_[MASK] +
-  α_1·Uniform so the KL is finite: α_1·log|V| = ε·log|V| per token for log-linear (SEDD's ε
-  leaves 1e-3 of tokens unmasked at t = 1; dropping this term would not be a bound). The
-  samplers start from this p_base. With ε = 0 the term vanishes and the absorbing bound with
-  the exact score equals −log p(x_0) (the oracle test).
-
-CSM (``csm``): the L2 objective ½ Σ_{y≠x_t} λ(t) (s_θ(x_t,t)_y − R_y)² over the graph's
-neighbours (absorb: masked positions, y ∈ V), with the same score parameterisation and the same
-bound for evaluation. ``weighting: none`` is λ = 1 (the literal objective; its targets grow like
-1/σ as t → 0, so it diverges numerically); the default ``scaled`` uses λ(t) = (1 + R_max(t))^{−2},
-which depends on t only and therefore has the same minimiser (the true concrete score).
-
-Samplers (reverse CTMC, reverse rate x → y = s_θ(x)_y · forward rate y → x), from t = 1 to 0:
-``euler`` (p(y) = δ_{x y} + Δσ·rate) and ``analytic`` (SEDD's Tweedie τ-leaping:
-p(y) ∝ [exp(−Δσ Q) s]_y · exp(Δσ Q)(x_t, y), closed forms per graph); the last step
-never leaves [MASK]. ``float64_sampling`` does the step arithmetic and Gumbel in float64.
+Derivation: docs/methods.md#sedd-and-csm; endpoint terms and estimator choices: docs/discrete.md.
 """
 from __future__ import annotations
 

