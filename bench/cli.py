@@ -66,67 +66,6 @@ def _score_suite_dir(out: Path, cfg, reuse: bool = True) -> dict:
     return score_dir(out, cfg, reuse=reuse, log=lambda m: print(m, file=sys.stderr))
 
 
-def _fmt_metric(m: dict | None) -> str:
-    if not m or m.get("value") is None:
-        return "—"
-    s = f"{m['value']:.4g}"
-    if m.get("std") is not None:
-        s += f" ±{m['std']:.2g}"
-    if m.get("note"):
-        s += " †"
-    return s
-
-
-SAMPLE_METRICS = ("gen_ppl", "entropy", "mem", "div", "mauve")
-
-
-def _score_rows(name: str, res: dict) -> list[tuple[str, dict, float | None]]:
-    rows = []
-    for b in res["budgets"]:
-        label = name + (f" ({b['steps']} steps)" if b.get("steps") is not None else "")
-        rows.append((label, b["metrics"], b.get("nfe")))
-    if "source_text" in res:
-        rows.append(("Source text", res["source_text"]["metrics"], None))
-    return rows
-
-
-def _score_table(rows) -> str:
-    head = ["samples", *SAMPLE_METRICS, "nfe"]
-    body = [[label, *(_fmt_metric(m.get(k)) for k in SAMPLE_METRICS), "—" if nfe is None else f"{nfe:g}"]
-            for label, m, nfe in rows]
-    w = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in [head, *body]]
-    notes = sorted({f"{k}: {v['note']}" for _, m, _ in rows for k, v in m.items() if v.get("note")})
-    return "\n".join(lines + [f"† {n}" for n in notes])
-
-
-def _flat(res_set: dict, settings: bool = True) -> dict:
-    out = {k: v.get("value") for k, v in res_set["metrics"].items()}
-    for k, v in res_set["metrics"].items():
-        if v.get("std") is not None:
-            out[f"{k}_std"] = v["std"]
-        if v.get("note"):
-            out.setdefault("notes", {})[k] = v["note"]
-    out["n"] = res_set["n"]
-    if settings:
-        out["settings"] = res_set["settings"]
-    return out
-
-
-def _score_json(res: dict) -> dict:
-    bs = res["budgets"]
-    out = {**_flat(bs[0])} if len(bs) == 1 else {"budgets": [{"steps": b.get("steps"), "nfe": b.get("nfe"),
-                                                              **_flat(b)} for b in bs]}
-    if len(bs) == 1 and bs[0].get("nfe") is not None:
-        out["nfe"] = bs[0]["nfe"]
-    if "source_text" in res:
-        out["source_text"] = _flat(res["source_text"], settings=False)
-    for k in ("file", "run_id", "label", "scorer", "reference"):
-        if res.get(k) is not None:
-            out[k] = res[k]
-    return out
-
-
 def _scoring_config(args, base):
     cfg = base
     if args.scorer:
@@ -142,16 +81,17 @@ def _scoring_config(args, base):
 def cmd_score(args) -> int:
     import json
 
-    from bench.metrics.score import SCORES, metrics_config_of, score_file, score_run
+    from bench.metrics.score import (SCORES, metrics_config_of, score_file, score_json, score_rows, score_run,
+                                     score_table, score_values)
 
     p = Path(args.path)
     if p.is_file():
         from bench.metrics import MetricsConfig
         res = score_file(p, _scoring_config(args, MetricsConfig()), args.reference)
         if args.format == "json":
-            print(json.dumps(_score_json(res), indent=2))
+            print(json.dumps(score_json(res), indent=2))
         else:
-            print(_score_table(_score_rows(p.name, res)))
+            print(score_table(score_rows(p.name, res)))
         return 0
     if (p / "result.json").is_file():
         cfg = _scoring_config(args, metrics_config_of(p.parent.parent))
@@ -170,27 +110,22 @@ def cmd_score(args) -> int:
     else:
         raise UserError(f"{p}: not a JSONL sample file, a run directory or a tdbench output directory")
     if args.format == "json":
-        print(json.dumps([_score_json(r) for r in results.values()], indent=2))
+        print(json.dumps([score_json(r) for r in results.values()], indent=2))
     else:
         rows, seen = [], set()
         for r in results.values():
-            for row in _score_rows(r["label"], r):
+            for row in score_rows(r["label"], r):
                 key = (row[0], json.dumps(row[1], sort_keys=True)) if row[0] == "Source text" else None
                 if key is None or key not in seen:
                     rows.append(row)
                     seen.add(key)
-        print(_score_table(rows))
-    same = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) == _values(r)]
-    diff = [k for k, r in results.items() if olds.get(k) and _values(olds[k]) != _values(r)]
+        print(score_table(rows))
+    same = [k for k, r in results.items() if olds.get(k) and score_values(olds[k]) == score_values(r)]
+    diff = [k for k, r in results.items() if olds.get(k) and score_values(olds[k]) != score_values(r)]
     if same or diff:
         print(f"{len(same)} run(s) reproduced their stored scores exactly" +
               (f"; changed: {', '.join(diff)}" if diff else ""), file=sys.stderr)
     return 0
-
-
-def _values(res: dict):
-    sets = [*res.get("budgets", []), *([res["source_text"]] if "source_text" in res else [])]
-    return [{k: (v.get("value"), v.get("std"), v.get("id")) for k, v in b["metrics"].items()} for b in sets]
 
 
 def cmd_sample(args) -> int:
