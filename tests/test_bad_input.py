@@ -96,3 +96,21 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("steps", ["4,x", "0", "16,-1", "16,,64"])
+def test_bad_sample_step_budgets(tmp_path, capsys, steps):
+    (tmp_path / "runs").mkdir()
+    assert main(["sample", str(tmp_path), "--steps", steps]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --steps: expected positive integers separated by commas, got '{steps}'"
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
+
+
+def test_bad_sample_step_budgets_without_asserts(tmp_path):
+    """python -O strips asserts: the check of a user's input must not be one."""
+    (tmp_path / "runs").mkdir()
+    r = subprocess.run([sys.executable, "-O", "-m", "bench.cli", "sample", str(tmp_path), "--steps", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --steps: expected positive integers separated by commas, got '0'"], r.stderr

@@ -90,6 +90,19 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _step_budgets(text: str | None) -> list[int] | None:
+    """``--steps 16,64``: positive integers, comma-separated (None: the run's own budgets)."""
+    if not text:
+        return None
+    try:
+        steps = [int(x) for x in text.split(",")]
+    except ValueError:
+        steps = None
+    if steps is None or any(x < 1 for x in steps):
+        raise UserError(f"--steps: expected positive integers separated by commas, got '{text}'")
+    return steps
+
+
 def cmd_sample(args) -> int:
     """Draw (or extend) samples of complete runs from their final weights, then score them."""
     from bench.metrics.score import metrics_config_of
@@ -102,13 +115,7 @@ def cmd_sample(args) -> int:
         runs, out = sorted(q.parent for q in (p / "runs").glob("*/result.json")), p
     else:
         raise UserError(f"{p}: not a run directory or a tdbench output directory")
-    steps = None
-    if args.steps:
-        try:
-            steps = [int(x) for x in args.steps.split(",")]
-            assert all(x > 0 for x in steps)
-        except (ValueError, AssertionError):
-            raise UserError(f"--steps: expected positive integers separated by commas, got '{args.steps}'") from None
+    steps = _step_budgets(args.steps)
     if args.n is not None and args.n < 1:
         raise UserError("--n: must be a positive integer")
     drawn = 0
