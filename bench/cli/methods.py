@@ -30,9 +30,10 @@ def _annotation(a) -> str:
 
 
 def cmd_methods(args) -> int:
+    methods = registry.all_methods()  # imports the plugins: only then does BROKEN name those that failed
     for mod, err in registry.BROKEN.items():
         print(f"error: plugin {mod} failed to import: {err}", file=sys.stderr)
-    for name, cls in registry.all_methods().items():
+    for name, cls in methods.items():
         print(f"{name}  ({cls.default_label(cls.Params())}; {cls.likelihood} likelihood, "
               f"{cls.time} time; supports: {', '.join(cls.supports())})")
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
