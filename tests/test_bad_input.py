@@ -114,3 +114,22 @@ def test_bad_sample_step_budgets_without_asserts(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --steps: expected positive integers separated by commas, got '0'"], r.stderr
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["speed", "--sizes", ","], "--sizes: name at least one of"),
+    (["speed", "--sizes", "smoke", "--warmup", "-1"], "--warmup: must be 0 or more"),
+    (["speed", "--sizes", "smoke", "--threads", "0"], "--threads: must be a positive integer"),
+    (["speed", "--sizes", "smoke", "--peak-tflops", "-5"], "--peak-tflops: -5.0: must be positive"),
+    (["status", "{out}", "--watch", "--interval", "0"], "--interval: 0.0: must be positive"),
+    (["sample", "{out}", "--threads", "0"], "--threads: must be a positive integer"),
+])
+def test_bad_command_options(tmp_path, capsys, argv, expect):
+    """Options the commands used to take silently (an empty size list, a negative warm-up, ...)."""
+    (tmp_path / "runs").mkdir()
+    json_out = tmp_path / "rows.json"
+    argv = [a.replace("{out}", str(tmp_path)) for a in argv]
+    assert main(argv + (["--json", str(json_out)] if argv[0] == "speed" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {expect}") and len(err.splitlines()) == 1, err
+    assert not json_out.exists() and not any((tmp_path / "runs").iterdir())

@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        for k in ("max_running", "tail", "num_proc", "seq_len"):
+        for k in ("max_running", "tail", "num_proc", "seq_len", "threads"):
             if getattr(args, k, None) is not None and getattr(args, k) < 1:
                 raise UserError(f"--{k.replace('_', '-')}: must be a positive integer")
         return args.fn(args)

@@ -76,6 +76,8 @@ def cmd_status(args) -> int:
     directories (records, progress, leases) and, for submitted runs, one squeue call.
     ``--watch`` follows the suite live until every run is over."""
     out = need_out(args.dir)
+    if args.watch and args.interval <= 0:
+        raise UserError(f"--interval: {args.interval}: must be positive")
     if args.watch:
         live.watch(out, interval_s=args.interval)
         return 0

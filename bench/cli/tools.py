@@ -17,6 +17,8 @@ def cmd_speed(args) -> int:
     from bench import speed
 
     sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    if not sizes:
+        raise UserError(f"--sizes: name at least one of {', '.join(speed.SIZES)}")
     for x in sizes:
         if x not in speed.SIZES:
             raise UserError(f"--sizes: {did_you_mean(x, speed.SIZES)}")
@@ -26,6 +28,10 @@ def cmd_speed(args) -> int:
     for k in ("steps", "rounds"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k}: must be a positive integer")
+    if args.warmup < 0:
+        raise UserError("--warmup: must be 0 or more")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UserError(f"--peak-tflops: {args.peak_tflops}: must be positive")
     rows = speed.run(sizes, steps=args.steps, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
                      device=device, compile_=args.compile, peak_tflops=args.peak_tflops,
                      families=not args.no_families)
