@@ -1,8 +1,8 @@
 """Typed configuration: the single source of every schema (suite YAML, run specs, protocol).
 
 The CLI, YAML validation and ``tdbench methods`` all derive from these pydantic models.
-Validation errors become one-line :class:`UserError` messages naming the YAML key path,
-e.g. ``suite.yaml: sizes.tiny.heads: heads (3) must divide hidden (128)``.
+bench.config_io reads them from YAML files and turns validation errors into one-line
+:class:`UserError` messages naming the key path.
 """
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, create_model,
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, create_model,
                       field_validator, model_serializer, model_validator)
 
-from bench.errors import UserError
 from bench.metrics import MetricsConfig
 
 PROTOCOL_VERSION = "tdbench-lik/1"
@@ -415,59 +413,3 @@ class RunSpec(Strict):
 
 def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- loading
-def keypath(loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part:
-            out += ("." if out else "") + str(part)
-    return out or "<top>"
-
-
-def first_error(e: ValidationError, prefix=()) -> str:
-    err = e.errors()[0]
-    loc = tuple(prefix) + tuple(x for x in err["loc"] if not str(x).startswith("function-"))
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{keypath(loc)}: {msg}"
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from a file; UserError naming the file when it is missing, not UTF-8
-    text, empty, not YAML, or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
-    if not text.strip():
-        raise UserError(f"{path}: empty file")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    if any(not isinstance(k, str) for k in raw):
-        raise UserError(f"{path}: top-level keys must be strings")
-    return raw
-
-
-def read_validated(path: str | Path, model: type[BaseModel]):
-    """A YAML file validated by a pydantic model; UserError naming the file and key path."""
-    raw = read_yaml(path)
-    try:
-        return model(**raw)
-    except ValidationError as e:
-        raise UserError(f"{path}: {first_error(e)}") from None

@@ -12,7 +12,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bench.config import (NAMED_SIZES, BackboneConfig, MethodEntry, RunSpec, StageOverrides, Suite, TrainConfig,
-                          first_error, read_validated, resolve_stages)
+                          resolve_stages)
+from bench.config_io import first_error, read_validated
 from bench.data import is_synthetic, validate_data_config
 from bench.errors import FileError, UserError, did_you_mean
 from bench.registry import get_method

@@ -96,3 +96,40 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("steps", ["4,x", "0", "16,-1", "16,,64"])
+def test_bad_sample_step_budgets(tmp_path, capsys, steps):
+    (tmp_path / "runs").mkdir()
+    assert main(["sample", str(tmp_path), "--steps", steps]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --steps: expected positive integers separated by commas, got '{steps}'"
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
+
+
+def test_bad_sample_step_budgets_without_asserts(tmp_path):
+    """python -O strips asserts: the check of a user's input must not be one."""
+    (tmp_path / "runs").mkdir()
+    r = subprocess.run([sys.executable, "-O", "-m", "bench.cli", "sample", str(tmp_path), "--steps", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --steps: expected positive integers separated by commas, got '0'"], r.stderr
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["speed", "--sizes", ","], "--sizes: name at least one of"),
+    (["speed", "--sizes", "smoke", "--warmup", "-1"], "--warmup: must be 0 or more"),
+    (["speed", "--sizes", "smoke", "--threads", "0"], "--threads: must be a positive integer"),
+    (["speed", "--sizes", "smoke", "--peak-tflops", "-5"], "--peak-tflops: -5.0: must be positive"),
+    (["status", "{out}", "--watch", "--interval", "0"], "--interval: 0.0: must be positive"),
+    (["sample", "{out}", "--threads", "0"], "--threads: must be a positive integer"),
+])
+def test_bad_command_options(tmp_path, capsys, argv, expect):
+    """Options the commands used to take silently (an empty size list, a negative warm-up, ...)."""
+    (tmp_path / "runs").mkdir()
+    json_out = tmp_path / "rows.json"
+    argv = [a.replace("{out}", str(tmp_path)) for a in argv]
+    assert main(argv + (["--json", str(json_out)] if argv[0] == "speed" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {expect}") and len(err.splitlines()) == 1, err
+    assert not json_out.exists() and not any((tmp_path / "runs").iterdir())

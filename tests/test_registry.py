@@ -49,3 +49,15 @@ def test_a_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch):
     assert "mdlm" in registry.all_methods()
     with pytest.raises(UserError, match="plugin broken_plugin failed to import .RuntimeError: boom"):
         registry.get_method("nope")
+
+
+def test_tdbench_methods_names_a_broken_plugin(tmp_path, monkeypatch, capsys):
+    """Discovery happens inside `tdbench methods`: the broken plugin is named on stderr (exit 2)."""
+    from bench.cli import main
+
+    install_fake_plugin(tmp_path, monkeypatch, "broken_cli_plugin", "raise RuntimeError('boom')\n")
+    monkeypatch.setattr(registry, "BROKEN", {})
+    assert main(["methods"]) == 2
+    out, err = capsys.readouterr()
+    assert err == "error: plugin broken_cli_plugin failed to import: RuntimeError: boom\n"
+    assert "mdlm  (" in out

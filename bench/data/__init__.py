@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bench.config import DataConfig, DatasetRef, first_error, short_hash, tokenizer_key
+from bench.config import DataConfig, DatasetRef, short_hash, tokenizer_key
+from bench.config_io import first_error
 from bench.data import blockcache, corpora, hub, synthetic
 from bench.data.paths import cache_dir
 from bench.data.detokenizers import DETOKENIZERS

@@ -6,7 +6,8 @@ step budget plus the Source-text row and writes ``<run>/scores.json`` (values + 
 settings + the samples' sha256); a second call on unchanged samples and settings reads it
 back, and recomputing gives the same numbers (every step is deterministic on CPU). ``score_dir``
 does it for every complete run of a suite output directory, finding each run's default scorer:
-the complete ``ar`` run of the same size, seed and data there.
+the complete ``ar`` run of the same size, seed and data there. ``score_rows``/``score_table`` and
+``score_json`` show a score result as ``tdbench score`` prints it.
 """
 from __future__ import annotations
 
@@ -351,3 +352,77 @@ def score_file(path: Path, cfg: MetricsConfig, reference: str | None) -> dict:
     ctx = file_context(cfg, samples, reference, {})
     res = score_samples(samples, ctx)
     return json.loads(json.dumps({"file": str(path), "scorer": ctx.scorer_desc, "reference": ctx.ref_desc, **res}))
+
+
+# ----------------------------------------------------------------------------- showing scores
+SAMPLE_METRICS = ("gen_ppl", "entropy", "mem", "div", "mauve")
+
+
+def fmt_metric(m: dict | None) -> str:
+    """One metric as a table cell: ``12.3 ±0.45``, ``†`` when it carries a note, ``—`` when absent."""
+    if not m or m.get("value") is None:
+        return "—"
+    s = f"{m['value']:.4g}"
+    if m.get("std") is not None:
+        s += f" ±{m['std']:.2g}"
+    if m.get("note"):
+        s += " †"
+    return s
+
+
+def score_rows(name: str, res: dict) -> list[tuple[str, dict, float | None]]:
+    """(label, metrics, nfe) per step budget of a score result, then its Source-text row."""
+    rows = []
+    for b in res["budgets"]:
+        label = name + (f" ({b['steps']} steps)" if b.get("steps") is not None else "")
+        rows.append((label, b["metrics"], b.get("nfe")))
+    if "source_text" in res:
+        rows.append(("Source text", res["source_text"]["metrics"], None))
+    return rows
+
+
+def score_table(rows) -> str:
+    """score_rows as an aligned text table, the notes (†) below it."""
+    head = ["samples", *SAMPLE_METRICS, "nfe"]
+    body = [[label, *(fmt_metric(m.get(k)) for k in SAMPLE_METRICS), "—" if nfe is None else f"{nfe:g}"]
+            for label, m, nfe in rows]
+    w = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in [head, *body]]
+    notes = sorted({f"{k}: {v['note']}" for _, m, _ in rows for k, v in m.items() if v.get("note")})
+    return "\n".join(lines + [f"† {n}" for n in notes])
+
+
+def flat_scores(res_set: dict, settings: bool = True) -> dict:
+    """One sample set's metrics as {metric: value, metric_std: std, notes, n, settings}."""
+    out = {k: v.get("value") for k, v in res_set["metrics"].items()}
+    for k, v in res_set["metrics"].items():
+        if v.get("std") is not None:
+            out[f"{k}_std"] = v["std"]
+        if v.get("note"):
+            out.setdefault("notes", {})[k] = v["note"]
+    out["n"] = res_set["n"]
+    if settings:
+        out["settings"] = res_set["settings"]
+    return out
+
+
+def score_json(res: dict) -> dict:
+    """A score result as ``tdbench score --format json`` prints it (one budget: flat)."""
+    bs = res["budgets"]
+    out = {**flat_scores(bs[0])} if len(bs) == 1 else {
+        "budgets": [{"steps": b.get("steps"), "nfe": b.get("nfe"), **flat_scores(b)} for b in bs]}
+    if len(bs) == 1 and bs[0].get("nfe") is not None:
+        out["nfe"] = bs[0]["nfe"]
+    if "source_text" in res:
+        out["source_text"] = flat_scores(res["source_text"], settings=False)
+    for k in ("file", "run_id", "label", "scorer", "reference"):
+        if res.get(k) is not None:
+            out[k] = res[k]
+    return out
+
+
+def score_values(res: dict) -> list[dict]:
+    """The numbers of a score result (value, std, settings id per metric and set), to tell
+    whether rescoring reproduced them."""
+    sets = [*res.get("budgets", []), *([res["source_text"]] if "source_text" in res else [])]
+    return [{k: (v.get("value"), v.get("std"), v.get("id")) for k, v in b["metrics"].items()} for b in sets]

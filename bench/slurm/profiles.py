@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
-from bench.config import read_validated
+from bench.config_io import read_validated
 from bench.errors import UserError, did_you_mean
 
 REPO_SLURM = Path(__file__).resolve().parents[2] / "slurm"
