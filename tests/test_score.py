@@ -249,11 +249,11 @@ def test_hf_featurizer_by_local_path(tiny_gpt2):
 def test_settings_ids_follow_the_settings():
     from bench.metrics import MetricsConfig
     from bench.metrics.genppl import GenPPLSettings
-    from bench.metrics.score import Context, resolved_settings
+    from bench.metrics.score import ScoringSetup, resolved_settings
 
-    base = resolved_settings(Context(cfg=MetricsConfig()), 100)
-    trimmed = resolved_settings(Context(cfg=MetricsConfig(gen_ppl=GenPPLSettings(aggregation="trimmed"))), 100)
+    base = resolved_settings(ScoringSetup(cfg=MetricsConfig()), 100)
+    trimmed = resolved_settings(ScoringSetup(cfg=MetricsConfig(gen_ppl=GenPPLSettings(aggregation="trimmed"))), 100)
     assert base["gen_ppl"]["id"] != trimmed["gen_ppl"]["id"] and base["div"]["id"] == trimmed["div"]["id"]
-    assert base["mauve"]["id"] != resolved_settings(Context(cfg=MetricsConfig()), 50)["mauve"]["id"]  # n matters
-    other = Context(cfg=MetricsConfig(), scorer_desc="hf:gpt2-large")
+    assert base["mauve"]["id"] != resolved_settings(ScoringSetup(cfg=MetricsConfig()), 50)["mauve"]["id"]  # n matters
+    other = ScoringSetup(cfg=MetricsConfig(), scorer_desc="hf:gpt2-large")
     assert resolved_settings(other, 100)["gen_ppl"]["id"] != base["gen_ppl"]["id"]

@@ -19,17 +19,8 @@ from bench.errors import UserError
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tdbench", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for module in (run, results, tools, data, methods):
+    for module in (run, results, data, methods, tools):   # --help lists them by group, in this order
         module.register(sub)
-    # --help lists the commands in the order they had before they were grouped into modules;
-    # argparse has no public way to reorder them
-    order = ("run", "submit", "status", "cancel", "logs", "leaderboard", "speed", "data", "sample", "score",
-             "experiment", "methods", "new-method")
-    rank = {name: i for i, name in enumerate(order)}  # a command not listed: last
-    sub._choices_actions.sort(key=lambda a: rank.get(a.dest, len(rank)))
-    parsers = sorted(sub.choices.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-    sub.choices.clear()
-    sub.choices.update(parsers)
     return p
 
 

@@ -1,6 +1,6 @@
 """Scoring samples: a sample set, a run directory, or a suite output directory.
 
-``score_set`` computes every metric of one sample set in one :class:`Context` (scorer, human
+``score_set`` computes every metric of one sample set in one :class:`ScoringSetup` (scorer, human
 reference, memorization index, featurizer). ``score_run`` scores a run's ``samples.jsonl`` per
 step budget plus the Source-text row and writes ``<run>/scores.json`` (values + resolved
 settings + the samples' sha256); a second call on unchanged samples and settings reads it
@@ -35,7 +35,7 @@ SELF_SCORED = "self-scored: the scorer is this run (gen_ppl = exp of its own sam
 
 
 @dataclass
-class Context:
+class ScoringSetup:
     cfg: MetricsConfig
     scorer: Any = None                     # a bench.metrics.scorers.Scorer, or None
     scorer_note: str | None = None         # why there is no scorer
@@ -52,56 +52,56 @@ class Context:
     notes: dict = field(default_factory=dict)
 
 
-def _tok_view(ctx: Context):
-    if ctx.scorer is not None:
-        return ctx.scorer.tokenizer_key, ctx.scorer.encode, ctx.scorer.eos_id
-    return ctx.view
+def _tok_view(setup: ScoringSetup):
+    if setup.scorer is not None:
+        return setup.scorer.tokenizer_key, setup.scorer.encode, setup.scorer.eos_id
+    return setup.view
 
 
-def resolved_settings(ctx: Context, n: int) -> dict[str, dict]:
-    c = ctx.cfg
-    tk = _tok_view(ctx)[0] if _tok_view(ctx) else None
-    out = {"gen_ppl": {**c.gen_ppl.model_dump(mode="json"), "scorer": ctx.scorer_desc, "tokens": tk},
+def resolved_settings(setup: ScoringSetup, n: int) -> dict[str, dict]:
+    c = setup.cfg
+    tk = _tok_view(setup)[0] if _tok_view(setup) else None
+    out = {"gen_ppl": {**c.gen_ppl.model_dump(mode="json"), "scorer": setup.scorer_desc, "tokens": tk},
            "entropy": {"tokens": tk, "eos": c.gen_ppl.eos, "retokenize": c.gen_ppl.retokenize, "unit": "nats",
                        "over": "mean of per-sample unigram entropies"},
            "div": {"tokenization": c.ngrams.tokenization, "orders": list(c.ngrams.div_orders)},
-           "mem": {"tokenization": c.ngrams.tokenization, "n": c.ngrams.mem_n, "corpus": ctx.mem_corpus}}
+           "mem": {"tokenization": c.ngrams.tokenization, "n": c.ngrams.mem_n, "corpus": setup.mem_corpus}}
     if c.mauve is not None:
-        out["mauve"] = {**c.mauve.model_dump(mode="json"), "reference": ctx.ref_desc, "n": n}
+        out["mauve"] = {**c.mauve.model_dump(mode="json"), "reference": setup.ref_desc, "n": n}
     for v in out.values():
         v["id"] = settings_id(v)
     return out
 
 
-def score_set(samples: list[dict], ctx: Context, self_scored: bool = False) -> dict:
+def score_set(samples: list[dict], setup: ScoringSetup, self_scored: bool = False) -> dict:
     """{metric: {value, [std], id, [note]}} for one sample set."""
     n = len(samples)
-    st = resolved_settings(ctx, n)
+    st = resolved_settings(setup, n)
     m: dict[str, dict] = {}
-    view = _tok_view(ctx)
-    seqs = scorer_tokens(samples, view[0], view[1], view[2], ctx.cfg.gen_ppl, ctx.samples_tokenizer) \
+    view = _tok_view(setup)
+    seqs = scorer_tokens(samples, view[0], view[1], view[2], setup.cfg.gen_ppl, setup.samples_tokenizer) \
         if view else None
-    if ctx.scorer is not None:
-        m["gen_ppl"] = {"value": gen_ppl(seqs, ctx.scorer, ctx.cfg.gen_ppl)["value"]}
+    if setup.scorer is not None:
+        m["gen_ppl"] = {"value": gen_ppl(seqs, setup.scorer, setup.cfg.gen_ppl)["value"]}
         if self_scored:
             m["gen_ppl"]["note"] = SELF_SCORED
     else:
-        m["gen_ppl"] = {"value": None, "note": ctx.scorer_note}
+        m["gen_ppl"] = {"value": None, "note": setup.scorer_note}
     m["entropy"] = {"value": mean_entropy(seqs) if seqs is not None else None}
-    ws = [tokenize(s["text"], ctx.cfg.ngrams.tokenization) for s in samples]
-    m["div"] = {"value": diversity(ws, ctx.cfg.ngrams.div_orders)}
-    m["mem"] = ({"value": memorization(ws, ctx.mem_index, ctx.cfg.ngrams.mem_n)} if ctx.mem_index is not None
-                else {"value": None, "note": ctx.notes.get("mem", "no training corpus to compare with")})
-    if ctx.cfg.mauve is not None:
-        if ctx.featurizer is None:
-            m["mauve"] = {"value": None, "note": ctx.notes.get("mauve")}
-        elif ctx.reference is None:
-            m["mauve"] = {"value": None, "note": ctx.ref_note}
+    ws = [tokenize(s["text"], setup.cfg.ngrams.tokenization) for s in samples]
+    m["div"] = {"value": diversity(ws, setup.cfg.ngrams.div_orders)}
+    m["mem"] = ({"value": memorization(ws, setup.mem_index, setup.cfg.ngrams.mem_n)} if setup.mem_index is not None
+                else {"value": None, "note": setup.notes.get("mem", "no training corpus to compare with")})
+    if setup.cfg.mauve is not None:
+        if setup.featurizer is None:
+            m["mauve"] = {"value": None, "note": setup.notes.get("mauve")}
+        elif setup.reference is None:
+            m["mauve"] = {"value": None, "note": setup.ref_note}
         else:
             from bench.metrics.mauve import mauve_score
-            p = ctx.featurizer([s["text"] for s in samples])
-            q = ctx.featurizer([s["text"] for s in ctx.reference])
-            m["mauve"] = mauve_score(p, q, ctx.cfg.mauve)
+            p = setup.featurizer([s["text"] for s in samples])
+            q = setup.featurizer([s["text"] for s in setup.reference])
+            m["mauve"] = mauve_score(p, q, setup.cfg.mauve)
     for k, v in m.items():
         v["id"] = st[k]["id"]
     return {"n": n, "metrics": m, "settings": st}
@@ -114,25 +114,25 @@ def budget_groups(samples: list[dict]) -> dict:
     return out
 
 
-def score_samples(samples: list[dict], ctx: Context, self_scored: bool = False) -> dict:
+def score_samples(samples: list[dict], setup: ScoringSetup, self_scored: bool = False) -> dict:
     """Per step budget (+ NFE, samples/s when recorded) and the Source-text row."""
     budgets = []
     for steps, group in budget_groups(samples).items():
-        b = {"steps": steps, **score_set(group, ctx, self_scored)}
+        b = {"steps": steps, **score_set(group, setup, self_scored)}
         if all("nfe" in s for s in group):
             b["nfe"] = float(np.mean([s["nfe"] for s in group]))
         if all(s.get("wall_s") for s in group):
             b["samples_per_s"] = float(1 / np.mean([s["wall_s"] for s in group]))
         budgets.append(b)
     out = {"budgets": budgets}
-    if ctx.cfg.source_text and ctx.source is not None:
-        out["source_text"] = score_set(ctx.source, ctx)
+    if setup.cfg.source_text and setup.source is not None:
+        out["source_text"] = score_set(setup.source, setup)
     return out
 
 
 # ----------------------------------------------------------------------------- contexts
-def _featurizer(cfg: MetricsConfig, cache: dict, ctx: Context):
-    """The MAUVE featurizer (shared); None, with the reason in ctx.notes, when the optional
+def _featurizer(cfg: MetricsConfig, cache: dict, setup: ScoringSetup):
+    """The MAUVE featurizer (shared); None, with the reason in setup.notes, when the optional
     MAUVE stack is not installed (the other metrics are still computed)."""
     if cfg.mauve is None:
         return None
@@ -150,34 +150,34 @@ def _featurizer(cfg: MetricsConfig, cache: dict, ctx: Context):
             except UserError as e:
                 cache[key] = str(e)
     if isinstance(cache[key], str):
-        ctx.notes["mauve"] = cache[key]
+        setup.notes["mauve"] = cache[key]
         return None
     return cache[key]
 
 
-def _mem(ctx: Context, name: str, cache: dict):
+def _mem(setup: ScoringSetup, name: str, cache: dict):
     from bench.metrics.reference import train_index
 
-    c = ctx.cfg.ngrams
+    c = setup.cfg.ngrams
     key = ("mem", name, c.mem_n, c.tokenization)
     if key not in cache:
         cache[key] = train_index(name, c.mem_n, c.tokenization)
-    ctx.mem_index = cache[key]
-    ctx.mem_corpus = f"{name}:train" if cache[key] is not None else None
+    setup.mem_index = cache[key]
+    setup.mem_corpus = f"{name}:train" if cache[key] is not None else None
     if cache[key] is None:
-        ctx.notes["mem"] = f"{name} is not a text corpus"
+        setup.notes["mem"] = f"{name} is not a text corpus"
 
 
-def _human(ctx: Context, data: DataConfig, packing: str, ref: DatasetRef, n: int, cache: dict):
+def _human(setup: ScoringSetup, data: DataConfig, packing: str, ref: DatasetRef, n: int, cache: dict):
     from bench.metrics.reference import human_sets
 
-    r = ctx.cfg.reference
-    key = ("human", data.model_dump_json(), packing, ref.key, r.split, n, r.seed, ctx.cfg.source_text)
+    r = setup.cfg.reference
+    key = ("human", data.model_dump_json(), packing, ref.key, r.split, n, r.seed, setup.cfg.source_text)
     if key not in cache:
-        cache[key] = human_sets(data, packing, ref, r.split, n, r.seed, ctx.cfg.source_text)
-    ctx.reference, src = cache[key]
-    ctx.source = src or None
-    ctx.ref_desc = {"dataset": ref.key, "split": r.split, "seed": r.seed, "seq_len": data.seq_len,
+        cache[key] = human_sets(data, packing, ref, r.split, n, r.seed, setup.cfg.source_text)
+    setup.reference, src = cache[key]
+    setup.source = src or None
+    setup.ref_desc = {"dataset": ref.key, "split": r.split, "seed": r.seed, "seq_len": data.seq_len,
                     "tokenizer": data.tokenizer.name if data.tokenizer.name == "gpt2" else
                     f"bpe-{data.tokenizer.vocab_size or 8000}"}
 
@@ -195,37 +195,37 @@ def find_baseline(out: Path, spec: RunSpec) -> Path | None:
     return None
 
 
-def run_context(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> Context:
+def run_setup(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> ScoringSetup:
     from bench.data import get_tokenizer
 
-    ctx = Context(cfg=cfg)
+    setup = ScoringSetup(cfg=cfg)
     tok = get_tokenizer(spec.data)
-    ctx.samples_tokenizer = tok.key
-    ctx.view = (tok.key, tok.encode_batch, tok.eos_id if tok.eos_id >= 0 else None)
+    setup.samples_tokenizer = tok.key
+    setup.view = (tok.key, tok.encode_batch, tok.eos_id if tok.eos_id >= 0 else None)
     g = cfg.gen_ppl
     if g.scorer == "ar":
         base = find_baseline(run_dir.parent.parent, spec)
-        ctx.scorer_desc = "ar (the suite's matching-size AR baseline, same seed)"
+        setup.scorer_desc = "ar (the suite's matching-size AR baseline, same seed)"
         if base is None:
-            ctx.scorer_note = (f"no scorer: no complete 'ar' run of size {spec.size}, seed {spec.seed} "
+            setup.scorer_note = (f"no scorer: no complete 'ar' run of size {spec.size}, seed {spec.seed} "
                                f"in {run_dir.parent.parent}; give metrics.gen_ppl.scorer")
         else:
             key = ("scorer", str(base))
             if key not in cache:
                 from bench.metrics.scorers import RunScorer
                 cache[key] = RunScorer(base)
-            ctx.scorer = cache[key]
+            setup.scorer = cache[key]
     else:
         key = ("scorer", g.scorer)
         if key not in cache:
             from bench.metrics.scorers import make_scorer
             cache[key] = make_scorer(g.scorer, g.stride)
-        ctx.scorer = cache[key]
-        ctx.scorer_desc = ctx.scorer.key
+        setup.scorer = cache[key]
+        setup.scorer_desc = setup.scorer.key
     ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
-    _mem(ctx, ref.name, cache)
-    ctx.featurizer = _featurizer(cfg, cache, ctx)
-    return ctx
+    _mem(setup, ref.name, cache)
+    setup.featurizer = _featurizer(cfg, cache, setup)
+    return setup
 
 
 def samples_sha(path: Path) -> str:
@@ -244,8 +244,8 @@ def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, writ
     spec = RunSpec(**rec["spec"])
     sha = samples_sha(path)
     old = _read_scores(run_dir)
-    ctx = run_context(run_dir, spec, cfg, cache)
-    scorer_key = ctx.scorer.key if ctx.scorer is not None else None
+    setup = run_setup(run_dir, spec, cfg, cache)
+    scorer_key = setup.scorer.key if setup.scorer is not None else None
     head = {"version": SCORES_VERSION, "samples_sha256": sha, "config": cfg.model_dump(mode="json"),
             "scorer": scorer_key}
     if reuse and old and all(old.get(k) == v for k, v in head.items()):
@@ -254,14 +254,14 @@ def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, writ
     n = max(len(g) for g in budget_groups(samples).values())
     ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
     try:
-        _human(ctx, spec.data, spec.eval.packing, ref, n, cache)
+        _human(setup, spec.data, spec.eval.packing, ref, n, cache)
     except UserError as e:
-        ctx.ref_note = str(e)
+        setup.ref_note = str(e)
     if log:
         log(f"scoring {rec['label']} {spec.size} seed={spec.seed}: {len(samples)} samples")
-    self_scored = scorer_key is not None and ctx.scorer.key == f"tdbench-ar:{spec.run_id}"
+    self_scored = scorer_key is not None and setup.scorer.key == f"tdbench-ar:{spec.run_id}"
     res = {**head, "run_id": spec.run_id, "label": rec["label"], "size": spec.size, "seed": spec.seed,
-           "scorer_run": scorer_key, "reference": ctx.ref_desc, **score_samples(samples, ctx, self_scored)}
+           "scorer_run": scorer_key, "reference": setup.ref_desc, **score_samples(samples, setup, self_scored)}
     res = json.loads(json.dumps(res))      # exactly what a reader of the file sees
     if write:
         write_json(run_dir / SCORES, res)
@@ -311,47 +311,47 @@ def metrics_config_of(out: Path) -> MetricsConfig:
 
 
 # ----------------------------------------------------------------------------- any JSONL file
-def file_context(cfg: MetricsConfig, samples: list[dict], reference: str | None, cache: dict) -> Context:
-    """Context for samples no run produced: scorer from ``cfg.gen_ppl.scorer`` ("ar" means none
+def file_setup(cfg: MetricsConfig, samples: list[dict], reference: str | None, cache: dict) -> ScoringSetup:
+    """ScoringSetup for samples no run produced: scorer from ``cfg.gen_ppl.scorer`` ("ar" means none
     here), tokens in GPT-2's tokenization unless the scorer has its own, human sets from the
     ``reference`` dataset (GPT-2 blocks as long as the samples' median length)."""
     from bench.data import gpt2
 
-    ctx = Context(cfg=cfg)
+    setup = ScoringSetup(cfg=cfg)
     g = cfg.gen_ppl
     if g.scorer == "ar":
-        ctx.scorer_note = "no scorer: give --scorer (a Hugging Face causal LM name/path or a tdbench ar run dir)"
-        ctx.scorer_desc = "none"
+        setup.scorer_note = "no scorer: give --scorer (a Hugging Face causal LM name/path or a tdbench ar run dir)"
+        setup.scorer_desc = "none"
     else:
         from bench.metrics.scorers import make_scorer
-        ctx.scorer = make_scorer(g.scorer, g.stride)
-        ctx.scorer_desc = ctx.scorer.key
+        setup.scorer = make_scorer(g.scorer, g.stride)
+        setup.scorer_desc = setup.scorer.key
     tok = gpt2()
-    ctx.view = (tok.key, tok.encode_batch, tok.eos_id)
-    ctx.featurizer = _featurizer(cfg, cache, ctx)
+    setup.view = (tok.key, tok.encode_batch, tok.eos_id)
+    setup.featurizer = _featurizer(cfg, cache, setup)
     if reference is None:
-        ctx.ref_note = "no reference: give --reference DATASET"
-        ctx.notes["mem"] = "no reference: give --reference DATASET"
-        return ctx
+        setup.ref_note = "no reference: give --reference DATASET"
+        setup.notes["mem"] = "no reference: give --reference DATASET"
+        return setup
     from bench.data import dataset_params
     ref = DatasetRef(name=reference)
     dataset_params(ref, "--reference")
-    _mem(ctx, reference, cache)
+    _mem(setup, reference, cache)
     lens = [len(x) for x in tok.encode_batch([s["text"] for s in samples])]
     L = max(4, int(np.median(lens)))
     data = DataConfig(train=ref, eval=[ref], tokenizer={"name": "gpt2"}, seq_len=L)
     try:
-        _human(ctx, data, "eos_per_doc", ref, len(samples), cache)
+        _human(setup, data, "eos_per_doc", ref, len(samples), cache)
     except UserError as e:
-        ctx.ref_note = str(e)
-    return ctx
+        setup.ref_note = str(e)
+    return setup
 
 
 def score_file(path: Path, cfg: MetricsConfig, reference: str | None) -> dict:
     samples = read_samples(path)
-    ctx = file_context(cfg, samples, reference, {})
-    res = score_samples(samples, ctx)
-    return json.loads(json.dumps({"file": str(path), "scorer": ctx.scorer_desc, "reference": ctx.ref_desc, **res}))
+    setup = file_setup(cfg, samples, reference, {})
+    res = score_samples(samples, setup)
+    return json.loads(json.dumps({"file": str(path), "scorer": setup.scorer_desc, "reference": setup.ref_desc, **res}))
 
 
 # ----------------------------------------------------------------------------- showing scores
