@@ -21,28 +21,17 @@ average gives Σ_m loss_m · c_m / C. Because the noise of a micro-batch depends
 W processes with micro-batch b compute what one process computes with micro-batch b and W
 accumulation steps, up to float summation order.
 
-Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` (``<run>/ckpt/<i>-<stage>/step_XXXXXXX/`` for each
-stage of a multi-stage method; each holds all of the method's weights, and a stage's last one,
-``stage_complete``, stays as its result) with model (and EMA) weights in safetensors, the
-optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve), and
-``manifest.json``: the sha256 and size of every other file (bench.rundir), checked before
-anything is parsed. Nothing
-is unpickled: the optimizer/scheduler/RNG file is read with ``torch.load(weights_only=True)``
-(tensors and plain containers only). They are written to a temp dir and renamed; only the
-latest is kept; the latest is loaded at start (of a multi-stage run: the latest of its last
-stage that has one; the run goes on in that stage). The frozen parts' sources and hashes are
-kept in ``state.json`` and checked on resume.
-Under DeepSpeed the optimizer state is sharded: every rank writes its shard into
-``deepspeed/`` of the same directory (the full weights still go to ``model.safetensors``), and
-such a checkpoint resumes with the same world size. Under Slurm a preemption signal makes every
-rank save at the next step boundary (bench.distributed.PreemptionGuard) before the requeue.
+Checkpoints (bench.checkpoint): every ``train.ckpt_every`` steps and at the end of each stage,
+with the model, EMA, optimizer, scheduler and RNG state and the loop's state (step, tokens, loss
+curve); the latest is loaded at start (of a multi-stage run: the latest of its last stage that
+has one; the run goes on in that stage), and the frozen parts' sources and hashes recorded in
+it are checked. Under Slurm a preemption signal makes every rank save at the next step
+boundary (bench.distributed.PreemptionGuard) before the requeue.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -54,7 +43,9 @@ from bench.config import RunSpec
 from bench.data import Blocks
 from bench.errors import UserError
 from bench.evaluate import batch_u
-from bench.rundir import PROGRESS, latest_checkpoint, verify_manifest, write_manifest
+from bench import checkpoint
+from bench.checkpoint import checkpoint_root, latest_checkpoint
+from bench.rundir import PROGRESS
 
 
 PROGRESS_EVERY_S = 2.0
@@ -114,108 +105,6 @@ class EMA:
             state[k].copy_(v.to(state[k].dtype))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(root: Path, step: int, model, opt, sched, ema, state: dict) -> None:
-    """A checkpoint under ``root`` (bench.rundir.checkpoint_root); only the latest is kept."""
-    from safetensors.torch import save_file
-
-    tmp = _staging(root, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if ema is not None:
-        save_file(ema.shadow, tmp / "ema.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    _publish(root, step)
-
-
-def _staging(root: Path, step: int) -> Path:
-    """Where a checkpoint is written before :func:`_publish` makes it the checkpoint."""
-    return Path(root) / f".tmp_step_{step:07d}"
-
-
-def _publish(root: Path, step: int) -> None:
-    """Seal the staged checkpoint with its manifest, move it into place atomically, and drop
-    every older one (only the latest is kept)."""
-    root, tmp = Path(root), _staging(root, step)
-    final = root / f"step_{step:07d}"
-    write_manifest(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(ckpt: Path, model, opt, sched, ema) -> dict:
-    from safetensors.torch import load_file
-
-    verify_manifest(ckpt)
-    f = ckpt / "model.safetensors"
-    try:
-        if model is not None:
-            model.load_state_dict(load_file(f))
-        if ema is not None:
-            f = ckpt / "ema.safetensors"
-            ema.shadow = load_file(f)
-        f = ckpt / "optim.pt"
-        blob = torch.load(f, weights_only=True)
-        if opt is not None:
-            opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["torch_rng"])
-        f = ckpt / "state.json"
-        return json.loads(f.read_bytes().decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - any failure here means a corrupt checkpoint
-        raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"delete {ckpt} to restart from the previous state") from None
-
-
-DS_DIR, DS_TAG = "deepspeed", "zero"
-
-
-def save_checkpoint_deepspeed(root: Path, step: int, accelerator, engine, sched, ema, state: dict) -> None:
-    """Collective: every rank writes its ZeRO shard, rank 0 the full weights and the rest."""
-    from safetensors.torch import save_file
-
-    tmp = _staging(root, step)
-    main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
-    full = accelerator.get_state_dict(engine)  # gathers ZeRO-3 partitions (collective)
-    if main:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in full.items()}, tmp / "model.safetensors")
-        if ema is not None:
-            save_file(ema.shadow, tmp / "ema.safetensors")
-        torch.save({"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}))
-        _publish(root, step)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint_deepspeed(ckpt: Path, accelerator, engine, sched, ema) -> dict:
-    state = load_checkpoint(ckpt, None, None, sched, ema)
-    saved = state.get("world_size")
-    if saved is not None and saved != accelerator.num_processes:
-        raise UserError(f"{ckpt}: DeepSpeed checkpoint written by {saved} processes; resume it with the "
-                        f"same launch.nodes × launch.tasks_per_node (now {accelerator.num_processes})")
-    f = ckpt / DS_DIR
-    try:
-        path, _ = engine.load_checkpoint(str(f), tag=DS_TAG, load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"delete {ckpt} to restart from the previous state") from None
-    if path is None:
-        raise UserError(f"{f}: corrupt checkpoint (no DeepSpeed state); delete {ckpt} to restart")
-    return state
-
-
 # ----------------------------------------------------------------------------- loop
 def stage_seed(seed: int, index: int) -> int:
     """The seed stage ``index`` draws its batches and noise from: the run's own seed for the
@@ -250,7 +139,6 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     ``curve(model, step, tokens) -> dict`` called on the main process every ``curve.every``
     steps of the last stage; its points are kept in the checkpointed state."""
     from bench.distributed import is_deepspeed, param_checksum
-    from bench.rundir import checkpoint_root
 
     stages = tuple(method.stages)
     multi = len(stages) > 1
@@ -344,11 +232,11 @@ def _train_stage(method, spec: RunSpec, index: int, stage: str, data: Blocks, ru
     ema = EMA(method, cfg.ema, ema_keys) if cfg.ema > 0 else None
     state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
     if ckpt is not None and not ds:
-        state = load_checkpoint(ckpt, method, opt, sched, ema)
+        state = checkpoint.load(ckpt, method, opt, sched, ema)
     model, opt = accelerator.prepare(method, opt)
     forward = torch.compile(model) if cfg.compile else model  # train.compile: the forward only
     if ckpt is not None and ds:
-        state = load_checkpoint_deepspeed(ckpt, accelerator, model, sched, ema)
+        state = checkpoint.load_deepspeed(ckpt, accelerator, model, sched, ema)
     state.pop("world_size", None)
     if ckpt is not None:
         method.check_frozen(state.get("frozen"))
@@ -448,10 +336,10 @@ def _train_stage(method, spec: RunSpec, index: int, stage: str, data: Blocks, ru
             if multi:
                 state["stage_complete"] = state["step"] == cfg.steps   # the record that the stage is done
             if ds:
-                save_checkpoint_deepspeed(root, state["step"], accelerator, model, sched, ema, state)
+                checkpoint.save_deepspeed(root, state["step"], accelerator, model, sched, ema, state)
             else:
                 if accelerator.is_main_process:
-                    save_checkpoint(root, state["step"], accelerator.unwrap_model(model), opt, sched, ema,
+                    checkpoint.save(root, state["step"], accelerator.unwrap_model(model), opt, sched, ema,
                                     state)
                 accelerator.wait_for_everyone()
         if request != NONE:
