@@ -2,7 +2,7 @@
 
 A run record (``result.json``) carries ``sha256``: the hash of its own canonical JSON (sorted
 keys, the ``sha256`` key left out), checked on every read, so a truncated or hand-edited record
-is reported by name and never trusted. Checkpoint files are hashed likewise (bench.train).
+is reported by name and never trusted. Checkpoint files are hashed likewise (bench.checkpoint).
 """
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 complete, and who is training one now (its lease).
 
 ``<out>/runs/<run_id>/`` holds a run's spec, record, checkpoints, logs, ``progress.json`` (the
-training loop's live numbers) and, while a process trains it, ``lease.json``.
+training loop's live numbers) and, while a process trains it, ``lease.json``. Its checkpoints
+(``ckpt/``) are bench.checkpoint's.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.checkpoint import latest_checkpoint, verify_manifest
 from bench.config import RunSpec
 from bench.errors import UserError
 from bench.records import read_record, record_status
@@ -33,80 +34,6 @@ def plan(specs: list[RunSpec], out: Path) -> tuple[list[RunSpec], list[RunSpec]]
 
 
 PROGRESS = "progress.json"  # written by the training loop (bench.train), read by bench.live
-
-
-# ----------------------------------------------------------------------------- checkpoints
-MANIFEST = "manifest.json"
-
-
-def checkpoint_root(rd: Path, stage: str | None = None, index: int = 0) -> Path:
-    """Where a run's checkpoints live: ``ckpt/`` for a single-stage method, and
-    ``ckpt/<index+1>-<stage>/`` for each stage of a multi-stage one (each keeps its latest
-    checkpoint; a finished stage's last one stays, holding the weights the stage ended with)."""
-    root = Path(rd) / "ckpt"
-    return root if stage is None else root / f"{index + 1}-{stage}"
-
-
-def _stage_number(p: Path) -> int:
-    head = p.name.split("-", 1)[0]
-    return int(head) if head.isdigit() else -1
-
-
-def latest_checkpoint(rd: Path, root: Path | None = None) -> Path | None:
-    """The latest checkpoint under ``root`` (a checkpoint root), or of the whole run: of its
-    last stage that has one (every checkpoint holds all of the method's weights)."""
-    roots = [Path(root)] if root is not None else \
-        sorted((p for p in (Path(rd) / "ckpt").glob("[0-9]*-*") if p.is_dir()), key=_stage_number, reverse=True) \
-        + [Path(rd) / "ckpt"]
-    for r in roots:
-        ck = [c for c in sorted(r.glob("step_*[0-9]")) if (c / "state.json").is_file()]
-        if ck:
-            return ck[-1]
-    return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(ckpt_dir: Path) -> None:
-    """sha256 and size of every file of a checkpoint directory (recursively), as manifest.json."""
-    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    (ckpt_dir / MANIFEST).write_text(json.dumps(
-        {str(p.relative_to(ckpt_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}, indent=1))
-
-
-def _corrupt(f: Path, ckpt: Path, why: str) -> UserError:
-    return UserError(f"{f}: corrupt checkpoint ({why}); delete {ckpt} to restart from the previous state")
-
-
-def verify_manifest(ckpt: Path, full: bool = True) -> None:
-    """UserError naming the file unless every file of the checkpoint is as its manifest says:
-    present with its size (``full=False``: cheap, for a pre-flight over many runs) and its
-    sha256 (``full=True``, before anything is parsed)."""
-    m = Path(ckpt) / MANIFEST
-    try:
-        manifest = json.loads(m.read_bytes().decode("utf-8"))
-        if not isinstance(manifest, dict) or not manifest or not all(
-                isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
-                for v in manifest.values()):
-            raise ValueError("not a mapping of file -> {sha256, bytes}")
-    except FileNotFoundError:
-        raise _corrupt(m, ckpt, "no manifest") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(m, ckpt, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
-    for name, want in manifest.items():
-        f = Path(ckpt) / name
-        if not f.is_file():
-            raise _corrupt(f, ckpt, "file missing")
-        if f.stat().st_size != want["bytes"]:
-            raise _corrupt(f, ckpt, f"{f.stat().st_size} bytes, the manifest says {want['bytes']}: truncated?")
-        if full and _sha256(f) != want["sha256"]:
-            raise _corrupt(f, ckpt, "content hash mismatch: edited or damaged")
 
 
 def check_run_dirs(out: Path, specs: list[RunSpec]) -> None:

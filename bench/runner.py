@@ -351,8 +351,7 @@ def _rank_from_env() -> int:
 
 
 def _reload_final(spec: RunSpec, tokenizer, run_dir: Path):
-    from bench.rundir import latest_checkpoint
-    from bench.samples import load_weights
+    from bench.checkpoint import final_checkpoint, load_weights
 
     # frozen parts: again from their source (ZeRO-3 keeps no EMA, so this is model.safetensors)
-    return load_weights(build_method(spec, tokenizer.vocab_size, tokenizer), latest_checkpoint(run_dir))
+    return load_weights(build_method(spec, tokenizer.vocab_size, tokenizer), final_checkpoint(run_dir))

@@ -123,46 +123,19 @@ def read_samples(path: Path) -> list[dict]:
 
 
 def load_final_method(run_dir: Path):
-    """(method with its final weights, spec) of a complete run: the latest checkpoint's
-    ``model.safetensors`` with its ``ema.safetensors`` over it when the (last stage of the) run
-    trained with EMA. Frozen parts come again from their source and must be the ones the run
-    recorded."""
+    """(method with its final weights, spec) of a complete run: built from the run's spec, with
+    bench.checkpoint.load_weights from its final checkpoint (``ema.safetensors`` over
+    ``model.safetensors`` when the (last stage of the) run trained with EMA). Frozen parts come
+    again from their source and must be the ones the run recorded."""
+    from bench.checkpoint import final_checkpoint, load_weights
     from bench.data import get_tokenizer
     from bench.registry import build_method
-    from bench.rundir import latest_checkpoint
 
     run_dir = Path(run_dir)
     rec = read_record(run_dir / "result.json")
     if rec["status"] != "complete":
         raise UserError(f"{run_dir}: run is {rec['status']}, not complete")
     spec = RunSpec(**rec["spec"])
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        raise UserError(f"{run_dir}: no checkpoint (ckpt/step_*) to load the final weights from")
+    ck = final_checkpoint(run_dir)
     tokenizer = get_tokenizer(spec.data)
     return load_weights(build_method(spec, tokenizer.vocab_size, tokenizer), ck).eval(), spec
-
-
-def load_weights(method, ck: Path):
-    """Load checkpoint ``ck`` into ``method`` (built anew, its frozen parts again from their
-    source): the manifest checked first, ``model.safetensors`` with ``ema.safetensors`` over it
-    when the (last stage of the) run kept an EMA, and the frozen parts' hashes checked against
-    the ones the run recorded. Returns ``method``."""
-    from safetensors.torch import load_file
-
-    from bench.rundir import verify_manifest
-
-    verify_manifest(ck)
-    f = ck / "state.json"
-    try:
-        recorded = json.loads(f.read_bytes().decode("utf-8")).get("frozen")
-        f = ck / "model.safetensors"
-        state = load_file(f)
-        if (ck / "ema.safetensors").exists():
-            f = ck / "ema.safetensors"
-            state.update(load_file(f))
-        method.load_state_dict({k: v.to(method.state_dict()[k].dtype) for k, v in state.items()})
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    method.check_frozen(recorded)
-    return method

@@ -9,8 +9,9 @@ wrapped, so DDP registers and synchronises only them — and its checkpoints. Fr
 Determinism and resume: the batch of step k and all noise drawn at step k depend only on
 (seed, k) — in stage s > 0 on (stage_seed(seed, s), k) — batches come from a per-epoch
 permutation seeded by (seed, epoch) and the global RNG is re-seeded with (seed, k, o) before
-each micro-batch, o = the offset of its first sequence in the global batch — so a run resumed from a checkpoint at step k replays exactly
-what the uninterrupted run would have done (on CPU, bit for bit).
+each micro-batch, o = the offset of its first sequence in the global batch — so a run resumed
+from a checkpoint at step k replays exactly what the uninterrupted run would have done (on
+CPU, bit for bit).
 
 Distributed: the global batch (``train.batch_size``) and the time draws u (stratified over the
 global batch) are the same whatever the world size; process r takes its slice of both, in
@@ -21,30 +22,21 @@ average gives Σ_m loss_m · c_m / C. Because the noise of a micro-batch depends
 W processes with micro-batch b compute what one process computes with micro-batch b and W
 accumulation steps, up to float summation order.
 
-Checkpoints: ``<run>/ckpt/step_XXXXXXX/`` (``<run>/ckpt/<i>-<stage>/step_XXXXXXX/`` for each
-stage of a multi-stage method; each holds all of the method's weights, and a stage's last one,
-``stage_complete``, stays as its result) with model (and EMA) weights in safetensors, the
-optimizer and scheduler state, RNG states and ``state.json`` (step, tokens, loss curve), and
-``manifest.json``: the sha256 and size of every other file (bench.rundir), checked before
-anything is parsed. Nothing
-is unpickled: the optimizer/scheduler/RNG file is read with ``torch.load(weights_only=True)``
-(tensors and plain containers only). They are written to a temp dir and renamed; only the
-latest is kept; the latest is loaded at start (of a multi-stage run: the latest of its last
-stage that has one; the run goes on in that stage). The frozen parts' sources and hashes are
-kept in ``state.json`` and checked on resume.
-Under DeepSpeed the optimizer state is sharded: every rank writes its shard into
-``deepspeed/`` of the same directory (the full weights still go to ``model.safetensors``), and
-such a checkpoint resumes with the same world size. Under Slurm a preemption signal makes every
-rank save at the next step boundary (bench.distributed.PreemptionGuard) before the requeue.
+Checkpoints (bench.checkpoint): every ``train.ckpt_every`` steps and at the end of each stage,
+with the model, EMA, optimizer, scheduler and RNG state and the loop's state (step, tokens, loss
+curve); the latest is loaded at start (of a multi-stage run: the latest of its last stage that
+has one; the run goes on in that stage), and the frozen parts' sources and hashes recorded in
+it are checked. Under Slurm a preemption signal makes every rank save at the next step
+boundary (bench.distributed.PreemptionGuard) before the requeue.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,9 +44,11 @@ from tqdm.auto import tqdm
 
 from bench.config import RunSpec
 from bench.data import Blocks
-from bench.errors import UserError
+from bench.checkpoint import checkpoint_root, latest_checkpoint
+from bench.distributed import NONE, REQUEUE, batch_plan, current_guard
+from bench.engine import PlainEngine, make_engine
 from bench.evaluate import batch_u
-from bench.rundir import PROGRESS, latest_checkpoint, verify_manifest, write_manifest
+from bench.rundir import PROGRESS
 
 
 PROGRESS_EVERY_S = 2.0
@@ -114,108 +108,6 @@ class EMA:
             state[k].copy_(v.to(state[k].dtype))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(root: Path, step: int, model, opt, sched, ema, state: dict) -> None:
-    """A checkpoint under ``root`` (bench.rundir.checkpoint_root); only the latest is kept."""
-    from safetensors.torch import save_file
-
-    tmp = _staging(root, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if ema is not None:
-        save_file(ema.shadow, tmp / "ema.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    _publish(root, step)
-
-
-def _staging(root: Path, step: int) -> Path:
-    """Where a checkpoint is written before :func:`_publish` makes it the checkpoint."""
-    return Path(root) / f".tmp_step_{step:07d}"
-
-
-def _publish(root: Path, step: int) -> None:
-    """Seal the staged checkpoint with its manifest, move it into place atomically, and drop
-    every older one (only the latest is kept)."""
-    root, tmp = Path(root), _staging(root, step)
-    final = root / f"step_{step:07d}"
-    write_manifest(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(ckpt: Path, model, opt, sched, ema) -> dict:
-    from safetensors.torch import load_file
-
-    verify_manifest(ckpt)
-    f = ckpt / "model.safetensors"
-    try:
-        if model is not None:
-            model.load_state_dict(load_file(f))
-        if ema is not None:
-            f = ckpt / "ema.safetensors"
-            ema.shadow = load_file(f)
-        f = ckpt / "optim.pt"
-        blob = torch.load(f, weights_only=True)
-        if opt is not None:
-            opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["torch_rng"])
-        f = ckpt / "state.json"
-        return json.loads(f.read_bytes().decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - any failure here means a corrupt checkpoint
-        raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"delete {ckpt} to restart from the previous state") from None
-
-
-DS_DIR, DS_TAG = "deepspeed", "zero"
-
-
-def save_checkpoint_deepspeed(root: Path, step: int, accelerator, engine, sched, ema, state: dict) -> None:
-    """Collective: every rank writes its ZeRO shard, rank 0 the full weights and the rest."""
-    from safetensors.torch import save_file
-
-    tmp = _staging(root, step)
-    main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
-    full = accelerator.get_state_dict(engine)  # gathers ZeRO-3 partitions (collective)
-    if main:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in full.items()}, tmp / "model.safetensors")
-        if ema is not None:
-            save_file(ema.shadow, tmp / "ema.safetensors")
-        torch.save({"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}))
-        _publish(root, step)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint_deepspeed(ckpt: Path, accelerator, engine, sched, ema) -> dict:
-    state = load_checkpoint(ckpt, None, None, sched, ema)
-    saved = state.get("world_size")
-    if saved is not None and saved != accelerator.num_processes:
-        raise UserError(f"{ckpt}: DeepSpeed checkpoint written by {saved} processes; resume it with the "
-                        f"same launch.nodes × launch.tasks_per_node (now {accelerator.num_processes})")
-    f = ckpt / DS_DIR
-    try:
-        path, _ = engine.load_checkpoint(str(f), tag=DS_TAG, load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{f}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"delete {ckpt} to restart from the previous state") from None
-    if path is None:
-        raise UserError(f"{f}: corrupt checkpoint (no DeepSpeed state); delete {ckpt} to restart")
-    return state
-
-
 # ----------------------------------------------------------------------------- loop
 def stage_seed(seed: int, index: int) -> int:
     """The seed stage ``index`` draws its batches and noise from: the run's own seed for the
@@ -244,234 +136,299 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
           micro_batch: int | None = None, curve=None) -> dict:
     """Train ``method`` through its stages (``method.stages``, in order), each with its own
     settings (``spec.train.for_stage``), optimizer and schedule over its own parameters
-    (``method.stage_parameters``), EMA and checkpoints. A multi-stage run resumes in the last
-    stage that has a checkpoint (each checkpoint holds all of the method's weights, so the
-    earlier stages' results come with it). ``curve`` (optional): a callable
-    ``curve(model, step, tokens) -> dict`` called on the main process every ``curve.every``
-    steps of the last stage; its points are kept in the checkpointed state."""
-    from bench.distributed import is_deepspeed, param_checksum
-    from bench.rundir import checkpoint_root
-
-    stages = tuple(method.stages)
-    multi = len(stages) > 1
-    if multi and is_deepspeed(accelerator):
-        raise UserError(f"train.engine: deepspeed trains one model engine per run; {spec.method} trains in "
-                        f"{len(stages)} stages; use ddp")
-    roots = [checkpoint_root(run_dir, st if multi else None, i) for i, st in enumerate(stages)]
-    start, ckpt = 0, None
-    for i in reversed(range(len(stages))):
-        ckpt = latest_checkpoint(run_dir, roots[i])
-        if ckpt is not None:
-            start = i
-            break
-    done: list[dict] = []   # what each finished stage did (kept in every later checkpoint)
-    total = {"tokens_here": 0, "el": 0.0}
-    requires = {id(p): p.requires_grad for p in method.parameters()}
-    for i in range(start, len(stages)):
-        last = i == len(stages) - 1
-        out = _train_stage(method, spec, i, stages[i], data, run_dir, roots[i], ckpt if i == start else None,
-                           done, requires, accelerator, log, micro_batch, curve if last else None)
-        done = out["done"] + [out["stats"]]
-        total["tokens_here"] += out["tokens_here"]
-        total["el"] += out["el"]
-        if i == start:
-            resumed = {"resumed_from_step": out["resumed_from"]}
-            if multi:
-                resumed["resumed_in_stage"] = stages[start] if ckpt is not None else None
+    (``method.stage_parameters``), EMA and checkpoints; returns the record's training stats.
+    A multi-stage run resumes in the last stage that has a checkpoint (each checkpoint holds
+    all of the method's weights, so the earlier stages' results come with it). ``curve``
+    (optional): a callable ``curve(model, step, tokens) -> dict`` called on the main process
+    every ``curve.every`` steps of the last stage; its points are kept in the checkpointed
+    state."""
+    engine = make_engine(accelerator)
+    engine.check_stages(spec, tuple(method.stages))
+    ctx = RunContext(method, spec, data, Path(run_dir), accelerator, engine, log, micro_batch,
+                     {id(p): p.requires_grad for p in method.parameters()})
+    start, ckpt = resume_point(ctx)
+    done, results = [], []
+    for i in range(start, len(ctx.stages)):
+        last = i == len(ctx.stages) - 1
+        stage = Stage(ctx, i, curve if last else None)
+        stage.build()
+        stage.resume(ckpt if i == start else None, done)
+        results.append(stage.run())
+        done = results[-1].done + [results[-1].stats]
         if not last:   # the next stage wraps the method anew (DDP registers only its parameters)
-            accelerator.unwrap_model(out["model"], keep_fp32_wrapper=False)
-            method.__dict__.pop("_is_accelerate_prepared", None)
-            accelerator.free_memory()
-    model, state, cfg, plan = out["model"], out["state"], out["cfg"], out["plan"]
-    for p in method.parameters():
-        p.requires_grad_(requires[id(p)])
-    world, ds = accelerator.num_processes, is_deepspeed(accelerator)
-    unwrapped = accelerator.unwrap_model(model)
-    checksums = None
-    if not (ds and cfg.zero_stage == 3):
-        mine = param_checksum(unwrapped)
-        checksums = [mine]
-        if world > 1:
-            checksums = [None] * world
-            torch.distributed.all_gather_object(checksums, mine)
-    if out["ema"] is not None:
-        out["ema"].copy_to(unwrapped)
-    losses = state["losses"]
-    el, tokens_here = total["el"], total["tokens_here"]
+            engine.release(stage.model, method)
+    resumed = {"resumed_from_step": results[0].resumed_from}
+    if ctx.multi:
+        resumed["resumed_in_stage"] = ctx.stages[start] if ckpt is not None else None
+    return run_stats(ctx, stage, results, resumed)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one :func:`train` call shares."""
+
+    method: torch.nn.Module
+    spec: RunSpec
+    data: Blocks
+    run_dir: Path
+    accelerator: object
+    engine: PlainEngine
+    log: Callable[[str], None]
+    micro_batch: int | None
+    requires: dict[int, bool]   # every parameter's requires_grad as the method built it
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.method.stages)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.stages) > 1
+
+
+def resume_point(ctx: RunContext) -> tuple[int, Path | None]:
+    """(stage index, checkpoint) to start from: the latest checkpoint of the last stage that
+    has one, else (0, None)."""
+    for i in reversed(range(len(ctx.stages))):
+        ckpt = latest_checkpoint(ctx.run_dir, checkpoint_root(ctx.run_dir, ctx.stages[i] if ctx.multi else None, i))
+        if ckpt is not None:
+            return i, ckpt
+    return 0, None
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stats: dict          # the stage's line of the record (steps, tokens, wall_s, final_loss …)
+    done: list[dict]     # the lines of the stages finished before it (from its checkpoint on resume)
+    resumed_from: int    # the step it started from (0: the beginning)
+    tokens_here: int     # tokens it trained in this process's lifetime (not before a resume)
+    elapsed: float       # seconds it trained in this process's lifetime
+
+
+def run_stats(ctx: RunContext, last: "Stage", results: list[StageResult], resumed: dict) -> dict:
+    """The record's training stats after the ``last`` stage; the method is left with its
+    trained requires_grad flags back and the EMA weights (if any) in it."""
+    acc = ctx.accelerator
+    for p in ctx.method.parameters():
+        p.requires_grad_(ctx.requires[id(p)])
+    unwrapped = acc.unwrap_model(last.model)
+    checksums = ctx.engine.checksums(unwrapped, last.cfg)
+    if last.ema is not None:
+        last.ema.copy_to(unwrapped)
+    done = results[-1].done + [results[-1].stats]
+    losses, state = last.state["losses"], last.state
+    el, tokens_here = sum(r.elapsed for r in results), sum(r.tokens_here for r in results)
     stats = {"steps": sum(d["steps"] for d in done), "tokens": sum(d["tokens"] for d in done), **resumed,
              "tokens_per_s": tokens_here / el if el > 0 and tokens_here else None,
              "wall_s": round(sum(d["wall_s"] for d in done), 3), "final_loss": done[-1]["final_loss"],
              "loss_curve": losses[:: max(1, len(losses) // 100)],
-             "world_size": world, "micro_batch": plan.micro, "grad_accum": plan.accum,
-             "engine": "deepspeed" if ds else "ddp" if world > 1 else "single",
-             "compiled": bool(cfg.compile), "fused_adamw": out["fused"],
+             "world_size": acc.num_processes, "micro_batch": last.plan.micro, "grad_accum": last.plan.accum,
+             "engine": ctx.engine.name, "compiled": bool(last.cfg.compile), "fused_adamw": ctx.engine.fused_adamw,
              "param_checksums": checksums, "curve": state.get("curve", []),
              "curve_s": round(state.get("curve_s", 0.0), 3)}
-    if multi:
+    if ctx.multi:
         stats["stages"] = {d["stage"]: {k: v for k, v in d.items() if k != "stage"} for d in done}
     return stats
 
 
-def _train_stage(method, spec: RunSpec, index: int, stage: str, data: Blocks, run_dir: Path, root: Path, ckpt,
-                 done: list, requires: dict, accelerator, log, micro_batch, curve) -> dict:
-    """One stage: its optimizer, schedule and EMA over its parameters, from its checkpoint
-    ``ckpt`` (or from the method as it is), to its ``steps``."""
-    from bench.distributed import NONE, REQUEUE, batch_plan, current_guard, is_deepspeed
+class Stage:
+    """One stage of a run: its settings, batch plan and seed; :meth:`build` its optimizer,
+    schedule and EMA over its parameters; :meth:`resume` from its checkpoint (or from the
+    method as it is); :meth:`run` to its ``steps``, one :meth:`step` at a time."""
 
-    multi = len(method.stages) > 1
-    cfg = spec.train.for_stage(stage)
-    seed = stage_seed(spec.seed, index)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    plan = batch_plan(cfg.batch_size, world, micro_batch)
-    ds = is_deepspeed(accelerator)
-    if ds and cfg.ema > 0 and cfg.zero_stage == 3:
-        raise UserError("train.ema: EMA is not supported with ZeRO-3 (parameters are partitioned); "
-                        "use zero_stage 1 or 2")
-    scalars = [n for n, p in method.named_parameters() if p.dim() == 0] if ds else []
-    if scalars:   # DeepSpeed's start-up broadcast takes a byte view of each parameter
-        raise UserError(f"train.engine: deepspeed cannot broadcast 0-dim parameters of {spec.label} "
-                        f"({', '.join(scalars)}); give them shape (1,)")
-    params = stage_parameters(method, stage, requires)
-    method.current_stage = stage
-    # the fused AdamW kernel (one pass per parameter tensor): on GPUs, and on CPUs too, where the
-    # per-tensor loop of elementwise ops took ~30% of a 12 × 768 CPU step (4.6× slower in isolation)
-    fused = accelerator.device.type in ("cuda", "cpu") and not ds
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999),
-                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
-    every = len(params) == len(list(method.parameters()))
-    ema_keys = None if every else {n for n, p in method.named_parameters() if p.requires_grad}
-    ema = EMA(method, cfg.ema, ema_keys) if cfg.ema > 0 else None
-    state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
-    if ckpt is not None and not ds:
-        state = load_checkpoint(ckpt, method, opt, sched, ema)
-    model, opt = accelerator.prepare(method, opt)
-    forward = torch.compile(model) if cfg.compile else model  # train.compile: the forward only
-    if ckpt is not None and ds:
-        state = load_checkpoint_deepspeed(ckpt, accelerator, model, sched, ema)
-    state.pop("world_size", None)
-    if ckpt is not None:
-        method.check_frozen(state.get("frozen"))
-        done = state.get("stages_done", done)
-        where = f"stage {stage} ({index + 1}/{len(method.stages)}) " if multi else ""
-        log(f"resuming {where}from {ckpt.name} (step {state['step']})")
-    elif multi:
-        log(f"stage {stage} ({index + 1}/{len(method.stages)}): {cfg.steps} steps, batch {cfg.batch_size}, "
-            f"lr {cfg.lr:g}, {sum(p.numel() for p in params):,} trained parameters")
-    if multi:
-        state.update(stage=stage, stage_index=index, stages_done=done)
-    if method.frozen_modules():
-        state["frozen"] = method.frozen_info()
-    resumed_from, wall_before = state["step"], state["wall_s"]
-    N = len(data)
-    # DeepSpeed divides each micro-batch's loss by accum itself; DDP averages over ranks.
-    scale = world * (plan.accum if ds else 1)
-    guard = current_guard()
-    t0, tokens_here = time.time(), 0
-    desc = f"train {spec.label}" + (f" [{stage}]" if multi else "")
-    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
-               desc=desc, disable=not accelerator.is_main_process, mininterval=2)
-    if guard is not None:
-        guard.training = True
-    main = accelerator.is_main_process
-    last_progress = 0.0
-    phase = f"train:{stage}" if multi else "train"
+    def __init__(self, ctx: RunContext, index: int, curve=None):
+        self.ctx, self.index, self.curve = ctx, index, curve
+        self.name = ctx.stages[index]
+        self.cfg = ctx.spec.train.for_stage(self.name)
+        self.seed = stage_seed(ctx.spec.seed, index)
+        self.plan = batch_plan(self.cfg.batch_size, ctx.accelerator.num_processes, ctx.micro_batch)
+        self.scale = ctx.engine.loss_scale(self.plan)
+        self.root = checkpoint_root(ctx.run_dir, self.name if ctx.multi else None, index)
+        self.where = f"stage {self.name} ({index + 1}/{len(ctx.stages)}) " if ctx.multi else ""
+        self.tokens_here = 0
 
-    def progress(phase: str) -> None:
-        el_ = time.time() - t0
-        rate = tokens_here / el_ if el_ > 0 and tokens_here else None
-        done_ = state["step"] - resumed_from
-        eta = (cfg.steps - state["step"]) * el_ / done_ if done_ > 0 else None
-        write_progress(run_dir, phase=phase, step=state["step"], total=cfg.steps,
+    def build(self) -> None:
+        """Optimizer, schedule and EMA over the stage's parameters (requires_grad set to them)."""
+        ctx, cfg = self.ctx, self.cfg
+        ctx.engine.check(ctx.method, cfg, ctx.spec.label)
+        self.params = stage_parameters(ctx.method, self.name, ctx.requires)
+        ctx.method.current_stage = self.name
+        fused = {"fused": True} if ctx.engine.fused_adamw else {}
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                     **fused)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
+        every = len(self.params) == len(list(ctx.method.parameters()))
+        keys = None if every else {n for n, p in ctx.method.named_parameters() if p.requires_grad}
+        self.ema = EMA(ctx.method, cfg.ema, keys) if cfg.ema > 0 else None
+
+    def resume(self, ckpt: Path | None, done: list[dict]) -> None:
+        """Wrap the method for training, restored from ``ckpt`` (None: as it is); ``done``: the
+        stats of the stages finished before this one (a checkpoint brings its own)."""
+        ctx, cfg = self.ctx, self.cfg
+        self.model, self.opt, state = ctx.engine.prepare(ctx.method, self.opt, self.sched, self.ema, ckpt)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model  # train.compile: the forward only
+        if state is None:
+            state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
+        state.pop("world_size", None)
+        if ckpt is not None:
+            ctx.method.check_frozen(state.get("frozen"))
+            done = state.get("stages_done", done)
+            ctx.log(f"resuming {self.where}from {ckpt.name} (step {state['step']})")
+        elif ctx.multi:
+            ctx.log(f"{self.where.rstrip()}: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+                    f"{sum(p.numel() for p in self.params):,} trained parameters")
+        if ctx.multi:
+            state.update(stage=self.name, stage_index=self.index, stages_done=done)
+        if ctx.method.frozen_modules():
+            state["frozen"] = ctx.method.frozen_info()
+        self.state, self.done = state, done
+        self.resumed_from, self.wall_before = state["step"], state["wall_s"]
+
+    def step(self, k: int) -> tuple[int, float]:
+        """Optimizer step ``k``: this process's share of global batch ``k`` in ``accum``
+        micro-batches, then the update. Returns (the global batch's counted tokens C, this
+        process's share of the step's loss)."""
+        cfg, plan, data = self.cfg, self.plan, self.ctx.data
+        gidx = batch_indices(k, cfg.batch_size, len(data), self.seed)
+        C = max(int(data.counted[gidx].sum()), 1)
+        u_all = batch_u(cfg.batch_size, torch.Generator().manual_seed(seed_of(self.seed, k, 1 << 20)))
+        self.model.train()
+        loss = 0.0
+        for j in range(plan.accum):
+            off = self.ctx.accelerator.process_index * plan.per_rank + j * plan.micro
+            loss += self.micro_step(k, off, gidx[off:off + plan.micro], u_all[off:off + plan.micro], C,
+                                    last=j == plan.accum - 1)
+        self.ctx.engine.clip(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.ctx.accelerator.unwrap_model(self.model))
+        return C, loss
+
+    def micro_step(self, k: int, off: int, idx, u, C: int, last: bool) -> float:
+        """Forward and backward of the micro-batch at offset ``off`` of global batch ``k``; its
+        loss is weighted by its share of the batch's counted tokens (c / C, times the engine's
+        scale for the gradient). Returns its weighted loss."""
+        acc = self.ctx.accelerator
+        torch.manual_seed(seed_of(self.seed, k, off))
+        x = torch.as_tensor(self.ctx.data.tokens[idx], dtype=torch.long, device=acc.device)
+        c = torch.as_tensor(self.ctx.data.counted[idx], dtype=torch.bool, device=acc.device)
+        w = int(c.sum()) / C
+        with acc.autocast():
+            loss = self.forward(x, c, u.to(acc.device))
+        scale = w * self.scale
+        self.ctx.engine.backward(self.model, loss if scale == 1.0 else loss * scale, last)
+        return float(loss.detach()) if w == 1.0 else float(loss.detach()) * w
+
+    def account(self, k: int, C: int, loss: float) -> None:
+        """Step ``k`` is done: its tokens, its (global) loss and, when due, a curve point."""
+        state, acc = self.state, self.ctx.accelerator
+        state["tokens"] += C
+        self.tokens_here += C
+        state["losses"].append(round(loss, 6))
+        state["step"] = k + 1
+        if self.curve is not None and state["step"] % self.curve.every == 0 and acc.is_main_process:
+            tc = time.time()
+            state.setdefault("curve", []).append(self.curve(acc.unwrap_model(self.model), state["step"],
+                                                            state["tokens"]))
+            state["curve_s"] = state.get("curve_s", 0.0) + time.time() - tc
+
+    def checkpoint(self, elapsed: float) -> None:
+        """Checkpoint the stage at its current step (``elapsed``: seconds trained since start)."""
+        state = self.state
+        state["wall_s"] = self.wall_before + elapsed
+        if self.ctx.multi:
+            state["stage_complete"] = state["step"] == self.cfg.steps   # the record that the stage is done
+        self.ctx.engine.save(self.root, state["step"], self.model, self.opt, self.sched, self.ema, state)
+
+    def run(self) -> StageResult:
+        """Train from the resumed step to the last, checkpointing every ``ckpt_every`` steps, at
+        the end and when a preemption signal asks for it."""
+        ctx, cfg, state = self.ctx, self.cfg, self.state
+        guard, t0 = current_guard(), time.time()
+        bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
+                   desc=f"train {ctx.spec.label}" + (f" [{self.name}]" if ctx.multi else ""),
+                   disable=not ctx.accelerator.is_main_process, mininterval=2)
+        if guard is not None:
+            guard.training = True
+        progress = Progress(self, t0)
+        for k in bar:
+            C, loss = self.step(k)
+            request, loss = agree(guard, ctx.accelerator, loss)
+            self.account(k, C, loss)
+            el = time.time() - t0
+            bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{self.tokens_here / max(el, 1e-9):,.0f}",
+                            refresh=False)
+            progress.tick()
+            if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps or request != NONE:
+                self.checkpoint(el)
+            if request != NONE:
+                honour(guard, request, ctx.accelerator, ctx.log, state["step"], bar)
+        if guard is not None:
+            guard.leave_training()
+        bar.close()
+        el = time.time() - t0
+        if self.ema is not None and ctx.multi and self.index < len(ctx.stages) - 1:
+            self.ema.copy_to(ctx.method)   # the next stage starts from this stage's averaged weights
+        return StageResult(self.stats(el), self.done, self.resumed_from, self.tokens_here, el)
+
+    def stats(self, elapsed: float) -> dict:
+        """The stage's line of the record; its final loss is the mean of its last tenth of steps."""
+        losses = self.state["losses"]
+        tail = losses[-max(1, len(losses) // 10):]
+        out = {"stage": self.name, "steps": self.state["step"], "tokens": self.state["tokens"],
+               "wall_s": round(self.wall_before + elapsed, 3), "final_loss": sum(tail) / len(tail) if tail else None}
+        if self.ctx.multi:
+            out.update(batch_size=self.cfg.batch_size, lr=self.cfg.lr)
+        return out
+
+
+class Progress:
+    """A stage's ``progress.json``, written by the main process at the start, then at most every
+    PROGRESS_EVERY_S seconds and at its last step."""
+
+    def __init__(self, stage: Stage, t0: float):
+        self.stage, self.t0, self.last = stage, t0, 0.0
+        self.phase = f"train:{stage.name}" if stage.ctx.multi else "train"
+        self.on = stage.ctx.accelerator.is_main_process
+        if self.on:
+            self.write()
+
+    def tick(self) -> None:
+        step, total = self.stage.state["step"], self.stage.cfg.steps
+        if self.on and (time.time() - self.last >= PROGRESS_EVERY_S or step == total):
+            self.write()
+            self.last = time.time()
+
+    def write(self) -> None:
+        st, state = self.stage, self.stage.state
+        el = time.time() - self.t0
+        rate = st.tokens_here / el if el > 0 and st.tokens_here else None
+        steps = state["step"] - st.resumed_from
+        eta = (st.cfg.steps - state["step"]) * el / steps if steps > 0 else None
+        write_progress(st.ctx.run_dir, phase=self.phase, step=state["step"], total=st.cfg.steps,
                        loss=state["losses"][-1] if state["losses"] else None, tokens_per_s=rate,
                        eta_s=eta, pid=os.getpid())
 
-    if main:
-        progress(phase)
-    for step in bar:
-        gidx = batch_indices(step, cfg.batch_size, N, seed)
-        C = max(int(data.counted[gidx].sum()), 1)
-        g = torch.Generator().manual_seed(seed_of(seed, step, 1 << 20))
-        u_all = batch_u(cfg.batch_size, g)
-        model.train()
-        step_loss = 0.0
-        for j in range(plan.accum):
-            off = rank * plan.per_rank + j * plan.micro
-            torch.manual_seed(seed_of(seed, step, off))
-            idx = gidx[off:off + plan.micro]
-            x = torch.as_tensor(data.tokens[idx], dtype=torch.long, device=accelerator.device)
-            c = torch.as_tensor(data.counted[idx], dtype=torch.bool, device=accelerator.device)
-            u = u_all[off:off + plan.micro].to(accelerator.device)
-            last = j == plan.accum - 1
-            w = int(c.sum()) / C
-            with accelerator.autocast():
-                loss = forward(x, c, u)
-            scaled = loss if w * scale == 1.0 else loss * (w * scale)
-            if ds:
-                accelerator.deepspeed_engine_wrapped.backward(scaled, sync_gradients=last)
-            elif last or world == 1:
-                accelerator.backward(scaled)
-            else:
-                with accelerator.no_sync(model):
-                    accelerator.backward(scaled)
-            step_loss += float(loss.detach()) if w == 1.0 else float(loss.detach()) * w
-        if cfg.grad_clip > 0 and not ds:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
-        request = NONE
-        if guard is not None:
-            request, step_loss = guard.agree(accelerator, step_loss)
-        elif world > 1:
-            t = torch.tensor([step_loss], dtype=torch.float64, device=accelerator.device)
-            torch.distributed.all_reduce(t)
-            step_loss = float(t[0])
-        state["tokens"] += C
-        tokens_here += C
-        state["losses"].append(round(step_loss, 6))
-        state["step"] = step + 1
-        if curve is not None and state["step"] % curve.every == 0 and accelerator.is_main_process:
-            tc = time.time()
-            state.setdefault("curve", []).append(curve(accelerator.unwrap_model(model), state["step"],
-                                                       state["tokens"]))
-            state["curve_s"] = state.get("curve_s", 0.0) + time.time() - tc
-        el = time.time() - t0
-        bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{tokens_here / max(el, 1e-9):,.0f}", refresh=False)
-        if main and (time.time() - last_progress >= PROGRESS_EVERY_S or state["step"] == cfg.steps):
-            progress(phase)
-            last_progress = time.time()
-        if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps or request != NONE:
-            state["wall_s"] = wall_before + el
-            if multi:
-                state["stage_complete"] = state["step"] == cfg.steps   # the record that the stage is done
-            if ds:
-                save_checkpoint_deepspeed(root, state["step"], accelerator, model, sched, ema, state)
-            else:
-                if accelerator.is_main_process:
-                    save_checkpoint(root, state["step"], accelerator.unwrap_model(model), opt, sched, ema,
-                                    state)
-                accelerator.wait_for_everyone()
-        if request != NONE:
-            guard.handled(request)
-            log(guard.describe(request).format(step=state["step"], world=world))
-            if request == REQUEUE:
-                bar.close()
-                guard.requeue(accelerator)
-    if guard is not None:
-        guard.leave_training()
-    bar.close()
-    el = time.time() - t0
-    if ema is not None and multi and index < len(method.stages) - 1:
-        ema.copy_to(method)   # the next stage starts from this stage's averaged weights
-    losses = state["losses"]
-    tail = losses[-max(1, len(losses) // 10):]
-    stats = {"stage": stage, "steps": state["step"], "tokens": state["tokens"],
-             "wall_s": round(wall_before + el, 3), "final_loss": sum(tail) / len(tail) if tail else None}
-    if multi:
-        stats.update(batch_size=cfg.batch_size, lr=cfg.lr)
-    return {"model": model, "state": state, "cfg": cfg, "plan": plan, "ema": ema, "fused": fused,
-            "stats": stats, "done": done, "tokens_here": tokens_here, "el": el, "resumed_from": resumed_from}
 
+def agree(guard, accelerator, loss: float) -> tuple[int, float]:
+    """(the preemption request every rank agrees on, the step's global loss): the guard's one
+    all-reduce of both, or without a guard an all-reduce of the loss when world > 1."""
+    if guard is not None:
+        return guard.agree(accelerator, loss)
+    if accelerator.num_processes > 1:
+        t = torch.tensor([loss], dtype=torch.float64, device=accelerator.device)
+        torch.distributed.all_reduce(t)
+        loss = float(t[0])
+    return NONE, loss
+
+
+def honour(guard, request: int, accelerator, log, step: int, bar) -> None:
+    """After the checkpoint a preemption signal asked for: say so, and on a requeue request
+    hand over to the scheduler (which ends this process)."""
+    guard.handled(request)
+    log(guard.describe(request).format(step=step, world=accelerator.num_processes))
+    if request == REQUEUE:
+        bar.close()
+        guard.requeue(accelerator)

@@ -70,14 +70,14 @@ _KILL_CHILD = """
 import json, os, signal, sys
 from pathlib import Path
 {prelude}
-import bench.train as T
+import bench.checkpoint as C
 from bench.runner import execute
-publish, K, STAGE = T._publish, int(sys.argv[3]), sys.argv[4] or None
+publish, K, STAGE = C.publish, int(sys.argv[3]), sys.argv[4] or None
 def publish_then_die(root, step):
     publish(root, step)
     if step == K and (STAGE is None or Path(root).name == STAGE):
         os.kill(os.getpid(), signal.SIGKILL)
-T._publish = publish_then_die
+C.publish = publish_then_die  # the savers look it up at call time
 execute(json.loads(sys.argv[1]), sys.argv[2], 1)
 """
 

@@ -63,7 +63,7 @@ def test_one_failed_run_does_not_stop_the_suite(tmp_path, capsys):
     ck = run_dir(out, spec) / "ckpt" / "step_0000004"  # poison this run only
     ck.mkdir(parents=True)
     (ck / "state.json").write_text("{}")
-    from bench.rundir import write_manifest
+    from bench.checkpoint import write_manifest
     write_manifest(ck)  # intact as a file set (passes the pre-flight), wrong inside: fails in the run
     assert main(["run", str(f), "--out", str(out)]) == 1
     md = (out / "leaderboard.md").read_text()

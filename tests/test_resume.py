@@ -37,7 +37,7 @@ def test_corrupt_checkpoint_fails_the_run_naming_the_file(tmp_path):
     ck.mkdir(parents=True)
     (ck / "model.safetensors").write_bytes(b"not a safetensors file")
     (ck / "state.json").write_text("{}")
-    from bench.rundir import write_manifest
+    from bench.checkpoint import write_manifest
     write_manifest(ck)  # hashes match (as if written so): the failure is in parsing the weights
     assert execute(spec.model_dump(mode="json"), rd, 1) == "failed"
     rec = json.loads((rd / "result.json").read_text())
