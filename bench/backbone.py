@@ -1,9 +1,10 @@
 """The one transformer family every method builds on.
 
 DiT-style blocks (Peebles & Xie 2023, as in SEDD's DDiT and MDLM's DIT): pre-LayerNorm
-attention with rotary position embeddings + MLP, each modulated by adaLN (shift, scale, gate) computed from a conditioning
-vector c = MLP(sinusoidal(t)). Bidirectional SDPA attention for diffusion; the same blocks with
-causal attention (and t ≡ 0) are the autoregressive GPT-2 baseline, so a "matching size"
+attention with rotary position embeddings + MLP, each modulated by adaLN (shift, scale, gate)
+computed from a conditioning vector c = MLP(sinusoidal(t)). Bidirectional SDPA attention for
+diffusion; the same blocks with causal attention (and t ≡ 0) are the autoregressive GPT-2
+baseline, so a "matching size"
 comparison compares objectives, not architectures (MDLM's ``small-ar``).
 
 Inputs: token ids (B, L) or precomputed embeddings (B, L, hidden) for continuous methods; the

@@ -11,8 +11,17 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, create_model,
-                      field_validator, model_serializer, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from bench.metrics import MetricsConfig
 
@@ -58,7 +67,8 @@ class TokenizerConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.name in ("gpt2", "char") and self.vocab_size is not None:
-            raise ValueError(f"vocab_size is fixed ({50257 if self.name == 'gpt2' else 27}) for the {self.name} tokenizer")
+            raise ValueError(f"vocab_size is fixed ({50257 if self.name == 'gpt2' else 27}) "
+                             f"for the {self.name} tokenizer")
         if self.name == "bpe" and self.vocab_size is not None and self.vocab_size < 260:
             raise ValueError("a byte-level BPE needs vocab_size >= 260")
         return self

@@ -57,9 +57,9 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
                          "params": params, "conf": r.get("protocol", {}).get("confidence", 0.95),
                          "estimate": m.get("estimate")})
         for m in r.get("reference", []):
-            rows.append({"size": r["size"], "model": m.get("label", SOURCE_LABEL), "dataset": m["dataset"], "metric": m["metric"],
-                         "value": m["value"], "ci_low": m["value"], "ci_high": m["value"], "bound": False,
-                         "protocol": m.get("protocol_id"), "seed": None, "params": None, "conf": 0.95,
+            rows.append({"size": r["size"], "model": m.get("label", SOURCE_LABEL), "dataset": m["dataset"],
+                         "metric": m["metric"], "value": m["value"], "ci_low": m["value"], "ci_high": m["value"],
+                         "bound": False, "protocol": m.get("protocol_id"), "seed": None, "params": None, "conf": 0.95,
                          "estimate": "exact"})
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
@@ -163,7 +163,8 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", cross
                  "over seeds when n_seeds > 1, else the protocol's Monte-Carlo interval). Best per column in bold."]
     notes.extend(crossings)
     for r in failed:
-        notes.append(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} ({r.get('run_id')}): {r.get('error')}")
+        notes.append(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} ({r.get('run_id')}): "
+                     f"{r.get('error')}")
     for p in problems:
         notes.append(f"- skipped: {p}")
     return body + "\n".join(notes) + "\n"
@@ -273,7 +274,8 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
             g = st[(st["metric"] == m) & (st["protocol"] == p) & (st["model"] != SOURCE_TEXT)].dropna(subset=["value"])
             if len(g) > 1 and g["value"].nunique() > 1:
                 best[(m, p)] = g["value"].min() if "↓" in ARROW[m] else g["value"].max()
-    lines = [f"| Size | Model | Steps | ppl ({ds}) | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(cols)]
+    lines = [f"| Size | Model | Steps | ppl ({ds}) | " + " | ".join(names) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
     last = None
     for (size, model, steps), g in st.groupby(["size", "model", "steps"], sort=False, dropna=False):
         pr = ppl[(ppl["size"] == size) & (ppl["model"] == model)]

@@ -104,7 +104,8 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
 
     def is_char(r):
         p = r["train"]["curve"][0]
-        return p["char"] if "char" in p else r.get("spec", {}).get("data", {}).get("tokenizer", {}).get("name") == "char"
+        return p["char"] if "char" in p else (
+            r.get("spec", {}).get("data", {}).get("tokenizer", {}).get("name") == "char")
 
     char = all(is_char(r) for r in curves)
     conv = (lambda n: n / math.log(2)) if char else math.exp  # noqa: E731
@@ -179,7 +180,8 @@ def frontier(st, path: Path) -> Path | None:
                 if xs:
                     ax.plot(xs, ys, "o-", color=c, label=model, lw=1.2)
                     for p in pts:
-                        if p[xi] is not None and p[0] is not None and not (isinstance(p[0], float) and math.isnan(p[0])):
+                        if (p[xi] is not None and p[0] is not None
+                                and not (isinstance(p[0], float) and math.isnan(p[0]))):
                             ax.annotate(f"{int(p[0])}", (p[xi], p[1]), fontsize=7, xytext=(3, 3),
                                         textcoords="offset points", color=c)
                     drew = True

@@ -45,7 +45,8 @@ def discover() -> None:
     if pkg is not None:
         for info in pkgutil.iter_modules(pkg.__path__):
             if not info.name.startswith("_"):
-                _load(f"{BUILTIN_PACKAGE}.{info.name}", lambda n=info.name: importlib.import_module(f"{BUILTIN_PACKAGE}.{n}"))
+                _load(f"{BUILTIN_PACKAGE}.{info.name}",
+                      lambda n=info.name: importlib.import_module(f"{BUILTIN_PACKAGE}.{n}"))
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         _load(ep.value, ep.load)  # importing the module runs its @register decorators
 

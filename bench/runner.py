@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import RunSpec
+from bench.distributed import make_accelerator, process_rank, teardown
 from bench.errors import UserError
 from bench.records import environment, record_status, write_json, write_record
 from bench.registry import build_method
-from bench.distributed import make_accelerator, process_rank, teardown
 from bench.rundir import Lease, lease_state, read_lease
 
 

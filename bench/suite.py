@@ -11,8 +11,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from bench.config import (NAMED_SIZES, BackboneConfig, MethodEntry, RunSpec, StageOverrides, Suite, TrainConfig,
-                          resolve_stages)
+from bench.config import (
+    NAMED_SIZES,
+    BackboneConfig,
+    MethodEntry,
+    RunSpec,
+    StageOverrides,
+    Suite,
+    TrainConfig,
+    resolve_stages,
+)
 from bench.config_io import first_error, read_validated
 from bench.data import is_synthetic, validate_data_config
 from bench.errors import FileError, UserError, did_you_mean
@@ -51,7 +59,8 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
         label = raw.pop("label", None)
         only = raw.pop("sizes", None)
         if only is not None and (not isinstance(only, list) or any(x not in suite.sizes for x in only)):
-            raise UserError(f"{where}.sizes: must be a list of the suite's sizes ({', '.join(suite.sizes)}), got {only!r}")
+            raise UserError(f"{where}.sizes: must be a list of the suite's sizes ({', '.join(suite.sizes)}), "
+                            f"got {only!r}")
         if not isinstance(name, str):
             raise UserError(f"{where}.method: required (a registered method name)")
         try:

@@ -208,7 +208,8 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
     pubs = sorted({str(p) for p in ref.get("protocol", pd.Series(dtype=str)).dropna()})
     if pubs:
         mine_p = sorted(set(our_presets)) or ["?"]
-        warn = "" if set(mine_p) <= set(pubs) else " — NOT the same protocol: differences include the token-counting convention"
+        warn = "" if set(mine_p) <= set(pubs) else (
+            " — NOT the same protocol: differences include the token-counting convention")
         lines.append(f"Published protocol: {', '.join(pubs)}; ours: {', '.join(mine_p)} (eval.protocol){warn}.")
     if source:
         lines += ["", "Source: " + " ".join(source)]

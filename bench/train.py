@@ -42,14 +42,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bench.checkpoint import checkpoint_root, latest_checkpoint
 from bench.config import RunSpec
 from bench.data import Blocks
-from bench.checkpoint import checkpoint_root, latest_checkpoint
 from bench.distributed import NONE, REQUEUE, batch_plan, current_guard
 from bench.engine import PlainEngine, make_engine
 from bench.evaluate import batch_u
 from bench.rundir import PROGRESS
-
 
 PROGRESS_EVERY_S = 2.0
 
@@ -144,13 +143,13 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     state."""
     engine = make_engine(accelerator)
     engine.check_stages(spec, tuple(method.stages))
-    ctx = RunContext(method, spec, data, Path(run_dir), accelerator, engine, log, micro_batch,
-                     {id(p): p.requires_grad for p in method.parameters()})
-    start, ckpt = resume_point(ctx)
+    training = Training(method, spec, data, Path(run_dir), accelerator, engine, log, micro_batch,
+                        {id(p): p.requires_grad for p in method.parameters()})
+    start, ckpt = resume_point(training)
     done, results = [], []
-    for i in range(start, len(ctx.stages)):
-        last = i == len(ctx.stages) - 1
-        stage = Stage(ctx, i, curve if last else None)
+    for i in range(start, len(training.stages)):
+        last = i == len(training.stages) - 1
+        stage = Stage(training, i, curve if last else None)
         stage.build()
         stage.resume(ckpt if i == start else None, done)
         results.append(stage.run())
@@ -158,13 +157,13 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
         if not last:   # the next stage wraps the method anew (DDP registers only its parameters)
             engine.release(stage.model, method)
     resumed = {"resumed_from_step": results[0].resumed_from}
-    if ctx.multi:
-        resumed["resumed_in_stage"] = ctx.stages[start] if ckpt is not None else None
-    return run_stats(ctx, stage, results, resumed)
+    if training.multi:
+        resumed["resumed_in_stage"] = training.stages[start] if ckpt is not None else None
+    return run_stats(training, stage, results, resumed)
 
 
 @dataclass(frozen=True)
-class RunContext:
+class Training:
     """What every stage of one :func:`train` call shares."""
 
     method: torch.nn.Module
@@ -186,11 +185,12 @@ class RunContext:
         return len(self.stages) > 1
 
 
-def resume_point(ctx: RunContext) -> tuple[int, Path | None]:
+def resume_point(training: Training) -> tuple[int, Path | None]:
     """(stage index, checkpoint) to start from: the latest checkpoint of the last stage that
     has one, else (0, None)."""
-    for i in reversed(range(len(ctx.stages))):
-        ckpt = latest_checkpoint(ctx.run_dir, checkpoint_root(ctx.run_dir, ctx.stages[i] if ctx.multi else None, i))
+    for i in reversed(range(len(training.stages))):
+        root = checkpoint_root(training.run_dir, training.stages[i] if training.multi else None, i)
+        ckpt = latest_checkpoint(training.run_dir, root)
         if ckpt is not None:
             return i, ckpt
     return 0, None
@@ -205,14 +205,14 @@ class StageResult:
     elapsed: float       # seconds it trained in this process's lifetime
 
 
-def run_stats(ctx: RunContext, last: "Stage", results: list[StageResult], resumed: dict) -> dict:
+def run_stats(training: Training, last: "Stage", results: list[StageResult], resumed: dict) -> dict:
     """The record's training stats after the ``last`` stage; the method is left with its
     trained requires_grad flags back and the EMA weights (if any) in it."""
-    acc = ctx.accelerator
-    for p in ctx.method.parameters():
-        p.requires_grad_(ctx.requires[id(p)])
+    acc = training.accelerator
+    for p in training.method.parameters():
+        p.requires_grad_(training.requires[id(p)])
     unwrapped = acc.unwrap_model(last.model)
-    checksums = ctx.engine.checksums(unwrapped, last.cfg)
+    checksums = training.engine.checksums(unwrapped, last.cfg)
     if last.ema is not None:
         last.ema.copy_to(unwrapped)
     done = results[-1].done + [results[-1].stats]
@@ -223,10 +223,11 @@ def run_stats(ctx: RunContext, last: "Stage", results: list[StageResult], resume
              "wall_s": round(sum(d["wall_s"] for d in done), 3), "final_loss": done[-1]["final_loss"],
              "loss_curve": losses[:: max(1, len(losses) // 100)],
              "world_size": acc.num_processes, "micro_batch": last.plan.micro, "grad_accum": last.plan.accum,
-             "engine": ctx.engine.name, "compiled": bool(last.cfg.compile), "fused_adamw": ctx.engine.fused_adamw,
+             "engine": training.engine.name, "compiled": bool(last.cfg.compile),
+             "fused_adamw": training.engine.fused_adamw,
              "param_checksums": checksums, "curve": state.get("curve", []),
              "curve_s": round(state.get("curve_s", 0.0), 3)}
-    if ctx.multi:
+    if training.multi:
         stats["stages"] = {d["stage"]: {k: v for k, v in d.items() if k != "stage"} for d in done}
     return stats
 
@@ -236,51 +237,51 @@ class Stage:
     schedule and EMA over its parameters; :meth:`resume` from its checkpoint (or from the
     method as it is); :meth:`run` to its ``steps``, one :meth:`step` at a time."""
 
-    def __init__(self, ctx: RunContext, index: int, curve=None):
-        self.ctx, self.index, self.curve = ctx, index, curve
-        self.name = ctx.stages[index]
-        self.cfg = ctx.spec.train.for_stage(self.name)
-        self.seed = stage_seed(ctx.spec.seed, index)
-        self.plan = batch_plan(self.cfg.batch_size, ctx.accelerator.num_processes, ctx.micro_batch)
-        self.scale = ctx.engine.loss_scale(self.plan)
-        self.root = checkpoint_root(ctx.run_dir, self.name if ctx.multi else None, index)
-        self.where = f"stage {self.name} ({index + 1}/{len(ctx.stages)}) " if ctx.multi else ""
+    def __init__(self, training: Training, index: int, curve=None):
+        self.training, self.index, self.curve = training, index, curve
+        self.name = training.stages[index]
+        self.cfg = training.spec.train.for_stage(self.name)
+        self.seed = stage_seed(training.spec.seed, index)
+        self.plan = batch_plan(self.cfg.batch_size, training.accelerator.num_processes, training.micro_batch)
+        self.scale = training.engine.loss_scale(self.plan)
+        self.root = checkpoint_root(training.run_dir, self.name if training.multi else None, index)
+        self.where = f"stage {self.name} ({index + 1}/{len(training.stages)}) " if training.multi else ""
         self.tokens_here = 0
 
     def build(self) -> None:
         """Optimizer, schedule and EMA over the stage's parameters (requires_grad set to them)."""
-        ctx, cfg = self.ctx, self.cfg
-        ctx.engine.check(ctx.method, cfg, ctx.spec.label)
-        self.params = stage_parameters(ctx.method, self.name, ctx.requires)
-        ctx.method.current_stage = self.name
-        fused = {"fused": True} if ctx.engine.fused_adamw else {}
+        training, cfg = self.training, self.cfg
+        training.engine.check(training.method, cfg, training.spec.label)
+        self.params = stage_parameters(training.method, self.name, training.requires)
+        training.method.current_stage = self.name
+        fused = {"fused": True} if training.engine.fused_adamw else {}
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                      **fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
-        every = len(self.params) == len(list(ctx.method.parameters()))
-        keys = None if every else {n for n, p in ctx.method.named_parameters() if p.requires_grad}
-        self.ema = EMA(ctx.method, cfg.ema, keys) if cfg.ema > 0 else None
+        every = len(self.params) == len(list(training.method.parameters()))
+        keys = None if every else {n for n, p in training.method.named_parameters() if p.requires_grad}
+        self.ema = EMA(training.method, cfg.ema, keys) if cfg.ema > 0 else None
 
     def resume(self, ckpt: Path | None, done: list[dict]) -> None:
         """Wrap the method for training, restored from ``ckpt`` (None: as it is); ``done``: the
         stats of the stages finished before this one (a checkpoint brings its own)."""
-        ctx, cfg = self.ctx, self.cfg
-        self.model, self.opt, state = ctx.engine.prepare(ctx.method, self.opt, self.sched, self.ema, ckpt)
+        training, cfg = self.training, self.cfg
+        self.model, self.opt, state = training.engine.prepare(training.method, self.opt, self.sched, self.ema, ckpt)
         self.forward = torch.compile(self.model) if cfg.compile else self.model  # train.compile: the forward only
         if state is None:
             state = {"step": 0, "tokens": 0, "losses": [], "wall_s": 0.0}
         state.pop("world_size", None)
         if ckpt is not None:
-            ctx.method.check_frozen(state.get("frozen"))
+            training.method.check_frozen(state.get("frozen"))
             done = state.get("stages_done", done)
-            ctx.log(f"resuming {self.where}from {ckpt.name} (step {state['step']})")
-        elif ctx.multi:
-            ctx.log(f"{self.where.rstrip()}: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
-                    f"{sum(p.numel() for p in self.params):,} trained parameters")
-        if ctx.multi:
+            training.log(f"resuming {self.where}from {ckpt.name} (step {state['step']})")
+        elif training.multi:
+            training.log(f"{self.where.rstrip()}: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+                         f"{sum(p.numel() for p in self.params):,} trained parameters")
+        if training.multi:
             state.update(stage=self.name, stage_index=self.index, stages_done=done)
-        if ctx.method.frozen_modules():
-            state["frozen"] = ctx.method.frozen_info()
+        if training.method.frozen_modules():
+            state["frozen"] = training.method.frozen_info()
         self.state, self.done = state, done
         self.resumed_from, self.wall_before = state["step"], state["wall_s"]
 
@@ -288,42 +289,42 @@ class Stage:
         """Optimizer step ``k``: this process's share of global batch ``k`` in ``accum``
         micro-batches, then the update. Returns (the global batch's counted tokens C, this
         process's share of the step's loss)."""
-        cfg, plan, data = self.cfg, self.plan, self.ctx.data
+        cfg, plan, data = self.cfg, self.plan, self.training.data
         gidx = batch_indices(k, cfg.batch_size, len(data), self.seed)
         C = max(int(data.counted[gidx].sum()), 1)
         u_all = batch_u(cfg.batch_size, torch.Generator().manual_seed(seed_of(self.seed, k, 1 << 20)))
         self.model.train()
         loss = 0.0
         for j in range(plan.accum):
-            off = self.ctx.accelerator.process_index * plan.per_rank + j * plan.micro
+            off = self.training.accelerator.process_index * plan.per_rank + j * plan.micro
             loss += self.micro_step(k, off, gidx[off:off + plan.micro], u_all[off:off + plan.micro], C,
                                     last=j == plan.accum - 1)
-        self.ctx.engine.clip(self.params, cfg.grad_clip)
+        self.training.engine.clip(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.ctx.accelerator.unwrap_model(self.model))
+            self.ema.update(self.training.accelerator.unwrap_model(self.model))
         return C, loss
 
     def micro_step(self, k: int, off: int, idx, u, C: int, last: bool) -> float:
         """Forward and backward of the micro-batch at offset ``off`` of global batch ``k``; its
         loss is weighted by its share of the batch's counted tokens (c / C, times the engine's
         scale for the gradient). Returns its weighted loss."""
-        acc = self.ctx.accelerator
+        acc = self.training.accelerator
         torch.manual_seed(seed_of(self.seed, k, off))
-        x = torch.as_tensor(self.ctx.data.tokens[idx], dtype=torch.long, device=acc.device)
-        c = torch.as_tensor(self.ctx.data.counted[idx], dtype=torch.bool, device=acc.device)
+        x = torch.as_tensor(self.training.data.tokens[idx], dtype=torch.long, device=acc.device)
+        c = torch.as_tensor(self.training.data.counted[idx], dtype=torch.bool, device=acc.device)
         w = int(c.sum()) / C
         with acc.autocast():
             loss = self.forward(x, c, u.to(acc.device))
         scale = w * self.scale
-        self.ctx.engine.backward(self.model, loss if scale == 1.0 else loss * scale, last)
+        self.training.engine.backward(self.model, loss if scale == 1.0 else loss * scale, last)
         return float(loss.detach()) if w == 1.0 else float(loss.detach()) * w
 
     def account(self, k: int, C: int, loss: float) -> None:
         """Step ``k`` is done: its tokens, its (global) loss and, when due, a curve point."""
-        state, acc = self.state, self.ctx.accelerator
+        state, acc = self.state, self.training.accelerator
         state["tokens"] += C
         self.tokens_here += C
         state["losses"].append(round(loss, 6))
@@ -338,24 +339,24 @@ class Stage:
         """Checkpoint the stage at its current step (``elapsed``: seconds trained since start)."""
         state = self.state
         state["wall_s"] = self.wall_before + elapsed
-        if self.ctx.multi:
+        if self.training.multi:
             state["stage_complete"] = state["step"] == self.cfg.steps   # the record that the stage is done
-        self.ctx.engine.save(self.root, state["step"], self.model, self.opt, self.sched, self.ema, state)
+        self.training.engine.save(self.root, state["step"], self.model, self.opt, self.sched, self.ema, state)
 
     def run(self) -> StageResult:
         """Train from the resumed step to the last, checkpointing every ``ckpt_every`` steps, at
         the end and when a preemption signal asks for it."""
-        ctx, cfg, state = self.ctx, self.cfg, self.state
+        training, cfg, state = self.training, self.cfg, self.state
         guard, t0 = current_guard(), time.time()
         bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
-                   desc=f"train {ctx.spec.label}" + (f" [{self.name}]" if ctx.multi else ""),
-                   disable=not ctx.accelerator.is_main_process, mininterval=2)
+                   desc=f"train {training.spec.label}" + (f" [{self.name}]" if training.multi else ""),
+                   disable=not training.accelerator.is_main_process, mininterval=2)
         if guard is not None:
             guard.training = True
         progress = Progress(self, t0)
         for k in bar:
             C, loss = self.step(k)
-            request, loss = agree(guard, ctx.accelerator, loss)
+            request, loss = agree(guard, training.accelerator, loss)
             self.account(k, C, loss)
             el = time.time() - t0
             bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{self.tokens_here / max(el, 1e-9):,.0f}",
@@ -364,13 +365,13 @@ class Stage:
             if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps or request != NONE:
                 self.checkpoint(el)
             if request != NONE:
-                honour(guard, request, ctx.accelerator, ctx.log, state["step"], bar)
+                honour(guard, request, training.accelerator, training.log, state["step"], bar)
         if guard is not None:
             guard.leave_training()
         bar.close()
         el = time.time() - t0
-        if self.ema is not None and ctx.multi and self.index < len(ctx.stages) - 1:
-            self.ema.copy_to(ctx.method)   # the next stage starts from this stage's averaged weights
+        if self.ema is not None and training.multi and self.index < len(training.stages) - 1:
+            self.ema.copy_to(training.method)   # the next stage starts from this stage's averaged weights
         return StageResult(self.stats(el), self.done, self.resumed_from, self.tokens_here, el)
 
     def stats(self, elapsed: float) -> dict:
@@ -379,7 +380,7 @@ class Stage:
         tail = losses[-max(1, len(losses) // 10):]
         out = {"stage": self.name, "steps": self.state["step"], "tokens": self.state["tokens"],
                "wall_s": round(self.wall_before + elapsed, 3), "final_loss": sum(tail) / len(tail) if tail else None}
-        if self.ctx.multi:
+        if self.training.multi:
             out.update(batch_size=self.cfg.batch_size, lr=self.cfg.lr)
         return out
 
@@ -390,8 +391,8 @@ class Progress:
 
     def __init__(self, stage: Stage, t0: float):
         self.stage, self.t0, self.last = stage, t0, 0.0
-        self.phase = f"train:{stage.name}" if stage.ctx.multi else "train"
-        self.on = stage.ctx.accelerator.is_main_process
+        self.phase = f"train:{stage.name}" if stage.training.multi else "train"
+        self.on = stage.training.accelerator.is_main_process
         if self.on:
             self.write()
 
@@ -407,7 +408,7 @@ class Progress:
         rate = st.tokens_here / el if el > 0 and st.tokens_here else None
         steps = state["step"] - st.resumed_from
         eta = (st.cfg.steps - state["step"]) * el / steps if steps > 0 else None
-        write_progress(st.ctx.run_dir, phase=self.phase, step=state["step"], total=st.cfg.steps,
+        write_progress(st.training.run_dir, phase=self.phase, step=state["step"], total=st.cfg.steps,
                        loss=state["losses"][-1] if state["losses"] else None, tokens_per_s=rate,
                        eta_s=eta, pid=os.getpid())
 

@@ -5,9 +5,10 @@ BPE vocabulary 2048), one thread, AdamW steps on fresh uniformly random tokens e
 objective's arithmetic does not depend on the data, but its speed does through denormal floats —
 a model that has memorised a fixed batch emits peaked logits whose softmax underflows into
 denormals, which x86 handles in slow microcode (up to 2× on log_softmax here), and how fast each
-model gets there would decide the ratio. Random tokens keep every model's logits flat. Methods are interleaved round by round so machine load hits all alike;
-the figure is the median over rounds of (tokens/s of the method) / (tokens/s of MDLM) in the
-same round. Run it alone (on a shared machine: ``flock /work/cpu.lock python benchmarks/...``).
+model gets there would decide the ratio. Random tokens keep every model's logits flat. Methods are
+interleaved round by round so machine load hits all alike; the figure is the median over rounds of
+(tokens/s of the method) / (tokens/s of MDLM) in the same round. Run it alone (on a shared
+machine: ``flock /work/cpu.lock python benchmarks/...``).
 
     python benchmarks/continuous_throughput.py [--rounds 5] [--steps 8]
 """

@@ -41,7 +41,8 @@ def build_rate(workers: int) -> tuple[int, float, float]:
                 t0 = time.perf_counter()
                 load_blocks(DatasetRef(name=name), split, data, "eos_per_doc", num_proc=workers)
                 t_all += time.perf_counter() - t0
-                meta = __import__("json").loads(next((Path(d) / "blocks").glob(f"{name}-{split}-*/meta.json")).read_text())
+                meta = __import__("json").loads(
+                    next((Path(d) / "blocks").glob(f"{name}-{split}-*/meta.json")).read_text())
                 n_tok += meta["n_tokens"]
                 t_tok += meta["tokenize_s"]
         return n_tok, t_all, t_tok
@@ -73,7 +74,7 @@ def loader_rate(batch: int = 512, steps: int = 50) -> float:
 def step_rate(steps: int, batch: int, seq_len: int) -> tuple[float, int]:
     import torch
 
-    from bench.config import BackboneConfig, NAMED_SIZES
+    from bench.config import NAMED_SIZES, BackboneConfig
     from bench.registry import get_method
 
     torch.manual_seed(0)

@@ -35,11 +35,13 @@ class LatentDiffusionParams(Params):
 
     schedule: Literal["tan-d", "cosine", "sqrt"] = Field("tan-d", description="noise schedule; TEncDM: tan-d, d = 9")
     parameterisation: Literal["x0", "eps", "v"] = Field("x0", description="what the denoiser outputs")
-    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="ddim (deterministic, the probability-flow Euler step) or ddpm")
+    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="ddim (deterministic, the probability-flow Euler "
+                                                                 "step) or ddpm")
     self_condition: bool = True
     self_condition_rate: float = Field(0.5, ge=0.0, le=1.0,
                                        description="training: probability of the two-pass (x̃0 = first pass) branch")
-    norm_batches: PositiveInt = Field(8, description="training batches whose vectors estimate the per-dimension mean/std")
+    norm_batches: PositiveInt = Field(8, description="training batches whose vectors estimate the per-dimension "
+                                                     "mean/std")
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -209,7 +211,8 @@ def load_encoder(name: str, where: str):
         cfg = AutoConfig.from_pretrained(path, local_files_only=local)
         arch = (getattr(cfg, "architectures", None) or [""])[0]
         # a saved encoder half (T5EncoderModel) loads as itself, not as a model with a new decoder
-        cls = getattr(transformers, arch) if arch.endswith("EncoderModel") and hasattr(transformers, arch) else AutoModel
+        cls = (getattr(transformers, arch) if arch.endswith("EncoderModel") and hasattr(transformers, arch)
+               else AutoModel)
         model = cls.from_pretrained(path, local_files_only=local)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except Exception as e:  # noqa: BLE001

@@ -31,9 +31,20 @@ from pydantic import Field, PositiveInt
 from bench.backbone import Backbone
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
-from methods._gaussian import (PARAMETERISATIONS, SAMPLERS, SCHEDULES, Learned, NormalStream, diffuse,
-                               diffusion_term, nearest_embedding, prior_kl, sample_loop, standard_normal,
-                               train_condition)
+from methods._gaussian import (
+    PARAMETERISATIONS,
+    SAMPLERS,
+    SCHEDULES,
+    Learned,
+    NormalStream,
+    diffuse,
+    diffusion_term,
+    nearest_embedding,
+    prior_kl,
+    sample_loop,
+    standard_normal,
+    train_condition,
+)
 
 SC_LABEL = " +SC"
 
@@ -237,7 +248,8 @@ class PLAID(EmbeddingDiffusion):
         # one pass of the fused head
         x0_hat, nll = self.net(t=t, embeds=z, self_cond=self.first_pass(z, t, train),
                                expect=self.embedding.weight, targets=w)
-        diff = diffusion_term(e.float(), x0_hat.float(), self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
+        diff = diffusion_term(e.float(), x0_hat.float(), self.schedule.gamma(t)[:, None],
+                              self.schedule.dgamma(t)[:, None])
         _, g1 = self.endpoints(e)
         estimate = torch.where(rec[:, None], nll.float() / q, diff / (1 - q))
         return estimate + prior_kl(e.float(), g1)

@@ -31,7 +31,8 @@ from bench.registry import register
 
 class HFCausalLMParams(Params):
     model: str = Field("gpt2", description="hub name (gpt2, gpt2-medium, ...) or a save_pretrained directory")
-    stride: Optional[int] = Field(None, ge=1, description="window stride beyond the model's context (default: its context)")
+    stride: Optional[int] = Field(None, ge=1,
+                                  description="window stride beyond the model's context (default: its context)")
 
 
 @register("hf-causal-lm")

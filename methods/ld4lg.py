@@ -27,8 +27,16 @@ from bench.backbone import Backbone
 from bench.errors import UserError
 from bench.method import Method
 from bench.registry import register
-from methods._latent import (LatentDiffusion, LatentDiffusionParams, block_texts, check_text_data, pad_or_cut,
-                             require_text_tokenizer, resolve_model_path, texts_to_suite_ids)
+from methods._latent import (
+    LatentDiffusion,
+    LatentDiffusionParams,
+    block_texts,
+    check_text_data,
+    pad_or_cut,
+    require_text_tokenizer,
+    resolve_model_path,
+    texts_to_suite_ids,
+)
 
 IGNORE = -100   # label id HF losses skip; we compute our own CE with the same convention
 
@@ -41,8 +49,10 @@ class LD4LGParams(LatentDiffusionParams):
                                                         "false for lm: null)")
     latents: PositiveInt = Field(16, description="n: latent vectors (LD4LG: 32)")
     latent_dim: PositiveInt = Field(32, description="d: width of each latent (LD4LG: 64)")
-    compress_layers: PositiveInt = Field(1, description="blocks in the compression and in the reconstruction network (LD4LG: 3)")
-    enc_len: Optional[PositiveInt] = Field(None, description="LM tokens per block with a pretrained lm (default: seq_len)")
+    compress_layers: PositiveInt = Field(1, description="blocks in the compression and in the reconstruction "
+                                                        "network (LD4LG: 3)")
+    enc_len: Optional[PositiveInt] = Field(None, description="LM tokens per block with a pretrained lm "
+                                                             "(default: seq_len)")
 
     @model_validator(mode="after")
     def _frozen_needs_pretrained(self):

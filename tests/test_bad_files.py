@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_suite, write_suite
 
 from bench.cli import main
-from conftest import tiny_suite, write_suite
 
 SUITE = tiny_suite()
 SUITE["train"].update(steps=4, ckpt_every=4)

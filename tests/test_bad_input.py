@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_suite, write_suite
 
 from bench.cli import main
-from conftest import tiny_suite, write_suite
 
 
 def _set(d: dict, path: str, value):
@@ -51,7 +51,8 @@ CASES = [  # (path to change, new value, text the one-line message must contain)
     ("methods.0", {"method": "mdlm", "variant": "fast"}, "methods[0].variant: unknown name 'fast'"),
     ("sizes", {"huge": None}, "sizes.huge: not a named size"),
     ("train.stages", {"diffusion": {"steps": 5}},
-     "train.stages.diffusion: no method of this suite has a stage 'diffusion' (methods[0] mdlm: train; baseline ar: train)"),
+     "train.stages.diffusion: no method of this suite has a stage 'diffusion' "
+     "(methods[0] mdlm: train; baseline ar: train)"),
     ("train.stages", {"train": {"lr": -1}}, "train.stages.train.lr: Input should be greater than 0"),
     ("train.stages", {"train": {"step": 5}}, "train.stages.train.step: unknown key"),
 ]

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import methods.continuous as continuous
 from bench.config import BackboneConfig
 from bench.registry import get_method
-import methods.continuous as continuous
 from methods._gaussian import NormalStream
 
 CFG = BackboneConfig(layers=1, hidden=32, heads=2, cond_dim=16)
@@ -201,8 +201,9 @@ def test_no_parameter_is_unused_in_a_training_step():
 
 
 def test_markov_source_bounds_above_truth_and_ssd_lm_has_no_ppl(tmp_path):
-    from bench.cli import main
     from conftest import write_suite
+
+    from bench.cli import main
 
     src = {"name": "markov", "vocab": 16, "order": 1, "seed": 7, "concentration": 0.3}
     suite = {"name": "cont-markov", "data": {"train": src, "eval": [src], "seq_len": 32},

@@ -15,11 +15,11 @@ import json
 import math
 
 import pytest
+from conftest import complete_record, metric_rows, run_killed_at, specs_of, tiny_suite, write_suite
 
 from bench.launch import run_suite
 from bench.runner import execute
 from bench.suite import load_suite
-from conftest import complete_record, metric_rows, run_killed_at, specs_of, tiny_suite, write_suite
 
 STEPS = 12
 METHODS = [{"method": "diffusion-lm", "self_condition": True}, {"method": "plaid"},

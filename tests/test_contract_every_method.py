@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from bench.config import STAGE_FIELDS, BackboneConfig, StageSettings
 from bench.data.tokenizers import gpt2
 from bench.method import Context, Method
 from bench.registry import all_methods
 from bench.samples import count_calls
-from conftest import REPO
 
 BB = BackboneConfig(layers=1, hidden=32, heads=2, cond_dim=16)
 L, B, N_SAMPLES, STEPS = 12, 3, 2, 3

@@ -116,8 +116,9 @@ def test_char_suite_packs_documents_like_text8(tmp_path):
 
 
 def test_char_tokenizer_needs_packing_none(tmp_path):
-    from bench.cli import main
     from conftest import tiny_suite, write_suite
+
+    from bench.cli import main
 
     s = tiny_suite(data={"train": {"name": "austen"}, "eval": [{"name": "kjv"}], "tokenizer": "char", "seq_len": 32})
     rc = main(["run", str(write_suite(tmp_path / "s.yaml", s)), "--out", str(tmp_path / "o")])

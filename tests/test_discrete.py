@@ -378,7 +378,8 @@ def test_sedd_bound_matches_dense_rate_matrix(graph, noise):
                     want[b] += rate * (ls.exp() - R * ls + torch.xlogy(R, R) - R)
         want += Ld * (prior + rec)
         reach = Pt[xtr, x0r].prod(-1) > 0
-        assert torch.allclose(got[reach], want[reach], atol=1e-9, rtol=1e-9), (tv, graph, noise, (got - want)[reach].abs().max())
+        assert torch.allclose(got[reach], want[reach], atol=1e-9, rtol=1e-9), (
+            tv, graph, noise, (got - want)[reach].abs().max())
     ends = m.endpoint_terms("cpu")
     assert float(ends) == pytest.approx(float(prior + rec), abs=1e-12)
     if noise == "loglinear":
@@ -697,8 +698,8 @@ def test_samplers_with_oracle_reproduce_the_distribution(make, steps):
 # ============================================================================ plumbing
 def test_registry_params_variants_and_labels():
     from bench.config import Suite
-    from bench.suite import resolve_methods
     from bench.registry import get_method
+    from bench.suite import resolve_methods
 
     assert get_method("d3pm") is D3PM and get_method("sedd") is SEDD and get_method("csm") is CSM
     assert D3PM.Params(transition="uniform").schedule == "cosine"
@@ -771,9 +772,9 @@ def test_losses_wire_the_terms():
 def test_tiny_suite_end_to_end(tmp_path):
     """Train, evaluate and sample every new method through the harness (debug executor)."""
     import pandas as pd
+    from conftest import tiny_suite, write_suite
 
     from bench.cli import main
-    from conftest import tiny_suite, write_suite
 
     suite = tiny_suite(methods=[{"method": "d3pm", "variant": "absorb", "T": 50},
                                 {"method": "d3pm", "variant": "uniform", "T": 50},
@@ -795,8 +796,9 @@ def test_tiny_suite_end_to_end(tmp_path):
 
 
 def test_mini_suite_file_is_valid():
-    from bench.suite import load_suite
     from conftest import REPO
+
+    from bench.suite import load_suite
 
     suite, specs = load_suite(REPO / "suites" / "sedd-table-mini.yaml")
     rows = ["GPT-2", "SEDD Absorb", "SEDD Uniform", "D3PM Absorb", "D3PM Uniform", "CSM", "PLAID"]
@@ -812,9 +814,9 @@ def test_markov_source_every_bound_above_truth_ar_closest(tmp_path):
     """Order-1 Markov source over 8 symbols (exact entropy known): after a short training run
     every diffusion bound's CI reaches above the true perplexity, and AR is the closest row."""
     import pandas as pd
+    from conftest import write_suite
 
     from bench.cli import main
-    from conftest import write_suite
 
     src = {"name": "markov", "vocab": 8, "order": 1, "seed": 3, "concentration": 0.3}
     suite = {
@@ -889,7 +891,8 @@ def test_uniform_step_memory_within_1_5x_of_absorbing():
     for name, key in [("d3pm", "transition"), ("sedd", "graph"), ("csm", "graph")]:
         a, u = peak(name, {key: "absorb"}), peak(name, {key: "uniform"})
         print(f"{name}: absorb {a['delta'] / 2**20:.0f} MiB ({a['delta'] / a['blv']:.1f} B·L·V floats), "
-              f"uniform {u['delta'] / 2**20:.0f} MiB ({u['delta'] / u['blv']:.1f}), ratio {u['delta'] / a['delta']:.2f}")
+              f"uniform {u['delta'] / 2**20:.0f} MiB ({u['delta'] / u['blv']:.1f}), "
+              f"ratio {u['delta'] / a['delta']:.2f}")
         assert u["delta"] <= 1.5 * a["delta"], (name, a, u)
     ref = peak("mdlm", {})
     print(f"(reference) mdlm: {ref['delta'] / 2**20:.0f} MiB ({ref['delta'] / ref['blv']:.1f} B·L·V floats)")

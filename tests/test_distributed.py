@@ -16,12 +16,12 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import tiny_suite, write_suite
 
-from bench.suite import load_suite
 from bench.distributed import batch_plan
 from bench.errors import UserError
 from bench.launch import run_suite
-from conftest import tiny_suite, write_suite
+from bench.suite import load_suite
 
 STEPS = 12
 

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from conftest import REPO
 
 from bench.config import BackboneConfig
-from conftest import REPO
 from bench.data.corpora import documents
 from bench.data.tokenizers import gpt2
 from bench.method import Context
@@ -307,7 +307,8 @@ def _teacher_forced_accuracy(m, x, shuffle=False):
 
 
 @pytest.mark.parametrize("make", [
-    lambda V, Lc: Planner(PlannerParams(latents=8, latent_dim=16, beta=0.01), BackboneConfig(layers=2, hidden=64, heads=4),
+    lambda V, Lc: Planner(PlannerParams(latents=8, latent_dim=16, beta=0.01),
+                          BackboneConfig(layers=2, hidden=64, heads=4),
                           V, Lc, Context(tokenizer=CopyTokenizer(V))),
     lambda V, Lc: LD4LG(LD4LGParams(latents=8, latent_dim=16), BackboneConfig(layers=2, hidden=64, heads=4),
                         V, Lc, Context(tokenizer=CopyTokenizer(V))),
@@ -431,8 +432,9 @@ def test_each_method_runs_its_stages_and_samples_through_the_harness(entry, tiny
     NFE = 3 (denoiser calls only) and L suite ids."""
     import json
 
-    from bench.runner import execute
     from conftest import specs_of, tiny_suite
+
+    from bench.runner import execute
 
     method = {"tencdm": {"method": "tencdm", "encoder": tiny_models["bert"], "norm_batches": 1},
               "ld4lg": {"method": "ld4lg", "norm_batches": 1},
@@ -446,7 +448,8 @@ def test_each_method_runs_its_stages_and_samples_through_the_harness(entry, tiny
     rd = tmp_path / "run"
     assert execute(spec.model_dump(mode="json"), rd, 1) == "complete"
     rec = json.loads((rd / "result.json").read_text())
-    assert list(rec["train"]["stages"]) == list(stages) and all(v["steps"] == 2 for v in rec["train"]["stages"].values())
+    assert (list(rec["train"]["stages"]) == list(stages)
+            and all(v["steps"] == 2 for v in rec["train"]["stages"].values()))
     assert rec["protocol"]["text_crossing"]
     if entry == "tencdm":
         assert rec["method_info"]["frozen"]["encoder"]["source"] == tiny_models["bert"]

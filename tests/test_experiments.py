@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from bench.cli import main
 from conftest import tiny_suite, write_suite
+
+from bench.cli import main
 
 
 def test_bad_experiment_key_exits_2_naming_it(tmp_path, capsys):

@@ -12,9 +12,23 @@ import pytest
 import torch
 from scipy import stats
 
-from methods._gaussian import (GAMMA_MAX, GAMMA_MIN, SAMPLERS, Cosine, Learned, NormalStream, Sqrt, TanD,
-                               ddim_step, diffuse, diffusion_term, posterior, prior_kl, sample_loop,
-                               standard_normal)
+from methods._gaussian import (
+    GAMMA_MAX,
+    GAMMA_MIN,
+    SAMPLERS,
+    Cosine,
+    Learned,
+    NormalStream,
+    Sqrt,
+    TanD,
+    ddim_step,
+    diffuse,
+    diffusion_term,
+    posterior,
+    prior_kl,
+    sample_loop,
+    standard_normal,
+)
 
 SCHEDULES = {"cosine": Cosine(), "sqrt": Sqrt(), "tan-d": TanD(), "learned": Learned(-3.0, 6.0)}
 T = torch.linspace(0, 1, 2001, dtype=torch.float64)

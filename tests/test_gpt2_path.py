@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from bench.cli import main
 from conftest import tiny_suite, write_suite
+
+from bench.cli import main
 
 
 def test_gpt2_tokenizer_run(tmp_path):

@@ -14,7 +14,8 @@ import pytest
 
 from bench.cli import main
 from bench.config import DataConfig, DatasetRef, EvalConfig, Protocol
-from bench.data import detokenizers as D, hub, load_blocks
+from bench.data import detokenizers as D
+from bench.data import hub, load_blocks
 from bench.data.packing import pack, pack_stream
 from bench.data.tokenizers import CharTokenizer, gpt2
 from tests import hub_fixtures as H
@@ -24,7 +25,8 @@ from tests.conftest import REPO, write_suite
 # ----------------------------------------------------------------------------- detokenizers
 def test_wikitext_detokenizer():
     r = D.wikitext(H.WIKITEXT_ROWS[3])
-    assert r.startswith(" Senjō no Valkyria 3: Unrecorded Chronicles (Japanese: 戦場のヴァルキュリア3, lit. Valkyria of")
+    assert r.startswith(" Senjō no Valkyria 3: Unrecorded Chronicles (Japanese: 戦場のヴァルキュリア3, "
+                        "lit. Valkyria of")
     assert "the Battlefield 3), commonly" in r and "tactical role-playing video game" in r
     assert r.endswith("in the Valkyria series.\n")
     assert D.wikitext(H.WIKITEXT_ROWS[4]) == " == Gameplay ==\n"
@@ -43,7 +45,8 @@ def test_lm1b_detokenizer():
     assert D.lm1b(H.LM1B_ROWS[1]) == 'Visit http://www.example.com for the "full story" (in English) .'
     assert D.lm1b(H.LM1B_ROWS[2]) == "I'm not sure it's worth $5, he said."
     assert D.lm1b(H.LM1B_ROWS[3]) == "Why not?"
-    assert D.lm1b(H.LM1B_ROWS[0]).endswith("did best: dominate the field of professional golf and rake in endorsements.")
+    assert D.lm1b(H.LM1B_ROWS[0]).endswith("did best: dominate the field of professional golf and rake in "
+                                           "endorsements.")
 
 
 def test_lambada_detokenizer():

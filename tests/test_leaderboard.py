@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+from conftest import tiny_suite, write_suite
 
 from bench.cli import main
-from conftest import tiny_suite, write_suite
 
 
 def test_suite_records_leaderboard_and_rerun(tmp_path, capsys):
@@ -57,8 +57,8 @@ def test_one_failed_run_does_not_stop_the_suite(tmp_path, capsys):
     suite["train"]["steps"] = 4
     f = write_suite(tmp_path / "s.yaml", suite)
     out = tmp_path / "out"
-    from bench.suite import load_suite
     from bench.rundir import run_dir
+    from bench.suite import load_suite
     spec = [s for s in load_suite(f)[1] if s.method == "mdlm"][0]
     ck = run_dir(out, spec) / "ckpt" / "step_0000004"  # poison this run only
     ck.mkdir(parents=True)

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 
-from bench.rundir import LEASE, Lease, lease_state, read_lease
 from conftest import REPO, tiny_suite, write_suite
+
+from bench.rundir import LEASE, Lease, lease_state, read_lease
 
 CLI = [sys.executable, "-m", "bench.cli"]
 
@@ -149,8 +150,9 @@ def test_exactly_one_of_many_racers_wins(tmp_path):
 
 
 def test_execute_skips_a_run_held_elsewhere(tmp_path):
-    from bench.runner import execute
     from conftest import specs_of
+
+    from bench.runner import execute
 
     spec = specs_of(tiny_suite(), tmp_path)[0]
     rd = tmp_path / "out" / "runs" / spec.run_id

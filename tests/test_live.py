@@ -6,11 +6,12 @@ import io
 import json
 import time
 
+from conftest import specs_of, tiny_suite, write_suite
+
 from bench import live
 from bench.records import write_record
 from bench.rundir import Lease
 from bench.runner import record_header
-from conftest import specs_of, tiny_suite, write_suite
 
 
 def test_rows_from_run_directories(tmp_path):

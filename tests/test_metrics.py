@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 
 from bench.metrics.genppl import GenPPLSettings, aggregate, cut_at_first_eos, scorer_tokens
-from bench.metrics.ngrams import (build_index, cached_index, diversity, hashed_ngrams, mean_entropy,
-                                  memorization, tokenize, unigram_entropy)
+from bench.metrics.ngrams import (
+    build_index,
+    cached_index,
+    diversity,
+    hashed_ngrams,
+    mean_entropy,
+    memorization,
+    tokenize,
+    unigram_entropy,
+)
 
 
 def test_diversity_by_hand():

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import specs_of, tiny_suite
 
 from bench import leaderboard
 from bench.method import Method
 from bench.runner import build_method, evaluate_all
-from conftest import specs_of, tiny_suite
 
 
 def _log(*_):
@@ -126,8 +126,9 @@ def test_learning_curve_points_and_plot(tmp_path):
     learning.png next to the leaderboard."""
     import json
 
-    from bench.cli import main
     from conftest import write_suite
+
+    from bench.cli import main
 
     suite = tiny_suite(data={"train": {"name": "austen"}, "eval": [{"name": "kjv"}], "tokenizer": "char",
                              "seq_len": 32},

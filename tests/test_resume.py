@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from bench.runner import execute
 from conftest import complete_record, metric_rows, run_killed_at, specs_of, tiny_suite
+
+from bench.runner import execute
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
@@ -49,6 +50,7 @@ def test_reload_after_zero3_and_load_final_method_read_the_same_weights(tmp_path
     """The two ways a run's final weights are read back — the runner's reload after ZeRO-3
     training and `tdbench sample`'s load_final_method — go through one loader and agree."""
     import torch
+    from conftest import tiny_suite, write_suite
 
     from bench.cli import main
     from bench.config import RunSpec
@@ -56,7 +58,6 @@ def test_reload_after_zero3_and_load_final_method_read_the_same_weights(tmp_path
     from bench.records import read_record
     from bench.runner import _reload_final
     from bench.samples import load_final_method
-    from conftest import tiny_suite, write_suite
 
     f = write_suite(tmp_path / "s.yaml", tiny_suite())
     assert main(["run", str(f), "--out", str(tmp_path / "out")]) == 0

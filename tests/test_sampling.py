@@ -2,7 +2,6 @@
 counted from real network calls, samples.jsonl extension without retraining."""
 from __future__ import annotations
 
-
 import torch
 
 from bench.config import BackboneConfig

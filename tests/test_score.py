@@ -148,7 +148,8 @@ def test_suite_samples_score_round_trip(tmp_path, capsys):
     assert stored["scorer"].startswith("tdbench-ar:") and stored["scorer"].endswith(runs["ar"].name)
     m = stored["budgets"][0]["metrics"]
     assert all(m[k]["value"] is not None for k in ("gen_ppl", "entropy", "div", "mem", "mauve"))
-    assert "self-scored" in json.loads((runs["ar"] / "scores.json").read_text())["budgets"][0]["metrics"]["gen_ppl"]["note"]
+    assert "self-scored" in (
+        json.loads((runs["ar"] / "scores.json").read_text())["budgets"][0]["metrics"]["gen_ppl"]["note"])
     lb = (out / "leaderboard.md").read_text()
     assert "| Source text |" in lb and "gen_ppl ↓" in lb and "mauve ↑" in lb and (out / "frontier.png").is_file()
     csv = (out / "leaderboard.csv").read_text()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from bench.suite import load_suite
-from bench.launch import run_suite
 from conftest import REPO, tiny_suite, write_suite
+
+from bench.launch import run_suite
+from bench.suite import load_suite
 
 pytestmark = pytest.mark.slurm
 
@@ -126,7 +126,8 @@ def sacct_states(job_id: str) -> list[str]:
     ({"partition": "debug", "cpus_per_task": 64}, {}, "cpus_per_task: 64 CPUs per task"),
     ({"partition": "debug", "mem_gb": 100000}, {}, "mem_gb: 100000 GB per node"),
     ({"partition": "debug", "gpus_per_node": 1}, {}, "gpus_per_node: 1 GPUs per node"),
-    ({"partition": "debug", "constraint": "a100"}, {}, "constraint: no node of partition 'debug' has the feature 'a100'"),
+    ({"partition": "debug", "constraint": "a100"}, {},
+     "constraint: no node of partition 'debug' has the feature 'a100'"),
     ({"partition": "debug", "sbatch": {"exclude": "no-such-node"}}, {}, "sbatch: the cluster rejects these resources"),
     ({"partition": "debug", "cpus_per_task": 4}, {"tasks_per_node": 4}, "launch.tasks_per_node: 4 tasks × 4 CPUs"),
     ({"partition": "debug"}, {"nodes": 2}, "launch.nodes: 2 nodes per run, but partition 'debug' has 1"),

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_suite, write_suite
 
 from bench.cli import main
 from bench.slurm import REPO_SLURM, ClusterProfile, load_profile
-from conftest import tiny_suite, write_suite
 
 
 def test_shipped_profiles_load():

@@ -23,19 +23,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import stage_plugin
+import torch
+from conftest import complete_record, run_killed_at, specs_of, tiny_suite
+
 from bench import registry
 from bench.runner import execute
-from conftest import complete_record, run_killed_at, specs_of, tiny_suite
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 REGISTER_TOY = ("import stage_plugin; from bench.registry import register; "
                 "register(stage_plugin.NAME)(stage_plugin.TwoStageToy)")
 CHILD = (f"import json,sys; {REGISTER_TOY}; from bench.runner import execute; "
-         "execute(json.loads(sys.argv[1]), sys.argv[2], 1, micro_batch=int(sys.argv[3]) if len(sys.argv) > 3 else None)")
+         "execute(json.loads(sys.argv[1]), sys.argv[2], 1, "
+         "micro_batch=int(sys.argv[3]) if len(sys.argv) > 3 else None)")
 AE, DIFF = "1-autoencoder", "2-diffusion"
 
 
@@ -110,7 +111,8 @@ def test_each_stage_trains_only_its_parameters(tmp_path):
     assert any(not torch.equal(w2[k], w1[k]) for k in net)               # trained in stage 2
     st = rec["train"]["stages"]
     assert list(st) == ["autoencoder", "diffusion"] and st["autoencoder"]["steps"] == 6
-    assert rec["train"]["steps"] == 12 and rec["train"]["tokens"] == st["autoencoder"]["tokens"] + st["diffusion"]["tokens"]
+    assert rec["train"]["steps"] == 12 and (
+        rec["train"]["tokens"] == st["autoencoder"]["tokens"] + st["diffusion"]["tokens"])
     assert all(math.isfinite(s["final_loss"]) for s in st.values())
     assert json.loads((_final(rd, AE) / "state.json").read_text())["stage_complete"] is True
     progress = json.loads((rd / "progress.json").read_text())
@@ -255,7 +257,8 @@ def test_frozen_encoder_gets_no_gradient_is_not_checkpointed_and_is_checked(tmp_
     with torch.no_grad():
         changed.pooler.dense.bias.add_(1e-3)
     changed.save_pretrained(tiny_bert)
-    with pytest.raises(UserError, match=rf"^{tiny_bert}: frozen module 'encoder' changed since the run recorded it") as e:
+    with pytest.raises(UserError,
+                       match=rf"^{tiny_bert}: frozen module 'encoder' changed since the run recorded it") as e:
         load_final_method(rd)
     assert "\n" not in str(e.value)
     (rd / "result.json").unlink()   # rerun: it resumes from its last checkpoint, and refuses
@@ -294,12 +297,14 @@ def test_live_view_shows_the_stage():
 
 
 def test_a_stage_batch_that_does_not_split_is_named(tmp_path):
+    from conftest import write_suite
+
     from bench.errors import UserError
     from bench.launch import check_launch
     from bench.suite import load_suite
-    from conftest import write_suite
 
     s = _suite({"diffusion": {"batch_size": 6}}, launch={"executor": "local", "tasks_per_node": 4})
     suite, specs = load_suite(write_suite(tmp_path / "s.yaml", s))
-    with pytest.raises(UserError, match=r"^train\.stages\.diffusion\.batch_size: 6 is not divisible by the world size 4"):
+    with pytest.raises(UserError,
+                       match=r"^train\.stages\.diffusion\.batch_size: 6 is not divisible by the world size 4"):
         check_launch(suite, specs, "local")

@@ -4,9 +4,9 @@ the AR perplexity approaches the true one (within 3%), and the MDLM bound stays 
 from __future__ import annotations
 
 import pandas as pd
+from conftest import REPO
 
 from bench.cli import main
-from conftest import REPO
 
 
 def test_synthetic_suite(tmp_path):

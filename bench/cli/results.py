@@ -44,8 +44,16 @@ def _scoring_config(args, base):
 
 
 def cmd_score(args) -> int:
-    from bench.metrics.score import (SCORES, metrics_config_of, score_file, score_json, score_rows, score_run,
-                                     score_table, score_values)
+    from bench.metrics.score import (
+        SCORES,
+        metrics_config_of,
+        score_file,
+        score_json,
+        score_rows,
+        score_run,
+        score_table,
+        score_values,
+    )
 
     p = Path(args.path)
     if p.is_file():

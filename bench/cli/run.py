@@ -151,7 +151,8 @@ def register(sub) -> None:
     r.add_argument("--max-running", type=int, help="slurm: array tasks running at once (default: the profile's)")
     r.add_argument("--dry-run", action="store_true",
                    help="print each run, its resources and estimated GPU-hours; run and write nothing")
-    r.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"dry run: assumed model FLOPs utilisation (default {DEFAULT_MFU})")
+    r.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help=f"dry run: assumed model FLOPs utilisation (default {DEFAULT_MFU})")
     r.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"dry run: assumed peak TFLOP/s per GPU (default {DEFAULT_PEAK_TFLOPS:g}, A100 bf16)")
     r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from bench.config import DataConfig, DatasetRef, short_hash, tokenizer_key
 from bench.config_io import first_error
 from bench.data import blockcache, corpora, hub, synthetic
-from bench.data.paths import cache_dir
 from bench.data.detokenizers import DETOKENIZERS
+from bench.data.paths import cache_dir
 from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, Tokenizer, gpt2, train_bpe
 from bench.errors import UserError, did_you_mean
 
@@ -100,7 +100,8 @@ def _text_tokenizer(name: str, vocab_size: int, train_name: str) -> Tokenizer:
     if name == "char":
         return CharTokenizer()
     if train_name not in corpora.CORPORA:
-        raise UserError(f"data.tokenizer: a trained bpe is trained on an embedded corpus ({', '.join(corpora.CORPORA)}); "
+        raise UserError("data.tokenizer: a trained bpe is trained on an embedded corpus "
+                        f"({', '.join(corpora.CORPORA)}); "
                         f"for {train_name} use gpt2")
     key = f"bpe-{vocab_size}"
     h = short_hash([key, train_name, corpora.corpus_sha(train_name), "bytelevel-bpe/1"])[:16]

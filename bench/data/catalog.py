@@ -12,7 +12,6 @@ from bench.errors import UserError
 
 def _ref(name: str, path: str | None) -> DatasetRef:
     from bench.data import DATASETS
-
     from bench.errors import did_you_mean
 
     if name not in DATASETS:
@@ -30,7 +29,7 @@ def _ref(name: str, path: str | None) -> DatasetRef:
 def prepare(name: str, path: str | None = None, tokenizer: str | None = None, seq_len: int | None = None,
             protocol: str | None = None, splits: list[str] | None = None, num_proc: int | None = None) -> list[dict]:
     """Build the block cache of every split of ``name`` (or of ``splits``); return their meta."""
-    from bench.data import DATASETS, blockcache, block_cache_dir, dataset_params, hub, load_blocks
+    from bench.data import DATASETS, block_cache_dir, blockcache, dataset_params, hub, load_blocks
 
     ref = _ref(name, path)
     dataset_params(ref, "data")

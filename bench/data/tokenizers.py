@@ -103,8 +103,8 @@ class CharTokenizer(Tokenizer):
 
 def gpt2() -> Tokenizer:
     from tokenizers import Tokenizer as _T
-    from tokenizers.models import BPE
     from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
 
     vocab = json.loads((GPT2_DIR / "vocab.json").read_text(encoding="utf-8"))
     merges = [tuple(line.split(" ")) for line in
@@ -118,7 +118,8 @@ def gpt2() -> Tokenizer:
 
 def train_bpe(texts: list[str], vocab_size: int, path: Path, key: str) -> Tokenizer:
     """Byte-level BPE trained on ``texts``; cached at ``path`` (written atomically)."""
-    from tokenizers import Tokenizer as _T, ByteLevelBPETokenizer
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import Tokenizer as _T
 
     if path.is_file():
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import subprocess
 from typing import Optional
 
-
 # ----------------------------------------------------------------------------- scheduler
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
         "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
@@ -24,7 +23,8 @@ def squeue() -> Optional[dict[str, dict]]:
     for line in r.stdout.splitlines():
         parts = line.split(None, 3)
         if len(parts) >= 2:
-            out[parts[0]] = {"state": parts[1], "restarts": int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0,
+            out[parts[0]] = {"state": parts[1],
+                             "restarts": int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0,
                              "reason": parts[3].strip() if len(parts) > 3 else ""}
     return out
 

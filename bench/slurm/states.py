@@ -9,7 +9,6 @@ from bench.index import scan
 from bench.slurm.ledger import read_ledger
 from bench.slurm.queue import LIVE, sacct, squeue
 
-
 # ----------------------------------------------------------------------------- states
 STATES = ("pending", "running", "requeued", "completed", "failed", "cancelled")
 
@@ -70,7 +69,8 @@ def run_states(out: Path, only: Optional[set[str]] = None, queue: Optional[dict]
             else:
                 st.state = "pending"
             st.detail = q["state"].lower() + (f", requeued {q['restarts']}×" if again else "") \
-                + (f" ({q['reason']})" if q["reason"] and q["reason"] not in ("None", "(null)") and q["state"] != "RUNNING" else "")
+                + (f" ({q['reason']})" if q["reason"] and q["reason"] not in ("None", "(null)")
+                   and q["state"] != "RUNNING" else "")
         elif rec_st == "failed":
             st.state = "failed"
             st.detail = str((rec or {}).get("error", ""))[:200]

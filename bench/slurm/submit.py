@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from bench.errors import UserError
-from bench.runner import now
 from bench.rundir import check_run_dirs, plan, run_dir
+from bench.runner import now
 from bench.slurm.cluster import Shape, check_profile, shape_of, slurm_cmd
 from bench.slurm.ledger import append_ledger, read_ledger, slurm_dir
 from bench.slurm.profiles import ClusterProfile
