@@ -1,11 +1,24 @@
 """Hugging Face causal language models: loading by hub name or local path, per-token NLL.
 
+Which names are local: :func:`resolve_pretrained` is the one rule every loader of a pretrained
+model uses (this module, the gen-ppl scorer, the MAUVE featurizer, the latent family's frozen
+encoders). A hub name is ``NAME`` or ``ORG/NAME``. Anything else is a local path and must be an
+existing directory, else a :class:`UserError` naming the key, and the hub is never asked: a name
+that starts with ``.``, ``~`` or ``/`` (``./ckpts/m``, ``../m``, ``~/m``, absolute), holds a
+backslash or more than one ``/``, or whose first part is a local directory (``ckpts/gpt2-ft``
+while ``ckpts/`` exists). An existing local directory always wins. So a mistyped or unmounted
+checkpoint directory never downloads a hub model of the same name; write local paths with a
+leading ``./`` (or absolute) to be safe even when their first directory is missing. With
+``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set, a hub name is read from the local hub
+cache only.
+
 Two functions, shared by every part of the harness that needs a pretrained causal LM (the
 generative-perplexity scorer, the ``hf-causal-lm`` method):
 
 - ``load_causal_lm(name_or_path, device)``: a ``transformers`` model in eval mode. A local
   directory is loaded with ``local_files_only`` (never touches the hub); anything that cannot
-  be loaded is a :class:`UserError` naming it.
+  be loaded is a :class:`UserError` naming it. ``hub_revision`` is the commit a hub model was
+  loaded from (None for a local directory).
 - ``causal_lm_token_nll(model, ids, first_context_id)``: −log p(x_i | x_<i) for every token,
   float64, (B, L); the first token is conditioned on ``first_context_id`` (e.g. GPT-2's
   <|endoftext|>). Sequences longer than the model's context are scored in sliding windows: each
@@ -19,6 +32,7 @@ text).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -26,17 +40,76 @@ import torch
 from bench.errors import UserError
 
 
-def load_causal_lm(name_or_path: str, device="cpu"):
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: hub names come from the local cache only."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def is_local_name(name: str) -> bool:
+    """Does ``name`` name a local directory (True) or a hub model (False)? The module doc's rule."""
+    if name.startswith((".", "~", "/")) or "\\" in name or os.path.isabs(name) or Path(name).is_dir():
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def resolve_pretrained(name: str, where: str | None = None, what: str = "model") -> tuple[str, bool]:
+    """(what to pass to ``from_pretrained``, local_files_only) for a hub name or local path.
+    A local path that is not a directory is a UserError naming ``where`` (the key); the hub is
+    not asked. A hub name is read from the local cache only when the hub is offline."""
+    if not is_local_name(name):
+        if hub_offline():   # also when set after huggingface_hub was imported (it reads it once)
+            import huggingface_hub.constants
+
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+        return name, hub_offline()
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{where or 'model'}: cannot load {what} '{name}': no such local directory (a name "
+                        f"starting with ./ ../ ~ or /, holding \\ or two or more /, or whose first part is a "
+                        f"local directory is a local path, never looked up on the hub; hub names are NAME or "
+                        f"ORG/NAME)")
+    return str(path), True
+
+
+def failure(e: Exception, local: bool) -> str:
+    """One line on why loading failed (hub names: which hub was tried)."""
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if local:
+        return first
+    how = "HF_HUB_OFFLINE is set: only the local hub cache was read" if hub_offline() else \
+        "hub unreachable or unknown name?"
+    return f"{first} ({how})"
+
+
+def load_causal_lm(name_or_path: str, device="cpu", revision: str | None = None, where: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    local = Path(name_or_path).is_dir()
+    src, local = resolve_pretrained(name_or_path, where, "a causal LM")
+    local_dir = is_local_name(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(src, local_files_only=local,
+                                                     **({"revision": revision} if revision and not local_dir else {}))
     except Exception as e:  # noqa: BLE001 - any loading failure is the user's path/name
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        where = "local directory" if local else "model name (hub unreachable or unknown?)"
-        raise UserError(f"{name_or_path}: cannot load a causal LM from this {where}: {first}") from None
+        what = "local directory" if local_dir else "model name"
+        raise UserError(f"{where + ': ' if where else ''}{name_or_path}: cannot load a causal LM from this {what}: "
+                        f"{failure(e, local_dir)}") from None
     return model.to(device).eval()
+
+
+def hub_revision(name: str, revision: str | None = None) -> str | None:
+    """The commit a hub model was loaded from (after loading: the local hub cache's snapshot that
+    ``revision``, default main, points to); None for a local directory or when not found."""
+    if is_local_name(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        p = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an odd name or cache: the record says unknown
+        return None
+    return Path(p).parent.name if isinstance(p, str) and Path(p).parent.parent.name == "snapshots" else None
 
 
 def context_length(model) -> int:
@@ -72,16 +145,16 @@ def causal_lm_token_nll(model, ids: torch.LongTensor, first_context_id: int,
     return out
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, revision: str | None = None):
     """The model's own tokenizer, or None when the directory holds none (or offline)."""
     from transformers import AutoTokenizer
 
-    local = Path(name_or_path).expanduser()
-    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+    src, local = resolve_pretrained(name_or_path)
+    if is_local_name(name_or_path) and not any((Path(src) / f).is_file() for f in TOKENIZER_FILES):
         return None  # (transformers would build an empty tokenizer from config.json alone)
     try:
-        tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path,
-                                            local_files_only=local.is_dir())
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=local,
+                                            **({"revision": revision} if revision and not is_local_name(src) else {}))
     except Exception:  # noqa: BLE001 - no tokenizer files: the caller decides what that means
         return None
     return tok if len(tok) > 1 else None

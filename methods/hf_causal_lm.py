@@ -22,17 +22,29 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from bench import hf
-from bench.method import Method, Params
+from bench.method import Method, Params, weights_sha256
 from bench.registry import register
 
 
 class HFCausalLMParams(Params):
-    model: str = Field("gpt2", description="hub name (gpt2, gpt2-medium, ...) or a save_pretrained directory")
+    model: str = Field("gpt2", description="hub name (gpt2, gpt2-medium, ...) or a save_pretrained directory "
+                                           "(a path-like name must exist locally: it never reaches the hub)")
     stride: Optional[int] = Field(None, ge=1,
                                   description="window stride beyond the model's context (default: its context)")
+    revision: Optional[str] = Field(None, min_length=1, max_length=100,
+                                    description="hub commit (or tag/branch) to load; pins the model and is part "
+                                                "of the run id (unpinned, the record shows the commit loaded)")
+
+    @model_serializer(mode="wrap")
+    def _drop_unpinned(self, handler):
+        # ``revision`` came later: absent from the spec (and the run id) of rows that do not pin one
+        d = handler(self)
+        if isinstance(d, dict) and d.get("revision") is None:
+            d.pop("revision", None)
+        return d
 
 
 @register("hf-causal-lm")
@@ -67,13 +79,13 @@ class HFCausalLM(Method):
             self.choose_ids(self.context.tokenizer)
 
     def build_network(self, cfg):
-        return hf.load_causal_lm(self.p.model)
+        return hf.load_causal_lm(self.p.model, revision=self.p.revision, where="methods[hf-causal-lm].model")
 
     def choose_ids(self, tokenizer) -> None:
         """Score the suite's ids as they are when ``tokenizer`` is the model's own; else
         detokenize each block and retokenize its text with the model's tokenizer."""
         self.suite_tok = tokenizer
-        self.hf_tok = hf.load_tokenizer(self.p.model)
+        self.hf_tok = hf.load_tokenizer(self.p.model, self.p.revision)
         if hf.same_tokenizer(tokenizer, self.net, self.hf_tok):
             self.retokenized = False
         elif self.hf_tok is None:
@@ -85,8 +97,11 @@ class HFCausalLM(Method):
         self.first_context = hf.bos_id(self.net, self.hf_tok)
 
     def info(self) -> dict:
+        """``revision``: the hub commit loaded (None for a local directory); ``weights_sha256``
+        (bench.method.weights_sha256): a changed model shows in the record even unpinned."""
         return {"model": self.p.model, "retokenized": self.retokenized, "first_context_id": self.first_context,
-                "counted_per": "suite token", "context": hf.context_length(self.net)}
+                "counted_per": "suite token", "context": hf.context_length(self.net),
+                "revision": hf.hub_revision(self.p.model, self.p.revision), "weights_sha256": weights_sha256(self.net)}
 
     def nll(self, x0, counted, u=None):
         if not self.retokenized:

@@ -172,7 +172,7 @@ UNUSED_WHEN_UNTIED = ("lm.model.shared.weight",)
 def load_seq2seq(name: str, where: str):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    path, local = resolve_model_path(name)
+    path, local = resolve_model_path(name, where, "encoder-decoder")
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=local)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)

