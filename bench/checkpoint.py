@@ -5,8 +5,10 @@ multi-stage method; each holds all of the method's weights, and a stage's last o
 ``stage_complete``, stays as its result) holds the model (and EMA) weights in safetensors, the
 optimizer and scheduler state with the RNG state in ``optim.pt``, ``state.json`` (step,
 tokens, loss curve, the frozen parts' sources and hashes) and ``manifest.json``: the sha256
-and size of every other file, checked before anything is parsed. Nothing is unpickled:
+and size of every other file, checked before anything is parsed. Our code unpickles nothing:
 ``optim.pt`` is read with ``torch.load(weights_only=True)`` (tensors and plain containers).
+DeepSpeed's own resume does unpickle its ZeRO shards in ``deepspeed/`` (torch.load inside
+DeepSpeed), so that folder is created 0700.
 
 A checkpoint is written into a staging directory and published: sealed with its manifest,
 renamed into place, and every older one of its root pruned (only the latest is kept). Under
@@ -159,6 +161,7 @@ def save_deepspeed(root: Path, step: int, accelerator, engine, sched, ema, state
     main = accelerator.is_main_process
     if main:
         _fresh(tmp)
+        (tmp / DS_DIR).mkdir(mode=0o700)  # 0700: DeepSpeed unpickles its shards on resume
     accelerator.wait_for_everyone()
     engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
     full = accelerator.get_state_dict(engine)  # gathers ZeRO-3 partitions (collective)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,9 +29,13 @@ from pathlib import Path
 
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
-from bench.records import read_record, record_status, write_record
+from bench.records import private_dir, read_record, record_status, write_record
 from bench.rundir import check_run_dirs, describe_lease, holders, lease_state, plan, read_lease, run_dir
 from bench.runner import execute, now, record_header
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
 
 
 def _cores() -> int:
@@ -102,9 +109,9 @@ def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
     # log inside the job folder that the submitting process creates only after starting it, so a
     # per-job folder (".submitit/%j") races with a loaded machine and loses the run (seen:
     # FileNotFoundError on .submitit/<pid>/<pid>_0_log.out). A folder that exists beforehand has
-    # no such race.
-    folder = Path(out) / ".submitit"
-    folder.mkdir(parents=True, exist_ok=True)
+    # no such race. It is keyed by host and a random id (job ids are PIDs, which two hosts or
+    # containers sharing --out reuse) and private (0700): the jobs unpickle what is in it.
+    folder = private_dir(Path(out) / ".submitit" / f"{_host()}-{secrets.token_hex(6)}")
     ex = submitit.LocalExecutor(folder=str(folder))
     ex.update_parameters(timeout_min=suite.launch.timeout_min, tasks_per_node=tasks)
     queue, running, status = list(specs), {}, {}

@@ -35,6 +35,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner can enter (0700), created if missing: for the
+    folders whose files are unpickled (submitit's job pickles, DeepSpeed's optimizer shards),
+    which anyone who could write them could turn into code run as the job's owner."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.chmod(path, 0o700)
+    except PermissionError:
+        raise UserError(f"{path}: belongs to another user; it holds pickles that are run as code, so it stays "
+                        f"private (0700) to its owner: use an --out of your own") from None
+    return path
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

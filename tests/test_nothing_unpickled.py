@@ -1,6 +1,11 @@
-"""Nothing the harness reads from a results directory is unpickled (grep-level, over the
-source with comments and docstrings included, so a mention in a comment also counts), and
-a record's content hash catches an edit."""
+"""The harness's own code unpickles nothing it reads from a results directory (grep-level, over
+the source with comments and docstrings included, so a mention in a comment also counts), and a
+record's content hash catches an edit.
+
+Two third-party readers do unpickle files there: submitit (the job pickles in ``.submitit/`` and
+``.slurm/``, read by the job they start) and DeepSpeed (its ZeRO optimizer shards in
+``ckpt/…/deepspeed/``, torch.load-ed inside DeepSpeed on resume). Those folders are created 0700
+(tests/test_pickle_folders.py); this file checks only our code."""
 from __future__ import annotations
 
 import json

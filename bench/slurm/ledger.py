@@ -1,9 +1,14 @@
-"""The ledger ``<out>/.slurm/jobs.jsonl``: which job runs which run, and what was cancelled."""
+"""The ledger ``<out>/.slurm/jobs.jsonl``: which job runs which run, and what was cancelled.
+
+``.slurm/`` also holds submitit's job pickles (unpickled by the jobs they start), so it is
+private to the user who submits (0700, bench.records.private_dir)."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+from bench.records import private_dir
 
 LEDGER = "jobs.jsonl"
 
@@ -17,9 +22,11 @@ def read_ledger(out: Path) -> tuple[dict[str, dict], set[str]]:
     """({run_id: its latest submission entry}, {cancelled job ids})."""
     runs, cancelled = {}, set()
     p = slurm_dir(out) / LEDGER
-    if not p.is_file():
+    try:
+        text = p.read_text() if p.is_file() else ""
+    except OSError:  # another user's private .slurm/: their jobs are not ours to list
         return runs, cancelled
-    for line in p.read_text().splitlines():
+    for line in text.splitlines():
         try:
             e = json.loads(line)
         except json.JSONDecodeError:
@@ -34,8 +41,7 @@ def read_ledger(out: Path) -> tuple[dict[str, dict], set[str]]:
 
 
 def append_ledger(out: Path, entry: dict) -> None:
-    p = slurm_dir(out) / LEDGER
-    p.parent.mkdir(parents=True, exist_ok=True)
+    p = private_dir(slurm_dir(out)) / LEDGER
     with open(p, "a") as f:
         f.write(json.dumps(entry) + "\n")
         f.flush()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.errors import UserError
+from bench.records import private_dir
 from bench.rundir import check_run_dirs, plan, run_dir
 from bench.runner import now
 from bench.slurm.cluster import Shape, check_profile, shape_of, slurm_cmd
@@ -78,7 +79,7 @@ def submit(suite, specs, out: Path, prof: ClusterProfile, prof_path: Path, max_r
     if not todo:
         return subs, queued, done
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    folder = slurm_dir(out)
+    folder = private_dir(slurm_dir(out))   # 0700: submitit's pickles, unpickled by the jobs
     groups: dict[Shape, list] = {}
     for s in todo:  # one shape per suite today; the grouping is what keeps it one array per shape
         groups.setdefault(shape, []).append(s)
