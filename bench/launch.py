@@ -127,10 +127,11 @@ class _Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _stop_jobs_on_exit(running: dict):
-    """Local runs are this process's children: when it is stopped (Ctrl-C or SIGTERM) they are
-    stopped too (submitit's cancel: SIGINT to each job, which ends its task; the run's last
-    checkpoint stays, so rerunning the command resumes). Without this a SIGTERM left them
-    training: the training loop treats SIGTERM as a preemption notice and goes on."""
+    """Local runs are this process's children: when it ends on any exception (Ctrl-C, SIGTERM,
+    or an error of its own) they are stopped too (submitit's cancel: SIGINT to each job, which
+    ends its task; the run's last checkpoint stays, so rerunning the command resumes). Without
+    this they went on training, detached, holding their leases: a SIGTERM because the training
+    loop treats it as a preemption notice, any other exception because nothing cancelled them."""
     def on_term(signum, frame):
         raise _Terminated()
 
@@ -138,7 +139,7 @@ def _stop_jobs_on_exit(running: dict):
     old = signal.signal(signal.SIGTERM, on_term) if main else None
     try:
         yield
-    except KeyboardInterrupt:
+    except BaseException:
         for _, job in list(running.values()):
             try:
                 job.cancel(check=False)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.records import honour_umask
+
 GRID = 200  # points each curve is resampled to (over the fraction of training done)
 
 
@@ -25,6 +27,7 @@ def save_figure(fig, path: Path) -> Path:
     # a temp file of this call's own: two commands writing one results directory's plots at
     # once (two `tdbench run` on one --out) must not rename each other's file away
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
+    honour_umask(fd)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -20,11 +20,33 @@ from bench.errors import UserError
 STATUSES = ("complete", "failed", "running")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(fd: int) -> None:
+    """Give a file made by ``mkstemp`` (always 0600) the mode ``open`` would: 0666 & ~umask, so
+    a second user sharing a results directory can read what the first one wrote."""
+    os.fchmod(fd, 0o666 & ~current_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temp file and a rename, with the mode the umask gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        honour_umask(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -80,6 +102,18 @@ def _sealed(raw: bytes) -> bool:
     """True when ``raw`` is a record as write_record writes it and its hash matches its bytes."""
     m = _SEAL.search(raw)
     return m is not None and hashlib.sha256(raw[:m.start()] + b"}").hexdigest().encode() == m.group(1)
+
+
+def sealed_hash(path: Path) -> str | None:
+    """The sha256 a sealed record ends with, read from its last bytes only (no check of the
+    bytes before it); None when the file is not sealed as write_record writes it."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 100))
+            m = _SEAL.search(f.read())
+    except OSError:
+        return None
+    return m.group(1).decode() if m else None
 
 
 def read_record(path: Path) -> dict:
