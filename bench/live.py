@@ -48,7 +48,7 @@ def _progress(rd: Path) -> dict:
     try:
         p = json.loads((rd / PROGRESS).read_bytes().decode("utf-8"))
         return p if isinstance(p, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad UTF-8 / JSON, an int over the digit limit
         return {}
 
 
