@@ -24,6 +24,19 @@ from pydantic import (
 )
 
 from bench.metrics import MetricsConfig
+from bench.names import Name
+
+# Bounds on what sizes a run: generous (beyond every published setting of these models) but
+# finite, so that a typo (1e9) is a one-line error at validation instead of a run that fails
+# or exhausts memory hours later. Raise one here if a real experiment needs more.
+MAX_SEQ_LEN = 131_072      # 128 Ki tokens per sequence (SEDD/MDLM use 1024; long-context LMs 32-128 Ki)
+MAX_BATCH = 65_536         # sequences per optimizer step or eval batch (GPT-3 used ~3,200 of 2048)
+MAX_T_SAMPLES = 4096       # t draws per sequence (papers use 1-1000)
+MAX_SAMPLES = 1_000_000    # samples per step budget per run (MAUVE uses 5,000)
+MAX_LAYERS, MAX_HEADS = 1024, 1024
+MAX_WIDTH = 65_536         # hidden, cond_dim (GPT-3 175B: 12,288)
+MAX_SEED = 2**31           # seeds are 0 <= seed < 2**31: every RNG (numpy's legacy one too) takes them
+Seed = Annotated[int, Field(ge=0, lt=MAX_SEED)]
 
 PROTOCOL_VERSION = "tdbench-lik/1"
 
@@ -78,7 +91,7 @@ class DataConfig(Strict):
     train: DatasetRef
     eval: list[DatasetRef] = Field(min_length=1)
     tokenizer: TokenizerConfig = TokenizerConfig()
-    seq_len: PositiveInt = 128
+    seq_len: int = Field(128, gt=0, le=MAX_SEQ_LEN)
 
     @field_validator("train", mode="before")
     @classmethod
@@ -102,11 +115,11 @@ class DataConfig(Strict):
 class BackboneConfig(Strict):
     """Transformer dimensions. ``cond_dim`` is the width of the time-conditioning vector."""
 
-    layers: PositiveInt
-    hidden: PositiveInt
-    heads: PositiveInt
-    cond_dim: PositiveInt = 128
-    mlp_ratio: PositiveInt = 4
+    layers: int = Field(gt=0, le=MAX_LAYERS)
+    hidden: int = Field(gt=0, le=MAX_WIDTH)
+    heads: int = Field(gt=0, le=MAX_HEADS)
+    cond_dim: int = Field(128, gt=0, le=MAX_WIDTH)
+    mlp_ratio: int = Field(4, gt=0, le=64)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -131,7 +144,7 @@ class StageSettings(Strict):
     has its own optimizer, schedule, EMA and checkpoints)."""
 
     steps: PositiveInt = 300
-    batch_size: PositiveInt = 16          # global batch (sequences per optimizer step)
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH)  # global batch (sequences per optimizer step)
     lr: PositiveFloat = 1e-3
     warmup: int = Field(50, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -222,21 +235,21 @@ class EvalConfig(Strict):
     """The suite's ``eval:`` block: the knobs of the likelihood protocol."""
 
     protocol: Optional[Literal["sedd", "mdlm", "no-specials"]] = None  # a preset (PROTOCOL_PRESETS)
-    t_samples: PositiveInt = 8                    # K: t samples per sequence
+    t_samples: int = Field(8, gt=0, le=MAX_T_SAMPLES)  # K: t samples per sequence
     t_sampling: Literal["stratified", "antithetic", "iid"] = "stratified"
     t_min: float = Field(0.0, ge=0.0, lt=1.0)     # 0 keeps the bound valid (no truncation)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     packing: Literal["eos_per_doc", "bos_eos_per_block", "none"] = "eos_per_doc"
     max_blocks: Optional[PositiveInt] = 256       # first N blocks of each eval set's test split
-    batch_size: PositiveInt = 32
-    seed: int = 1234
-    samples: int = Field(0, ge=0)                 # unconditional samples per step budget per run
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH)
+    seed: Seed = 1234
+    samples: int = Field(0, ge=0, le=MAX_SAMPLES)  # unconditional samples per step budget per run
     sample_steps: list[PositiveInt] = Field([64], min_length=1)  # step budgets, e.g. [16, 64, 256]
     # Learning curve (learning.png): every ``curve_every`` training steps (0: off), the NLL on the
     # first ``curve_blocks`` blocks of the first eval set with ``curve_t_samples`` t draws.
     curve_every: int = Field(0, ge=0)
     curve_blocks: PositiveInt = 16
-    curve_t_samples: PositiveInt = 2
+    curve_t_samples: int = Field(2, gt=0, le=MAX_T_SAMPLES)
     # Also count per byte: a ``bpb`` row (bits per UTF-8 byte of the decoded counted tokens,
     # Σ NLL / (ln 2 · Σ bytes)) beside ppl — the unit that stays comparable when a row scores
     # retokenised text (hf-causal-lm with its own tokenizer) or tokenizers differ across suites.
@@ -367,14 +380,14 @@ Experiment = Annotated[Union[SelfCondMagnitude, StepsCurve], Field(discriminator
 
 
 class Suite(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name   # becomes the default output directory runs/<name> (bench.names)
     data: DataConfig
-    sizes: dict[str, Optional[dict[str, Any]]] = Field(min_length=1)
+    sizes: dict[Name, Optional[dict[str, Any]]] = Field(min_length=1)  # each key is part of run ids
     methods: list[dict[str, Any]] = Field(min_length=1)
     baseline: Optional[str] = "ar"
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[Seed] = Field([0], min_length=1)
     launch: LaunchConfig = LaunchConfig()
     metrics: MetricsConfig = MetricsConfig()   # how samples are scored (never part of a run id)
     experiment: Optional[Experiment] = None    # an analysis of the trained runs (bench.experiments)

@@ -10,6 +10,35 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from bench.errors import UserError
+from bench.names import ECHO_MAX
+
+MAX_YAML_VALUES = 100_000  # a suite or profile has a few hundred; aliases must not multiply them
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _expanded(obj, memo: dict, active: set) -> int:
+    """Values in ``obj`` with every alias expanded (what a repr or a hash would walk); shared
+    sub-trees are counted once per use but measured once. _TooBig past MAX_YAML_VALUES or on a
+    recursive alias."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    k = id(obj)
+    if k in memo:
+        return memo[k]
+    if k in active:
+        raise _TooBig("a recursive alias")
+    active.add(k)
+    n = 1
+    for x in (obj.values() if isinstance(obj, dict) else obj):
+        n += (1 if isinstance(obj, dict) else 0) + _expanded(x, memo, active)
+        if n > MAX_YAML_VALUES:
+            raise _TooBig(f"aliases that expand to more than {MAX_YAML_VALUES:,} values")
+    active.discard(k)
+    memo[k] = n
+    return n
 
 
 def keypath(loc) -> str:
@@ -17,8 +46,8 @@ def keypath(loc) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part:
-            out += ("." if out else "") + str(part)
+        elif part != "[key]":   # pydantic's marker for a bad dict key: the key is in the path
+            out += ("." if out else "") + (str(part) or "''")
     return out or "<top>"
 
 
@@ -28,7 +57,10 @@ def first_error(e: ValidationError, prefix=()) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    return f"{keypath(loc)}: {msg}"
+    path = keypath(loc)
+    if len(path) > ECHO_MAX:   # a key is the user's text too
+        path = path[:ECHO_MAX - 1] + "…"
+    return f"{path}: {msg if len(msg) <= 2 * ECHO_MAX else msg[:2 * ECHO_MAX - 1] + '…'}"
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -47,10 +79,15 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}: empty file")
     try:
         raw = yaml.safe_load(text)
+        _expanded(raw, {}, set())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply") from None
+    except _TooBig as e:
+        raise UserError(f"{path}: YAML with {e} (an alias bomb?); write the values out") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     if any(not isinstance(k, str) for k in raw):

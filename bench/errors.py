@@ -17,6 +17,7 @@ def did_you_mean(name: str, choices) -> str:
     import difflib
 
     choices = sorted(choices)
+    name = name if len(name) <= 200 else name[:199] + "…"   # the user's text, quoted back bounded
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown name '{name}'{hint} (known: {', '.join(choices)})"

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.records import atomic_write_text, read_record, sealed_hash
+from bench.records import JSON_ERRORS, atomic_write_text, read_record, sealed_hash
 
 INDEX = "index.json"
 # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset; 4: its text_crossing;
@@ -48,7 +48,7 @@ def _load(out: Path) -> dict:
         idx = json.loads((out / INDEX).read_bytes().decode("utf-8"))
         if isinstance(idx, dict) and idx.get("format") == FORMAT and isinstance(idx.get("runs"), dict):
             return idx["runs"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, *JSON_ERRORS):   # deep nesting or a huge integer too: the index is rebuilt
         pass
     return {}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import tables
-from bench.tables import SOURCE_LABEL, SOURCE_LABELS
+from bench.tables import SOURCE_LABEL, SOURCE_LABELS, md_escape
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
            "std", "protocol", "params", "estimate"]
@@ -124,7 +124,7 @@ def text_crossings(recs: list[dict]) -> list[str]:
         c = (r.get("protocol") or {}).get("text_crossing")
         if c:
             seen.setdefault((r.get("label"), str(c)), None)
-    return [f"- text crossing, {label}: {c}" for label, c in seen]
+    return [f"- text crossing, {md_escape(label)}: {md_escape(c)}" for label, c in seen]
 
 
 def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", crossings=()) -> str:
@@ -140,7 +140,7 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", cross
             g = t[(t["col"] == c) & (~t["model"].isin(SOURCE_LABELS))].dropna(subset=["value"])
             if len(g) > 1:
                 best[c] = g["value"].min()
-        lines = ["| Size | Model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        lines = ["| Size | Model | " + " | ".join(map(md_escape, cols)) + " |", "|---|---|" + "---|" * len(cols)]
         last_size = None
         for (size, model), g in t.groupby(["size", "model"], sort=False):
             cells = []
@@ -154,7 +154,8 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", cross
                 if c in best and r["value"] == best[c] and model not in SOURCE_LABELS:
                     s = f"**{s}**"
                 cells.append(s)
-            lines.append(f"| {size if size != last_size else ''} | {model} | " + " | ".join(cells) + " |")
+            lines.append(f"| {md_escape(size) if size != last_size else ''} | {md_escape(model)} | "
+                         + " | ".join(cells) + " |")
             last_size = size
         body = "\n".join(lines) + "\n"
     what = "perplexity" if metric == "ppl" else EXTRA_METRICS.get(metric, metric)
@@ -163,10 +164,10 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", cross
                  "over seeds when n_seeds > 1, else the protocol's Monte-Carlo interval). Best per column in bold."]
     notes.extend(crossings)
     for r in failed:
-        notes.append(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} ({r.get('run_id')}): "
-                     f"{r.get('error')}")
+        notes.append(md_escape(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} "
+                               f"({r.get('run_id')}): {r.get('error')}"))
     for p in problems:
-        notes.append(f"- skipped: {p}")
+        notes.append(md_escape(f"- skipped: {p}"))
     return body + "\n".join(notes) + "\n"
 
 
@@ -185,7 +186,7 @@ def collect_scores(out: Path, recs: list[dict]) -> list[dict]:
         if p.is_file():
             try:
                 out_scores.append(json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, RecursionError):   # derived data: rescored on the next `score`
                 continue
     return out_scores
 
@@ -266,7 +267,7 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
     ds = next((d for d in st["dataset"] if isinstance(d, str)), None)
     multi = st.groupby("metric")["protocol"].nunique()
     cols = [(m, p) for m in SAMPLE_COLUMNS for p in dict.fromkeys(st[st["metric"] == m]["protocol"])]
-    names = [f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "") for m, p in cols]
+    names = [md_escape(f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "")) for m, p in cols]
     ppl = t[(t["metric"] == "ppl") & (t["dataset"] == ds)] if ds else t.iloc[:0]
     best = {}
     for m, p in cols:
@@ -274,7 +275,7 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
             g = st[(st["metric"] == m) & (st["protocol"] == p) & (st["model"] != SOURCE_TEXT)].dropna(subset=["value"])
             if len(g) > 1 and g["value"].nunique() > 1:
                 best[(m, p)] = g["value"].min() if "↓" in ARROW[m] else g["value"].max()
-    lines = [f"| Size | Model | Steps | ppl ({ds}) | " + " | ".join(names) + " |",
+    lines = [f"| Size | Model | Steps | ppl ({md_escape(ds)}) | " + " | ".join(names) + " |",
              "|---|---|---|---|" + "---|" * len(cols)]
     last = None
     for (size, model, steps), g in st.groupby(["size", "model", "steps"], sort=False, dropna=False):
@@ -290,7 +291,8 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
                 c = f"**{c}**"
             cells.append(c)
         st_s = "—" if not _num(steps) else str(int(steps))
-        lines.append(f"| {size if size != last else ''} | {model} | {st_s} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_escape(size) if size != last else ''} | {md_escape(model)} | {st_s} | "
+                     + " | ".join(cells) + " |")
         last = size
     notes = ["", "Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
                  "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
@@ -302,6 +304,21 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
     for n in sorted({x for x in st["note"] if isinstance(x, str)}):
         notes.append(f"- † {n}")
     return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+
+
+TEXT_COLUMNS = ("size", "model", "dataset", "note")   # labels and names: text a user or a record chose
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(t: pd.DataFrame) -> str:
+    """The tidy table as CSV, with every text cell a spreadsheet would take for a formula
+    (starting with = + - @, tab or CR) prefixed with ``'`` (OWASP's CSV-injection rule);
+    numeric columns are never touched."""
+    t = t.copy()
+    for c in TEXT_COLUMNS:
+        if c in t.columns:
+            t[c] = t[c].map(lambda x: "'" + x if isinstance(x, str) and x.startswith(_FORMULA) else x)
+    return t.to_csv(index=False)
 
 
 def write(out: Path, fmt: str | None = None, compare: Path | None = None
@@ -328,7 +345,7 @@ def write(out: Path, fmt: str | None = None, compare: Path | None = None
         t = pd.concat([t.astype(object), st.astype(object)], ignore_index=True)
         from bench.plots import frontier
         frontier(st, Path(out) / "frontier.png")
-    csv = t.to_csv(index=False)
+    csv = csv_text(t)
     atomic_write_text(Path(out) / "leaderboard.csv", csv)
     atomic_write_text(Path(out) / "leaderboard.md", md)
     from bench.plots import training_curves

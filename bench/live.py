@@ -48,7 +48,7 @@ def _progress(rd: Path) -> dict:
     try:
         p = json.loads((rd / PROGRESS).read_bytes().decode("utf-8"))
         return p if isinstance(p, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad UTF-8 / JSON, an int over the digit limit
         return {}
 
 
@@ -116,11 +116,14 @@ def totals(rs: list[Row]) -> str:
 
 
 def table(rs: list[Row], title: str = ""):
+    """The rich table; every text from a run directory (labels, hosts, errors) and the title
+    (a path) is escaped, so ``[x0]`` shows as written and ``MDLM [/]`` is no markup error."""
+    from rich.markup import escape
     from rich.table import Table
 
     colour = {"completed": "green", "failed": "red", "cancelled": "yellow", "running": "cyan",
               "requeued": "magenta", "stopped": "yellow"}
-    t = Table(title=title or None, caption=totals(rs), expand=False, pad_edge=False)
+    t = Table(title=escape(title) or None, caption=escape(totals(rs)), expand=False, pad_edge=False)
     for c, just in (("run", "left"), ("state", "left"), ("step", "right"), ("loss", "right"),
                     ("tok/s", "right"), ("ETA", "right"), ("where / detail", "left")):
         t.add_column(c, justify=just, no_wrap=c != "where / detail")
@@ -128,9 +131,9 @@ def table(rs: list[Row], title: str = ""):
         step = f"{r.step}/{r.total}" if r.step is not None and r.total else (f"–/{r.total}" if r.total else "")
         state = r.state + (f" ({stage_of(r.phase) or r.phase})" if (r.phase in ("setup", "eval") or stage_of(r.phase))
                            and r.state == "running" else "")
-        t.add_row(r.name, f"[{colour.get(r.state, 'white')}]{state}[/]", step,
+        t.add_row(escape(r.name), f"[{colour.get(r.state, 'white')}]{escape(state)}[/]", step,
                   f"{r.loss:.3f}" if r.loss is not None else "", f"{r.tok_s:,.0f}" if r.tok_s else "",
-                  _fmt_s(r.eta_s), r.where or r.detail[:60])
+                  _fmt_s(r.eta_s), escape(r.where or r.detail[:60]))
     return t
 
 
@@ -219,7 +222,7 @@ class Monitor:
     def event(self, msg: str) -> None:
         with self._lock:
             if self._rich is not None:
-                self._rich.console.print(msg)
+                self._rich.console.print(msg, markup=False, highlight=False)  # labels are text, not markup
             else:
                 print(msg, file=self.stream, flush=True)
 

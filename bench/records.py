@@ -116,6 +116,17 @@ def sealed_hash(path: Path) -> str | None:
     return m.group(1).decode() if m else None
 
 
+# What parsing untrusted JSON may raise besides a syntax error: ValueError (JSONDecodeError,
+# UnicodeDecodeError, an integer over Python's int-str digit limit) and RecursionError (deep nesting).
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def json_error(e: BaseException) -> str:
+    """``Type: message`` of a parse error, bounded (one line)."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg[:200]}"
+
+
 def read_record(path: Path) -> dict:
     """Read and check a result.json; UserError naming the file if it is corrupt. The hash is
     checked on the bytes when the file is sealed as write_record writes it, else (a record
@@ -123,8 +134,8 @@ def read_record(path: Path) -> dict:
     try:
         raw = Path(path).read_bytes()
         rec = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: corrupt run record ({type(e).__name__}: {e})") from None
+    except (OSError, *JSON_ERRORS) as e:
+        raise UserError(f"{path}: corrupt run record ({json_error(e)})") from None
     if not isinstance(rec, dict) or rec.get("status") not in STATUSES or "spec" not in rec:
         raise UserError(f"{path}: corrupt run record (missing 'status' or 'spec')")
     if not isinstance(rec.get("sha256"), str):

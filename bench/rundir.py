@@ -22,7 +22,15 @@ from bench.records import read_record, record_status
 
 
 def run_dir(out: Path, spec: RunSpec) -> Path:
-    return Path(out) / "runs" / spec.run_id
+    """``<out>/runs/<run_id>``; UserError if the run id is not one plain path component, i.e.
+    the directory would not lie directly inside ``<out>/runs`` (suite validation already
+    refuses such names: this is the last line of defence for specs built any other way)."""
+    rid = spec.run_id
+    runs = os.path.abspath(os.path.join(out, "runs"))
+    rd = os.path.abspath(os.path.join(runs, rid))
+    if "\0" in rid or rid.strip(".") == "" or os.path.dirname(rd) != runs or os.path.basename(rd) != rid:
+        raise UserError(f"run id {rid[:200]!r}: its directory would lie outside {runs}")
+    return Path(out) / "runs" / rid
 
 
 def plan(specs: list[RunSpec], out: Path) -> tuple[list[RunSpec], list[RunSpec]]:

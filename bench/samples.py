@@ -27,7 +27,7 @@ import torch
 
 from bench.config import RunSpec
 from bench.errors import UserError
-from bench.records import atomic_write_text, read_record
+from bench.records import JSON_ERRORS, atomic_write_text, json_error, read_record
 
 FILE = "samples.jsonl"
 
@@ -108,6 +108,8 @@ def read_samples(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{no}: not JSON ({e.msg})") from None
+        except JSON_ERRORS as e:  # nesting too deep, an integer over the digit limit
+            raise UserError(f"{path}:{no}: not JSON ({json_error(e)})") from None
         if not isinstance(rec, dict):
             raise UserError(f"{path}:{no}: expected a JSON object with a 'text' field")
         if not isinstance(rec.get("text"), str):

@@ -24,7 +24,10 @@ from bench.config import (
 from bench.config_io import first_error, read_validated
 from bench.data import is_synthetic, validate_data_config
 from bench.errors import FileError, UserError, did_you_mean
+from bench.names import check_label, clip
 from bench.registry import get_method
+
+MAX_RUNS = 1000  # a suite expanding to more runs needs `--yes` (tdbench run / submit)
 
 
 def resolve_sizes(suite: Suite) -> dict[str, BackboneConfig]:
@@ -58,9 +61,10 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
         name = raw.pop("method", None)
         label = raw.pop("label", None)
         only = raw.pop("sizes", None)
-        if only is not None and (not isinstance(only, list) or any(x not in suite.sizes for x in only)):
+        if only is not None and (not isinstance(only, list) or
+                                 any(not isinstance(x, str) or x not in suite.sizes for x in only)):
             raise UserError(f"{where}.sizes: must be a list of the suite's sizes ({', '.join(suite.sizes)}), "
-                            f"got {only!r}")
+                            f"got {clip(only)}")
         if not isinstance(name, str):
             raise UserError(f"{where}.method: required (a registered method name)")
         try:
@@ -69,8 +73,11 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
             raise UserError(f"{where}.method: {e}") from None
         variant = raw.pop("variant", None)
         if variant is not None:
+            if not isinstance(variant, str):
+                raise UserError(f"{where}.variant: must be a string, one of {', '.join(cls.variants) or '(none)'}; "
+                                f"got {clip(variant)}")
             if variant not in cls.variants:
-                raise UserError(f"{where}.variant: {did_you_mean(str(variant), cls.variants)}")
+                raise UserError(f"{where}.variant: {did_you_mean(variant, cls.variants)}")
             raw = {**cls.variants[variant], **raw}
         try:
             params = cls.Params(**raw)
@@ -78,8 +85,12 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
             raise UserError(first_error(e, (where,))) from None
         if label is not None and not isinstance(label, str):
             raise UserError(f"{where}.label: must be a string")
-        out.append(MethodEntry(method=name, label=label or cls.default_label(params),
-                               params=params.model_dump(mode="json"), sizes=only))
+        label = label or cls.default_label(params)
+        try:
+            check_label(label)
+        except ValueError as e:
+            raise UserError(f"{where}.label: {e}") from None
+        out.append(MethodEntry(method=name, label=label, params=params.model_dump(mode="json"), sizes=only))
     dup = set()
     for size in suite.sizes:  # a label names one row per size
         labels = [m.label for m in out if m.sizes is None or size in m.sizes]
@@ -89,10 +100,27 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
     return out
 
 
-def load_suite(path: str | Path) -> tuple[Suite, list[RunSpec]]:
-    """Read and validate a suite, expand it into run specs. Raises UserError on bad input."""
+def count_runs(suite: Suite) -> int:
+    """How many runs ``expand`` would make, counted without making them (size × method × seed,
+    a method's ``sizes:`` restricting its rows); an upper bound when the methods are invalid."""
+    names = [m.get("method") for m in suite.methods]
+    rows = list(suite.methods) + ([{}] if suite.baseline and suite.baseline not in names else [])
+    per_seed = sum(len(m["sizes"]) if isinstance(m.get("sizes"), list) else len(suite.sizes) for m in rows)
+    return per_seed * len(suite.seeds)
+
+
+def load_suite(path: str | Path, seeds: list[int] | None = None,
+               max_runs: int | None = None) -> tuple[Suite, list[RunSpec]]:
+    """Read and validate a suite, expand it into run specs. Raises UserError on bad input.
+    ``seeds``: instead of the suite's (already validated); ``max_runs``: refuse, before
+    expanding, a suite of more runs (the message says to pass ``--yes``)."""
     path = Path(path)
     suite = read_validated(path, Suite)
+    if seeds:
+        suite = suite.model_copy(update={"seeds": list(dict.fromkeys(seeds))})
+    n = count_runs(suite)
+    if max_runs is not None and n > max_runs:
+        raise UserError(f"{path}: expands to {n:,} runs (more than {max_runs:,}): pass --yes to run them all")
     try:
         specs = expand(suite)
     except FileError:

@@ -14,6 +14,7 @@ bound``, plus ``protocol`` and ``published_as``); ``#`` lines at the top name th
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -73,11 +74,23 @@ def pivot(t: pd.DataFrame, metric: str = "ppl", lower_is_better: bool = True):
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+        # OT1 fonts set these as ¡ ¿ — outside math mode
+        "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
+
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 def tex_escape(s: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in str(s))
+    """Text as LaTeX prints it literally; line breaks and other control characters become a
+    space (a blank line would end the paragraph inside a table cell)."""
+    return "".join(_TEX.get(ch, ch) for ch in _CONTROLS.sub(" ", str(s)))
+
+
+def md_escape(s) -> str:
+    """Text for one markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return _CONTROLS.sub(" ", str(s)).replace("|", "\\|")
 
 
 def _tex_cell(c: dict | None) -> str:
@@ -179,7 +192,7 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
 
     lines = [f"Ours vs published: {name} ({metric}; cell = ours / published (relative difference); "
              "— = no counterpart)", ""]
-    lines += ["| Size | Model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines += ["| Size | Model | " + " | ".join(map(md_escape, cols)) + " |", "|---|---|" + "---|" * len(cols)]
     matched, only_ours, only_theirs, last = 0, [], [], None
     for size, model in rows:
         cells = []
@@ -198,7 +211,7 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
                 only_theirs.append(f"{size} {model} {c}")
             else:
                 cells.append("")
-        lines.append(f"| {size if size != last else ''} | {model} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_escape(size) if size != last else ''} | {md_escape(model)} | " + " | ".join(cells) + " |")
         last = size
     lines += ["", f"{matched} cell(s) matched by (size, model) and dataset."]
     if only_ours:

@@ -24,6 +24,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(msg: str, limit: int = 2000) -> str:
+    """A message as the one line the CLI promises: line breaks shown as ``\\n``, bounded length."""
+    msg = msg.replace("\r", "\\r").replace("\n", "\\n")
+    return msg if len(msg) <= limit else msg[:limit - 1] + "…"
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -32,7 +38,7 @@ def main(argv=None) -> int:
                 raise UserError(f"--{k.replace('_', '-')}: must be a positive integer")
         return args.fn(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

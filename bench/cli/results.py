@@ -47,6 +47,7 @@ def cmd_score(args) -> int:
     from bench.metrics.score import (
         SCORES,
         metrics_config_of,
+        read_scores,
         score_file,
         score_json,
         score_rows,
@@ -65,7 +66,7 @@ def cmd_score(args) -> int:
         return 0
     if (p / "result.json").is_file():
         cfg = _scoring_config(args, metrics_config_of(p.parent.parent))
-        old = json.loads((p / SCORES).read_text()) if (p / SCORES).is_file() else None
+        old = read_scores(p)
         res = score_run(p, cfg, reuse=False)
         if res is None:
             raise UserError(f"{p}: no {p.name}/samples.jsonl (draw some with `tdbench sample {p}`)")
@@ -73,7 +74,7 @@ def cmd_score(args) -> int:
         olds = {p.name: old}
     elif (p / "runs").is_dir():
         cfg = _scoring_config(args, metrics_config_of(p))
-        olds = {q.parent.name: json.loads(q.read_text()) for q in (p / "runs").glob(f"*/{SCORES}")}
+        olds = {q.parent.name: read_scores(q.parent) for q in (p / "runs").glob(f"*/{SCORES}")}
         results = score_suite_dir(p, cfg, reuse=False)
         from bench import leaderboard
         leaderboard.write(p)

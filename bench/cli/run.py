@@ -10,7 +10,7 @@ from bench.cli.outdir import need_out, out_dir, score_suite_dir
 from bench.errors import UserError
 from bench.launch import check_launch, report_submission, run_suite
 from bench.plan import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, render
-from bench.suite import expand, load_suite
+from bench.suite import MAX_RUNS, load_suite
 
 # Imported where used, to keep pandas out of CLI start-up: bench.leaderboard, bench.experiments.
 
@@ -18,10 +18,9 @@ from bench.suite import expand, load_suite
 def cmd_run(args) -> int:
     from bench import leaderboard
 
-    suite, specs = load_suite(args.suite)  # validates everything before anything is written
-    if args.seeds:
-        suite = suite.model_copy(update={"seeds": list(dict.fromkeys(args.seeds))})
-        specs = expand(suite)
+    # validates everything before anything is written; a huge suite is refused before expanding it
+    suite, specs = load_suite(args.suite, seeds=_seeds(args.seeds),
+                              max_runs=None if args.dry_run or args.yes else MAX_RUNS)
     executor = args.executor or suite.launch.executor
     if args.cluster and executor != "slurm":
         if args.executor:
@@ -54,8 +53,21 @@ def cmd_run(args) -> int:
     return 1 if failed else (2 if problems else 0)
 
 
+def _seeds(seeds: list[int] | None) -> list[int] | None:
+    """``--seeds``, with the bounds of the suite's ``seeds:`` (bench.config.Seed)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from bench.config import Seed
+    from bench.config_io import first_error
+
+    try:
+        return TypeAdapter(list[Seed]).validate_python(seeds) if seeds else None
+    except ValidationError as e:
+        raise UserError(f"--seeds: {first_error(e).split(': ', 1)[1]}") from None
+
+
 def cmd_submit(args) -> int:
-    suite, specs = load_suite(args.suite)
+    suite, specs = load_suite(args.suite, max_runs=None if args.yes else MAX_RUNS)
     prof, path = slurm.load_profile(args.cluster)
     check_launch(suite, specs, "slurm")
     out = out_dir(args, suite)
@@ -157,12 +169,14 @@ def register(sub) -> None:
                    help=f"dry run: assumed peak TFLOP/s per GPU (default {DEFAULT_PEAK_TFLOPS:g}, A100 bf16)")
     r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run these seeds instead of the suite's seeds: (e.g. --seeds 0 1 2)")
+    r.add_argument("--yes", action="store_true", help=f"run a suite of more than {MAX_RUNS:,} runs")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("submit", help="queue a suite's incomplete runs on Slurm (job arrays) and return")
     s.add_argument("suite")
     s.add_argument("--cluster", required=True, help="cluster profile: a name in slurm/ or a path")
     s.add_argument("--out", help="output dir (default runs/<suite name>)")
     s.add_argument("--max-running", type=int, help="array tasks running at once (default: the profile's)")
+    s.add_argument("--yes", action="store_true", help=f"submit a suite of more than {MAX_RUNS:,} runs")
     s.set_defaults(fn=cmd_submit)
     st = sub.add_parser("status", help="state of each run in an output dir (records + scheduler)")
     st.add_argument("dir")

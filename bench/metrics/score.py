@@ -243,7 +243,7 @@ def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, writ
     rec = read_record(run_dir / "result.json")
     spec = RunSpec(**rec["spec"])
     sha = samples_sha(path)
-    old = _read_scores(run_dir)
+    old = read_scores(run_dir)
     setup = run_setup(run_dir, spec, cfg, cache)
     scorer_key = setup.scorer.key if setup.scorer is not None else None
     head = {"version": SCORES_VERSION, "samples_sha256": sha, "config": cfg.model_dump(mode="json"),
@@ -268,11 +268,11 @@ def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, writ
     return res
 
 
-def _read_scores(run_dir: Path) -> dict | None:
+def read_scores(run_dir: Path) -> dict | None:
     p = Path(run_dir) / SCORES
     try:
         return json.loads(p.read_text()) if p.is_file() else None
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
