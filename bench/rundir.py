@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.checkpoint import latest_checkpoint, verify_manifest
+from bench.checkpoint import checkpoint_roots, first_intact
 from bench.config import RunSpec
 from bench.errors import UserError
 from bench.lease import LEASE, STALE_S, Lease, LeaseLost, describe_lease, lease_state, read_lease  # noqa: F401
@@ -35,9 +35,10 @@ PROGRESS = "progress.json"  # written by the training loop (bench.train), read b
 
 
 def check_run_dirs(out: Path, specs: list[RunSpec]) -> None:
-    """Before anything starts: every run about to resume has a readable record (or none) and
-    an intact latest checkpoint (sizes against its manifest; the full hashes are checked when
-    the run loads it). UserError naming the file otherwise."""
+    """Before anything starts: every run about to resume has a readable record (or none) and,
+    if it has checkpoints, an intact one (sizes against its manifest; the full hashes are
+    checked when the run loads it; a damaged newest one is skipped then, with a line in the
+    log). UserError naming the file otherwise."""
     for s in specs:
         rd = run_dir(out, s)
         if (rd / "result.json").exists():
@@ -45,9 +46,7 @@ def check_run_dirs(out: Path, specs: list[RunSpec]) -> None:
                 read_record(rd / "result.json")
             except UserError as e:
                 raise UserError(f"{e}; delete it to rerun the run") from None
-        ck = latest_checkpoint(rd)
-        if ck is not None:
-            verify_manifest(ck, full=False)
+        first_intact(checkpoint_roots(rd), full=False)
 
 
 # ----------------------------------------------------------------------------- leases
