@@ -45,8 +45,8 @@ DS_DIR, DS_TAG = "deepspeed", "zero"
 # ----------------------------------------------------------------------------- where
 def checkpoint_root(rd: Path, stage: str | None = None, index: int = 0) -> Path:
     """Where a run's checkpoints live: ``ckpt/`` for a single-stage method, and
-    ``ckpt/<index+1>-<stage>/`` for each stage of a multi-stage one (each keeps its latest
-    checkpoint; a finished stage's last one stays, holding the weights the stage ended with)."""
+    ``ckpt/<index+1>-<stage>/`` for each stage of a multi-stage one (each keeps its last two
+    checkpoints; a finished stage's last one stays, holding the weights the stage ended with)."""
     root = Path(rd) / "ckpt"
     return root if stage is None else root / f"{index + 1}-{stage}"
 
