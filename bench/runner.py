@@ -240,11 +240,14 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
     try:
         if record_status(run_dir) == "complete":  # finished by the previous holder meanwhile
             return "complete"
-        if lease.held:   # what a writer killed mid-save (or one that lost the lease) left
-            from bench.checkpoint import clean_staging
+        from bench.checkpoint import clean_staging
 
+        if lease.held:   # what a writer killed mid-save (or one that lost the lease) left
             clean_staging(run_dir, lease.token)
-        return _execute(spec, run_dir, threads, micro_batch, lease)
+        status = _execute(spec, run_dir, threads, micro_batch, lease)
+        if lease.held and status == "complete":   # (and what one left meanwhile)
+            clean_staging(run_dir, lease.token)
+        return status
     finally:
         lease.release()
 

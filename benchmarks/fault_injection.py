@@ -107,7 +107,7 @@ def cycle(rng: random.Random, suite: Path, out: Path, env: dict, stale_s: float,
     time.sleep(rng.uniform(0, 2))
     procs.append(start(suite, out, env, logs[1]))
     t0, faults, stopped, restart = time.monotonic(), [], {}, {}
-    budget, next_at = rng.randint(1, 3), t0 + rng.uniform(0.5, span)
+    budget, next_at = rng.randint(1, 3), t0 + rng.uniform(0.5, span / 2)   # two share the work: ~span/2
     try:
         while True:
             now = time.monotonic()
@@ -131,7 +131,7 @@ def cycle(rng: random.Random, suite: Path, out: Path, env: dict, stale_s: float,
                     signal_group(procs[i], signal.SIGSTOP)
                     stopped[i] = now + stale_s + rng.uniform(0.5, 3)
                     faults.append(f"stop p{i} at {now - t0:.1f}s for {stopped[i] - now:.1f}s")
-                next_at = now + rng.uniform(0.5, span / 2)
+                next_at = now + rng.uniform(0.5, span / 4)
             if not stopped and not restart and all(p.poll() is not None for p in procs):
                 break
             if now - t0 > 900:
