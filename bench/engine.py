@@ -12,7 +12,8 @@ differs:
   DeepSpeed is told where the accumulation boundary is and steps its optimizer there;
 - clipping: Accelerate's for plain runs; DeepSpeed clips inside its own step;
 - the fused AdamW kernel: plain runs only (DeepSpeed wraps the optimizer);
-- checkpoints: bench.checkpoint's plain or DeepSpeed saver and loader;
+- checkpoints: bench.checkpoint's plain or DeepSpeed saver and loader (published only while
+  the run's lease is held: LeaseLost on every rank otherwise);
 - the replicas' parameter checksums: none under ZeRO-3 (parameters are partitioned).
 """
 from __future__ import annotations
@@ -22,6 +23,13 @@ from pathlib import Path
 
 from bench import checkpoint
 from bench.errors import UserError
+from bench.lease import LeaseLost
+
+
+def broadcast_object_list(objs: list, from_process: int = 0) -> list:
+    from accelerate.utils import broadcast_object_list as bcast
+
+    return bcast(objs, from_process=from_process)
 
 
 class PlainEngine:
@@ -63,11 +71,19 @@ class PlainEngine:
         if max_norm > 0:
             self.accelerator.clip_grad_norm_(params, max_norm)
 
-    def save(self, root: Path, step: int, model, opt, sched, ema, state: dict) -> None:
-        """Checkpoint ``step`` under ``root``, written by the main process; every rank waits."""
+    def save(self, root: Path, step: int, model, opt, sched, ema, state: dict, writer=None) -> None:
+        """Checkpoint ``step`` under ``root``, written by the main process if ``writer`` (the
+        run's lease) still holds the run; every rank waits, and raises LeaseLost if it did not."""
+        lost = None
         if self.accelerator.is_main_process:
-            checkpoint.save(root, step, self.accelerator.unwrap_model(model), opt, sched, ema, state)
-        self.accelerator.wait_for_everyone()
+            try:
+                checkpoint.save(root, step, self.accelerator.unwrap_model(model), opt, sched, ema, state, writer)
+            except LeaseLost as e:
+                lost = str(e)
+        if self.world > 1:
+            lost = broadcast_object_list([lost], from_process=0)[0]   # (also the barrier)
+        if lost:
+            raise LeaseLost(lost)
 
     def release(self, model, method) -> None:
         """Unwrap ``method`` so that the next stage prepares it anew (DDP then registers only
@@ -129,9 +145,9 @@ class DeepSpeedEngine(PlainEngine):
     def clip(self, params, max_norm: float) -> None:
         pass   # DeepSpeed clips in its own step (its config's gradient_clipping)
 
-    def save(self, root: Path, step: int, model, opt, sched, ema, state: dict) -> None:
+    def save(self, root: Path, step: int, model, opt, sched, ema, state: dict, writer=None) -> None:
         """Collective: every rank writes its ZeRO shard."""
-        checkpoint.save_deepspeed(root, step, self.accelerator, model, sched, ema, state)
+        checkpoint.save_deepspeed(root, step, self.accelerator, model, sched, ema, state, writer)
 
     def checksums(self, module, cfg) -> list[str] | None:
         return None if cfg.zero_stage == 3 else super().checksums(module, cfg)

@@ -3,7 +3,10 @@ record. Every executor (debug, local, slurm) ends up calling :func:`execute`.
 
 It always leaves ``result.json``: ``running`` while it works, then ``complete`` or ``failed``
 (with the error and the log tail). A complete run is skipped; any other resumes from its
-latest checkpoint.
+latest intact checkpoint. Only the holder of the run directory's lease writes there: it checks
+the lease before every checkpoint is published and before every record it writes, never writes
+over a ``complete`` record, and stops (publishing nothing, writing no record) when the lease
+is lost (bench.lease).
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ import numpy as np
 from bench.config import RunSpec
 from bench.distributed import make_accelerator, process_rank, teardown
 from bench.errors import UserError
+from bench.lease import beat_of
 from bench.records import environment, record_status, write_json, write_record
 from bench.registry import build_method
-from bench.rundir import Lease, lease_state, read_lease
+from bench.rundir import Lease, LeaseLost, lease_state, read_lease
 
 
 def now() -> str:
@@ -219,7 +223,8 @@ def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path, log=None) -> 
 def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None,
             micro_batch: int | None = None) -> str:
     """Run one spec in this process; returns the final status ('complete' or 'failed'), or
-    'held' when another process holds the run directory's lease (nothing is done then).
+    'held' when another process holds the run directory's lease (nothing is done then) or
+    took it over meanwhile (this process then stops writing there).
 
     In a multi-process run every process calls this; the processes train together, then
     global rank 0 evaluates and writes the record. ``micro_batch`` (sequences per forward, per
@@ -235,7 +240,14 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
     try:
         if record_status(run_dir) == "complete":  # finished by the previous holder meanwhile
             return "complete"
-        return _execute(spec, run_dir, threads, micro_batch)
+        from bench.checkpoint import clean_staging
+
+        if lease.held:   # what a writer killed mid-save (or one that lost the lease) left
+            clean_staging(run_dir, lease.token)
+        status = _execute(spec, run_dir, threads, micro_batch, lease)
+        if lease.held and status == "complete":   # (and what one left meanwhile)
+            clean_staging(run_dir, lease.token)
+        return status
     finally:
         lease.release()
 
@@ -243,25 +255,46 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
 def take_lease(run_dir: Path) -> Lease | None:
     """Global rank 0 takes the run directory's lease; the other ranks of a multi-process run
     follow it: they go on once the lease names their own job, and give up like rank 0 when
-    another job holds it. None: held elsewhere."""
+    another job holds it. None: held elsewhere. A lease whose holder is not a running process
+    of this machine is watched until its heartbeat changes (held) or has not changed for the
+    stale time (taken over)."""
     lease = Lease(run_dir)
     if _rank_from_env() == 0:
-        return lease if lease.try_acquire() else None
+        return lease if lease.try_acquire(watch_s=lease.stale_s + 2 * lease.heartbeat_s) else None
     mine = lease.info["job_id"]
     if mine is None:
         return lease  # no scheduler job to recognise rank 0's lease by: follow it unchecked
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline, seen = time.monotonic() + lease.stale_s + 2 * lease.heartbeat_s + 120, {}
+    while time.monotonic() < deadline:
         cur = read_lease(run_dir)
         if cur is not None and cur.get("job_id") == mine:
             return lease  # not held by this rank: release() is a no-op
-        if lease_state(cur) == "held":
-            return None
+        if cur is not None and lease_state(cur) == "held" \
+                and seen.setdefault(cur["token"], beat_of(cur)) != beat_of(cur):
+            return None   # another job's lease, and it beats: rank 0 gives up too
         time.sleep(0.5)
     return None
 
 
-def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
+def write_own_record(lease: Lease | None, path: Path, rec: dict) -> None:
+    """Write the run's record as the holder of its lease: LeaseLost (nothing written) when
+    this process no longer holds it, or the record there already says complete."""
+    if lease is not None:
+        lease.check()
+    if record_status(path.parent) == "complete":
+        raise LeaseLost("the run was completed by another process")
+    write_record(path, rec)
+
+
+def _lost(log, e: LeaseLost, what: str) -> str:
+    try:
+        log(f"{e}: this process stops here; {what}")
+    except OSError:
+        pass
+    return "held"
+
+
+def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | None = None) -> str:
     import torch
 
     result_path = run_dir / "result.json"
@@ -284,7 +317,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         env = environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads())
         env.update(job_info())
         if accelerator.is_main_process:
-            write_record(result_path, {**base, "status": "running", "env": env})
+            write_own_record(lease, result_path, {**base, "status": "running", "env": env})
             write_progress(run_dir, phase="setup", step=None, total=spec.train.total_steps, pid=os.getpid())
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
         tokenizer = get_tokenizer(spec.data)
@@ -297,7 +330,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
             train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
             log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
             stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch,
-                          curve=learning_probe(method, spec, accelerator.device))
+                          curve=learning_probe(method, spec, accelerator.device), writer=lease)
         else:  # a pretrained model evaluated as given (Method.trains = False)
             log(f"{params['params']:,} parameters; {spec.label} is evaluated as given (no training)")
             stats = {"steps": 0, "tokens": 0, "trained": False, "final_loss": None, "tokens_per_s": None}
@@ -315,11 +348,13 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         protocol = base["protocol"]
         if info.get("text_crossing"):   # how the method's text crosses into another tokenizer
             protocol = {**protocol, "text_crossing": info["text_crossing"]}
-        write_record(result_path, {**base, "protocol": protocol, "status": "complete", "metrics": metrics,
-                                   "reference": reference, "train": stats, "samples": n_samples,
-                                   "method_info": info, "env": env, "finished": now()})
+        write_own_record(lease, result_path, {
+            **base, "protocol": protocol, "status": "complete", "metrics": metrics, "reference": reference,
+            "train": stats, "samples": n_samples, "method_info": info, "env": env, "finished": now()})
         log(f"run {spec.run_id}: complete")
         return "complete"
+    except LeaseLost as e:
+        return _lost(log, e, "it publishes no checkpoint and writes no record")
     except Exception as e:  # noqa: BLE001 - one run's failure is recorded, never raised further
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, UserError):
@@ -330,8 +365,11 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch) -> str:
         except OSError:
             pass
         if accelerator is None or accelerator.is_main_process:
-            write_record(result_path, {**base, "status": "failed", "error": msg, "log_tail": log.tail(),
-                                       "finished": now()})
+            try:
+                write_own_record(lease, result_path, {**base, "status": "failed", "error": msg,
+                                                      "log_tail": log.tail(), "finished": now()})
+            except LeaseLost as lost:
+                return _lost(log, lost, "its failure is not recorded")
         return "failed"
     finally:
         teardown(accelerator)

@@ -42,12 +42,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.checkpoint import checkpoint_root, latest_checkpoint
+from bench.checkpoint import checkpoint_root, first_intact
 from bench.config import RunSpec
 from bench.data import Blocks
 from bench.distributed import NONE, REQUEUE, batch_plan, current_guard
 from bench.engine import PlainEngine, make_engine
 from bench.evaluate import batch_u
+from bench.lease import LeaseLost
 from bench.rundir import PROGRESS
 
 PROGRESS_EVERY_S = 2.0
@@ -132,7 +133,7 @@ def stage_parameters(method, stage: str, requires: dict[int, bool]) -> list[torc
 
 
 def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=print,
-          micro_batch: int | None = None, curve=None) -> dict:
+          micro_batch: int | None = None, curve=None, writer=None) -> dict:
     """Train ``method`` through its stages (``method.stages``, in order), each with its own
     settings (``spec.train.for_stage``), optimizer and schedule over its own parameters
     (``method.stage_parameters``), EMA and checkpoints; returns the record's training stats.
@@ -140,11 +141,12 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     all of the method's weights, so the earlier stages' results come with it). ``curve``
     (optional): a callable ``curve(model, step, tokens) -> dict`` called on the main process
     every ``curve.every`` steps of the last stage; its points are kept in the checkpointed
-    state."""
+    state. ``writer``: the run's lease (bench.lease.Lease), checked before every checkpoint is
+    published; LeaseLost when it is lost."""
     engine = make_engine(accelerator)
     engine.check_stages(spec, tuple(method.stages))
     training = Training(method, spec, data, Path(run_dir), accelerator, engine, log, micro_batch,
-                        {id(p): p.requires_grad for p in method.parameters()})
+                        {id(p): p.requires_grad for p in method.parameters()}, writer)
     start, ckpt = resume_point(training)
     done, results = [], []
     for i in range(start, len(training.stages)):
@@ -175,6 +177,7 @@ class Training:
     log: Callable[[str], None]
     micro_batch: int | None
     requires: dict[int, bool]   # every parameter's requires_grad as the method built it
+    writer: object = None       # the run's lease: its token names the staging dirs; checked before publishing
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -186,14 +189,16 @@ class Training:
 
 
 def resume_point(training: Training) -> tuple[int, Path | None]:
-    """(stage index, checkpoint) to start from: the latest checkpoint of the last stage that
-    has one, else (0, None)."""
-    for i in reversed(range(len(training.stages))):
-        root = checkpoint_root(training.run_dir, training.stages[i] if training.multi else None, i)
-        ckpt = latest_checkpoint(training.run_dir, root)
-        if ckpt is not None:
-            return i, ckpt
-    return 0, None
+    """(stage index, checkpoint) to start from: the newest intact checkpoint (sizes and hashes
+    against its manifest) of the last stage that has one, else (0, None). A torn or damaged
+    newer one is skipped, saying so in the log; UserError when checkpoints exist but none is
+    intact."""
+    roots = [checkpoint_root(training.run_dir, training.stages[i] if training.multi else None, i)
+             for i in reversed(range(len(training.stages)))]
+    ckpt = first_intact(roots, full=True, log=training.log)
+    if ckpt is None:
+        return 0, None
+    return len(roots) - 1 - roots.index(ckpt.parent), ckpt
 
 
 @dataclass(frozen=True)
@@ -341,7 +346,8 @@ class Stage:
         state["wall_s"] = self.wall_before + elapsed
         if self.training.multi:
             state["stage_complete"] = state["step"] == self.cfg.steps   # the record that the stage is done
-        self.training.engine.save(self.root, state["step"], self.model, self.opt, self.sched, self.ema, state)
+        self.training.engine.save(self.root, state["step"], self.model, self.opt, self.sched, self.ema, state,
+                                  self.training.writer)
 
     def run(self) -> StageResult:
         """Train from the resumed step to the last, checkpointing every ``ckpt_every`` steps, at
@@ -354,7 +360,10 @@ class Stage:
         if guard is not None:
             guard.training = True
         progress = Progress(self, t0)
+        lone = training.accelerator.num_processes == 1   # (ranks would wait for a rank that stopped)
         for k in bar:
+            if lone and getattr(training.writer, "lost", None):
+                raise LeaseLost(f"lease lost: {training.writer.lost}")
             C, loss = self.step(k)
             request, loss = agree(guard, training.accelerator, loss)
             self.account(k, C, loss)

@@ -3,7 +3,8 @@
 - two concurrent `tdbench run` of one suite on one --out train each run exactly once and print
   the same leaderboard as a single `tdbench run` into a fresh directory;
 - a lease left by a SIGKILLed process is taken over (the time it took is printed);
-- a lease from another host is honoured while its heartbeat is fresh, taken over once stale;
+- a lease from another host is honoured while its heartbeat changes, taken over once it has not
+  changed for the stale time (on the reader's clock; tests/test_lease_loss.py has the rest);
 - of many processes racing for a free lease, exactly one wins.
 """
 from __future__ import annotations
@@ -128,7 +129,7 @@ def test_holder_heartbeats_and_never_overwrites_a_new_holder(tmp_path):
 
 
 def _race(rd, q):
-    q.put(Lease(rd).try_acquire())
+    q.put(Lease(rd, stale_s=0.5).try_acquire())
     time.sleep(1.0)
 
 
@@ -138,6 +139,10 @@ def test_exactly_one_of_many_racers_wins(tmp_path):
         if trial == 2:  # racing for a stale lease instead of a free one
             rd.mkdir()
             (rd / LEASE).write_text(json.dumps({"host": "gone", "pid": 1, "token": "old", "heartbeat": 0}))
+            # staleness is judged on the reader's clock: watched here, the racers (forked) inherit it
+            assert lease_state(read_lease(rd), stale_s=0.5) == "held"
+            time.sleep(0.6)
+            assert lease_state(read_lease(rd), stale_s=0.5) == "stale"
         ctx = mp.get_context("fork")
         q = ctx.Queue()
         ps = [ctx.Process(target=_race, args=(rd, q)) for _ in range(6)]
