@@ -39,6 +39,7 @@ from pathlib import Path
 
 from bench.errors import UserError
 from bench.lease import LeaseLost
+from bench.records import current_umask
 
 MANIFEST = "manifest.json"
 DS_DIR, DS_TAG = "deepspeed", "zero"
@@ -233,6 +234,10 @@ def publish(root: Path, step: int, writer=None) -> None:
     tmp = staging(root, step, getattr(writer, "token", None))
     final = root / f"step_{step:07d}"
     write_manifest(tmp)
+    mode = 0o666 & ~current_umask()   # safetensors writes 0600: another user could not resume
+    for f in tmp.iterdir():
+        if f.is_file():
+            os.chmod(f, mode)
     _sync_tree(tmp)
     if writer is not None:
         try:

@@ -122,7 +122,7 @@ def read_lease(rd: Path) -> dict | None:
 def _read_lease_file(path: Path) -> dict | None:
     try:
         lease = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, ValueError, RecursionError):   # deep nesting, huge ints: unreadable
         return None
     return lease if isinstance(lease, dict) and isinstance(lease.get("token"), str) else None
 

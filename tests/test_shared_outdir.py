@@ -44,6 +44,8 @@ def test_files_written_into_a_results_directory_honour_the_umask(shared_out):
     files = [rd / "result.json", rd / "spec.json", rd / "progress.json", rd / "samples.jsonl",
              shared_out / "index.json", shared_out / "leaderboard.csv", shared_out / "leaderboard.md",
              shared_out / "training.png"]
+    ckpt = max((rd / "ckpt").glob("step_*"))   # a second user must be able to resume the run
+    files += [f for f in ckpt.iterdir() if f.is_file()]
     modes = {str(p.relative_to(shared_out)): oct(_mode(p)) for p in files}
     assert all(m == oct(0o664) for m in modes.values()), modes
 
