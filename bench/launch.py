@@ -29,8 +29,9 @@ from pathlib import Path
 
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
+from bench.lease import describe_lease, lease_state, read_lease
 from bench.records import private_dir, read_record, record_status, write_record
-from bench.rundir import check_run_dirs, describe_lease, holders, lease_state, plan, read_lease, run_dir
+from bench.rundir import check_run_dirs, holders, plan, run_dir
 from bench.runner import execute, now, record_header
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bench.rundir import PROGRESS, describe_lease, lease_state, read_lease
+from bench.lease import describe_lease, lease_state, read_lease
+from bench.rundir import PROGRESS
 
 FINAL = ("completed", "failed", "cancelled")
 

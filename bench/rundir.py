@@ -13,11 +13,8 @@ from pathlib import Path
 from bench.checkpoint import checkpoint_roots, first_intact
 from bench.config import RunSpec
 from bench.errors import UserError
-from bench.lease import LEASE, STALE_S, Lease, LeaseLost, describe_lease, lease_state, read_lease  # noqa: F401
+from bench.lease import lease_state, read_lease
 from bench.records import read_record, record_status
-
-# the leases (lease.json: who trains a run directory now) are bench.lease's; re-exported here,
-# where the executors, the live view and tests have always found them
 
 
 def run_dir(out: Path, spec: RunSpec) -> Path:

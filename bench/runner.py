@@ -23,10 +23,9 @@ import numpy as np
 from bench.config import RunSpec
 from bench.distributed import make_accelerator, process_rank, teardown
 from bench.errors import UserError
-from bench.lease import beat_of
+from bench.lease import Lease, LeaseLost, beat_of, lease_state, read_lease
 from bench.records import environment, record_status, write_json, write_record
 from bench.registry import build_method
-from bench.rundir import Lease, LeaseLost, lease_state, read_lease
 
 
 def now() -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, complete_record, specs_of, tiny_suite
 
-from bench.rundir import LEASE, Lease, lease_state, read_lease
+from bench.lease import LEASE, Lease, lease_state, read_lease
 
 FAST = {"TDBENCH_LEASE_STALE_S": "2", "TDBENCH_LEASE_HEARTBEAT_S": "0.25"}
 

@@ -20,7 +20,7 @@ import time
 
 from conftest import REPO, tiny_suite, write_suite
 
-from bench.rundir import LEASE, Lease, lease_state, read_lease
+from bench.lease import LEASE, Lease, lease_state, read_lease
 
 CLI = [sys.executable, "-m", "bench.cli"]
 
@@ -67,7 +67,7 @@ def test_two_concurrent_runs_train_each_run_once_and_agree(tmp_path):
 
 HOLDER = """
 import sys, time
-from bench.rundir import Lease
+from bench.lease import Lease
 lease = Lease(sys.argv[1], heartbeat_s=0.5)
 assert lease.try_acquire()
 print("held", flush=True)
@@ -108,7 +108,7 @@ def test_remote_lease_held_while_fresh_taken_over_when_stale(tmp_path):
     mine = Lease(rd, stale_s=1.0)
     assert mine.try_acquire(), "a lease silent for stale_s is taken over"
     print(f"\nremote lease taken over {1.2 + time.monotonic() - t0:.2f} s after its last heartbeat "
-          f"(stale_s = 1 s here; {int(__import__('bench.rundir').rundir.STALE_S)} s by default)")
+          f"(stale_s = 1 s here; {int(__import__('bench.lease').lease.STALE_S)} s by default)")
     assert mine.took_over["job_id"] == "4242_3"
     mine.release()
 

@@ -9,8 +9,8 @@ import time
 from conftest import specs_of, tiny_suite, write_suite
 
 from bench import live
+from bench.lease import Lease
 from bench.records import write_record
-from bench.rundir import Lease
 from bench.runner import record_header
 
 
