@@ -39,7 +39,7 @@ from pathlib import Path
 
 from bench.errors import UserError
 from bench.lease import LeaseLost
-from bench.records import current_umask
+from bench.records import file_mode
 
 MANIFEST = "manifest.json"
 DS_DIR, DS_TAG = "deepspeed", "zero"
@@ -234,7 +234,7 @@ def publish(root: Path, step: int, writer=None) -> None:
     tmp = staging(root, step, getattr(writer, "token", None))
     final = root / f"step_{step:07d}"
     write_manifest(tmp)
-    mode = 0o666 & ~current_umask()   # safetensors writes 0600: another user could not resume
+    mode = file_mode()   # safetensors writes 0600: another user could not resume
     for f in tmp.iterdir():
         if f.is_file():
             os.chmod(f, mode)

@@ -81,10 +81,14 @@ def selfcond_magnitude(out: Path, exp: SelfCondMagnitude, log=print) -> dict:
     import torch
 
     from bench.data import load_blocks
+    from bench.method import Method
+    from bench.registry import get_method
     from bench.samples import load_final_method
 
     rows = []
     for rd, rec in _complete_runs(out):
+        if get_method(rec["spec"]["method"]).self_condition_chain is Method.self_condition_chain:
+            continue   # the method has no chain: nothing to load
         method, spec = load_final_method(rd)
         blocks = load_blocks(spec.data.eval[0], "test", spec.data, spec.eval.packing).head(exp.sequences)
         x = torch.as_tensor(np.array(blocks.tokens), dtype=torch.long)

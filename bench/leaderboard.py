@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import tables
+from bench.records import JSON_ERRORS
 from bench.tables import SOURCE_LABEL, SOURCE_LABELS, md_escape
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
@@ -186,7 +187,7 @@ def collect_scores(out: Path, recs: list[dict]) -> list[dict]:
         if p.is_file():
             try:
                 out_scores.append(json.loads(p.read_text()))
-            except (OSError, ValueError, RecursionError):   # derived data: rescored on the next `score`
+            except (OSError, *JSON_ERRORS):   # derived data: rescored on the next `score`
                 continue
     return out_scores
 

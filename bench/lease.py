@@ -32,6 +32,8 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.records import JSON_ERRORS
+
 LEASE = "lease.json"
 HEARTBEAT_S = 10.0   # the holder rewrites its lease this often
 STALE_S = 60.0       # a lease whose heartbeat has not changed for this long is stale
@@ -57,13 +59,20 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first, start time at
+    index 19; [] when unparseable); None when there is no such process (or no /proc)."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[1].split() if ")" in stat else []
+    return fields if len(fields) > 19 else []
+
+
 def _start_time(pid: int | str) -> str | None:
     """A process's start time (clock ticks since boot): with the PID, names one process."""
-    stat = _read_text(f"/proc/{pid}/stat")
-    try:
-        return stat.rsplit(")", 1)[1].split()[19] if stat else None
-    except IndexError:
-        return None
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def _namespace() -> dict:
@@ -101,12 +110,10 @@ def _process_state(lease: dict) -> str:
     """'dead', 'stopped', 'running', or 'unknown' (not a process of this machine and namespace)."""
     if not _here(lease):
         return "unknown"
-    stat = _read_text(f"/proc/{lease['pid']}/stat")
-    if stat is None:
+    fields = _stat_fields(lease["pid"])
+    if fields is None:
         return "dead"
-    try:
-        fields = stat.rsplit(")", 1)[1].split()
-    except IndexError:
+    if not fields:
         return "unknown"
     if fields[0] in ("Z", "X") or (lease.get("started") and fields[19] != lease["started"]):
         return "dead"   # a zombie (PID 1 may reap slowly), or the PID reused by another process
@@ -122,7 +129,7 @@ def read_lease(rd: Path) -> dict | None:
 def _read_lease_file(path: Path) -> dict | None:
     try:
         lease = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):   # deep nesting, huge ints: unreadable
+    except (OSError, *JSON_ERRORS):   # deep nesting, huge ints too: unreadable
         return None
     return lease if isinstance(lease, dict) and isinstance(lease.get("token"), str) else None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.lease import describe_lease, lease_state, read_lease
+from bench.records import JSON_ERRORS
 from bench.rundir import PROGRESS
 
 FINAL = ("completed", "failed", "cancelled")
@@ -49,7 +50,7 @@ def _progress(rd: Path) -> dict:
     try:
         p = json.loads((rd / PROGRESS).read_bytes().decode("utf-8"))
         return p if isinstance(p, dict) else {}
-    except (OSError, ValueError, RecursionError):  # ValueError: bad UTF-8 / JSON, an int over the digit limit
+    except (OSError, *JSON_ERRORS):
         return {}
 
 

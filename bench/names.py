@@ -45,7 +45,6 @@ def check_label(v: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(check_name)]
-Label = Annotated[str, AfterValidator(check_label)]
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6

@@ -34,10 +34,15 @@ def current_umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode ``open`` gives a new file: 0666 & ~umask."""
+    return 0o666 & ~current_umask()
+
+
 def honour_umask(fd: int) -> None:
-    """Give a file made by ``mkstemp`` (always 0600) the mode ``open`` would: 0666 & ~umask, so
-    a second user sharing a results directory can read what the first one wrote."""
-    os.fchmod(fd, 0o666 & ~current_umask())
+    """Give a file made by ``mkstemp`` (always 0600) the mode ``open`` would (:func:`file_mode`),
+    so a second user sharing a results directory can read what the first one wrote."""
+    os.fchmod(fd, file_mode())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -79,7 +79,9 @@ class HFCausalLM(Method):
             self.choose_ids(self.context.tokenizer)
 
     def build_network(self, cfg):
-        return hf.load_causal_lm(self.p.model, revision=self.p.revision, where="methods[hf-causal-lm].model")
+        net = hf.load_causal_lm(self.p.model, revision=self.p.revision, where="methods[hf-causal-lm].model")
+        self.weights_sha256 = weights_sha256(net)   # hashed once, on the CPU, as loaded (it never trains)
+        return net
 
     def choose_ids(self, tokenizer) -> None:
         """Score the suite's ids as they are when ``tokenizer`` is the model's own; else
@@ -101,7 +103,7 @@ class HFCausalLM(Method):
         (bench.method.weights_sha256): a changed model shows in the record even unpinned."""
         return {"model": self.p.model, "retokenized": self.retokenized, "first_context_id": self.first_context,
                 "counted_per": "suite token", "context": hf.context_length(self.net),
-                "revision": hf.hub_revision(self.p.model, self.p.revision), "weights_sha256": weights_sha256(self.net)}
+                "revision": hf.hub_revision(self.p.model, self.p.revision), "weights_sha256": self.weights_sha256}
 
     def nll(self, x0, counted, u=None):
         if not self.retokenized:

@@ -19,9 +19,7 @@ from bench.records import read_record
 def cmd_leaderboard(args) -> int:
     from bench import leaderboard, tables
 
-    out = Path(args.dir)
-    if not (out / "runs").is_dir():
-        raise UserError(f"{out}: not a tdbench output directory (no runs/ inside)")
+    out = need_out(args.dir)
     compare = None
     if args.compare:  # resolved and parsed before anything is written
         compare = tables.resolve_reference(args.compare)

@@ -26,7 +26,7 @@ from bench.metrics import MetricsConfig
 from bench.metrics.base import settings_id
 from bench.metrics.genppl import gen_ppl, scorer_tokens
 from bench.metrics.ngrams import diversity, mean_entropy, memorization, tokenize
-from bench.records import read_record, write_json
+from bench.records import JSON_ERRORS, read_record, write_json
 from bench.samples import FILE, read_samples
 
 SCORES = "scores.json"
@@ -272,7 +272,7 @@ def read_scores(run_dir: Path) -> dict | None:
     p = Path(run_dir) / SCORES
     try:
         return json.loads(p.read_text()) if p.is_file() else None
-    except (OSError, ValueError, RecursionError):
+    except (OSError, *JSON_ERRORS):
         return None
 
 
