@@ -17,7 +17,7 @@ import pandas as pd
 
 from bench import tables
 from bench.records import JSON_ERRORS
-from bench.tables import SOURCE_LABEL, SOURCE_LABELS, md_escape
+from bench.tables import SOURCE_BLOCKS_LABEL, SOURCE_LABEL, SOURCE_LABELS, md_escape
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
            "std", "protocol", "params", "estimate"]
@@ -59,9 +59,9 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
                          "estimate": m.get("estimate")})
         for m in r.get("reference", []):
             rows.append({"size": r["size"], "model": m.get("label", SOURCE_LABEL), "dataset": m["dataset"],
-                         "metric": m["metric"], "value": m["value"], "ci_low": m["value"], "ci_high": m["value"],
-                         "bound": False, "protocol": m.get("protocol_id"), "seed": None, "params": None, "conf": 0.95,
-                         "estimate": "exact"})
+                         "metric": m["metric"], "value": m["value"], "ci_low": m.get("ci_low", m["value"]),
+                         "ci_high": m.get("ci_high", m["value"]), "bound": False, "protocol": m.get("protocol_id"),
+                         "seed": None, "params": None, "conf": 0.95, "estimate": m.get("estimate", "exact")})
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows)
@@ -111,6 +111,8 @@ def _fmt(row) -> str:
         s = "≤ " + s
     elif row.get("estimate") == "truncated":
         s = "≈ " + s + " (t_min)"
+    elif row.get("estimate") == "sampled":   # a source's entropy estimated from true samples (bench.data.hmm)
+        s = "≈ " + s
     lo, hi = row["ci_low"], row["ci_high"]
     if lo is not None and hi is not None and not (isinstance(lo, float) and math.isnan(lo)) and hi - lo > 1e-9:
         s += f" ±{(hi - lo) / 2:.{nd}f}"
@@ -164,6 +166,10 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", cross
                  "truncated at t_min > 0, which is not a bound; ± is the CI half-width, "
                  "over seeds when n_seeds > 1, else the protocol's Monte-Carlo interval). Best per column in bold."]
     notes.extend(crossings)
+    if metric == "ppl" and (t["estimate"] == "sampled").any():
+        notes.append(f"- ≈ {SOURCE_LABEL}: an estimate, not exact — the source has no closed-form entropy (an HMM); "
+                     "it is the mean exact NLL per token of fresh true blocks, ± its 95% interval. "
+                     f"{SOURCE_BLOCKS_LABEL} and every gap are exact.")
     for r in failed:
         notes.append(md_escape(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} "
                                f"({r.get('run_id')}): {r.get('error')}"))
@@ -174,8 +180,9 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", cross
 
 # ----------------------------------------------------------------------------- sample quality
 SOURCE_TEXT = "Source text"
-SAMPLE_COLUMNS = ["gen_ppl", "entropy", "mem", "div", "mauve", "nfe", "samples_per_s"]
-ARROW = {"gen_ppl": " ↓", "mem": " ↓", "div": " ↑", "mauve": " ↑", "nfe": " ↓", "entropy": "", "samples_per_s": " ↑"}
+SAMPLE_COLUMNS = ["gen_ppl", "true_nll", "valid", "ngram_tv", "entropy", "mem", "div", "mauve", "nfe", "samples_per_s"]
+ARROW = {"gen_ppl": " ↓", "mem": " ↓", "div": " ↑", "mauve": " ↑", "nfe": " ↓", "entropy": "", "samples_per_s": " ↑",
+         "true_nll": "", "valid": " ↑", "ngram_tv": " ↓"}
 HEADER = {"samples_per_s": "samples/s", "nfe": "NFE"}
 
 
@@ -251,7 +258,7 @@ def _fmt_sample(r) -> str:
     v = r["value"]
     if not _num(v):
         return "—"
-    digits = 1 if r["metric"] in ("gen_ppl", "nfe", "samples_per_s") else 3
+    digits = 1 if r["metric"] in ("gen_ppl", "nfe", "samples_per_s") else 4 if r["metric"] == "ngram_tv" else 3
     s = f"{v:.{digits}f}"
     if _num(r["std"]):
         s += f" ±{r['std']:.{digits}f}"
@@ -280,7 +287,7 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
              "|---|---|---|---|" + "---|" * len(cols)]
     last = None
     for (size, model, steps), g in st.groupby(["size", "model", "steps"], sort=False, dropna=False):
-        pr = ppl[(ppl["size"] == size) & (ppl["model"] == model)]
+        pr = ppl[(ppl["size"] == size) & (ppl["model"] == (SOURCE_LABEL if model == SOURCE_TEXT else model))]
         cells = [_fmt(pr.iloc[0]) if len(pr) else "—"]
         for m, p in cols:
             r = g[(g["metric"] == m) & (g["protocol"] == p)]
@@ -302,9 +309,33 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
                  "mauve against held-out human text (Source text's mauve is the ceiling: a second human set "
                  "against the same reference). ± is the std over seeds (over MAUVE seeds with one seed). "
                  "Settings: scores.json of each run; metrics.json of this directory."]
+    if st["metric"].isin(TRUTH_NOTES).any():
+        notes.append(truth_note(st, ppl))
     for n in sorted({x for x in st["note"] if isinstance(x, str)}):
         notes.append(f"- † {n}")
     return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+
+
+TRUTH_NOTES = {
+    "true_nll": "true_nll = mean NLL per token of the samples under the source itself (nats; the samples it can "
+                "produce), to read beside the source's entropy h: a sampler that draws from the source has "
+                "E[true_nll] = h, below h it is too sure (too little diversity), above it off the source",
+    "valid": "valid = fraction of samples the source can produce (well-formed)",
+    "ngram_tv": "ngram_tv = total variation between the samples' n-gram frequencies and the source's exact n-gram "
+                "marginals, mean over n = 1..3; above 0 even for true samples: Source text scores as many fresh "
+                "true blocks, its ngram_tv is that finite-sample floor (the ceiling a model can reach)"}
+
+
+def truth_note(st: pd.DataFrame, ppl: pd.DataFrame) -> str:
+    """The note under a synthetic suite's sample table (bench.metrics.truth): what each truth
+    metric is, and the source's entropy h (from its ``Source (true)`` row; Source text's ppl)."""
+    have = [TRUTH_NOTES[m] for m in TRUTH_NOTES if (st["metric"] == m).any()]
+    src = ppl[ppl["model"] == SOURCE_LABEL].dropna(subset=["value"])
+    if len(src):
+        r = src.iloc[0]
+        kind = "an estimate" if r.get("estimate") == "sampled" else "exact"
+        have.append(f"the source's h = ln ppl({SOURCE_LABEL}) = {math.log(float(r['value'])):.4f} nats/token ({kind})")
+    return "Scored by the source (synthetic suite; gen_ppl and MAUVE do not apply): " + "; ".join(have) + "."
 
 
 TEXT_COLUMNS = ("size", "model", "dataset", "note")   # labels and names: text a user or a record chose

@@ -7,6 +7,7 @@ Written next to the leaderboard as ``training.png``; matplotlib is optional (no 
 error, when it is missing)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -142,7 +143,10 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
 def frontier(st, path: Path) -> Path | None:
     """``frontier.png``: generative perplexity against entropy and against NFE, one line per
     method across its step budgets (per size), Source text as a reference mark. Low gen ppl
-    from repetitive text shows up as a point far left (low entropy)."""
+    from repetitive text shows up as a point far left (low entropy). A synthetic suite's
+    samples (scored by the source: true_nll, ngram_tv) get :func:`truth_frontier` instead."""
+    if "true_nll" in set(st["metric"]):
+        return truth_frontier(st, path)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -197,6 +201,60 @@ def frontier(st, path: Path) -> Path | None:
             ax.set_title(f"size {size}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps)")
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:   # a panel with no labelled line gets no legend
+                ax.legend(fontsize=7)
+    if not drew:
+        plt.close(fig)
+        return None
+    return save_figure(fig, path)
+
+
+def _value(g, metric: str) -> float | None:
+    r = g[g["metric"] == metric]["value"].dropna()
+    return float(r.iloc[0]) if len(r) else None
+
+
+def truth_frontier(st, path: Path) -> Path | None:
+    """``frontier.png`` of a synthetic suite: true_nll and ngram_tv (bench.metrics.truth)
+    against NFE, one line per method across its step budgets (per size); the Source row (fresh
+    true blocks: true_nll ≈ the source's entropy, ngram_tv = the finite-sample floor) as a
+    dashed line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = (("true_nll", "true NLL of samples (nats/token)"), ("ngram_tv", "n-gram TV to the source (log scale)"))
+    sizes = list(dict.fromkeys(st["size"]))
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
+    drew = False
+    for row, size in zip(axes, sizes):
+        s = st[st["size"] == size]
+        for ax, (metric, ylabel) in zip(row, panels):
+            for i, (model, g) in enumerate(s.groupby("model", sort=False)):
+                pts = [(steps, _value(h, "nfe"), _value(h, metric))
+                       for steps, h in g.groupby("steps", sort=False, dropna=False)]
+                pts = [p for p in pts if p[2] is not None]
+                if pts and all(p[1] is None for p in pts):   # the Source row: true samples, no sampler
+                    ax.axhline(pts[0][2], color="k", ls="--", lw=1, label=f"{model} (true samples)")
+                    continue
+                pts = sorted((p for p in pts if p[1] is not None), key=lambda p: p[1])
+                if not pts:
+                    continue
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", color=f"C{i}", label=model, lw=1.2)
+                for steps, x, y in pts:
+                    if steps is not None and not (isinstance(steps, float) and math.isnan(steps)):
+                        ax.annotate(f"{int(steps)}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points",
+                                    color=f"C{i}")
+                drew = True
+            ax.set_xscale("log")
+            if metric == "ngram_tv":
+                ax.set_yscale("log")
+            ax.set_xlabel("NFE (network calls per sample; log scale)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"size {size}: {metric} vs NFE (labels: steps)")
+            ax.grid(alpha=0.3, which="both")
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     if not drew:
         plt.close(fig)

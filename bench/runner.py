@@ -128,10 +128,10 @@ def paired_gap(nll: np.ndarray, ntok: np.ndarray, source_nll: np.ndarray, confid
 
 def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[dict]]:
     """For every eval dataset: the ``ppl`` metric (and ``bpc`` for character tokens); for
-    synthetic sources also the source's expected per-token entropy ("Source (true)"), its
-    exact NLL of the very test blocks ("Source (test blocks)") and each row's paired ``gap``
-    to it."""
-    from bench.data import get_tokenizer, load_blocks, source_nll_of_blocks, true_nll_per_token
+    synthetic sources also the source's expected per-token entropy ("Source (true)": exact, or
+    an estimate with its interval where there is no closed form), its exact NLL of the very
+    test blocks ("Source (test blocks)") and each row's paired ``gap`` to it."""
+    from bench.data import get_tokenizer, load_blocks, source_entropy, source_nll_of_blocks
     from bench.evaluate import per_sequence_nll, summarize
 
     protocol = spec.protocol()
@@ -166,12 +166,11 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
         mark = {"bound": "≤ ", "truncated": "≈ (truncated, t_min > 0) "}.get(kind, "")
         log(f"{ref.key}: ppl {mark}{row['value']:.3f} "
             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] over {row['n_tokens']} tokens")
-        h = true_nll_per_token(ref, spec.data.seq_len)
+        h = source_entropy(ref, spec.data.seq_len)
         if h is not None:
             s = source_nll_of_blocks(ref, blocks.tokens)
             C = float(ntok.sum())
-            reference.append({"dataset": ref.key, "metric": "ppl", "value": math.exp(h),
-                              "protocol_id": pid, "bound": False, "label": "Source (true)"})
+            reference.append(source_true_row(ref.key, pid, h))
             reference.append({"dataset": ref.key, "metric": "ppl", "value": math.exp(s.sum() / C),
                               "protocol_id": pid, "bound": False, "label": "Source (test blocks)"})
             gap = paired_gap(nll, ntok, s, protocol.confidence)
@@ -180,6 +179,17 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
             log(f"{ref.key}: gap to the source's NLL of these blocks {gap['value']:+.4f} nats/token "
                 f"[{gap['ci_low']:+.4f}, {gap['ci_high']:+.4f}]")
     return metrics, reference
+
+
+def source_true_row(dataset: str, pid: str, h: dict) -> dict:
+    """The ``Source (true)`` reference row: perplexity exp(h) of the source's per-token block
+    entropy h; an estimate (bench.data.hmm) keeps its interval and says so."""
+    row = {"dataset": dataset, "metric": "ppl", "value": math.exp(h["value"]), "protocol_id": pid,
+           "bound": False, "label": "Source (true)"}
+    if h["estimate"] != "exact":
+        row.update(ci_low=math.exp(h["ci_low"]), ci_high=math.exp(h["ci_high"]), estimate=h["estimate"],
+                   n_blocks=h["n_blocks"])
+    return row
 
 
 def learning_probe(method, spec: RunSpec, device):
@@ -327,7 +337,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
             params["params_frozen"] = sum(p.numel() for m in method.frozen_modules().values() for p in m.parameters())
         if method.trains:
             train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
-            log(f"{params['params']:,} parameters; {len(train_blocks):,} training blocks of {spec.data.seq_len}")
+            log(f"{params['params']:,} parameters; {train_blocks.describe()} training blocks of {spec.data.seq_len}")
             stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch,
                           curve=learning_probe(method, spec, accelerator.device), writer=lease)
         else:  # a pretrained model evaluated as given (Method.trains = False)

@@ -8,10 +8,11 @@ wrapped, so DDP registers and synchronises only them — and its checkpoints. Fr
 
 Determinism and resume: the batch of step k and all noise drawn at step k depend only on
 (seed, k) — in stage s > 0 on (stage_seed(seed, s), k) — batches come from a per-epoch
-permutation seeded by (seed, epoch) and the global RNG is re-seeded with (seed, k, o) before
-each micro-batch, o = the offset of its first sequence in the global batch — so a run resumed
-from a checkpoint at step k replays exactly what the uninterrupted run would have done (on
-CPU, bit for bit).
+permutation seeded by (seed, epoch) (or, for a synthetic source's ``train_blocks: stream``,
+are drawn fresh from the source seeded by (seed, k): bench.data.StreamBlocks) and the global
+RNG is re-seeded with (seed, k, o) before each micro-batch, o = the offset of its first
+sequence in the global batch — so a run resumed from a checkpoint at step k replays exactly
+what the uninterrupted run would have done (on CPU, bit for bit).
 
 Distributed: the global batch (``train.batch_size``) and the time draws u (stratified over the
 global batch) are the same whatever the world size; process r takes its slice of both, in
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 
 from bench.checkpoint import checkpoint_root, first_intact
 from bench.config import RunSpec
-from bench.data import Blocks
+from bench.data import Blocks, StreamBlocks
 from bench.distributed import NONE, REQUEUE, batch_plan, current_guard
 from bench.engine import PlainEngine, make_engine
 from bench.evaluate import batch_u
@@ -73,17 +74,6 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 def seed_of(*xs) -> int:
     """A deterministic 31-bit seed from integers (Python's hash() is salted for strings)."""
     return int(np.random.SeedSequence([int(x) for x in xs]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
-def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
-    """Global batch of step ``step``: consecutive slots of per-epoch permutations."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, off = divmod(start + len(out), n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        out.extend(perm[off: off + batch - len(out)].tolist())
-    return np.asarray(out)
 
 
 class EMA:
@@ -132,7 +122,7 @@ def stage_parameters(method, stage: str, requires: dict[int, bool]) -> list[torc
     return params
 
 
-def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=print,
+def train(method, spec: RunSpec, data: Blocks | StreamBlocks, run_dir: Path, accelerator, log=print,
           micro_batch: int | None = None, curve=None, writer=None) -> dict:
     """Train ``method`` through its stages (``method.stages``, in order), each with its own
     settings (``spec.train.for_stage``), optimizer and schedule over its own parameters
@@ -170,7 +160,7 @@ class Training:
 
     method: torch.nn.Module
     spec: RunSpec
-    data: Blocks
+    data: Blocks | StreamBlocks
     run_dir: Path
     accelerator: object
     engine: PlainEngine
@@ -294,16 +284,16 @@ class Stage:
         """Optimizer step ``k``: this process's share of global batch ``k`` in ``accum``
         micro-batches, then the update. Returns (the global batch's counted tokens C, this
         process's share of the step's loss)."""
-        cfg, plan, data = self.cfg, self.plan, self.training.data
-        gidx = batch_indices(k, cfg.batch_size, len(data), self.seed)
-        C = max(int(data.counted[gidx].sum()), 1)
+        cfg, plan = self.cfg, self.plan
+        batch = self.training.data.batch(k, cfg.batch_size, self.seed)
+        C = max(int(batch.counted.sum()), 1)
         u_all = batch_u(cfg.batch_size, torch.Generator().manual_seed(seed_of(self.seed, k, 1 << 20)))
         self.model.train()
         loss = 0.0
         for j in range(plan.accum):
             off = self.training.accelerator.process_index * plan.per_rank + j * plan.micro
-            loss += self.micro_step(k, off, gidx[off:off + plan.micro], u_all[off:off + plan.micro], C,
-                                    last=j == plan.accum - 1)
+            loss += self.micro_step(k, off, batch.tokens[off:off + plan.micro], batch.counted[off:off + plan.micro],
+                                    u_all[off:off + plan.micro], C, last=j == plan.accum - 1)
         self.training.engine.clip(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
@@ -312,14 +302,14 @@ class Stage:
             self.ema.update(self.training.accelerator.unwrap_model(self.model))
         return C, loss
 
-    def micro_step(self, k: int, off: int, idx, u, C: int, last: bool) -> float:
-        """Forward and backward of the micro-batch at offset ``off`` of global batch ``k``; its
-        loss is weighted by its share of the batch's counted tokens (c / C, times the engine's
-        scale for the gradient). Returns its weighted loss."""
+    def micro_step(self, k: int, off: int, tokens, counted, u, C: int, last: bool) -> float:
+        """Forward and backward of the micro-batch (``tokens``, ``counted``) at offset ``off`` of
+        global batch ``k``; its loss is weighted by its share of the batch's counted tokens
+        (c / C, times the engine's scale for the gradient). Returns its weighted loss."""
         acc = self.training.accelerator
         torch.manual_seed(seed_of(self.seed, k, off))
-        x = torch.as_tensor(self.training.data.tokens[idx], dtype=torch.long, device=acc.device)
-        c = torch.as_tensor(self.training.data.counted[idx], dtype=torch.bool, device=acc.device)
+        x = torch.as_tensor(tokens, dtype=torch.long, device=acc.device)
+        c = torch.as_tensor(counted, dtype=torch.bool, device=acc.device)
         w = int(c.sum()) / C
         with acc.autocast():
             loss = self.forward(x, c, u.to(acc.device))

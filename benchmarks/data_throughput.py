@@ -8,7 +8,7 @@ step's consumption at the small size — the loader must never be the bottleneck
    tokens/s of the whole build (detokenize + tokenize in `datasets.map` workers + streamed
    packing into the memory-mapped files) and of the tokenisation stage alone.
 2. Loader: what the training loop does per step — the global batch's indices
-   (bench.train.batch_indices), a fancy-indexed read of `tokens`/`counted` from the memory-map,
+   (bench.data.batch_indices), a fancy-indexed read of `tokens`/`counted` from the memory-map,
    `torch.as_tensor` — for a 512 × 1024 global batch, as tokens/s (page cache warm).
 3. Training step: a few AdamW steps of the AR baseline at the small size (12 × 768, 12 heads,
    GPT-2 vocabulary), here on this machine's CPU, as tokens/s; and the rate a GPU would consume
@@ -53,8 +53,7 @@ def loader_rate(batch: int = 512, steps: int = 50) -> float:
     import torch
 
     from bench.config import DataConfig, DatasetRef
-    from bench.data import load_blocks
-    from bench.train import batch_indices
+    from bench.data import batch_indices, load_blocks
 
     d = tempfile.mkdtemp()
     os.environ["TDBENCH_CACHE"] = d

@@ -7,7 +7,9 @@ built once (in parallel, under a lock) and shared by every rank and run.
 
 Datasets: the embedded corpora (bench.data.corpora), the public benchmarks through Hugging
 Face ``datasets`` with a local ``path:`` override (bench.data.hub), ``textfile`` (your own
-UTF-8 file), and synthetic sources with a known entropy rate (bench.data.synthetic).
+UTF-8 file), and synthetic sources with an exactly known truth (bench.data.synthetic:
+``markov``; bench.data.hmm, bench.data.dyck), whose training split may be a stream of fresh
+blocks (:class:`StreamBlocks`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bench.config import DataConfig, DatasetRef, short_hash, tokenizer_key
 from bench.config_io import first_error
-from bench.data import blockcache, corpora, hub, synthetic
+from bench.data import blockcache, corpora, dyck, hmm, hub, synthetic
 from bench.data.detokenizers import DETOKENIZERS
 from bench.data.paths import cache_dir
 from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, Tokenizer, gpt2, train_bpe
@@ -35,12 +37,16 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# synthetic sources with an exactly known truth: name -> source class (its Params: the schema)
+SYNTHETIC: dict[str, type[synthetic.Source]] = {
+    "markov": synthetic.MarkovSource, "hmm": hmm.HMMSource, "dyck": dyck.DyckSource}
+
 # name -> (kind, params schema)
 DATASETS: dict[str, tuple[str, type[BaseModel]]] = {
     **{name: ("text", NoParams) for name in corpora.CORPORA},
     **{name: ("hub", hub.HubParams) for name in hub.SOURCES},
     "textfile": ("file", hub.TextfileParams),
-    "markov": ("synthetic", synthetic.MarkovParams),
+    **{name: ("synthetic", cls.Params) for name, cls in SYNTHETIC.items()},
 }
 
 
@@ -57,6 +63,16 @@ def is_synthetic(ref: DatasetRef) -> bool:
     return DATASETS[ref.name][0] == "synthetic"
 
 
+@lru_cache(maxsize=16)
+def _source(name: str, params: BaseModel) -> synthetic.Source:
+    return SYNTHETIC[name](params)
+
+
+def synthetic_source(ref: DatasetRef) -> synthetic.Source:
+    """The source object of a synthetic dataset entry (built once per parameters)."""
+    return _source(ref.name, dataset_params(ref))
+
+
 def validate_data_config(data: DataConfig) -> None:
     dataset_params(data.train, "data.train")
     for i, ref in enumerate(data.eval):
@@ -69,6 +85,9 @@ def validate_data_config(data: DataConfig) -> None:
             if ref != data.train:
                 raise UserError(f"data.eval[{i}]: a synthetic source is evaluated on itself; "
                                 f"use the same entry as data.train ({data.train.key})")
+        problem = synthetic_source(data.train).length_error(data.seq_len)
+        if problem:
+            raise UserError(f"data.seq_len: {problem}")
     elif any(is_synthetic(r) for r in data.eval):
         raise UserError("data.eval: a synthetic source cannot evaluate a model trained on text")
     if data.seq_len < 4:
@@ -125,6 +144,44 @@ class Blocks:
     def head(self, n: int | None) -> "Blocks":
         return self if n is None else Blocks(self.tokens[:n], self.counted[:n])
 
+    def describe(self) -> str:
+        return f"{len(self):,}"
+
+    def batch(self, step: int, size: int, seed: int) -> "Blocks":
+        """The global batch of training step ``step``: consecutive slots of per-epoch
+        permutations seeded by (seed, epoch) (:func:`batch_indices`)."""
+        idx = batch_indices(step, size, len(self), seed)
+        return Blocks(self.tokens[idx], self.counted[idx])
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
+    """Global batch of step ``step``: consecutive slots of per-epoch permutations."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, off = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[off: off + batch - len(out)].tolist())
+    return np.asarray(out)
+
+
+@dataclass(frozen=True)
+class StreamBlocks:
+    """A synthetic source's training split as a stream (``train_blocks: stream``): the batch of
+    step k is ``size`` fresh blocks drawn from the source with the generator seeded by (source
+    seed, run seed, k) — no epochs, no block seen twice (but by chance), the same blocks on a
+    resume and on every rank (each rank draws the global batch and takes its slice)."""
+
+    source: synthetic.Source
+    seq_len: int
+
+    def describe(self) -> str:
+        return "a stream of fresh"
+
+    def batch(self, step: int, size: int, seed: int) -> Blocks:
+        toks = self.source.stream(size, self.seq_len, seed, step)
+        return Blocks(toks, np.ones_like(toks, dtype=bool))
+
 
 def source_fingerprint(ref: DatasetRef) -> str:
     """What identifies a dataset's content for the cache (no network: hub sets by name)."""
@@ -158,14 +215,17 @@ def block_cache_dir(ref: DatasetRef, split: str, data: DataConfig, packing: str,
 
 
 def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str,
-                counting: tuple[bool, bool] = (False, True), num_proc: int | None = None) -> Blocks:
+                counting: tuple[bool, bool] = (False, True), num_proc: int | None = None) -> Blocks | StreamBlocks:
     """Packed blocks of one split; ``counting`` = (count_bos, count_eos), the protocol's
-    ``EvalConfig.counting``. Builds the cache on first use (see bench.data.blockcache)."""
+    ``EvalConfig.counting``. Builds the cache on first use (see bench.data.blockcache). A
+    synthetic source's train split with ``train_blocks: stream`` is a :class:`StreamBlocks`."""
     params = dataset_params(ref)
     L = data.seq_len
     if is_synthetic(ref):
+        if split == "train" and params.train_blocks == "stream":
+            return StreamBlocks(synthetic_source(ref), L)
         n = params.train_blocks if split == "train" else params.test_blocks
-        toks = synthetic.markov(params).sample(n, L, split)
+        toks = synthetic_source(ref).sample(n, L, split)
         return Blocks(toks, np.ones_like(toks, dtype=bool))
     tok = get_tokenizer(data)
     if packing != "none" and tok.eos_id < 0:
@@ -192,11 +252,12 @@ def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str,
 
 def source_nll_of_blocks(ref: DatasetRef, tokens: np.ndarray) -> np.ndarray:
     """−log p(block) under a synthetic source for each of the given blocks (nats), (N,)."""
-    return -synthetic.markov(dataset_params(ref)).log_prob(np.asarray(tokens, dtype=np.int64))
+    return -synthetic_source(ref).log_prob(np.asarray(tokens, dtype=np.int64))
 
 
-def true_nll_per_token(ref: DatasetRef, seq_len: int) -> float | None:
-    """Exact per-token entropy (nats) of a synthetic source's blocks; None for real text."""
+def source_entropy(ref: DatasetRef, seq_len: int) -> dict | None:
+    """A synthetic source's per-token entropy of a block (nats): ``{value, estimate: exact}``,
+    or an estimate with ``ci_low``/``ci_high`` (bench.data.hmm); None for real text."""
     if not is_synthetic(ref):
         return None
-    return synthetic.markov(dataset_params(ref)).block_entropy(seq_len) / seq_len
+    return synthetic_source(ref).entropy(seq_len)

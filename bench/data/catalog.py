@@ -79,7 +79,7 @@ def listing() -> list[dict]:
         elif kind == "file":
             where, splits = "your UTF-8 file (path:)", "test (= train)"
         else:
-            where, splits = "generated (known entropy rate)", "train, test"
+            where, splits = "generated (exact likelihood)", "train (or a stream), test"
         mine = [c for c in caches if c.get("dataset", "").split("(")[0] == name]
         rows.append({"name": name, "kind": kind, "source": where, "splits": splits, "cached": mine})
     return rows

@@ -9,6 +9,7 @@ set, tokenizer), so numbers under different settings never share a leaderboard c
 - ``ngrams``   diversity, memorization (cached hashed 4-gram index), unigram entropy
 - ``mauve``    MAUVE on MiniLM (offline) or any HF model's features, mean ± std over seeds
 - ``reference`` held-out human sets: the MAUVE reference, the Source-text row, the mem corpus
+- ``truth``    a synthetic source scoring its models' samples (true_nll, valid, ngram_tv)
 - ``score``    scoring a sample set, a run directory or a suite output directory
 
 The suite's top-level ``metrics:`` key is a :class:`MetricsConfig`; it is not part of any run id
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 from bench.metrics.genppl import GenPPLSettings
 from bench.metrics.mauve import MauveSettings
 from bench.metrics.ngrams import NgramSettings
+from bench.metrics.truth import TruthSettings
 
 
 class ReferenceSettings(BaseModel):
@@ -42,8 +44,18 @@ class MetricsConfig(BaseModel):
     gen_ppl: GenPPLSettings = GenPPLSettings()
     mauve: Optional[MauveSettings] = MauveSettings()   # null: skip MAUVE
     ngrams: NgramSettings = NgramSettings()
+    truth: TruthSettings = TruthSettings()              # synthetic sources: in place of gen_ppl and MAUVE
     reference: ReferenceSettings = ReferenceSettings()
     source_text: bool = True                            # the Source-text row
 
+    @model_serializer(mode="wrap")
+    def _drop_default_truth(self, handler):
+        # `truth` came later: at its default it leaves the dump (metrics.json, the head of every
+        # scores.json, hence their reuse) what it was before it existed
+        d = handler(self)
+        if isinstance(d, dict) and self.truth == TruthSettings():
+            d.pop("truth", None)
+        return d
 
-__all__ = ["MetricsConfig", "GenPPLSettings", "MauveSettings", "NgramSettings", "ReferenceSettings"]
+
+__all__ = ["MetricsConfig", "GenPPLSettings", "MauveSettings", "NgramSettings", "ReferenceSettings", "TruthSettings"]

@@ -26,6 +26,7 @@ from bench.metrics import MetricsConfig
 from bench.metrics.base import settings_id
 from bench.metrics.genppl import gen_ppl, scorer_tokens
 from bench.metrics.ngrams import diversity, mean_entropy, memorization, tokenize
+from bench.metrics.reference import source_truth, true_set
 from bench.records import JSON_ERRORS, read_record, write_json
 from bench.samples import FILE, read_samples
 
@@ -50,6 +51,7 @@ class ScoringSetup:
     mem_corpus: str | None = None
     featurizer: Any = None
     notes: dict = field(default_factory=dict)
+    truth: Any = None                      # a bench.metrics.truth.Truth: a synthetic source scores itself
 
 
 def _tok_view(setup: ScoringSetup):
@@ -66,8 +68,10 @@ def resolved_settings(setup: ScoringSetup, n: int) -> dict[str, dict]:
                        "over": "mean of per-sample unigram entropies"},
            "div": {"tokenization": c.ngrams.tokenization, "orders": list(c.ngrams.div_orders)},
            "mem": {"tokenization": c.ngrams.tokenization, "n": c.ngrams.mem_n, "corpus": setup.mem_corpus}}
-    if c.mauve is not None:
+    if c.mauve is not None and setup.truth is None:
         out["mauve"] = {**c.mauve.model_dump(mode="json"), "reference": setup.ref_desc, "n": n}
+    if setup.truth is not None:   # in place of gen_ppl (and MAUVE): meaningless on a source's symbols
+        out = {k: v for k, v in out.items() if k != "gen_ppl"} | setup.truth.settings(n)
     for v in out.values():
         v["id"] = settings_id(v)
     return out
@@ -81,7 +85,9 @@ def score_set(samples: list[dict], setup: ScoringSetup, self_scored: bool = Fals
     view = _tok_view(setup)
     seqs = scorer_tokens(samples, view[0], view[1], view[2], setup.cfg.gen_ppl, setup.samples_tokenizer) \
         if view else None
-    if setup.scorer is not None:
+    if setup.truth is not None:
+        m.update(setup.truth.score(samples))
+    elif setup.scorer is not None:
         m["gen_ppl"] = {"value": gen_ppl(seqs, setup.scorer, setup.cfg.gen_ppl)["value"]}
         if self_scored:
             m["gen_ppl"]["note"] = SELF_SCORED
@@ -92,7 +98,7 @@ def score_set(samples: list[dict], setup: ScoringSetup, self_scored: bool = Fals
     m["div"] = {"value": diversity(ws, setup.cfg.ngrams.div_orders)}
     m["mem"] = ({"value": memorization(ws, setup.mem_index, setup.cfg.ngrams.mem_n)} if setup.mem_index is not None
                 else {"value": None, "note": setup.notes.get("mem", "no training corpus to compare with")})
-    if setup.cfg.mauve is not None:
+    if setup.cfg.mauve is not None and setup.truth is None:
         if setup.featurizer is None:
             m["mauve"] = {"value": None, "note": setup.notes.get("mauve")}
         elif setup.reference is None:
@@ -202,6 +208,10 @@ def run_setup(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> 
     tok = get_tokenizer(spec.data)
     setup.samples_tokenizer = tok.key
     setup.view = (tok.key, tok.encode_batch, tok.eos_id if tok.eos_id >= 0 else None)
+    setup.truth = source_truth(spec, cfg)   # a synthetic source: scored by itself, no scorer, MAUVE or mem
+    if setup.truth is not None:
+        setup.notes["mem"] = f"{spec.data.train.name} is not a text corpus"
+        return setup
     g = cfg.gen_ppl
     if g.scorer == "ar":
         base = find_baseline(run_dir.parent.parent, spec)
@@ -254,7 +264,10 @@ def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, writ
     n = max(len(g) for g in budget_groups(samples).values())
     ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
     try:
-        _human(setup, spec.data, spec.eval.packing, ref, n, cache)
+        if setup.truth is None:
+            _human(setup, spec.data, spec.eval.packing, ref, n, cache)
+        else:   # the Source row: fresh true blocks, as many (bench.metrics.truth)
+            setup.source, setup.ref_desc = true_set(setup.truth, spec.data, n, cfg.reference.seed)
     except UserError as e:
         setup.ref_note = str(e)
     if log:
@@ -355,7 +368,7 @@ def score_file(path: Path, cfg: MetricsConfig, reference: str | None) -> dict:
 
 
 # ----------------------------------------------------------------------------- showing scores
-SAMPLE_METRICS = ("gen_ppl", "entropy", "mem", "div", "mauve")
+SAMPLE_METRICS = ("gen_ppl", "true_nll", "valid", "ngram_tv", "entropy", "mem", "div", "mauve")
 
 
 def fmt_metric(m: dict | None) -> str:
@@ -383,8 +396,9 @@ def score_rows(name: str, res: dict) -> list[tuple[str, dict, float | None]]:
 
 def score_table(rows) -> str:
     """score_rows as an aligned text table, the notes (†) below it."""
-    head = ["samples", *SAMPLE_METRICS, "nfe"]
-    body = [[label, *(fmt_metric(m.get(k)) for k in SAMPLE_METRICS), "—" if nfe is None else f"{nfe:g}"]
+    shown = [k for k in SAMPLE_METRICS if any(k in m for _, m, _ in rows)]
+    head = ["samples", *shown, "nfe"]
+    body = [[label, *(fmt_metric(m.get(k)) for k in shown), "—" if nfe is None else f"{nfe:g}"]
             for label, m, nfe in rows]
     w = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in [head, *body]]
