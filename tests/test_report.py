@@ -29,7 +29,7 @@ from bench.cli import main
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y "
                                     "chromium): the rendered-page checks need a headless browser")
-LABEL = "M<i>D</i>LM & co"     # a label is free text: it must show literally, not as markup
+LABEL = 'M<i>D</i>LM & "co"'   # a label is free text: it must show literally, not as markup
 EVIL = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">\x07 & done"
 
 
@@ -225,6 +225,9 @@ def test_sample_browser_filters_hide_exactly_the_rows_that_do_not_match(out, tmp
     assert not any(r["attrs"]["data-method"] == LABEL and r["attrs"]["data-steps"] == "8"
                    for r in rows if r["hidden"])
     assert page.count == f"{want} of {len(rows)} samples shown"
+    for group in _groups(page):       # a budget with no sample shown is hidden, header and all
+        assert group[0]["hidden"] == all(r["hidden"] for r in group[1:])
+    assert {g[0]["hidden"] for g in _groups(page)} == {True, False}
 
     words = {w for s in lines for w in re.findall(r"[a-z]{3,}", s["text"].lower())}
     word = next(w for w in sorted(words) if 0 < sum(w in s["text"].lower() for s in lines) < len(lines))
@@ -283,7 +286,7 @@ def test_sample_cap_and_a_damaged_sample_file(out, tmp_path, capsys):
     shutil.copytree(out, o, ignore=shutil.ignore_patterns("ckpt"))
     assert main(["report", str(o), "--samples", "3"]) == 0
     page = Page((o / "report.html").read_text())
-    per_group = [sum(1 for r in tb if "sample" in r["attrs"].get("class", "")) for tb in _groups(page)]
+    per_group = [len(g) - 1 for g in _groups(page)]
     assert per_group and all(n == 3 for n in per_group)
     assert all(re.search(r"3 of (\d+) samples shown", h) for h in _heads(page))
     ar = next(p for p in (o / "runs").iterdir() if p.name.startswith("ar"))
@@ -295,10 +298,11 @@ def test_sample_cap_and_a_damaged_sample_file(out, tmp_path, capsys):
 
 
 def _groups(page: Page) -> list[list[dict]]:
+    """The sample browser's budgets: each its header row, then its sample rows."""
     groups = []
     for r in page.tables["samples-table"]["rows"]:
         if "group" in r["attrs"].get("class", ""):
-            groups.append([])
+            groups.append([r])
         else:
             groups[-1].append(r)
     return groups
