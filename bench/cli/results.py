@@ -13,7 +13,7 @@ from bench.metrics import MetricsConfig
 from bench.records import read_record
 
 # Imported where used, to keep torch and pandas out of CLI start-up: torch, bench.metrics.score,
-# bench.samples (torch); bench.leaderboard, bench.tables, bench.experiments, bench.report (pandas).
+# bench.samples (torch, to draw); bench.leaderboard, bench.tables, bench.experiments, bench.report (pandas).
 
 
 def cmd_leaderboard(args) -> int:
