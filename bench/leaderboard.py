@@ -300,7 +300,7 @@ def sample_table(st: pd.DataFrame, t: pd.DataFrame) -> Table:
                  "Settings: scores.json of each run; metrics.json of this directory."]
     for n in sorted({x for x in st["note"] if isinstance(x, str)}):
         notes.append(f"- † {n}")
-    return Table("samples", ["Size", "Model", "Steps", f"ppl ({ds})", *names], rows, bold, notes=notes, keys=3)
+    return Table("samples", ["Size", "Model", "Steps", f"ppl ({ds})", *names], rows, bold, notes=notes)
 
 
 def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:

@@ -101,16 +101,16 @@ def md_escape(s) -> str:
 @dataclass
 class Table:
     """One table of ``leaderboard.md`` as plain text (each renderer escapes it): ``columns``
-    the header, ``rows`` the cell texts — the first ``keys`` cells name the row (size, model
-    [, steps]) —, ``bold`` the (row, column) cells best in their column, ``head`` / ``notes``
-    the lines above / below it; ``name`` is the report's id for it."""
+    the header, ``rows`` the cell texts — the first two name the row (size, model), the markdown
+    writes a size once for the rows under it —, ``bold`` the (row, column) cells best in their
+    column, ``head`` / ``notes`` the lines above / below it, ``empty`` what stands in for no
+    rows; ``name`` is the report's id for it."""
     name: str
     columns: list[str]
     rows: list[list[str]] = field(default_factory=list)
     bold: set[tuple[int, int]] = field(default_factory=set)
     head: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    keys: int = 2
     empty: str = "no complete runs yet"
 
 
