@@ -23,11 +23,11 @@ from bench.records import JSON_ERRORS, atomic_write_text, read_record, sealed_ha
 
 INDEX = "index.json"
 # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset; 4: its text_crossing;
-# 5: keyed by the record's sealed sha256, with a digest of each entry
-FORMAT = 5
+# 5: keyed by the record's sealed sha256, with a digest of each entry; 6: started (the report's wall time)
+FORMAT = 6
 # record keys the derived views use; the spec, env and log tail stay in the record
-KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "finished",
-        "protocol")
+KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "started",
+        "finished", "protocol")
 TRAIN_KEEP = ("params", "steps", "tokens", "tokens_per_s", "wall_s", "final_loss", "loss_curve", "curve")
 
 

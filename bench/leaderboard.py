@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
 from bench import tables
 from bench.records import JSON_ERRORS
-from bench.tables import SOURCE_BLOCKS_LABEL, SOURCE_LABEL, SOURCE_LABELS, md_escape
+from bench.tables import SOURCE_BLOCKS_LABEL, SOURCE_LABEL, SOURCE_LABELS, Table, md_table
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
            "std", "protocol", "params", "estimate"]
@@ -127,40 +128,13 @@ def text_crossings(recs: list[dict]) -> list[str]:
         c = (r.get("protocol") or {}).get("text_crossing")
         if c:
             seen.setdefault((r.get("label"), str(c)), None)
-    return [f"- text crossing, {md_escape(label)}: {md_escape(c)}" for label, c in seen]
+    return [f"- text crossing, {label}: {c}" for label, c in seen]
 
 
-def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", crossings=()) -> str:
+def table(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", crossings=()) -> Table:
+    """The likelihood table of ``metric``: rows Size / Model, a column per dataset (per
+    protocol when a dataset has several), best per column in bold; the notes below it."""
     t = t[t["metric"] == metric]
-    if t.empty:
-        body = "_no complete runs yet_\n"
-    else:
-        multi = t.groupby("dataset")["protocol"].nunique().max() > 1
-        t = t.assign(col=[f"{d} [{p}]" if multi else d for d, p in zip(t["dataset"], t["protocol"])])
-        cols = list(dict.fromkeys(t["col"]))
-        best = {}
-        for c in cols:
-            g = t[(t["col"] == c) & (~t["model"].isin(SOURCE_LABELS))].dropna(subset=["value"])
-            if len(g) > 1:
-                best[c] = g["value"].min()
-        lines = ["| Size | Model | " + " | ".join(map(md_escape, cols)) + " |", "|---|---|" + "---|" * len(cols)]
-        last_size = None
-        for (size, model), g in t.groupby(["size", "model"], sort=False):
-            cells = []
-            for c in cols:
-                r = g[g["col"] == c]
-                if r.empty:
-                    cells.append("—")
-                    continue
-                r = r.iloc[0]
-                s = _fmt(r)
-                if c in best and r["value"] == best[c] and model not in SOURCE_LABELS:
-                    s = f"**{s}**"
-                cells.append(s)
-            lines.append(f"| {md_escape(size) if size != last_size else ''} | {md_escape(model)} | "
-                         + " | ".join(cells) + " |")
-            last_size = size
-        body = "\n".join(lines) + "\n"
     what = "perplexity" if metric == "ppl" else EXTRA_METRICS.get(metric, metric)
     notes = ["", f"Metric: {metric} ({what}; \"≤\" marks an upper bound, \"≈ … (t_min)\" an estimate "
                  "truncated at t_min > 0, which is not a bound; ± is the CI half-width, "
@@ -171,11 +145,38 @@ def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", cross
                      "it is the mean exact NLL per token of fresh true blocks, ± its 95% interval. "
                      f"{SOURCE_BLOCKS_LABEL} and every gap are exact.")
     for r in failed:
-        notes.append(md_escape(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} "
-                               f"({r.get('run_id')}): {r.get('error')}"))
+        notes.append(f"- failed: {r.get('label')} {r.get('size')} seed={r.get('seed')} "
+                     f"({r.get('run_id')}): {r.get('error')}")
     for p in problems:
-        notes.append(md_escape(f"- skipped: {p}"))
-    return body + "\n".join(notes) + "\n"
+        notes.append(f"- skipped: {p}")
+    if t.empty:
+        return Table(metric, ["Size", "Model"], notes=notes)
+    multi = t.groupby("dataset")["protocol"].nunique().max() > 1
+    t = t.assign(col=[f"{d} [{p}]" if multi else d for d, p in zip(t["dataset"], t["protocol"])])
+    cols = list(dict.fromkeys(t["col"]))
+    best = {}
+    for c in cols:
+        g = t[(t["col"] == c) & (~t["model"].isin(SOURCE_LABELS))].dropna(subset=["value"])
+        if len(g) > 1:
+            best[c] = g["value"].min()
+    rows, bold = [], set()
+    for (size, model), g in t.groupby(["size", "model"], sort=False):
+        cells = [str(size), str(model)]
+        for c in cols:
+            r = g[g["col"] == c]
+            if r.empty:
+                cells.append("—")
+                continue
+            r = r.iloc[0]
+            if c in best and r["value"] == best[c] and model not in SOURCE_LABELS:
+                bold.add((len(rows), len(cells)))
+            cells.append(_fmt(r))
+        rows.append(cells)
+    return Table(metric, ["Size", "Model", *cols], rows, bold, notes=notes)
+
+
+def markdown(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", crossings=()) -> str:
+    return md_table(table(t, problems, failed, metric, crossings))
 
 
 # ----------------------------------------------------------------------------- sample quality
@@ -267,7 +268,7 @@ def _fmt_sample(r) -> str:
     return s
 
 
-def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
+def sample_table(st: pd.DataFrame, t: pd.DataFrame) -> Table:
     """The TEncDM table's shape: rows = Size / Model / Steps, columns = the likelihood ppl on the
     reference dataset (bound "≤", "—" for methods without one) and the sample metrics with ↓/↑;
     best per column in bold (Source text excluded); ± is the std over seeds (one seed: over
@@ -275,7 +276,7 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
     ds = next((d for d in st["dataset"] if isinstance(d, str)), None)
     multi = st.groupby("metric")["protocol"].nunique()
     cols = [(m, p) for m in SAMPLE_COLUMNS for p in dict.fromkeys(st[st["metric"] == m]["protocol"])]
-    names = [md_escape(f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "")) for m, p in cols]
+    names = [f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "") for m, p in cols]
     ppl = t[(t["metric"] == "ppl") & (t["dataset"] == ds)] if ds else t.iloc[:0]
     best = {}
     for m, p in cols:
@@ -283,25 +284,20 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
             g = st[(st["metric"] == m) & (st["protocol"] == p) & (st["model"] != SOURCE_TEXT)].dropna(subset=["value"])
             if len(g) > 1 and g["value"].nunique() > 1:
                 best[(m, p)] = g["value"].min() if "↓" in ARROW[m] else g["value"].max()
-    lines = [f"| Size | Model | Steps | ppl ({md_escape(ds)}) | " + " | ".join(names) + " |",
-             "|---|---|---|---|" + "---|" * len(cols)]
-    last = None
+    rows, bold = [], set()
     for (size, model, steps), g in st.groupby(["size", "model", "steps"], sort=False, dropna=False):
         pr = ppl[(ppl["size"] == size) & (ppl["model"] == (SOURCE_LABEL if model == SOURCE_TEXT else model))]
-        cells = [_fmt(pr.iloc[0]) if len(pr) else "—"]
+        cells = [str(size), str(model), "—" if not _num(steps) else str(int(steps)),
+                 _fmt(pr.iloc[0]) if len(pr) else "—"]
         for m, p in cols:
             r = g[(g["metric"] == m) & (g["protocol"] == p)]
             if r.empty:
                 cells.append("—")
                 continue
-            c = _fmt_sample(r.iloc[0])
             if (m, p) in best and r.iloc[0]["value"] == best[(m, p)] and model != SOURCE_TEXT:
-                c = f"**{c}**"
-            cells.append(c)
-        st_s = "—" if not _num(steps) else str(int(steps))
-        lines.append(f"| {md_escape(size) if size != last else ''} | {md_escape(model)} | {st_s} | "
-                     + " | ".join(cells) + " |")
-        last = size
+                bold.add((len(rows), len(cells)))
+            cells.append(_fmt_sample(r.iloc[0]))
+        rows.append(cells)
     notes = ["", "Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
                  "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
                  "entropy = mean unigram entropy per sample (nats; closest to Source text is best), mem = "
@@ -313,7 +309,11 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
         notes.append(truth_note(st, ppl))
     for n in sorted({x for x in st["note"] if isinstance(x, str)}):
         notes.append(f"- † {n}")
-    return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+    return Table("samples", ["Size", "Model", "Steps", f"ppl ({ds})", *names], rows, bold, notes=notes)
+
+
+def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
+    return md_table(sample_table(st, t))
 
 
 TRUTH_NOTES = {
@@ -353,6 +353,32 @@ def csv_text(t: pd.DataFrame) -> str:
     return t.to_csv(index=False)
 
 
+class Board(NamedTuple):
+    """What the leaderboard shows of an output directory: its tables in leaderboard.md's order
+    (sample quality first, when there are samples), the tidy likelihood and sample rows, the
+    complete records and the problems (corrupt records) met on the way."""
+    tables: list[Table]
+    t: pd.DataFrame
+    st: pd.DataFrame
+    recs: list[dict]
+    problems: list[str]
+
+
+def board(out: Path, compare: Path | None = None) -> Board:
+    """Read ``out``'s records and scores into its tables (``compare``: bench.tables.compare_tables)."""
+    recs, problems, failed = collect(out)
+    t = tidy(recs)
+    tbs = [table(t, problems, failed, crossings=text_crossings(recs))]
+    tbs += [table(t, metric=m) for m in EXTRA_METRICS if (t["metric"] == m).any()]
+    if compare is not None:
+        tbs += tables.compare_tables(t, compare, our_presets=[r.get("protocol", {}).get("preset", "custom")
+                                                             for r in recs])
+    st = sample_tidy(collect_scores(out, recs))
+    if not st.empty:
+        tbs.insert(0, sample_table(st, t))
+    return Board(tbs, t, st, recs, problems)
+
+
 def write(out: Path, fmt: str | None = None, compare: Path | None = None
           ) -> tuple[str, list[str]]:
     """Write leaderboard.csv, leaderboard.md, training.png (loss curves) and learning.png
@@ -362,21 +388,13 @@ def write(out: Path, fmt: str | None = None, compare: Path | None = None
     to the markdown (bench.tables.compare). Return (text in ``fmt``, problems)."""
     from bench.records import atomic_write_text
 
-    recs, problems, failed = collect(out)
-    t = tidy(recs)
-    md = markdown(t, problems, failed, crossings=text_crossings(recs))
-    for metric in EXTRA_METRICS:
-        if (t["metric"] == metric).any():
-            md += "\n" + markdown(t, metric=metric)
-    if compare is not None:
-        md += "\n" + tables.compare(t, compare, our_presets=[r.get("protocol", {}).get("preset", "custom")
-                                                            for r in recs])
-    st = sample_tidy(collect_scores(out, recs))
-    if not st.empty:
-        md = sample_markdown(st, t) + "\n" + md
-        t = pd.concat([t.astype(object), st.astype(object)], ignore_index=True)
+    b = board(out, compare)
+    md = "\n".join(md_table(tb) for tb in b.tables)
+    t, recs = b.t, b.recs
+    if not b.st.empty:
+        t = pd.concat([t.astype(object), b.st.astype(object)], ignore_index=True)
         from bench.plots import frontier
-        frontier(st, Path(out) / "frontier.png")
+        frontier(b.st, Path(out) / "frontier.png")
     csv = csv_text(t)
     atomic_write_text(Path(out) / "leaderboard.csv", csv)
     atomic_write_text(Path(out) / "leaderboard.md", md)
@@ -385,7 +403,7 @@ def write(out: Path, fmt: str | None = None, compare: Path | None = None
     from bench.plots import learning_curves
     learning_curves(recs, Path(out) / "learning.png")
     if fmt == "json":
-        return json.dumps(json.loads(t.to_json(orient="records")), indent=2), problems
+        return json.dumps(json.loads(t.to_json(orient="records")), indent=2), b.problems
     if fmt == "latex":
-        return tables.latex(t), problems
-    return (csv if fmt == "csv" else md), problems
+        return tables.latex(t), b.problems
+    return (csv if fmt == "csv" else md), b.problems

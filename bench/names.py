@@ -8,7 +8,7 @@ schemas of bench.config (and bench.suite for the rows of ``methods:``).
 - A **label** (``methods[i].label``) never becomes a path but is printed in tables, the live
   view and logs: any text without control characters (line breaks, tabs, NUL), at most
   ``LABEL_MAX`` characters. Every output format escapes what is special to it (Rich markup,
-  markdown ``|``, LaTeX, spreadsheet formulas).
+  markdown ``|``, LaTeX, HTML, spreadsheet formulas).
 """
 from __future__ import annotations
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from bench.config import RunSpec
 from bench.errors import UserError
 from bench.records import JSON_ERRORS, atomic_write_text, json_error, read_record
+
+if TYPE_CHECKING:   # torch is imported where samples are drawn: reading them (the report) needs no torch
+    import torch
 
 FILE = "samples.jsonl"
 
@@ -47,6 +49,8 @@ def count_calls(module: torch.nn.Module):
 
 def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int = 0) -> list[dict]:
     """Samples ``start .. n−1`` of budget ``steps`` (see the module doc for the seeding)."""
+    import torch
+
     from bench.train import seed_of
 
     B = spec.eval.batch_size

@@ -4,6 +4,10 @@
   Model, one column per dataset, ``$\\leq$`` for bounds, best per column in bold, the interval
   as a ``$_{\\pm h}$`` subscript). The markdown leaderboard (bench.leaderboard.markdown) has
   the same shape.
+- :class:`Table` and :func:`md_table`: one table as data (header, rows of cell texts, best
+  cells, the lines above and below it) and as markdown; the leaderboard (bench.leaderboard)
+  builds its tables as ``Table`` so that leaderboard.md and the HTML report (bench.report)
+  show the same cells.
 - :func:`compare`: ours vs a published table (``results/reference/NAME.csv``): one cell per
   (size, model) × dataset with ours, published and the relative difference (ours − published)
   / published, and a list of the cells that have no counterpart on either side.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -93,6 +98,38 @@ def md_escape(s) -> str:
     return _CONTROLS.sub(" ", str(s)).replace("|", "\\|")
 
 
+@dataclass
+class Table:
+    """One table of ``leaderboard.md`` as plain text (each renderer escapes it): ``columns``
+    the header, ``rows`` the cell texts — the first two name the row (size, model), the markdown
+    writes a size once for the rows under it —, ``bold`` the (row, column) cells best in their
+    column, ``head`` / ``notes`` the lines above / below it, ``empty`` what stands in for no
+    rows; ``name`` is the report's id for it."""
+    name: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    bold: set[tuple[int, int]] = field(default_factory=set)
+    head: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    empty: str = "no complete runs yet"
+
+
+def md_table(tb: Table) -> str:
+    """``tb`` as markdown: a size is written once for the rows under it, best cells in bold,
+    every text through :func:`md_escape`."""
+    if not tb.rows:
+        body = [f"_{tb.empty}_"]
+    else:
+        body = ["| " + " | ".join(map(md_escape, tb.columns)) + " |", "|" + "---|" * len(tb.columns)]
+        for i, row in enumerate(tb.rows):
+            cells = [md_escape(c) for c in row]
+            if i and row[0] == tb.rows[i - 1][0]:
+                cells[0] = ""
+            cells = [f"**{c}**" if (i, j) in tb.bold else c for j, c in enumerate(cells)]
+            body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*map(md_escape, tb.head), *body, *map(md_escape, tb.notes)]) + "\n"
+
+
 def _tex_cell(c: dict | None) -> str:
     if c is None or c["value"] is None:
         return "---"
@@ -161,15 +198,20 @@ def read_reference(path: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def compare(ours: pd.DataFrame, path: Path, our_presets: list[str] = ()) -> str:
     """Markdown: ours / published / relative difference per cell, and what has no counterpart;
-    one section per metric of the reference table. A published row with no size (e.g. text8
-    bpc, whose paper gives one model size) matches our rows of that model at every size."""
+    one section per metric of the reference table (:func:`compare_tables`)."""
+    return "\n".join(md_table(tb) for tb in compare_tables(ours, path, our_presets))
+
+
+def compare_tables(ours: pd.DataFrame, path: Path, our_presets: list[str] = ()) -> list[Table]:
+    """One :class:`Table` per metric of the reference table. A published row with no size (e.g.
+    text8 bpc, whose paper gives one model size) matches our rows of that model at every size."""
     ref, source = read_reference(path)
-    return "\n".join(_compare_metric(ours, ref[ref["metric"] == m], m, Path(path).name, source, our_presets)
-                     for m in dict.fromkeys(ref["metric"].astype(str)))
+    return [_compare_metric(ours, ref[ref["metric"] == m], m, Path(path).name, source, our_presets)
+            for m in dict.fromkeys(ref["metric"].astype(str))]
 
 
 def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: str, source: list[str],
-                    our_presets) -> str:
+                    our_presets) -> Table:
     ours = ours[(ours["metric"] == metric) & (~ours["model"].isin(SOURCE_LABELS))]
     mine = {(str(r["size"]), str(r["model"]), str(r["dataset"])): r for _, r in ours.iterrows()}
     our_sizes: dict[str, list[str]] = {}
@@ -190,12 +232,12 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
         v = _num(r["value"])
         return "—" if v is None else ("≤ " if _true(r.get("bound")) else "") + f"{v:.2f}"
 
-    lines = [f"Ours vs published: {name} ({metric}; cell = ours / published (relative difference); "
-             "— = no counterpart)", ""]
-    lines += ["| Size | Model | " + " | ".join(map(md_escape, cols)) + " |", "|---|---|" + "---|" * len(cols)]
-    matched, only_ours, only_theirs, last = 0, [], [], None
+    head = [f"Ours vs published: {name} ({metric}; cell = ours / published (relative difference); "
+            "— = no counterpart)", ""]
+    body = []
+    matched, only_ours, only_theirs = 0, [], []
     for size, model in rows:
-        cells = []
+        cells = [size, model]
         for c in cols:
             a, b = mine.get((size, model, c)), theirs.get((size, model, c))
             if a is not None and b is not None:
@@ -211,9 +253,8 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
                 only_theirs.append(f"{size} {model} {c}")
             else:
                 cells.append("")
-        lines.append(f"| {md_escape(size) if size != last else ''} | {md_escape(model)} | " + " | ".join(cells) + " |")
-        last = size
-    lines += ["", f"{matched} cell(s) matched by (size, model) and dataset."]
+        body.append(cells)
+    lines = ["", f"{matched} cell(s) matched by (size, model) and dataset."]
     if only_ours:
         lines.append(f"No published counterpart ({len(only_ours)}): " + "; ".join(only_ours))
     if only_theirs:
@@ -226,4 +267,4 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
         lines.append(f"Published protocol: {', '.join(pubs)}; ours: {', '.join(mine_p)} (eval.protocol){warn}.")
     if source:
         lines += ["", "Source: " + " ".join(source)]
-    return "\n".join(lines) + "\n"
+    return Table(f"compare-{Path(name).stem}-{metric}", ["Size", "Model", *cols], body, head=head, notes=lines)

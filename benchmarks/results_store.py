@@ -1,8 +1,8 @@
 """The results store at scale: N run records (copies of a small suite's records, each with its
 own run id and seed, content hashes rewritten), then the time of the tables, the plot and
 `tdbench status`, cold (no index yet) and warm (index up to date), in this process, plus the
-wall time of the whole `tdbench leaderboard` / `tdbench status` commands (python start-up and
-imports included).
+wall time of the whole `tdbench leaderboard` / `tdbench status` / `tdbench report` commands
+(python start-up and imports included) and the size of report.html.
 
     python benchmarks/results_store.py [--n 10000] [--dir /tmp/store10k]
 
@@ -80,13 +80,14 @@ def main() -> None:
         print(f"{phase}: read records {t_scan:.2f} s; tables (tidy + markdown) {t_tab:.2f} s "
               f"-> tables in all {t_scan + t_tab:.2f} s; training.png {t_plot:.2f} s; status rows {t_status:.2f} s "
               f"({len(rows)} runs)")
-    for cmd in (["leaderboard", str(d), "--format", "csv"], ["status", str(d)]):
+    for cmd in (["leaderboard", str(d), "--format", "csv"], ["status", str(d)], ["report", str(d)]):
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "bench.cli", *cmd], capture_output=True, text=True,
                            cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
         t = time.perf_counter() - t0
         print(f"`tdbench {' '.join(cmd[:1])} DIR` (whole command, warm index): {t:.2f} s, rc {r.returncode}, "
               f"{len(r.stdout.splitlines())} lines; last: {r.stdout.strip().splitlines()[-1][:100]}")
+    print(f"report.html: {(d / 'report.html').stat().st_size / 1e6:.2f} MB")
     print(json.dumps({"n": a.n}))
 
 

@@ -1,4 +1,4 @@
-"""What the runs produced: ``tdbench leaderboard``, ``score``, ``sample`` and ``experiment``."""
+"""What the runs produced: ``tdbench leaderboard``, ``report``, ``score``, ``sample`` and ``experiment``."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from bench.metrics import MetricsConfig
 from bench.records import read_record
 
 # Imported where used, to keep torch and pandas out of CLI start-up: torch, bench.metrics.score,
-# bench.samples (torch); bench.leaderboard, bench.tables, bench.experiments (pandas).
+# bench.samples (torch, to draw); bench.leaderboard, bench.tables, bench.experiments, bench.report (pandas).
 
 
 def cmd_leaderboard(args) -> int:
@@ -29,6 +29,21 @@ def cmd_leaderboard(args) -> int:
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return 2 if problems else 0
+
+
+def cmd_report(args) -> int:
+    """``DIR/report.html``: the leaderboards, plots, settings, runs and samples on one page."""
+    from bench import report, tables
+
+    out = need_out(args.dir)
+    if args.samples is not None and args.samples < 1:
+        raise UserError("--samples: must be a positive integer")
+    compare = None
+    if args.compare:
+        compare = tables.resolve_reference(args.compare)
+        tables.read_reference(compare)
+    print(report.write(out, compare=compare, samples=args.samples or report.DEFAULT_SAMPLES))
+    return 0
 
 
 def _scoring_config(args, base):
@@ -175,6 +190,12 @@ def register(sub) -> None:
     lb.add_argument("--compare", metavar="REF", help="published numbers beside ours: reference/NAME "
                     "(results/reference/NAME.csv) or a CSV path; appended to leaderboard.md")
     lb.set_defaults(fn=cmd_leaderboard)
+    rp = sub.add_parser("report", help="write DIR/report.html: leaderboards, plots, settings, runs, samples")
+    rp.add_argument("dir")
+    rp.add_argument("--samples", type=int, metavar="N",
+                    help="samples shown per run and step budget (default 20)")
+    rp.add_argument("--compare", metavar="REF", help="a published table beside ours, as in `leaderboard --compare`")
+    rp.set_defaults(fn=cmd_report)
     sa = sub.add_parser("sample", help="draw (or extend) samples of complete runs without retraining, then score")
     sa.add_argument("dir", help="a tdbench output directory or one run directory")
     sa.add_argument("--n", type=int, help="samples per step budget (default: the run's eval.samples)")

@@ -12,7 +12,7 @@ from bench.launch import check_launch, report_submission, run_suite
 from bench.plan import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, render
 from bench.suite import MAX_RUNS, load_suite
 
-# Imported where used, to keep pandas out of CLI start-up: bench.leaderboard, bench.experiments.
+# Imported where used, to keep pandas out of CLI start-up: bench.leaderboard, bench.experiments, bench.report.
 
 
 def cmd_run(args) -> int:
@@ -45,9 +45,11 @@ def cmd_run(args) -> int:
 
         save_suite(out, suite)
         run_experiment(out, suite, log=lambda m: print(m, file=sys.stderr))
+    from bench import report
+    page = report.write(out)   # after the experiment: its plot is on the page too
     failed = [k for k, v in status.items() if v != "complete"]
     print(f"{len(status) - len(failed)}/{len(status)} runs complete in {time.time() - t0:.1f} s; "
-          f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}", file=sys.stderr)
+          f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}; report: {page}", file=sys.stderr)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return 1 if failed else (2 if problems else 0)

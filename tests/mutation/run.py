@@ -30,6 +30,7 @@ EVAL = "tests/test_evaluate.py"
 ROWS = "tests/test_protocol_rows.py"
 DISC = "tests/test_discrete.py"
 ENDS = "tests/test_endpoints.py"
+REPORT = "tests/test_report.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -102,6 +103,36 @@ MUTANTS = [
      "    lg = lambda v: None if v is None else math.log(v)", [ROWS]),
     ("leaderboard-truncated-shown-as-bound", "bench/leaderboard.py", '    elif row.get("estimate") == "truncated":\n        s = "≈ " + s + " (t_min)"',
      '    elif row.get("estimate") == "truncated":\n        s = "≤ " + s', [ROWS]),
+    # ---------------------------------------------------------------- bench/report.py, bench/report.html (the page)
+    ("report-no-html-escape", "bench/report.py", "    return html.escape(s, quote=True)\n", "    return s\n", [REPORT]),
+    ("report-control-chars-kept", "bench/report.py", "chr(0x2400 + ord(m.group()))", "m.group()", [REPORT]),
+    ("report-attribute-unescaped", "bench/report.py", 'data-method="{esc(label)}"', 'data-method="{label}"', [REPORT]),
+    ("report-sort-ignores-direction", "bench/report.html", "return dir * (p - q);", "return p - q;", [REPORT]),
+    ("report-missing-first-descending", "bench/report.html", "return isNaN(p) - isNaN(q);",
+     "return dir * (isNaN(p) - isNaN(q));", [REPORT]),
+    ("report-sort-key-last-number", "bench/report.py",
+     '    m = _NUMBER.search(cell.replace(",", ""))\n    return m.group() if m else None',
+     '    m = _NUMBER.findall(cell.replace(",", ""))\n    return m[-1] if m else None', [REPORT]),
+    ("report-sort-key-thousands", "bench/report.py", 'm = _NUMBER.search(cell.replace(",", ""))',
+     "m = _NUMBER.search(cell)", [REPORT]),
+    ("report-bold-dropped", "bench/report.py", "_td(c, j >= 2, (i, j) in tb.bold)", "_td(c, j >= 2, False)", [REPORT]),
+    ("report-notes-dropped", "bench/report.py",
+     """    notes = "".join(f'<p class="note">{esc(x)}</p>' for x in tb.notes if x.strip())\n""",
+     '    notes = ""\n', [REPORT]),
+    ("report-steps-filter-ignored", "bench/report.html", '(!s.value || tr.getAttribute("data-steps") === s.value)',
+     "true", [REPORT]),
+    ("report-text-filter-case-sensitive", "bench/report.html", "var text = q.value.toLowerCase()",
+     "var text = q.value", [REPORT]),
+    ("report-empty-budget-shown", "bench/report.html", "tb.hidden = !any;", "tb.hidden = false;", [REPORT]),
+    ("report-sample-cap-ignored", "bench/report.py", '"shown": g[:per]', '"shown": g', [REPORT]),
+    ("report-script-hash-wrong", "bench/report.py", "hashlib.sha256(script.encode())",
+     "hashlib.sha256(script.strip().encode())", [REPORT]),
+    ("report-plots-not-embedded", "bench/report.py", "        if not data.startswith(PNG):",
+     "        if data.startswith(PNG):", [REPORT]),
+    ("report-written-before-built", "bench/report.py", "    text = build(out, compare, samples)\n",
+     '    atomic_write_text(Path(out) / FILE, "")\n    text = build(out, compare, samples)\n', [REPORT]),
+    ("report-not-written-by-run", "bench/cli/run.py", "    page = report.write(out)", '    page = out / "report.html"',
+     [REPORT]),
 ]
 
 
