@@ -26,7 +26,7 @@ from bench.errors import UserError
 from bench.lease import Lease, LeaseLost, beat_of, lease_state, read_lease
 from bench.records import environment, record_status, write_json, write_record
 from bench.registry import build_method
-from bench.tracking import RunTracker, TrackSettings, accelerator_args
+from bench.tracking import TrackSettings, accelerator_args, start_tracker
 
 
 def now() -> str:
@@ -295,8 +295,7 @@ def _lost(log, e: LeaseLost, what: str) -> str:
     return "held"
 
 
-def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | None = None,
-             tracking: TrackSettings | None = None) -> str:
+def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | None = None, tracking=None) -> str:
     import torch
 
     result_path = run_dir / "result.json"
@@ -316,13 +315,12 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
         if threads:
             torch.set_num_threads(threads)  # Accelerate resets it for multi-process CPU runs
         log.rank = accelerator.process_index
-        env = environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads())
-        env.update(job_info())
+        env = {**environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads()), **job_info()}
         if accelerator.is_main_process:
             write_own_record(lease, result_path, {**base, "status": "running", "env": env})
             write_progress(run_dir, phase="setup", step=None, total=spec.train.total_steps, pid=os.getpid())
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
-        tracker = RunTracker(accelerator, tracking, spec, run_dir) if tracking and accelerator.is_main_process else None
+        tracker = start_tracker(accelerator, tracking, spec, run_dir)   # (bench.tracking.Off when off)
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
         method = build_method(spec, tokenizer.vocab_size, tokenizer)
@@ -354,8 +352,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
         write_own_record(lease, result_path, {
             **base, "protocol": protocol, "status": "complete", "metrics": metrics, "reference": reference,
             "train": stats, "samples": n_samples, "method_info": info, "env": env, "finished": now()})
-        if tracker is not None:   # after the record: logged once, never for a run another process completes
-            tracker.final(metrics, stats["steps"])
+        tracker.final(metrics, stats["steps"])   # after the record: once, never for a run another process completed
         log(f"run {spec.run_id}: complete")
         return "complete"
     except LeaseLost as e:

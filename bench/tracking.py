@@ -110,6 +110,22 @@ def accelerator_args(settings: TrackSettings | None, run_dir: Path) -> dict:
     return {"log_with": list(settings.log_with), "project_dir": str(Path(run_dir) / TRACKING_DIR)}
 
 
+def start_tracker(accelerator, settings: TrackSettings | None, spec, run_dir: Path):
+    """The run's trackers (:class:`RunTracker`) on its main process; :class:`Off` when tracking
+    is off or on any other process."""
+    return RunTracker(accelerator, settings, spec, run_dir) if settings and accelerator.is_main_process else Off()
+
+
+class Off:
+    """No tracking: every call does nothing."""
+
+    def step(self, stage, elapsed: float) -> None:
+        pass
+
+    def final(self, metrics: list[dict], step: int) -> None:
+        pass
+
+
 class RunTracker:
     """One run's trackers, on its main process: started here, told of every step by the
     training loop (:meth:`step`), of the final metrics by the runner (:meth:`final`)."""

@@ -142,8 +142,8 @@ def train(method, spec: RunSpec, data: Blocks, run_dir: Path, accelerator, log=p
     (optional): a callable ``curve(model, step, tokens) -> dict`` called on the main process
     every ``curve.every`` steps of the last stage; its points are kept in the checkpointed
     state. ``writer``: the run's lease (bench.lease.Lease), checked before every checkpoint is
-    published; LeaseLost when it is lost. ``tracker``: the run's experiment trackers on the main
-    process (bench.tracking.RunTracker), told of every step, or None."""
+    published; LeaseLost when it is lost. ``tracker``: the run's experiment trackers
+    (bench.tracking.start_tracker; they log on the main process only), told of every step."""
     engine = make_engine(accelerator)
     engine.check_stages(spec, tuple(method.stages))
     training = Training(method, spec, data, Path(run_dir), accelerator, engine, log, micro_batch,
@@ -179,7 +179,7 @@ class Training:
     micro_batch: int | None
     requires: dict[int, bool]   # every parameter's requires_grad as the method built it
     writer: object = None       # the run's lease: its token names the staging dirs; checked before publishing
-    tracker: object = None      # bench.tracking.RunTracker (main process, launch.log_with) or None
+    tracker: object = None      # bench.tracking's RunTracker (launch.log_with, main process) or Off
 
     @property
     def stages(self) -> tuple[str, ...]:
