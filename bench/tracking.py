@@ -131,11 +131,12 @@ class RunTracker:
     training loop (:meth:`step`), of the final metrics by the runner (:meth:`final`)."""
 
     def __init__(self, accelerator, settings: TrackSettings, spec, run_dir: Path):
-        self.acc, self.settings, self.spec = accelerator, settings, spec
+        self.acc = accelerator
         root = Path(run_dir) / TRACKING_DIR
         first = not root.exists()
-        self.events = Path(run_dir) / TRACKING_DIR / settings.project
-        self.earlier = sorted(self.events.glob("events.out.tfevents.*")) if "tensorboard" in settings.log_with else []
+        # the event files earlier processes of this run wrote (cut back at the first step)
+        events = root / settings.project
+        self.earlier = sorted(events.glob("events.out.tfevents.*")) if "tensorboard" in settings.log_with else []
         root.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers(settings.project, config=flat_config(spec.model_dump(mode="json")) if first else None,
                                   init_kwargs=init_kwargs(settings, spec, root))
