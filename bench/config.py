@@ -334,6 +334,14 @@ class LaunchConfig(Strict):
     nodes: PositiveInt = 1
     tasks_per_node: PositiveInt = 1
     micro_batch: Optional[PositiveInt] = None  # sequences per forward per process (grad. accumulation)
+    # Experiment trackers every run logs to through Accelerate (bench.tracking): loss, lr, tokens/s,
+    # the eval curve, the final metrics. Empty: off (nothing is imported, no tracking/ directory).
+    log_with: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = []
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_tracker(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 # ----------------------------------------------------------------------------- methods

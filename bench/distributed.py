@@ -143,8 +143,10 @@ def deepspeed_config(spec, plan: BatchPlan, bf16: bool) -> dict:
     }
 
 
-def make_accelerator(spec, micro_batch: int | None = None):
-    """Accelerate state for this process: single, DDP (gloo on CPU) or DeepSpeed ZeRO."""
+def make_accelerator(spec, micro_batch: int | None = None, log_with: list[str] | None = None,
+                     project_dir: str | None = None):
+    """Accelerate state for this process: single, DDP (gloo on CPU) or DeepSpeed ZeRO; with
+    ``log_with``, its experiment trackers writing under ``project_dir`` (bench.tracking)."""
     from datetime import timedelta
 
     import torch
@@ -175,9 +177,11 @@ def make_accelerator(spec, micro_batch: int | None = None):
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(spec, plan, bf16))
         # cpu=False: Accelerate ignores the DeepSpeed plugin under cpu=True; DeepSpeed finds the
         # CPU itself when there is no GPU.
-        return Accelerator(mixed_precision=mp, deepspeed_plugin=plugin, kwargs_handlers=pg)
+        return Accelerator(mixed_precision=mp, deepspeed_plugin=plugin, kwargs_handlers=pg, log_with=log_with,
+                           project_dir=project_dir)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
-    return Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=pg + [ddp] if dist.world > 1 else [])
+    return Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=pg + [ddp] if dist.world > 1 else [],
+                       log_with=log_with, project_dir=project_dir)
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -205,6 +209,13 @@ def teardown(accelerator=None) -> None:
         except Exception:  # noqa: BLE001
             pass
     gc.collect()
+    if accelerator is not None and getattr(accelerator, "trackers", None):
+        # finishes the experiment trackers (bench.tracking) and destroys the process group: here,
+        # after the prepared models are gone, for the reason above
+        try:
+            accelerator.end_training()
+        except Exception as e:  # noqa: BLE001 - the run is recorded; a tracker failing to close does not undo it
+            print(f"experiment tracking: closing the trackers failed: {e}", file=sys.stderr)
     try:
         import torch.distributed as td
 

@@ -33,6 +33,7 @@ from bench.lease import describe_lease, lease_state, read_lease
 from bench.records import private_dir, read_record, record_status, write_record
 from bench.rundir import check_run_dirs, holders, plan, run_dir
 from bench.runner import execute, now, record_header
+from bench.tracking import check_installed, settings_of
 
 
 def _host() -> str:
@@ -64,8 +65,11 @@ def world_size(suite: Suite) -> int:
 
 def check_launch(suite: Suite, specs: list[RunSpec], executor: str) -> None:
     """What can be known before anything starts: the batch splits over the processes, the
-    engine is installed and fits the settings. UserError naming the key otherwise."""
+    engine and the experiment trackers are installed, the engine fits the settings. UserError
+    naming the key otherwise."""
     from bench.distributed import batch_plan
+
+    check_installed(suite.launch.log_with)
 
     world = world_size(suite) if executor != "debug" else 1
     for s in specs:
@@ -162,7 +166,7 @@ def _run_local_loop(queue, running, status, ex, out, suite, threads, parallel, p
         while queue and len(running) < parallel:
             s = queue.pop(0)
             running[s.run_id] = (s, ex.submit(execute, s.model_dump(mode="json"), str(run_dir(out, s)), threads,
-                                              suite.launch.micro_batch))
+                                              suite.launch.micro_batch, settings_of(suite)))
         time.sleep(0.5)
         for rid, (s, job) in list(running.items()):
             if not job.done():
@@ -193,7 +197,7 @@ def run_debug(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[s
         # log: this command's stdout carries only the leaderboard.
         with contextlib.redirect_stdout(sys.stderr):
             status[s.run_id] = execute(s.model_dump(mode="json"), run_dir(out, s), suite.launch.threads,
-                                       suite.launch.micro_batch)
+                                       suite.launch.micro_batch, settings_of(suite))
         progress(s, status[s.run_id])
     return status
 

@@ -26,6 +26,7 @@ from bench.errors import UserError
 from bench.lease import Lease, LeaseLost, beat_of, lease_state, read_lease
 from bench.records import environment, record_status, write_json, write_record
 from bench.registry import build_method
+from bench.tracking import TrackSettings, accelerator_args, start_tracker
 
 
 def now() -> str:
@@ -230,14 +231,15 @@ def write_samples(method, spec: RunSpec, tokenizer, run_dir: Path, log=None) -> 
 
 
 def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = None,
-            micro_batch: int | None = None) -> str:
+            micro_batch: int | None = None, tracking: TrackSettings | None = None) -> str:
     """Run one spec in this process; returns the final status ('complete' or 'failed'), or
     'held' when another process holds the run directory's lease (nothing is done then) or
     took it over meanwhile (this process then stops writing there).
 
     In a multi-process run every process calls this; the processes train together, then
     global rank 0 evaluates and writes the record. ``micro_batch`` (sequences per forward, per
-    process) sets gradient accumulation; it never changes the global batch."""
+    process) sets gradient accumulation; it never changes the global batch. ``tracking``: the
+    suite's experiment trackers (bench.tracking; None: off)."""
     spec = RunSpec(**spec_json)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +255,7 @@ def execute(spec_json: dict, run_dir: str | os.PathLike, threads: int | None = N
 
         if lease.held:   # what a writer killed mid-save (or one that lost the lease) left
             clean_staging(run_dir, lease.token)
-        status = _execute(spec, run_dir, threads, micro_batch, lease)
+        status = _execute(spec, run_dir, threads, micro_batch, lease, tracking)
         if lease.held and status == "complete":   # (and what one left meanwhile)
             clean_staging(run_dir, lease.token)
         return status
@@ -303,7 +305,7 @@ def _lost(log, e: LeaseLost, what: str) -> str:
     return "held"
 
 
-def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | None = None) -> str:
+def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | None = None, tracking=None) -> str:
     import torch
 
     result_path = run_dir / "result.json"
@@ -319,16 +321,16 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
         from bench.data import get_tokenizer, load_blocks
         from bench.train import train, write_progress
 
-        accelerator = make_accelerator(spec, micro_batch)
+        accelerator = make_accelerator(spec, micro_batch, **accelerator_args(tracking, run_dir))
         if threads:
             torch.set_num_threads(threads)  # Accelerate resets it for multi-process CPU runs
         log.rank = accelerator.process_index
-        env = environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads())
-        env.update(job_info())
+        env = {**environment(str(accelerator.device), accelerator.num_processes, torch.get_num_threads()), **job_info()}
         if accelerator.is_main_process:
             write_own_record(lease, result_path, {**base, "status": "running", "env": env})
             write_progress(run_dir, phase="setup", step=None, total=spec.train.total_steps, pid=os.getpid())
         log(f"run {spec.run_id}: {spec.label} size={spec.size} seed={spec.seed} on {env['device']}")
+        tracker = start_tracker(accelerator, tracking, spec, run_dir)   # (bench.tracking.Off when off)
         tokenizer = get_tokenizer(spec.data)
         torch.manual_seed(spec.seed)
         method = build_method(spec, tokenizer.vocab_size, tokenizer)
@@ -339,7 +341,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
             train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
             log(f"{params['params']:,} parameters; {train_blocks.describe()} training blocks of {spec.data.seq_len}")
             stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch,
-                          curve=learning_probe(method, spec, accelerator.device), writer=lease)
+                          curve=learning_probe(method, spec, accelerator.device), writer=lease, tracker=tracker)
         else:  # a pretrained model evaluated as given (Method.trains = False)
             log(f"{params['params']:,} parameters; {spec.label} is evaluated as given (no training)")
             stats = {"steps": 0, "tokens": 0, "trained": False, "final_loss": None, "tokens_per_s": None}
@@ -360,6 +362,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
         write_own_record(lease, result_path, {
             **base, "protocol": protocol, "status": "complete", "metrics": metrics, "reference": reference,
             "train": stats, "samples": n_samples, "method_info": info, "env": env, "finished": now()})
+        tracker.final(metrics, stats["steps"])   # after the record: once, never for a run another process completed
         log(f"run {spec.run_id}: complete")
         return "complete"
     except LeaseLost as e:

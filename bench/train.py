@@ -123,7 +123,7 @@ def stage_parameters(method, stage: str, requires: dict[int, bool]) -> list[torc
 
 
 def train(method, spec: RunSpec, data: Blocks | StreamBlocks, run_dir: Path, accelerator, log=print,
-          micro_batch: int | None = None, curve=None, writer=None) -> dict:
+          micro_batch: int | None = None, curve=None, writer=None, tracker=None) -> dict:
     """Train ``method`` through its stages (``method.stages``, in order), each with its own
     settings (``spec.train.for_stage``), optimizer and schedule over its own parameters
     (``method.stage_parameters``), EMA and checkpoints; returns the record's training stats.
@@ -132,11 +132,12 @@ def train(method, spec: RunSpec, data: Blocks | StreamBlocks, run_dir: Path, acc
     (optional): a callable ``curve(model, step, tokens) -> dict`` called on the main process
     every ``curve.every`` steps of the last stage; its points are kept in the checkpointed
     state. ``writer``: the run's lease (bench.lease.Lease), checked before every checkpoint is
-    published; LeaseLost when it is lost."""
+    published; LeaseLost when it is lost. ``tracker``: the run's experiment trackers
+    (bench.tracking.start_tracker; they log on the main process only), told of every step."""
     engine = make_engine(accelerator)
     engine.check_stages(spec, tuple(method.stages))
     training = Training(method, spec, data, Path(run_dir), accelerator, engine, log, micro_batch,
-                        {id(p): p.requires_grad for p in method.parameters()}, writer)
+                        {id(p): p.requires_grad for p in method.parameters()}, writer, tracker)
     start, ckpt = resume_point(training)
     done, results = [], []
     for i in range(start, len(training.stages)):
@@ -168,6 +169,7 @@ class Training:
     micro_batch: int | None
     requires: dict[int, bool]   # every parameter's requires_grad as the method built it
     writer: object = None       # the run's lease: its token names the staging dirs; checked before publishing
+    tracker: object = None      # bench.tracking's RunTracker (launch.log_with, main process) or Off
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -361,6 +363,8 @@ class Stage:
             bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{self.tokens_here / max(el, 1e-9):,.0f}",
                             refresh=False)
             progress.tick()
+            if training.tracker is not None:
+                training.tracker.step(self, el)
             if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps or request != NONE:
                 self.checkpoint(el)
             if request != NONE:

@@ -11,6 +11,7 @@ from bench.errors import UserError
 from bench.launch import check_launch, report_submission, run_suite
 from bench.plan import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, render
 from bench.suite import MAX_RUNS, load_suite
+from bench.tracking import log_scores, settings_of
 
 # Imported where used, to keep pandas out of CLI start-up: bench.leaderboard, bench.experiments, bench.report.
 
@@ -38,6 +39,7 @@ def cmd_run(args) -> int:
     status = run_suite(suite, specs, out, executor, cluster=args.cluster, max_running=args.max_running)
     if any(s.eval.samples > 0 for s in specs):
         score_suite_dir(out, suite.metrics)
+        log_scores(settings_of(suite), out, specs)
     text, problems = leaderboard.write(out, "md")
     print(text)
     if suite.experiment is not None:

@@ -14,6 +14,7 @@ from bench.slurm.cluster import Shape, check_profile, shape_of, slurm_cmd
 from bench.slurm.ledger import append_ledger, read_ledger, slurm_dir
 from bench.slurm.profiles import ClusterProfile
 from bench.slurm.queue import LIVE, squeue
+from bench.tracking import settings_of
 
 
 # ----------------------------------------------------------------------------- the job
@@ -25,12 +26,12 @@ class RunJob:
     same arguments: the requeued job reads its resume point from the run directory."""
 
     def __call__(self, spec_json: dict, run_dir: str, threads: Optional[int] = None,
-                 micro_batch: Optional[int] = None) -> str:
+                 micro_batch: Optional[int] = None, tracking=None) -> str:
         from bench.distributed import install_preemption_guard
         from bench.runner import execute
 
         install_preemption_guard()
-        return execute(spec_json, run_dir, threads, micro_batch)
+        return execute(spec_json, run_dir, threads, micro_batch, tracking)
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
@@ -102,7 +103,7 @@ def submit(suite, specs, out: Path, prof: ClusterProfile, prof_path: Path, max_r
         ex.update_parameters(**params)
         jobs = ex.map_array(RunJob(), [s.model_dump(mode="json") for s in group],
                             [str(run_dir(out, s)) for s in group], [threads] * len(group),
-                            [launch.micro_batch] * len(group))
+                            [launch.micro_batch] * len(group), [settings_of(suite)] * len(group))
         array_id = jobs[0].job_id.split("_")[0]
         sub = Submission(array_id, shp, [s.run_id for s in group], [j.job_id for j in jobs])
         append_ledger(out, {"array_job_id": array_id, "submitted": now(), "profile": prof.name,
