@@ -15,15 +15,18 @@ from scipy import stats
 from methods._gaussian import (
     GAMMA_MAX,
     GAMMA_MIN,
+    PARAMETERISATIONS,
     SAMPLERS,
     Cosine,
     Learned,
     NormalStream,
     Sqrt,
     TanD,
+    bcast,
     ddim_step,
     diffuse,
     diffusion_term,
+    nearest_embedding,
     posterior,
     prior_kl,
     sample_loop,
@@ -52,6 +55,7 @@ def test_fixed_schedules_match_their_closed_forms_where_unclamped(name):
     t = torch.linspace(0.01, 0.97, 97, dtype=torch.float64)
     g = s.raw_gamma(t)
     inside = (g > GAMMA_MIN) & (g < GAMMA_MAX)
+    assert int(inside.sum()) > len(t) // 2, int(inside.sum())       # not a comparison of nothing
     got, want = s.alpha_bar(t)[inside], _alpha_bar_closed(name, t)[inside]
     # cosine drops the normaliser cos²(φ_0) = 1 − 1.6e-4, so 2e-4 relative there; exact otherwise
     tol = 2e-4 if name == "cosine" else 1e-9
@@ -78,7 +82,22 @@ def test_schedule_monotone_with_right_endpoints_and_exact_derivative(name):
     with torch.no_grad():
         fd = (s.gamma(t + h) - s.gamma(t - h)) / (2 * h)
         inside = (s.gamma(t - 1e-3) > GAMMA_MIN) & (s.gamma(t + 1e-3) < GAMMA_MAX)
+        assert int(inside.sum()) > len(t) // 2, int(inside.sum())
         assert torch.allclose(s.dgamma(t)[inside], fd[inside], rtol=1e-4), (s.dgamma(t) - fd).abs().max()
+
+
+@pytest.mark.parametrize("name", ["cosine", "sqrt", "tan-d"])
+def test_clamped_schedule_has_zero_slope_exactly_where_the_clamp_binds(name):
+    """The bound's diffusion integral ∫ γ' e^{−γ} ... dt runs between the clamped endpoints; it is
+    that integral only if γ' = 0 where the clamp binds and γ' > 0 elsewhere. Every fixed schedule
+    reaches its clamp on [0, 1] (20,001 points; at least one clamped, asserted)."""
+    s = SCHEDULES[name]
+    t = torch.linspace(0, 1, 20_001, dtype=torch.float64)
+    with torch.no_grad():
+        raw, dg = s.raw_gamma(t), s.dgamma(t)
+    clamped = (raw <= GAMMA_MIN) | (raw >= GAMMA_MAX)
+    assert clamped.any() and not clamped.all()
+    assert (dg[clamped] == 0).all() and (dg[~clamped] > 0).all()
 
 
 def test_learned_schedule_stays_monotone_with_its_endpoints_for_any_parameters():
@@ -118,16 +137,33 @@ def test_forward_marginal_and_posterior_marginal_by_sampling(name):
             assert abs(zs.var() - s_s ** 2) < 5 * s_s ** 2 * math.sqrt(2 / N), (name, tt, ss)
 
 
-def test_ddim_one_step_from_t1_with_exact_oracle_returns_x0():
-    x0 = torch.randn(3, 5, 4)
-    oracle = lambda z, t, sc: x0  # noqa: E731 - the data is a point mass: E[x0 | z_t] = x0
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_ddim_with_an_exact_oracle_stays_on_the_forward_path_of_z1(steps):
+    """Point-mass data x0: E[x0 | z_t] = x0, and a DDIM step (η = 0) keeps ε̂ = (z_t − α_t x0)/σ_t
+    fixed, so every z_t the predictor sees is α_t x0 + σ_t ε_1, ε_1 = (z_1 − α_1 x0)/σ_1: the
+    forward process with z_1's own noise, at the grid's times t = i/steps, and the last x̂0 is x0.
+    (The returned x̂0 alone cannot fail: it is the oracle's output, and with one step no DDIM step
+    is taken at all.) float64 data, float32 schedule values used as the sampler uses them: 1e-9."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
     for name in ("cosine", "sqrt", "learned"):
-        z1 = torch.randn(3, 5, 4)
-        out = sample_loop(oracle, z1, SCHEDULES[name], 1, ddim_step)
-        assert torch.equal(out, x0)
-        # and on a longer grid the deterministic DDIM path stays on the oracle's trajectory
-        out = sample_loop(oracle, z1, SCHEDULES[name], 7, ddim_step)
-        assert torch.allclose(out, x0)
+        s, seen = SCHEDULES[name], []
+
+        def oracle(z, t, sc):
+            seen.append((z, t))
+            return x0
+        z1 = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            out = sample_loop(oracle, z1, s, steps, ddim_step)
+            ab = lambda t: [torch.sigmoid(v * s.gamma(t)).sqrt().double()[:, None, None] for v in (-1, 1)]  # noqa: E731
+            a1, s1 = ab(seen[0][1])
+            eps1 = (z1 - a1 * x0) / s1
+            assert len(seen) == steps and torch.equal(out, x0)
+            for i, (z, t) in enumerate(seen):
+                assert torch.allclose(t, torch.full_like(t, (steps - i) / steps))
+                a, sd = ab(t)
+                ref = a * x0 + sd * eps1
+                assert torch.allclose(z, ref, rtol=0, atol=1e-9), (name, i, (z - ref).abs().max())
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -153,6 +189,36 @@ def test_samplers_with_the_exact_gaussian_denoiser_converge_to_the_data_distribu
         assert abs(float(x.mean()) - m) < 5 * math.sqrt(v / N)
         err[steps] = abs(float(x.var()) / v - 1)
     assert err[500] < err[50] and err[500] < 0.05, err
+
+
+@pytest.mark.parametrize("name", ["x0", "eps", "v"])
+def test_each_parameterisation_turns_its_own_target_back_into_x0(name):
+    """A network whose output is exactly its parameterisation's target (x0, ε, or v = α ε − σ x0)
+    yields x̂0 = x0, for z_t and ε from ``diffuse`` at α_t from 1.5e-3 to 0.99998 (cosine); and
+    the target is what the parameterisation names. float64; ε-prediction divides by α, so 1e-9."""
+    p, s = PARAMETERISATIONS[name], Cosine()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 5, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.1, 0.4, 0.7, 0.95, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        a, sd = (bcast(v, x0) for v in s.alpha_sigma(t))
+    z, eps = diffuse(x0, a, sd, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    target = p.target(x0, eps, a, sd)
+    assert torch.allclose(target, {"x0": x0, "eps": eps, "v": a * eps - sd * x0}[name], rtol=0, atol=1e-12)
+    assert torch.allclose(p.x0(target, z, a, sd), x0, rtol=0, atol=1e-9)
+
+
+def test_nearest_embedding_is_the_euclidean_argmin():
+    """Diffusion-LM's rounding picks the row of E nearest in Euclidean distance (not the largest
+    dot product: the rows have different norms here), as torch.cdist's argmin (float64; ties have
+    probability 0)."""
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(50, 8, generator=g, dtype=torch.float64) * torch.rand(50, 1, generator=g, dtype=torch.float64) * 3
+    x = 2 * torch.randn(4, 30, 8, generator=g, dtype=torch.float64)
+    want = torch.cdist(x.reshape(-1, 8), E).argmin(-1).reshape(4, 30)
+    got = nearest_embedding(x, E)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, (x @ E.t()).argmax(-1))       # the two rules differ on this E
 
 
 # ----------------------------------------------------------------------------- the bound

@@ -7,7 +7,7 @@ the tests that guard that code run (``pytest -x``). A mutant is *caught* when th
 patch text must occur exactly once, so a refactor cannot silently turn a mutant into a no-op.
 
     python tests/mutation/run.py              # every mutant; prints caught/total, exit 1 if any survives
-    python tests/mutation/run.py -k mdlm      # only mutants whose id contains "mdlm"
+    python tests/mutation/run.py -k mdlm      # only mutants whose id contains "mdlm" (-k again: or)
     python tests/mutation/run.py --list
 
 It takes several CPU-minutes: on a shared machine wrap it in the CPU lock.
@@ -31,6 +31,11 @@ ROWS = "tests/test_protocol_rows.py"
 DISC = "tests/test_discrete.py"
 ENDS = "tests/test_endpoints.py"
 REPORT = "tests/test_report.py"
+GAUSS = "tests/test_gaussian.py"
+CONT = "tests/test_continuous.py"
+CORACLE = "tests/test_oracle_continuous.py"
+LATENT = "tests/test_latent_closed_forms.py"
+ENCLAT = "tests/test_encoder_latent.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -83,6 +88,150 @@ MUTANTS = [
      "        return f + (-torch.log(torch.expm1(sigma)) - math.log(self.V)).float()[:, None, None]\n",
      "        return f\n", [DISC], "scaled"),
     ("sedd-uniform-ratio-rho", "methods/sedd.py", "torch.log1p(V / em1)", "torch.log1p(V * em1)", [DISC], "sedd or score or csm"),
+    # ---------------------------------------------------------------- methods/_gaussian.py
+    ("gauss-diffusion-term-no-half", "methods/_gaussian.py", "0.5 * dgamma_t * torch.exp(-gamma_t)",
+     "dgamma_t * torch.exp(-gamma_t)", [GAUSS, CORACLE], "vlb or oracle"),
+    ("gauss-diffusion-term-snr-not-inverted", "methods/_gaussian.py", "dgamma_t * torch.exp(-gamma_t)",
+     "dgamma_t * torch.exp(gamma_t)", [GAUSS, CORACLE], "vlb or oracle"),
+    ("gauss-prior-kl-logsigmoid-sign", "methods/_gaussian.py", "d * (s2 - 1 - F.logsigmoid(gamma_1))",
+     "d * (s2 - 1 + F.logsigmoid(gamma_1))", [GAUSS], "prior_kl"),
+    ("gauss-prior-kl-drop-mean-term", "methods/_gaussian.py", "0.5 * (a2 * (x0 ** 2).sum(-1) + d *", "0.5 * (d *",
+     [GAUSS], "prior_kl"),
+    ("gauss-posterior-variance-at-t", "methods/_gaussian.py", "return mean, torch.sigmoid(gamma_s) * c",
+     "return mean, torch.sigmoid(gamma_t) * c", [GAUSS], "posterior or samplers"),
+    ("gauss-posterior-mean-alpha-t", "methods/_gaussian.py", "a_s * c * x0_hat", "a_t * c * x0_hat", [GAUSS],
+     "posterior or samplers"),
+    ("gauss-ddim-eps-over-sigma-s", "methods/_gaussian.py", "eps_hat = (z_t - a_t * x0_hat) / s_t",
+     "eps_hat = (z_t - a_t * x0_hat) / s_s", [GAUSS], "ddim"),
+    ("gauss-ddim-returns-nan", "methods/_gaussian.py", "    return a_s * x0_hat + s_s * eps_hat\n",
+     '    return torch.full_like(z_t, float("nan"))\n', [GAUSS], "ddim_with"),
+    ("gauss-ddim-keeps-z", "methods/_gaussian.py", "    return a_s * x0_hat + s_s * eps_hat\n",
+     "    return z_t + 0 * eps_hat\n", [GAUSS], "ddim_with"),
+    ("gauss-ddpm-noise-variance-not-sqrt", "methods/_gaussian.py", "return mean + var.sqrt() * noise",
+     "return mean + var * noise", [GAUSS], "samplers"),
+    ("gauss-sample-loop-skips-a-step", "methods/_gaussian.py", "s = torch.full((B,), (i - 1) / steps, device=z.device)",
+     "s = torch.full((B,), (i - 2) / steps, device=z.device)", [GAUSS], "ddim_with or samplers"),
+    ("gauss-sqrt-dgamma-factor", "methods/_gaussian.py", "return (1 / (2 * r)) * (1 / r + 1 / (1 - r))",
+     "return (1 / r) * (1 / r + 1 / (1 - r))", [GAUSS], "schedule"),
+    ("gauss-cosine-dgamma-factor", "methods/_gaussian.py", "return 2 * math.pi / ((1 + self.s) * torch.sin",
+     "return math.pi / ((1 + self.s) * torch.sin", [GAUSS], "schedule"),
+    ("gauss-tan-d-gamma-not-squared", "methods/_gaussian.py", "return 2 * torch.log(self.d * torch.tan",
+     "return torch.log(self.d * torch.tan", [GAUSS], "schedule"),
+    ("gauss-learned-dgamma-unnormalised", "methods/_gaussian.py", "return (g1 - g0) * self._dh(t) / self._norm(t)",
+     "return (g1 - g0) * self._dh(t)", [GAUSS], "schedule"),
+    ("gauss-clamp-keeps-slope", "methods/_gaussian.py",
+     "return self.raw_dgamma(t) * ((g > GAMMA_MIN) & (g < GAMMA_MAX)).to(t.dtype)", "return self.raw_dgamma(t)",
+     [GAUSS], "schedule"),
+    ("gauss-v-to-x0-sign", "methods/_gaussian.py", "return alpha * z - sigma * out", "return alpha * z + sigma * out",
+     [GAUSS], "parameterisation"),
+    ("gauss-eps-to-x0-sign", "methods/_gaussian.py", "return (z - sigma * out) / alpha",
+     "return (z + sigma * out) / alpha", [GAUSS], "parameterisation"),
+    ("gauss-v-target-sign", "methods/_gaussian.py", "return alpha * eps - sigma * x0", "return alpha * eps + sigma * x0",
+     [GAUSS], "parameterisation"),
+    ("gauss-diffuse-returns-other-noise", "methods/_gaussian.py", "return alpha * x0 + sigma * eps, eps",
+     "return alpha * x0 - sigma * eps, eps", [GAUSS], "parameterisation or marginal"),
+    ("gauss-nearest-by-dot-product", "methods/_gaussian.py", "- 2 * x @ E.t() + (E * E).sum(-1)", "- 2 * x @ E.t()",
+     [GAUSS], "nearest"),
+    ("gauss-box-muller-radius", "methods/_gaussian.py", ".log_().mul_(-2.0).sqrt_()", ".log_().mul_(-1.0).sqrt_()",
+     [GAUSS], "normal_stream"),
+    ("gauss-box-muller-zero-not-lifted", "methods/_gaussian.py", ".clamp_(min=2.0 ** -26)", "", [GAUSS],
+     "normal_stream"),
+    ("gauss-two-pass-coin-flipped", "methods/_gaussian.py", "if float(torch.rand((), generator=generator)) < p_two_pass:",
+     "if float(torch.rand((), generator=generator)) > p_two_pass:", [CONT], "quarter"),
+    # ---------------------------------------------------------------- methods/continuous.py
+    ("diffusion-lm-halve-diffusion", "methods/continuous.py",
+     "        return diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)\n",
+     "        return 0.5 * diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)\n", [CORACLE]),
+    ("diffusion-lm-drop-rounding", "methods/continuous.py", "        return diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)\n",
+     "        return diff + prior_kl(e.float(), g1)\n", [CORACLE]),
+    ("diffusion-lm-drop-prior", "methods/continuous.py", "        return diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)\n",
+     "        return diff + self.rounding_nll(e, w)\n", [CORACLE]),
+    ("diffusion-lm-rounding-at-t1", "methods/continuous.py", "        g0, _ = self.endpoints(e)\n        z0 =",
+     "        _, g0 = self.endpoints(e)\n        z0 =", [CORACLE]),
+    ("diffusion-lm-rounding-noise-variance-as-sd", "methods/continuous.py", "torch.sigmoid(g0).sqrt() * torch.randn_like(e)",
+     "torch.sigmoid(g0) * torch.randn_like(e)", [CORACLE]),
+    ("diffusion-lm-bound-without-its-first-pass", "methods/continuous.py",
+     "x0_hat = self.predict_x0(z, t, self.first_pass(z, t, train)).float()",
+     "x0_hat = self.predict_x0(z, t, None).float()", [CONT], "first_pass"),
+    ("embedding-noises-uncounted", "methods/continuous.py", "return torch.where(counted[..., None], z, e), eps, alpha, sigma",
+     "return z, eps, alpha, sigma", [CORACLE], "uncounted"),
+    ("plaid-reconstruction-weight-dropped", "methods/continuous.py",
+     "torch.where(rec[:, None], nll.float() / q, diff / (1 - q))", "torch.where(rec[:, None], nll.float(), diff / (1 - q))",
+     [CORACLE]),
+    ("plaid-diffusion-weight-dropped", "methods/continuous.py",
+     "torch.where(rec[:, None], nll.float() / q, diff / (1 - q))", "torch.where(rec[:, None], nll.float() / q, diff)",
+     [CORACLE]),
+    ("plaid-drop-prior", "methods/continuous.py", "        return estimate + prior_kl(e.float(), g1)\n",
+     "        return estimate\n", [CORACLE]),
+    ("plaid-t-not-rescaled", "methods/continuous.py", "t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))",
+     "t = torch.where(rec, torch.zeros_like(u), u)", [CORACLE]),
+    ("plaid-reconstruction-at-u", "methods/continuous.py", "t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))",
+     "t = torch.where(rec, u, (u - q) / (1 - q))", [CORACLE]),
+    ("ssd-simplex-shift-k", "methods/continuous.py", "shift = (torch.where(counted, _time(alpha, w), 1.0) * 2 * k)",
+     "shift = (torch.where(counted, _time(alpha, w), 1.0) * k)", [CONT], "noised_probs"),
+    ("ssd-expected-embedding-skips-a-block", "methods/continuous.py", "for s in range(b, P.shape[0], b):",
+     "for s in range(2 * b, P.shape[0], b):", [CONT], "expected_embedding"),
+    # ---------------------------------------------------------------- methods/_latent.py
+    ("latent-norm-variance-keeps-mean", "methods/_latent.py", "var = (self.sumsq / self.count - mean * mean).clamp(min=0)",
+     "var = (self.sumsq / self.count).clamp(min=0)", [ENCLAT], "normaliser"),
+    ("latent-norm-inverse-drops-mean", "methods/_latent.py", "        return xbar * std + mean\n",
+     "        return xbar * std\n", [LATENT], "ddim_sample"),
+    ("latent-norm-estimates-in-eval", "methods/_latent.py", "if self.fitted or not self.training:", "if self.fitted:",
+     [ENCLAT], "normaliser"),
+    ("latent-loss-target-from-z", "methods/_latent.py", "self.parameterisation.target(xbar, eps, alpha, sigma)",
+     "self.parameterisation.target(z, eps, alpha, sigma)", [LATENT], "simple_loss"),
+    ("latent-loss-unnormalised", "methods/_latent.py", "        xbar = self.norm(x.float())\n",
+     "        xbar = x.float()\n", [LATENT], "simple_loss"),
+    ("latent-corrupt-alpha-sigma-swapped", "methods/_latent.py", "        z, eps = diffuse(xbar, alpha, sigma)\n",
+     "        z, eps = diffuse(xbar, sigma, alpha)\n", [LATENT], "simple_loss"),
+    ("latent-predict-raw-output", "methods/_latent.py", "        return self.parameterisation.x0(out, z, alpha, sigma)\n",
+     "        return out\n", [LATENT], "ddim_sample"),
+    ("latent-sample-not-unnormalised", "methods/_latent.py", "        return self.norm.inverse(x0)\n",
+     "        return x0\n", [LATENT], "sample"),
+    ("latent-sampler-always-ddpm", "methods/_latent.py", "self.step_fn = SAMPLERS[p.sampler]",
+     'self.step_fn = SAMPLERS["ddpm"]', [LATENT], "ddim_sample"),
+    ("latent-self-condition-rate-ignored", "methods/_latent.py", "self.p.self_condition_rate)", "0.5)", [ENCLAT],
+     "two_pass_branch"),
+    ("latent-sampler-without-self-condition", "methods/_latent.py",
+     "self.step_fn, generator, self_condition=self.p.self_condition)",
+     "self.step_fn, generator, self_condition=False)", [ENCLAT], "latent_sampler"),
+    # ---------------------------------------------------------------- methods/tencdm.py
+    ("tencdm-decoder-t-unscaled", "methods/tencdm.py", "z = self.decoder_input(x, u * self.p.decoder_t_max)",
+     "z = self.decoder_input(x, u)", [ENCLAT], "noised_encodings"),
+    ("tencdm-decode-unnormalised", "methods/tencdm.py",
+     "return self.decoder(embeds=self.diffusion.norm(x)).argmax(-1)", "return self.decoder(embeds=x).argmax(-1)",
+     [ENCLAT], "held_out_text_tiny_bert"),
+    ("tencdm-encoder-space-is-embeddings", "methods/tencdm.py",
+     "        return encoder(input_ids=ids, attention_mask=mask).last_hidden_state\n",
+     "        return encoder.get_input_embeddings()(ids)\n", [ENCLAT], "encoder_families"),
+    ("tencdm-stages-swapped", "methods/tencdm.py", '{"decoder": self.decoder, "diffusion": self.net}',
+     '{"decoder": self.net, "diffusion": self.decoder}', [ENCLAT], "frozen_encoder_tencdm"),
+    # ---------------------------------------------------------------- methods/ld4lg.py
+    ("ld4lg-padding-mask-inverted", "methods/ld4lg.py", "memory_key_padding_mask=~mask.bool()",
+     "memory_key_padding_mask=mask.bool()", [LATENT, ENCLAT], "ld4lg"),
+    ("ld4lg-uncounted-tokens-scored", "methods/ld4lg.py",
+     "labels = torch.where(counted, x0, torch.full_like(x0, IGNORE))", "labels = x0", [LATENT], "uncounted"),
+    ("ld4lg-decoder-ignores-the-latent", "methods/ld4lg.py",
+     "return BaseModelOutput(last_hidden_state=self.reconstruct(x))",
+     "return BaseModelOutput(last_hidden_state=self.reconstruct(0 * x))", [ENCLAT], "autoencoder_reconstructs and ld4lg"),
+    ("ld4lg-untrained-lm-frozen", "methods/ld4lg.py",
+     "return self.lm is not None if self.freeze_lm is None else self.freeze_lm",
+     "return self.lm is None if self.freeze_lm is None else self.freeze_lm", [ENCLAT], "frozen_lm_ld4lg"),
+    # ---------------------------------------------------------------- methods/planner.py
+    ("planner-kl-logvar-sign", "methods/planner.py", "(mu * mu + logvar.exp() - 1.0 - logvar)",
+     "(mu * mu + logvar.exp() - 1.0 + logvar)", [ENCLAT], "planner_kl"),
+    ("planner-beta-dropped", "methods/planner.py",
+     "return ((nll * counted).sum() + self.p.beta * kl.sum()) / counted.sum().clamp(min=1)",
+     "return (nll * counted).sum() / counted.sum().clamp(min=1)", [LATENT], "beta_kl"),
+    ("planner-uncounted-tokens-scored", "methods/planner.py", "return ((nll * counted).sum() + self.p.beta",
+     "return (nll.sum() + self.p.beta", [LATENT], "uncounted"),
+    ("planner-latent-sd-as-variance", "methods/planner.py", "z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)",
+     "z = mu + logvar.exp() * torch.randn_like(mu)", [LATENT], "posterior"),
+    ("planner-decoder-sees-its-target", "methods/planner.py", "torch.cat([bos, w[:, :-1]], 1)",
+     "torch.cat([bos, w[:, 1:]], 1)", [LATENT], "causal"),
+    ("planner-decoder-ignores-the-latent", "methods/planner.py",
+     "h = torch.cat([self.latent_in(z.to(tokens.dtype)), tokens], 1)",
+     "h = torch.cat([self.latent_in(0 * z.to(tokens.dtype)), tokens], 1)", [LATENT], "causal"),
     # ---------------------------------------------------------------- bench/evaluate.py
     ("eval-per-sequence-mean", "bench/evaluate.py", "    r = n_i.sum() / C\n", "    r = (n_i / ntok).mean()\n", [EVAL]),
     ("eval-ci-too-wide (drop 1/R)", "bench/evaluate.py", "reps.var(1, ddof=1) / R).sum()", "reps.var(1, ddof=1)).sum()", [EVAL]),
@@ -176,11 +325,11 @@ def run_one(m, tmp_root: Path, timeout: int) -> tuple[bool, str, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-k", help="only mutants whose id contains this")
+    ap.add_argument("-k", action="append", help="only mutants whose id contains this (repeatable: any of them)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     a = ap.parse_args(argv)
-    ms = [m for m in MUTANTS if not a.k or a.k in m[0]]
+    ms = [m for m in MUTANTS if not a.k or any(k in m[0] for k in a.k)]
     if a.list:
         for m in ms:
             print(f"{m[0]:45s} {m[1]}")
