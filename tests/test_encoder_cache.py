@@ -4,7 +4,7 @@ recomputed.
 
 Tolerance. The cache stores what the method's ``frozen_features`` returned (fp32 stays fp32),
 so a cached row differs from a recomputed one only if the encoder's arithmetic for a block
-depends on the other blocks of its batch (the cache is built in batches of 32, training
+depends on the other blocks of its batch (the cache is built in batches of 16 in another composition, training
 encodes batches of 8). On CPU it does not (one thread or two, the rows are bit-identical here);
 a BLAS that blocks its GEMMs by batch size would leave a few ulps (~1e-7 relative), so every
 comparison allows rel 1e-6 — two orders below what storing fp16 changes (~1e-4..1e-3).
@@ -196,6 +196,13 @@ def test_cached_rows_are_the_computed_rows_in_any_batch_order_and_unknown_blocks
             torch.manual_seed(3)
             losses.append(float(m.stage_loss(stage, x0, c, u).detach()))
     assert all(math.isclose(a, b, rel_tol=REL) for a, b in zip(losses[:2], losses[2:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
+def test_rows_travel_to_disk_and_back_with_their_dtype_and_bits(dtype):
+    t = (torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 50).to(dtype)
+    back = fc.from_numpy(np.array(fc.to_numpy(t)), str(t.dtype))
+    assert back.dtype == dtype and torch.equal(back, t)
 
 
 def test_row_digest_sees_tokens_and_count_mask(blocks):

@@ -50,7 +50,7 @@ from bench.data.paths import cache_dir
 
 FORMAT = 1
 CHUNK = 512            # blocks per chunk file
-BUILD_BATCH = 32       # blocks per frozen-features call while building
+BUILD_BATCH = 16       # blocks per frozen-features call while building (the fastest per block of 4–64 here)
 DEFAULT_GB = 16.0
 ENV_GB = "TDBENCH_FEATURE_CACHE_GB"
 
@@ -87,7 +87,7 @@ def blocks_sha256(tokens: np.ndarray, counted: np.ndarray) -> str:
 
 def cache_key(method, blocks, device: torch.device, precision: str) -> dict:
     """Everything the cached rows are a function of (module docstring)."""
-    return {"format": FORMAT, "method": method.name, "features": method.frozen_features_key(),
+    return {"format": FORMAT, "chunk": CHUNK, "method": method.name, "features": method.frozen_features_key(),
             "frozen": {k: v["sha256"] for k, v in sorted(method.frozen_info().items())},
             "block_cache": getattr(blocks, "source", None), "blocks": blocks_sha256(blocks.tokens, blocks.counted),
             "device": torch.device(device).type, "precision": precision, "torch": torch.__version__}
@@ -104,6 +104,7 @@ class FrozenCache:
     def __init__(self, path: Path, chunks: list[dict[str, np.ndarray]], rows: dict[bytes, int],
                  dtypes: dict[str, str]):
         self.path, self.chunks, self.rows, self.dtypes = path, chunks, rows, dtypes
+        self.chunk = CHUNK   # blocks per chunk, as built
         self.hits = self.misses = 0
 
     def summary(self) -> dict:
@@ -122,7 +123,7 @@ class FrozenCache:
         self.hits += 1
         out = {}
         for name, dtype in self.dtypes.items():
-            rows = np.stack([self.chunks[i // CHUNK][name][i % CHUNK] for i in found])
+            rows = np.stack([self.chunks[i // self.chunk][name][i % self.chunk] for i in found])
             out[name] = from_numpy(rows, dtype).to(x0.device)
         return out
 
