@@ -42,6 +42,12 @@ the optimizer, EMA, gradient sync and checkpoints; it moves with the method (``.
 stays in eval mode. A run records its ``source`` and the sha256 of its weights
 (``info()["frozen"]``) and, when reloaded, loads it again from ``source`` and refuses to go on
 when the hash differs.
+
+Frozen features: a method whose frozen parts turn each block into something no training step
+changes (an encoder's outputs) returns it from ``frozen_features(x0, counted)``, says what
+else it depends on in ``frozen_features_key()``, and reads it through ``features(x0,
+counted)``: the harness computes it once per (frozen weights, blocks) and memory-maps it
+(bench/data/frozencache.py); a batch of blocks it does not hold is computed as before.
 """
 from __future__ import annotations
 
@@ -183,6 +189,36 @@ class Method(nn.Module):
                 raise UserError(f"{have['source']}: frozen module '{k}' changed since the run recorded it "
                                 f"(sha256 {have['sha256'][:12]}… ≠ {str(want.get('sha256'))[:12]}…); restore "
                                 f"those weights or start a new run")
+
+    # --- frozen features --------------------------------------------------------------------
+    def frozen_features_key(self) -> dict | None:
+        """None (the default): nothing to cache. Otherwise a JSON-able dict of what, besides
+        the frozen parts' weights (their sha256) and the blocks themselves, determines
+        ``frozen_features`` (e.g. the space, the encoder's tokenizer and config); the harness
+        then caches ``frozen_features`` of every training block (bench/data/frozencache.py)."""
+        return None
+
+    def frozen_features(self, x0: torch.Tensor, counted: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the frozen parts compute from a batch of blocks: ``{name: (B, …) tensor}``,
+        names usable as file names. Row i must be a function of block i alone (``x0[i]``,
+        ``counted[i]``) and of the frozen weights: never of trained parameters, of the batch's
+        other rows or of random draws (a cached row is read back in any batch)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no frozen features")
+
+    def features(self, x0: torch.Tensor, counted: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``frozen_features(x0, counted)`` (no gradient): read from the cache the harness
+        attached (``use_frozen_cache``) when it holds every block of the batch, else computed."""
+        cache = self.__dict__.get("_frozen_cache")
+        got = cache.lookup(x0, counted) if cache is not None else None
+        if got is not None:
+            return got
+        with torch.no_grad():
+            return self.frozen_features(x0, counted)
+
+    def use_frozen_cache(self, cache) -> None:
+        """Read ``features`` from ``cache`` (its ``lookup(x0, counted)`` gives the batch's
+        features or None); None detaches it. Kept outside nn.Module's registries."""
+        self.__dict__["_frozen_cache"] = cache
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)

@@ -305,6 +305,26 @@ def _lost(log, e: LeaseLost, what: str) -> str:
     return "held"
 
 
+def train_method(method, spec: RunSpec, params: dict, run_dir: Path, accelerator, log, micro_batch, lease,
+                 tracker=None) -> dict:
+    """Load the training blocks, give the method the cache of its frozen parts' features over
+    them (when it declares any: computed once, bench.data.frozencache), train it; returns the
+    record's training stats (with ``frozen_features``: the cache, its hits and misses)."""
+    from bench.data import load_blocks
+    from bench.data.frozencache import attach
+    from bench.train import train
+
+    blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
+    log(f"{params['params']:,} parameters; {blocks.describe()} training blocks of {spec.data.seq_len}")
+    cache = attach(method, blocks, accelerator.device, str(accelerator.mixed_precision), accelerator.autocast, log,
+                   encodes=spec.train.train_sequences)
+    stats = train(method, spec, blocks, run_dir, accelerator, log, micro_batch=micro_batch,
+                  curve=learning_probe(method, spec, accelerator.device), writer=lease, tracker=tracker)
+    if cache is not None:   # where the features came from, and how many batches it served
+        stats["frozen_features"] = cache.summary()
+    return stats
+
+
 def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | None = None, tracking=None) -> str:
     import torch
 
@@ -318,8 +338,8 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
     accelerator = None
     try:
         from bench.backbone import count_params
-        from bench.data import get_tokenizer, load_blocks
-        from bench.train import train, write_progress
+        from bench.data import get_tokenizer
+        from bench.train import write_progress
 
         accelerator = make_accelerator(spec, micro_batch, **accelerator_args(tracking, run_dir))
         if threads:
@@ -338,10 +358,8 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
         if method.frozen_modules():   # pretrained parts held frozen: not trained, not in the checkpoints
             params["params_frozen"] = sum(p.numel() for m in method.frozen_modules().values() for p in m.parameters())
         if method.trains:
-            train_blocks = load_blocks(spec.data.train, "train", spec.data, spec.eval.packing, spec.eval.counting)
-            log(f"{params['params']:,} parameters; {train_blocks.describe()} training blocks of {spec.data.seq_len}")
-            stats = train(method, spec, train_blocks, run_dir, accelerator, log, micro_batch=micro_batch,
-                          curve=learning_probe(method, spec, accelerator.device), writer=lease, tracker=tracker)
+            stats = train_method(method, spec, params, run_dir, accelerator, log, micro_batch, lease,
+                                 tracker=tracker)
         else:  # a pretrained model evaluated as given (Method.trains = False)
             log(f"{params['params']:,} parameters; {spec.label} is evaluated as given (no training)")
             stats = {"steps": 0, "tokens": 0, "trained": False, "final_loss": None, "tokens_per_s": None}

@@ -11,12 +11,16 @@ decodes generated vectors with a decoder it trains. Shared here:
   (TEncDM), x0 / ε / v targets, L_simple, self-conditioning (Chen et al. 2022, Analog Bits
   Alg. 1/2), DDIM (η = 0; Song et al. 2021 §4.3) or DDPM over N steps, NFE = N; the denoiser is
   the method's ``self.net``.
-- :func:`load_encoder`: any Hugging Face text encoder by name or local path.
+- :func:`load_encoder`: any Hugging Face text encoder by name or local path;
+  :func:`encoder_fingerprint`: what besides its weights decides its output (a frozen-features
+  cache key, bench/data/frozencache.py).
 
 Description: docs/methods.md#latent-diffusion-shared.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -230,3 +234,28 @@ def load_encoder(name: str, where: str):
 
 def encoder_width(model) -> int:
     return int(model.get_input_embeddings().embedding_dim)
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encoder_fingerprint(model, tok) -> dict:
+    """What, besides its weights (the frozen part's sha256), decides what an HF encoder makes of
+    a text: sha256 of its config (less the path it was loaded from, plus the attention
+    implementation) and of its tokenizer (class, full serialisation less the padding and
+    truncation a previous call left set, padding and truncation sides, specials), and the
+    transformers / tokenizers versions. Part of a frozen-features cache key."""
+    import tokenizers
+    import transformers
+
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "_commit_hash")}
+    cfg["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    back = getattr(tok, "backend_tokenizer", None)
+    if back is not None:
+        desc = {k: v for k, v in json.loads(back.to_str()).items() if k not in ("padding", "truncation")}
+    else:
+        desc = sorted(tok.get_vocab().items())
+    return {"config": _sha(cfg), "tokenizer": _sha([type(tok).__name__, desc, tok.padding_side, tok.truncation_side,
+                                                    tok.special_tokens_map]),
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}

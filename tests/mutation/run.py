@@ -36,6 +36,7 @@ CONT = "tests/test_continuous.py"
 CORACLE = "tests/test_oracle_continuous.py"
 LATENT = "tests/test_latent_closed_forms.py"
 ENCLAT = "tests/test_encoder_latent.py"
+ENC = "tests/test_encoder_cache.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -282,6 +283,26 @@ MUTANTS = [
      '    atomic_write_text(Path(out) / FILE, "")\n    text = build(out, compare, samples)\n', [REPORT]),
     ("report-not-written-by-run", "bench/cli/run.py", "    page = report.write(out)", '    page = out / "report.html"',
      [REPORT]),
+    # ---------------------------------------------------------------- bench/data/frozencache.py, its methods
+    ("frozencache-stores-fp16", "bench/data/frozencache.py", "            out[name] = from_numpy(rows, dtype).to(x0.device)\n",
+     "            out[name] = from_numpy(rows, dtype).to(x0.device)\n            out[name] = out[name].half().to(out[name].dtype)\n",
+     [ENC], "run_reading"),
+    ("frozencache-rows-out-of-order", "bench/data/frozencache.py", "[name][i % self.chunk] for i in found]",
+     "[name][i % self.chunk] for i in sorted(found)]", [ENC], "any_batch_order"),
+    ("frozencache-no-sha256-check", "bench/data/frozencache.py",
+     'if p.stat().st_size != f["bytes"] or file_sha256(p) != f["sha256"]:', 'if p.stat().st_size != f["bytes"]:',
+     [ENC], "damaged"),
+    ("frozencache-digest-ignores-counted", "bench/data/frozencache.py", "t[i].tobytes() + c[i].tobytes()",
+     "t[i].tobytes()", [ENC], "digest or any_batch_order"),
+    ("frozencache-key-without-weights", "bench/data/frozencache.py",
+     '"frozen": {k: v["sha256"] for k, v in sorted(method.frozen_info().items())},', '"frozen": {},', [ENC],
+     "key_changes"),
+    ("frozencache-first-pass-waits", "bench/data/frozencache.py", "        settle(c, wait=False)\n",
+     "        settle(c, wait=True)\n", [ENC], "not_built_twice"),
+    ("ld4lg-cached-labels-unmasked", "methods/ld4lg.py", 'return f["mask"], labels_of(f["ids"], f["mask"]), f["H"]',
+     'return f["mask"], f["ids"], f["H"]', [ENC], "ld4lg"),
+    ("tencdm-pads-to-batch-longest", "methods/tencdm.py", 'texts, padding="max_length", truncation=True',
+     'texts, padding="longest", truncation=True', [ENC], "stably"),
 ]
 
 
