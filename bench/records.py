@@ -113,11 +113,14 @@ def sealed_hash(path: Path) -> str | None:
     """The sha256 a sealed record ends with, read from its last bytes only (no check of the
     bytes before it); None when the file is not sealed as write_record writes it."""
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 100))
-            m = _SEAL.search(f.read())
+        fd = os.open(path, os.O_RDONLY)
+        try:   # the size of the file opened, not of a stat before it (it may have been replaced since)
+            tail = os.pread(fd, 100, max(0, os.fstat(fd).st_size - 100))
+        finally:
+            os.close(fd)
     except OSError:
         return None
+    m = _SEAL.search(tail)
     return m.group(1).decode() if m else None
 
 
@@ -137,7 +140,8 @@ def read_record(path: Path) -> dict:
     checked on the bytes when the file is sealed as write_record writes it, else (a record
     written by an older version, pretty-printed) on the canonical JSON of what was parsed."""
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read()
         rec = json.loads(raw.decode("utf-8"))
     except (OSError, *JSON_ERRORS) as e:
         raise UserError(f"{path}: corrupt run record ({json_error(e)})") from None
