@@ -6,14 +6,12 @@ import sys
 from pathlib import Path
 
 from bench.cli.outdir import need_out, score_suite_dir
-from bench.config import DatasetRef
-from bench.data import dataset_params, get_tokenizer
 from bench.errors import UserError
-from bench.metrics import MetricsConfig
 from bench.records import read_record
 
 # Imported where used, to keep torch and pandas out of CLI start-up: torch, bench.metrics.score,
-# bench.samples (torch); bench.leaderboard, bench.tables, bench.experiments (pandas).
+# bench.samples (torch); bench.leaderboard, bench.tables, bench.experiments (pandas); and
+# pydantic out of `tdbench leaderboard`: bench.config, bench.data, bench.metrics.
 
 
 def cmd_leaderboard(args) -> int:
@@ -32,6 +30,9 @@ def cmd_leaderboard(args) -> int:
 
 
 def _scoring_config(args, base):
+    from bench.config import DatasetRef
+    from bench.data import dataset_params
+
     cfg = base
     if args.scorer:
         cfg = cfg.model_copy(update={"gen_ppl": cfg.gen_ppl.model_copy(update={"scorer": args.scorer})})
@@ -42,6 +43,7 @@ def _scoring_config(args, base):
 
 
 def cmd_score(args) -> int:
+    from bench.metrics import MetricsConfig
     from bench.metrics.score import (
         SCORES,
         metrics_config_of,
@@ -112,6 +114,7 @@ def _step_budgets(text: str | None) -> list[int] | None:
 
 def cmd_sample(args) -> int:
     """Draw (or extend) samples of complete runs from their final weights, then score them."""
+    from bench.data import get_tokenizer
     from bench.metrics.score import metrics_config_of
     from bench.samples import load_final_method, write_run_samples
 
