@@ -193,10 +193,24 @@ def collect_scores(out: Path, recs: list[dict]) -> list[dict]:
     return out_scores
 
 
+def _floored(metric: str, m: dict, res_set: dict) -> dict:
+    """``m`` without its value when its set is smaller than the metric's ``min_samples`` (the one
+    recorded, else today's default): scores written before the floor existed never show one."""
+    from bench.metrics import FLOORS, floor_note
+
+    if metric not in FLOORS or m.get("value") is None or not isinstance(res_set.get("n"), int):
+        return m
+    floor = ((res_set.get("settings") or {}).get(metric) or {}).get("min_samples", FLOORS[metric][0])
+    if res_set["n"] >= floor:
+        return m
+    return {**m, "value": None, "std": None, "note": floor_note(metric, floor, FLOORS[metric][1])}
+
+
 def sample_tidy(scores: list[dict]) -> pd.DataFrame:
     """Tidy sample-metric rows (the leaderboard columns plus ``steps`` and ``note``): one per
     (size, model, steps, dataset, metric, settings id), mean over seeds with the t-interval and
-    the std over seeds (one seed: MAUVE's std over its own seeds)."""
+    the std over seeds (one seed: MAUVE's std over its own seeds). A metric below its sample
+    floor has no value, only the note saying why (:func:`_floored`)."""
     rows, seen_source = [], set()
     for sc in scores:
         ds = (sc.get("reference") or {}).get("dataset")
@@ -208,6 +222,7 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
             sets.append(({**base, "model": SOURCE_TEXT, "steps": None}, src))
         for key, b in sets:
             for metric, m in b["metrics"].items():
+                m = _floored(metric, m, b)
                 rows.append({**key, "metric": metric, "value": m.get("value"), "inner_std": m.get("std"),
                              "protocol": m.get("id"), "note": m.get("note")})
             for metric in ("nfe", "samples_per_s"):
@@ -261,15 +276,28 @@ def _fmt_sample(r) -> str:
     return s
 
 
-def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
-    """The TEncDM table's shape: rows = Size / Model / Steps, columns = the likelihood ppl on the
-    reference dataset (bound "≤", "—" for methods without one) and the sample metrics with ↓/↑;
-    best per column in bold (Source text excluded); ± is the std over seeds (one seed: over
-    MAUVE's k-means seeds); numbers under different settings get separate columns."""
+SAMPLE_NOTE = ("Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
+               "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
+               "entropy = mean unigram entropy per sample (nats; closest to Source text is best), mem = "
+               "fraction of 4-grams found in the training split, div = Π_{n=2..4} unique/total n-grams, "
+               "mauve against held-out human text (Source text's mauve is the ceiling: a second human set "
+               "against the same reference). ± is the std over seeds (over MAUVE seeds with one seed). "
+               "† marks a value with a caveat, — a cell without a value; the notes below say why. "
+               "Settings: scores.json of each run; metrics.json of this directory.")
+
+
+def sample_rows(st: pd.DataFrame, t: pd.DataFrame) -> tuple[list[str], list[dict], list[str]]:
+    """The TEncDM table as data, for any renderer (markdown here): (column names, rows, notes).
+    A row is {size, model, steps, cells}; a cell is {text, best}; columns = the likelihood ppl on
+    the reference dataset (bound "≤", "—" for methods without one) and the sample metrics with
+    ↓/↑, one column per settings id when a metric has several; best per column flagged (Source
+    text excluded); notes: "† metric: …" for a value with a caveat, "— metric: …" for why a cell
+    has no value (e.g. below the metric's sample floor)."""
     ds = next((d for d in st["dataset"] if isinstance(d, str)), None)
     multi = st.groupby("metric")["protocol"].nunique()
     cols = [(m, p) for m in SAMPLE_COLUMNS for p in dict.fromkeys(st[st["metric"] == m]["protocol"])]
-    names = [md_escape(f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "")) for m, p in cols]
+    names = [f"ppl ({ds})"] + [f"{HEADER.get(m, m)}{ARROW[m]}" + (f" [{p}]" if multi.get(m, 1) > 1 else "")
+                               for m, p in cols]
     ppl = t[(t["metric"] == "ppl") & (t["dataset"] == ds)] if ds else t.iloc[:0]
     best = {}
     for m, p in cols:
@@ -277,35 +305,33 @@ def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
             g = st[(st["metric"] == m) & (st["protocol"] == p) & (st["model"] != SOURCE_TEXT)].dropna(subset=["value"])
             if len(g) > 1 and g["value"].nunique() > 1:
                 best[(m, p)] = g["value"].min() if "↓" in ARROW[m] else g["value"].max()
-    lines = [f"| Size | Model | Steps | ppl ({md_escape(ds)}) | " + " | ".join(names) + " |",
-             "|---|---|---|---|" + "---|" * len(cols)]
-    last = None
+    rows = []
     for (size, model, steps), g in st.groupby(["size", "model", "steps"], sort=False, dropna=False):
         pr = ppl[(ppl["size"] == size) & (ppl["model"] == model)]
-        cells = [_fmt(pr.iloc[0]) if len(pr) else "—"]
+        cells = [{"text": _fmt(pr.iloc[0]) if len(pr) else "—", "best": False}]
         for m, p in cols:
             r = g[(g["metric"] == m) & (g["protocol"] == p)]
-            if r.empty:
-                cells.append("—")
-                continue
-            c = _fmt_sample(r.iloc[0])
-            if (m, p) in best and r.iloc[0]["value"] == best[(m, p)] and model != SOURCE_TEXT:
-                c = f"**{c}**"
-            cells.append(c)
-        st_s = "—" if not _num(steps) else str(int(steps))
-        lines.append(f"| {md_escape(size) if size != last else ''} | {md_escape(model)} | {st_s} | "
-                     + " | ".join(cells) + " |")
-        last = size
-    notes = ["", "Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
-                 "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
-                 "entropy = mean unigram entropy per sample (nats; closest to Source text is best), mem = "
-                 "fraction of 4-grams found in the training split, div = Π_{n=2..4} unique/total n-grams, "
-                 "mauve against held-out human text (Source text's mauve is the ceiling: a second human set "
-                 "against the same reference). ± is the std over seeds (over MAUVE seeds with one seed). "
-                 "Settings: scores.json of each run; metrics.json of this directory."]
-    for n in sorted({x for x in st["note"] if isinstance(x, str)}):
-        notes.append(f"- † {n}")
-    return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+            cells.append({"text": _fmt_sample(r.iloc[0]) if len(r) else "—",
+                          "best": len(r) > 0 and (m, p) in best and r.iloc[0]["value"] == best[(m, p)]
+                          and model != SOURCE_TEXT})
+        rows.append({"size": size, "model": model, "steps": None if not _num(steps) else int(steps), "cells": cells})
+    notes = sorted({f"{'†' if _num(v) else '—'} {m}: {n}"
+                    for m, v, n in zip(st["metric"], st["value"], st["note"]) if isinstance(n, str)})
+    return names, rows, notes
+
+
+def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
+    """:func:`sample_rows` as a markdown table (rows Size / Model / Steps, best in bold), its notes below."""
+    names, rows, notes = sample_rows(st, t)
+    lines = ["| Size | Model | Steps | " + " | ".join(map(md_escape, names)) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    last = None
+    for r in rows:
+        cells = [f"**{c['text']}**" if c["best"] else c["text"] for c in r["cells"]]
+        lines.append(f"| {md_escape(r['size']) if r['size'] != last else ''} | {md_escape(r['model'])} | "
+                     f"{'—' if r['steps'] is None else r['steps']} | " + " | ".join(cells) + " |")
+        last = r["size"]
+    return "\n".join(lines) + "\n\n" + SAMPLE_NOTE + "\n" + "".join(f"- {md_escape(n)}\n" for n in notes)
 
 
 TEXT_COLUMNS = ("size", "model", "dataset", "note")   # labels and names: text a user or a record chose

@@ -20,9 +20,14 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from bench.metrics.base import floor_note
 from bench.metrics.genppl import GenPPLSettings
-from bench.metrics.mauve import MauveSettings
+from bench.metrics.mauve import MIN_SAMPLES_WHY, MauveSettings
 from bench.metrics.ngrams import NgramSettings
+
+# every metric with a sample floor: (its default min_samples, why). gen_ppl, entropy, mem and div
+# have none: they are averages over samples or n-grams (bench.metrics.ngrams says why).
+FLOORS = {"mauve": (MauveSettings().min_samples, MIN_SAMPLES_WHY)}
 
 
 class ReferenceSettings(BaseModel):
@@ -46,4 +51,5 @@ class MetricsConfig(BaseModel):
     source_text: bool = True                            # the Source-text row
 
 
-__all__ = ["MetricsConfig", "GenPPLSettings", "MauveSettings", "NgramSettings", "ReferenceSettings"]
+__all__ = ["FLOORS", "MetricsConfig", "GenPPLSettings", "MauveSettings", "NgramSettings", "ReferenceSettings",
+           "floor_note"]

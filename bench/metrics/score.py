@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.config import DataConfig, DatasetRef, RunSpec
 from bench.errors import UserError
-from bench.metrics import MetricsConfig
+from bench.metrics import FLOORS, MetricsConfig, floor_note
 from bench.metrics.base import settings_id
 from bench.metrics.genppl import gen_ppl, scorer_tokens
 from bench.metrics.ngrams import diversity, mean_entropy, memorization, tokenize
@@ -48,8 +48,9 @@ class ScoringSetup:
     ref_note: str | None = None
     mem_index: np.ndarray | None = None
     mem_corpus: str | None = None
-    featurizer: Any = None
+    featurizer: Any = None                 # loaded on first need (a set at or above mauve.min_samples)
     notes: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)   # shared across runs: scorers, featurizer, indexes
 
 
 def _tok_view(setup: ScoringSetup):
@@ -93,18 +94,28 @@ def score_set(samples: list[dict], setup: ScoringSetup, self_scored: bool = Fals
     m["mem"] = ({"value": memorization(ws, setup.mem_index, setup.cfg.ngrams.mem_n)} if setup.mem_index is not None
                 else {"value": None, "note": setup.notes.get("mem", "no training corpus to compare with")})
     if setup.cfg.mauve is not None:
-        if setup.featurizer is None:
-            m["mauve"] = {"value": None, "note": setup.notes.get("mauve")}
-        elif setup.reference is None:
-            m["mauve"] = {"value": None, "note": setup.ref_note}
-        else:
-            from bench.metrics.mauve import mauve_score
-            p = setup.featurizer([s["text"] for s in samples])
-            q = setup.featurizer([s["text"] for s in setup.reference])
-            m["mauve"] = mauve_score(p, q, setup.cfg.mauve)
+        m["mauve"] = _mauve(samples, setup)
     for k, v in m.items():
         v["id"] = st[k]["id"]
     return {"n": n, "metrics": m, "settings": st}
+
+
+def _mauve(samples: list[dict], setup: ScoringSetup) -> dict:
+    """MAUVE of a set against the reference; None with the reason below ``min_samples`` per set
+    (then the featurizer is not even loaded), without a reference or without the MAUVE stack."""
+    st = setup.cfg.mauve
+    if setup.reference is None:
+        return {"value": None, "note": setup.ref_note}
+    if min(len(samples), len(setup.reference)) < st.min_samples:
+        return {"value": None, "note": floor_note("mauve", st.min_samples, FLOORS["mauve"][1])}
+    if setup.featurizer is None:
+        setup.featurizer = _featurizer(setup.cfg, setup.cache, setup)
+    if setup.featurizer is None:
+        return {"value": None, "note": setup.notes.get("mauve")}
+    from bench.metrics.mauve import mauve_score
+    p = setup.featurizer([s["text"] for s in samples])
+    q = setup.featurizer([s["text"] for s in setup.reference])
+    return mauve_score(p, q, st)
 
 
 def budget_groups(samples: list[dict]) -> dict:
@@ -198,7 +209,7 @@ def find_baseline(out: Path, spec: RunSpec) -> Path | None:
 def run_setup(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> ScoringSetup:
     from bench.data import get_tokenizer
 
-    setup = ScoringSetup(cfg=cfg)
+    setup = ScoringSetup(cfg=cfg, cache=cache)
     tok = get_tokenizer(spec.data)
     setup.samples_tokenizer = tok.key
     setup.view = (tok.key, tok.encode_batch, tok.eos_id if tok.eos_id >= 0 else None)
@@ -224,7 +235,6 @@ def run_setup(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> 
         setup.scorer_desc = setup.scorer.key
     ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
     _mem(setup, ref.name, cache)
-    setup.featurizer = _featurizer(cfg, cache, setup)
     return setup
 
 
@@ -317,7 +327,7 @@ def file_setup(cfg: MetricsConfig, samples: list[dict], reference: str | None, c
     ``reference`` dataset (GPT-2 blocks as long as the samples' median length)."""
     from bench.data import gpt2
 
-    setup = ScoringSetup(cfg=cfg)
+    setup = ScoringSetup(cfg=cfg, cache=cache)
     g = cfg.gen_ppl
     if g.scorer == "ar":
         setup.scorer_note = "no scorer: give --scorer (a Hugging Face causal LM name/path or a tdbench ar run dir)"
@@ -328,7 +338,6 @@ def file_setup(cfg: MetricsConfig, samples: list[dict], reference: str | None, c
         setup.scorer_desc = setup.scorer.key
     tok = gpt2()
     setup.view = (tok.key, tok.encode_batch, tok.eos_id)
-    setup.featurizer = _featurizer(cfg, cache, setup)
     if reference is None:
         setup.ref_note = "no reference: give --reference DATASET"
         setup.notes["mem"] = "no reference: give --reference DATASET"
@@ -382,14 +391,16 @@ def score_rows(name: str, res: dict) -> list[tuple[str, dict, float | None]]:
 
 
 def score_table(rows) -> str:
-    """score_rows as an aligned text table, the notes (†) below it."""
+    """score_rows as an aligned text table, the notes below it: "† metric: …" for a value with a
+    caveat, "— metric: …" for why a cell has none."""
     head = ["samples", *SAMPLE_METRICS, "nfe"]
     body = [[label, *(fmt_metric(m.get(k)) for k in SAMPLE_METRICS), "—" if nfe is None else f"{nfe:g}"]
             for label, m, nfe in rows]
     w = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in [head, *body]]
-    notes = sorted({f"{k}: {v['note']}" for _, m, _ in rows for k, v in m.items() if v.get("note")})
-    return "\n".join(lines + [f"† {n}" for n in notes])
+    notes = sorted({("—" if v.get("value") is None else "†", f"{k}: {v['note']}")
+                    for _, m, _ in rows for k, v in m.items() if v.get("note")})
+    return "\n".join(lines + [f"{mark} {n}" for mark, n in notes])
 
 
 def flat_scores(res_set: dict, settings: bool = True) -> dict:
