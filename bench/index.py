@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.records import JSON_ERRORS, atomic_write_text, read_record, sealed_hash
+from bench.records import JSON_ERRORS, atomic_write_text, check_record, json_error, sealed_hash
 
 INDEX = "index.json"
 # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset; 4: its text_crossing;
@@ -96,16 +96,37 @@ def _entry(key: list, rec: dict) -> dict:
     return {"key": key, "sha256": rec["sha256"], "rec": summarize(rec)}
 
 
-def _valid(hit, key: list, path: str) -> bool:
-    """Is the cached entry the record on disk? Same (mtime, size) and the sha256 the record is
-    sealed with (records written before the seal: not checked here)."""
+def _valid(hit, key: list, fd: int) -> bool:
+    """Is the cached entry the record open as ``fd``? Same (mtime, size) and the sha256 the
+    record is sealed with (records written before the seal: not checked here)."""
     if not isinstance(hit, dict) or hit.get("key") != key or not isinstance(hit.get("rec"), dict):
         return False
     sha = hit.get("sha256")
     if not isinstance(sha, str):
         return False
-    sealed = sealed_hash(Path(path))
+    sealed = sealed_hash(os.pread(fd, 100, max(0, key[1] - 100)))
     return sealed is None or sealed == sha
+
+
+def _read(path: str, hit) -> tuple[list | None, dict | None, bytes | None]:
+    """(key, the cached entry if it is this record's, else the record's bytes) of one result.json,
+    all from one open file (its key and its bytes cannot come from two versions of it); key None
+    when there is no record."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None, None, None
+    try:
+        st = os.fstat(fd)
+        key = [st.st_mtime_ns, st.st_size]
+        if _valid(hit, key, fd):
+            return key, hit, None
+        parts = []
+        while chunk := os.read(fd, max(key[1], 1 << 12) + 1):
+            parts.append(chunk)
+        return key, None, b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def scan(out: Path, write: bool = True) -> tuple[dict[str, dict], list[str]]:
@@ -123,21 +144,19 @@ def scan(out: Path, write: bool = True) -> tuple[dict[str, dict], list[str]]:
         for e in entries:
             p = os.path.join(e.path, "result.json")
             try:
-                st = os.stat(p)
-            except FileNotFoundError:
-                continue
-            key = [st.st_mtime_ns, st.st_size]
-            hit = old.get(e.name)
-            if _valid(hit, key, p):
-                runs[e.name] = hit
-                continue
-            changed = True
-            try:
-                rec = read_record(p)
+                key, hit, raw = _read(p, old.get(e.name))
+                if key is None:
+                    continue
+                if hit is not None:
+                    runs[e.name] = hit
+                    continue
+                changed = True
+                runs[e.name] = _entry(key, check_record(raw, p))
+            except OSError as err:
+                changed = True
+                problems.append(f"{p}: corrupt run record ({json_error(err)})")
             except UserError as err:
                 problems.append(str(err))
-                continue
-            runs[e.name] = _entry(key, rec)
         if set(old) - set(runs):
             changed = True
         if write and changed:
