@@ -6,7 +6,9 @@ step budget plus the Source-text row and writes ``<run>/scores.json`` (values + 
 settings + the samples' sha256); a second call on unchanged samples and settings reads it
 back, and recomputing gives the same numbers (every step is deterministic on CPU). ``score_dir``
 does it for every complete run of a suite output directory, finding each run's default scorer:
-the complete ``ar`` run of the same size, seed and data there. ``score_rows``/``score_table`` and
+the complete ``ar`` run of the same size, seed and data there. MAUVE below its floor
+(``metrics.mauve.min_samples`` per set) is recorded as value null with the reason, the
+featurizer never loaded (bench.metrics.mauve says why). ``score_rows``/``score_table`` and
 ``score_json`` show a score result as ``tdbench score`` prints it.
 """
 from __future__ import annotations
