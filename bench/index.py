@@ -39,11 +39,16 @@ FORMAT = 6
 KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "finished",
         "protocol")
 TRAIN_KEEP = ("params", "steps", "tokens", "tokens_per_s", "wall_s", "final_loss", "loss_curve", "curve")
+# per metric row: what the leaderboard reads (bench.leaderboard.tidy); n_tokens, eval_s, … stay in the record
+METRIC_KEEP = ("dataset", "metric", "value", "ci_low", "ci_high", "bound", "protocol_id", "estimate", "label")
 _HEAD = re.compile(rb'\{"format":(\d+),"sha256":"([0-9a-f]{64})","runs":')
 
 
 def summarize(rec: dict) -> dict:
     out = {k: rec[k] for k in KEEP if k in rec}
+    for key in ("metrics", "reference"):
+        if isinstance(out.get(key), list):
+            out[key] = [{k: m[k] for k in METRIC_KEEP if k in m} if isinstance(m, dict) else m for m in out[key]]
     if isinstance(rec.get("protocol"), dict):
         out["protocol"] = {"confidence": rec["protocol"].get("confidence"), "id": rec["protocol"].get("id"),
                            "preset": rec["protocol"].get("preset", "custom")}
