@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -190,20 +191,34 @@ HEADER = {"samples_per_s": "samples/s", "nfe": "NFE"}
 def collect_scores(out: Path, recs: list[dict]) -> list[dict]:
     """The ``scores.json`` (bench.metrics.score) of every complete run that has one."""
     out_scores = []
+    runs = os.path.join(out, "runs")
     for r in recs:
-        p = Path(out) / "runs" / r["run_id"] / "scores.json"
-        if p.is_file():
-            try:
-                out_scores.append(json.loads(p.read_text()))
-            except (OSError, *JSON_ERRORS):   # derived data: rescored on the next `score`
-                continue
+        try:   # no Path per run and no stat before the open: 10,000 runs without scores cost ~nothing
+            with open(os.path.join(runs, r["run_id"], "scores.json"), "rb") as f:
+                out_scores.append(json.loads(f.read().decode("utf-8")))
+        except (OSError, *JSON_ERRORS):   # none yet, or derived data damaged: rescored on the next `score`
+            continue
     return out_scores
+
+
+def _floored(metric: str, m: dict, res_set: dict) -> dict:
+    """``m`` without its value when its set is smaller than the metric's ``min_samples`` (the one
+    recorded, else today's default): scores written before the floor existed never show one."""
+    from bench.metrics import FLOORS, floor_note
+
+    if metric not in FLOORS or m.get("value") is None or not isinstance(res_set.get("n"), int):
+        return m
+    floor = ((res_set.get("settings") or {}).get(metric) or {}).get("min_samples", FLOORS[metric][0])
+    if res_set["n"] >= floor:
+        return m
+    return {**m, "value": None, "std": None, "note": floor_note(metric, floor, FLOORS[metric][1])}
 
 
 def sample_tidy(scores: list[dict]) -> pd.DataFrame:
     """Tidy sample-metric rows (the leaderboard columns plus ``steps`` and ``note``): one per
     (size, model, steps, dataset, metric, settings id), mean over seeds with the t-interval and
-    the std over seeds (one seed: MAUVE's std over its own seeds)."""
+    the std over seeds (one seed: MAUVE's std over its own seeds). A metric below its sample
+    floor has no value, only the note saying why (:func:`_floored`)."""
     rows, seen_source = [], set()
     for sc in scores:
         ds = (sc.get("reference") or {}).get("dataset")
@@ -215,6 +230,7 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
             sets.append(({**base, "model": SOURCE_TEXT, "steps": None}, src))
         for key, b in sets:
             for metric, m in b["metrics"].items():
+                m = _floored(metric, m, b)
                 rows.append({**key, "metric": metric, "value": m.get("value"), "inner_std": m.get("std"),
                              "protocol": m.get("id"), "note": m.get("note")})
             for metric in ("nfe", "samples_per_s"):
@@ -268,6 +284,16 @@ def _fmt_sample(r) -> str:
     return s
 
 
+SAMPLE_NOTE = ("Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
+               "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
+               "entropy = mean unigram entropy per sample (nats; closest to Source text is best), mem = "
+               "fraction of 4-grams found in the training split, div = Π_{n=2..4} unique/total n-grams, "
+               "mauve against held-out human text (Source text's mauve is the ceiling: a second human set "
+               "against the same reference). ± is the std over seeds (over MAUVE seeds with one seed). "
+               "† marks a value with a caveat, — a cell without a value; the notes below say why. "
+               "Settings: scores.json of each run; metrics.json of this directory.")
+
+
 def sample_table(st: pd.DataFrame, t: pd.DataFrame) -> Table:
     """The TEncDM table's shape: rows = Size / Model / Steps, columns = the likelihood ppl on the
     reference dataset (bound "≤", "—" for methods without one) and the sample metrics with ↓/↑;
@@ -298,17 +324,13 @@ def sample_table(st: pd.DataFrame, t: pd.DataFrame) -> Table:
                 bold.add((len(rows), len(cells)))
             cells.append(_fmt_sample(r.iloc[0]))
         rows.append(cells)
-    notes = ["", "Sample quality (bench/metrics): gen_ppl = generative perplexity under the scorer (lower is "
-                 "more fluent to it; read it with entropy: repetitive text has low gen_ppl and low entropy), "
-                 "entropy = mean unigram entropy per sample (nats; closest to Source text is best), mem = "
-                 "fraction of 4-grams found in the training split, div = Π_{n=2..4} unique/total n-grams, "
-                 "mauve against held-out human text (Source text's mauve is the ceiling: a second human set "
-                 "against the same reference). ± is the std over seeds (over MAUVE seeds with one seed). "
-                 "Settings: scores.json of each run; metrics.json of this directory."]
+    notes = ["", SAMPLE_NOTE]
     if st["metric"].isin(TRUTH_NOTES).any():
         notes.append(truth_note(st, ppl))
-    for n in sorted({x for x in st["note"] if isinstance(x, str)}):
-        notes.append(f"- † {n}")
+    # "† metric: …" for a value with a caveat, "— metric: …" for why a cell has no value
+    marked = {f"{'†' if _num(v) else '—'} {m}: {n}"
+              for m, v, n in zip(st["metric"], st["value"], st["note"]) if isinstance(n, str)}
+    notes += [f"- {n}" for n in sorted(marked)]
     return Table("samples", ["Size", "Model", "Steps", f"ppl ({ds})", *names], rows, bold, notes=notes)
 
 

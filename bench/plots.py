@@ -4,11 +4,17 @@ mean over its seeds with a ±1 sd band when there are several — so the figure 
 intermediate evaluation (``learning.png``).
 
 Written next to the leaderboard as ``training.png``; matplotlib is optional (no plot, no
-error, when it is missing)."""
+error, when it is missing). Each figure carries a fingerprint of what it was drawn from (the
+plotted data and this module's code) in a PNG text chunk; a figure whose fingerprint matches
+is not drawn again, so an unchanged leaderboard does not import matplotlib at all (~0.5 s of a
+command's start-up, docs/performance.md)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -19,8 +25,46 @@ from bench.records import honour_umask
 GRID = 200  # points each curve is resampled to (over the fraction of training done)
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` atomically (temp file + rename) and close it."""
+FINGERPRINT = "tdbench-inputs"   # the PNG text key holding what a figure was drawn from
+
+
+def fingerprint(*parts) -> str:
+    """sha256 of this module's code and the plotted data (numpy arrays by their bytes)."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for p in parts:
+        h.update(p.tobytes() if isinstance(p, np.ndarray) else json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def png_text(path: Path, key: str) -> str | None:
+    """A PNG's tEXt value for ``key`` (the chunks before the image data), or None."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                n, kind = struct.unpack(">I4s", head)
+                if kind == b"IDAT" or n > 1 << 20:
+                    return None
+                data = f.read(n + 4)[:n]
+                if kind == b"tEXt" and data.startswith(key.encode("latin-1") + b"\x00"):
+                    return data[len(key) + 1:].decode("latin-1")
+    except OSError:
+        return None
+
+
+def up_to_date(path: Path, fp: str) -> bool:
+    """Was ``path`` drawn from exactly the inputs ``fp`` names?"""
+    return png_text(path, FINGERPRINT) == fp
+
+
+def save_figure(fig, path: Path, fp: str | None = None) -> Path:
+    """Lay out ``fig``, write it to ``path`` atomically (temp file + rename) and close it;
+    ``fp``: the inputs' :func:`fingerprint`, stored in the PNG (:func:`up_to_date`)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -32,7 +76,7 @@ def save_figure(fig, path: Path) -> Path:
     os.close(fd)
     tmp = Path(name)
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, **({"metadata": {FINGERPRINT: fp}} if fp else {}))
         tmp.replace(path)
     finally:
         plt.close(fig)
@@ -62,17 +106,29 @@ def aggregate(recs: list[dict]) -> dict[str, dict[str, tuple[np.ndarray, np.ndar
     return out
 
 
-def training_curves(recs: list[dict], path: Path) -> Path | None:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def training_curves(recs: list[dict], path: Path) -> Path | None:
     agg = aggregate(recs)
     if not agg:
         return None
     sizes = sorted(agg)
+    keys = [(size, model, agg[size][model][3]) for size in sizes for model in sorted(agg[size])]
+    fp = fingerprint(keys, *(a for size, model, _ in keys for a in agg[size][model][:3]))
+    if up_to_date(path, fp):
+        return Path(path)
+    plt = _pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 3.8), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for model in sorted(agg[size]):
@@ -86,7 +142,7 @@ def training_curves(recs: list[dict], path: Path) -> Path | None:
         ax.set_ylabel("training loss (nats / token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return save_figure(fig, path, fp)
 
 
 def learning_curves(recs: list[dict], path: Path) -> Path | None:
@@ -94,15 +150,15 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
     tokens, per size, one line per model (mean over seeds, band = min…max over seeds). Bits per
     character for character tokens, else perplexity; the curve is measured on the first eval
     set's first ``curve_blocks`` blocks, so its last point is close to, not equal to, the table."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        return None
     curves = [r for r in recs if r.get("train", {}).get("curve")]
     if not curves:
+        return None
+    fp = fingerprint([(r["size"], r["label"], r["train"]["curve"], r.get("spec", {}).get("data", {}).get("tokenizer"),
+                       r.get("spec", {}).get("eval", {}).get("curve_blocks")) for r in curves])
+    if up_to_date(path, fp):
+        return Path(path)
+    plt = _pyplot()
+    if plt is None:
         return None
     import math
 
@@ -137,7 +193,7 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return save_figure(fig, path, fp)
 
 
 def frontier(st, path: Path) -> Path | None:
@@ -147,11 +203,11 @@ def frontier(st, path: Path) -> Path | None:
     samples (scored by the source: true_nll, ngram_tv) get :func:`truth_frontier` instead."""
     if "true_nll" in set(st["metric"]):
         return truth_frontier(st, path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    fp = fingerprint(st[["size", "model", "steps", "metric", "value"]].to_csv(index=False))
+    if up_to_date(path, fp):
+        return Path(path)
+    plt = _pyplot()
+    if plt is None:
         return None
     import math
 
@@ -205,7 +261,7 @@ def frontier(st, path: Path) -> Path | None:
     if not drew:
         plt.close(fig)
         return None
-    return save_figure(fig, path)
+    return save_figure(fig, path, fp)
 
 
 def _value(g, metric: str) -> float | None:
@@ -218,11 +274,11 @@ def truth_frontier(st, path: Path) -> Path | None:
     against NFE, one line per method across its step budgets (per size); the Source row (fresh
     true blocks: true_nll ≈ the source's entropy, ngram_tv = the finite-sample floor) as a
     dashed line."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    fp = fingerprint(st[["size", "model", "steps", "metric", "value"]].to_csv(index=False))
+    if up_to_date(path, fp):
+        return Path(path)
+    plt = _pyplot()
+    if plt is None:
         return None
     panels = (("true_nll", "true NLL of samples (nats/token)"), ("ngram_tv", "n-gram TV to the source (log scale)"))
     sizes = list(dict.fromkeys(st["size"]))
@@ -259,4 +315,4 @@ def truth_frontier(st, path: Path) -> Path | None:
     if not drew:
         plt.close(fig)
         return None
-    return save_figure(fig, path)
+    return save_figure(fig, path, fp)

@@ -109,15 +109,10 @@ def _sealed(raw: bytes) -> bool:
     return m is not None and hashlib.sha256(raw[:m.start()] + b"}").hexdigest().encode() == m.group(1)
 
 
-def sealed_hash(path: Path) -> str | None:
-    """The sha256 a sealed record ends with, read from its last bytes only (no check of the
-    bytes before it); None when the file is not sealed as write_record writes it."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 100))
-            m = _SEAL.search(f.read())
-    except OSError:
-        return None
+def sealed_hash(tail: bytes) -> str | None:
+    """The sha256 a sealed record ends with, from its last 100 bytes (no check of the bytes
+    before them); None when they do not end as write_record ends a record."""
+    m = _SEAL.search(tail)
     return m.group(1).decode() if m else None
 
 
@@ -133,13 +128,22 @@ def json_error(e: BaseException) -> str:
 
 
 def read_record(path: Path) -> dict:
-    """Read and check a result.json; UserError naming the file if it is corrupt. The hash is
-    checked on the bytes when the file is sealed as write_record writes it, else (a record
-    written by an older version, pretty-printed) on the canonical JSON of what was parsed."""
+    """Read and check a result.json; UserError naming the file if it is corrupt (check_record)."""
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: corrupt run record ({json_error(e)})") from None
+    return check_record(raw, path)
+
+
+def check_record(raw: bytes, path) -> dict:
+    """The record whose bytes are ``raw``, checked; UserError naming ``path`` if it is corrupt.
+    The hash is checked on the bytes when the file is sealed as write_record writes it, else (a
+    record written by an older version, pretty-printed) on the canonical JSON of what was parsed."""
+    try:
         rec = json.loads(raw.decode("utf-8"))
-    except (OSError, *JSON_ERRORS) as e:
+    except JSON_ERRORS as e:
         raise UserError(f"{path}: corrupt run record ({json_error(e)})") from None
     if not isinstance(rec, dict) or rec.get("status") not in STATUSES or "spec" not in rec:
         raise UserError(f"{path}: corrupt run record (missing 'status' or 'spec')")

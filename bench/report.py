@@ -229,7 +229,7 @@ def _steps_value(steps) -> str:
 
 def _group_head(g: dict) -> str:
     """A budget's header row: run, step budget, its scores (scores.json) and how many shown."""
-    from bench.metrics.score import SAMPLE_METRICS, fmt_metric
+    from bench.metrics.scoreview import SAMPLE_METRICS, fmt_metric
 
     r, sc = g["run"], g["scores"] or {}
     steps = "no step budget" if g["steps"] is None else f"{g['steps']} steps"

@@ -2,17 +2,26 @@
 own run id and seed, content hashes rewritten), then the time of the tables, the plot and
 `tdbench status`, cold (no index yet) and warm (index up to date), in this process, plus the
 wall time of the whole `tdbench leaderboard` / `tdbench status` / `tdbench report` commands
-(python start-up and imports included) and the size of report.html.
+(python start-up and imports included), best and median of --repeat runs of each, and the size of
+report.html:
 
-    python benchmarks/results_store.py [--n 10000] [--dir /tmp/store10k]
+- first: no index.json and no plots yet (the first leaderboard of a directory);
+- cold:  no index.json, the plots of the previous call present (index deleted by hand);
+- warm:  index.json and plots up to date (the next leaderboard after `tdbench run`).
 
-It first runs a tiny 2-run suite (debug executor, a few seconds) for the records to copy.
+    python benchmarks/results_store.py [--n 10000] [--dir /tmp/store10k] [--repeat 5]
+        [--code DIR ...]   # time the commands of other checkouts too (e.g. the previous version), interleaved
+
+It first runs a tiny 2-run suite (debug executor, a few seconds) for the records to copy
+(skipped when --dir already holds N records).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,14 +66,7 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=10000)
-    ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "tdbench-store"))
-    a = ap.parse_args()
-    d = Path(a.dir)
-    t, _ = timed(lambda: make(a.n, d))
-    print(f"made {a.n} records in {d} ({t:.1f} s)")
+def in_process(d: Path) -> None:
     from bench import leaderboard, live
     from bench.index import INDEX, scan
     from bench.plots import training_curves
@@ -80,15 +82,62 @@ def main() -> None:
         print(f"{phase}: read records {t_scan:.2f} s; tables (tidy + markdown) {t_tab:.2f} s "
               f"-> tables in all {t_scan + t_tab:.2f} s; training.png {t_plot:.2f} s; status rows {t_status:.2f} s "
               f"({len(rows)} runs)")
-    for cmd in (["leaderboard", str(d), "--format", "csv"], ["status", str(d)], ["report", str(d)]):
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "bench.cli", *cmd], capture_output=True, text=True,
-                           cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-        t = time.perf_counter() - t0
-        print(f"`tdbench {' '.join(cmd[:1])} DIR` (whole command, warm index): {t:.2f} s, rc {r.returncode}, "
-              f"{len(r.stdout.splitlines())} lines; last: {r.stdout.strip().splitlines()[-1][:100]}")
-    print(f"report.html: {(d / 'report.html').stat().st_size / 1e6:.2f} MB")
-    print(json.dumps({"n": a.n}))
+
+
+def command(code: Path, args: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall s, CPU s of the child, result) of `python -m bench.cli ARGS` with ``code`` first on the path."""
+    before = os.times()
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, cwd=code,
+                       env={**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"})
+    wall = time.perf_counter() - t0
+    after = os.times()
+    return wall, (after.children_user - before.children_user) + (after.children_system - before.children_system), r
+
+
+def whole_commands(d: Path, codes: list[Path], repeat: int) -> None:
+    """`tdbench leaderboard DIR` first / cold / warm and `tdbench status DIR` warm, per checkout,
+    the checkouts interleaved in every repetition (a shared machine's load hits them alike)."""
+    times: dict = {}
+    for _ in range(repeat):
+        for code in codes:
+            for state in ("first", "cold", "warm"):
+                for f in (["index.json"] if state == "cold" else ["index.json", "training.png", "learning.png"]
+                          if state == "first" else []):
+                    (d / f).unlink(missing_ok=True)
+                wall, cpu, r = command(code, ["leaderboard", str(d), "--format", "csv"])
+                assert r.returncode == 0, r.stderr[-2000:]
+                times.setdefault((str(code), f"leaderboard, {state}"), []).append((wall, cpu))
+            wall, cpu, r = command(code, ["status", str(d)])
+            times.setdefault((str(code), "status, warm"), []).append((wall, cpu))
+            if (Path(code) / "bench" / "report.py").is_file():
+                wall, cpu, r = command(code, ["report", str(d)])
+                assert r.returncode == 0, r.stderr[-2000:]
+                times.setdefault((str(code), "report, warm"), []).append((wall, cpu))
+    for (code, what), ts in times.items():
+        w = sorted(t[0] for t in ts)
+        c = sorted(t[1] for t in ts)
+        print(f"{code}: `tdbench {what}`: wall best {w[0]:.2f} s, median {statistics.median(w):.2f} s; "
+              f"CPU best {c[0]:.2f} s, median {statistics.median(c):.2f} s ({len(ts)} runs)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "tdbench-store"))
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--code", nargs="*", default=[], help="other checkouts whose commands to time as well")
+    a = ap.parse_args()
+    d = Path(a.dir)
+    have = len(list((d / "runs").glob("*/result.json"))) if (d / "runs").is_dir() else 0
+    if have != a.n:
+        t, _ = timed(lambda: make(a.n, d))
+        print(f"made {a.n} records in {d} ({t:.1f} s)")
+    in_process(d)
+    whole_commands(d, [ROOT, *map(Path, a.code)], a.repeat)
+    if (d / "report.html").is_file():
+        print(f"report.html: {(d / 'report.html').stat().st_size / 1e6:.2f} MB")
+    print(json.dumps({"n": a.n, "cpus": os.cpu_count(), "load": os.getloadavg()}))
 
 
 if __name__ == "__main__":

@@ -100,10 +100,13 @@ def test_score_a_file_no_run_produced(tmp_path, tiny_gpt2, capsys):
     assert out["mem"] is None and out["mauve"] is None and "reference" in out["notes"]["mauve"]
     assert out["settings"]["gen_ppl"]["aggregation"] == "token" and out["settings"]["gen_ppl"]["id"]
     # against a dataset: memorization on its train split, MAUVE + Source text from its test split
+    # (12 texts: below MAUVE's floor of 100 per set, so no MAUVE, with the reason)
     assert main(["score", str(f), "--reference", "austen", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert 0 <= out["mem"] <= 1 and out["gen_ppl"] is None and "scorer" in out["notes"]["gen_ppl"]
-    assert 0 < out["mauve"] <= 1 and 0 < out["source_text"]["mauve"] <= 1 and out["source_text"]["n"] == 12
+    assert out["mauve"] is None and "fewer than 100 samples per set" in out["notes"]["mauve"]
+    assert out["source_text"]["mauve"] is None and out["source_text"]["n"] == 12
+    assert out["source_text"]["entropy"] > 0 and out["settings"]["mauve"]["min_samples"] == 100
     assert out["reference"]["dataset"] == "austen" and out["reference"]["tokenizer"] == "gpt2"
     assert out["settings"]["mem"]["corpus"] == "austen:train"
     assert main(["score", str(f)]) == 0
@@ -138,7 +141,8 @@ def test_suite_samples_score_round_trip(tmp_path, capsys):
     """run → samples.jsonl + scores.json; `tdbench score DIR` reproduces them exactly; `tdbench
     sample DIR --n` extends the samples from the final weights without retraining."""
     suite = tiny_suite(eval={"t_samples": 2, "max_blocks": 4, "batch_size": 8, "samples": 10,
-                             "sample_steps": [4, 8]})
+                             "sample_steps": [4, 8]},
+                       metrics={"mauve": {"min_samples": 10}})   # MAUVE at 10 (noise), to test that it reproduces
     out = tmp_path / "out"
     assert main(["run", str(write_suite(tmp_path / "s.yaml", suite)), "--out", str(out)]) == 0
     capsys.readouterr()
@@ -178,6 +182,7 @@ def test_suite_samples_score_round_trip(tmp_path, capsys):
 @pytest.mark.parametrize("metrics,key", [
     ({"gen_ppl": {"aggregation": "median"}}, "metrics.gen_ppl.aggregation"),
     ({"mauve": {"seeds": [1, 2]}}, "metrics.mauve.seeds"),
+    ({"mauve": {"min_samples": 0}}, "metrics.mauve.min_samples"),
     ({"ngrams": {"tokenisation": "whitespace"}}, "metrics.ngrams.tokenisation: unknown key"),
 ])
 def test_bad_metric_settings_name_the_key(tmp_path, capsys, metrics, key):
@@ -196,10 +201,10 @@ def test_sample_needs_a_run_or_output_dir(tmp_path, capsys):
 def _fake_scores(seed, label, gen, mauve, size="tiny"):
     m = lambda v, i="x1", **k: {"value": v, "id": i, **k}  # noqa: E731
     return {"size": size, "seed": seed, "label": label, "reference": {"dataset": "austen"},
-            "budgets": [{"steps": 16, "n": 10, "nfe": 16.0, "samples_per_s": 5.0,
+            "budgets": [{"steps": 16, "n": 100, "nfe": 16.0, "samples_per_s": 5.0,
                          "metrics": {"gen_ppl": m(gen, "g1"), "entropy": m(4.0, "e1"), "mem": m(0.1, "m1"),
                                      "div": m(0.5, "d1"), "mauve": m(mauve, "v1", std=0.01)}}],
-            "source_text": {"n": 10, "metrics": {"gen_ppl": m(30.0 + seed, "g1"), "mauve": m(0.9, "v1", std=0.02)}}}
+            "source_text": {"n": 100, "metrics": {"gen_ppl": m(30.0 + seed, "g1"), "mauve": m(0.9, "v1", std=0.02)}}}
 
 
 def test_sample_table_mean_and_std_over_seeds_and_dash_without_a_bound():

@@ -6,14 +6,12 @@ import sys
 from pathlib import Path
 
 from bench.cli.outdir import need_out, score_suite_dir
-from bench.config import DatasetRef
-from bench.data import dataset_params, get_tokenizer
 from bench.errors import UserError
-from bench.metrics import MetricsConfig
 from bench.records import read_record
 
 # Imported where used, to keep torch and pandas out of CLI start-up: torch, bench.metrics.score,
-# bench.samples (torch, to draw); bench.leaderboard, bench.tables, bench.experiments, bench.report (pandas).
+# bench.samples (torch, to draw); bench.leaderboard, bench.tables, bench.experiments, bench.report (pandas);
+# and pydantic out of `tdbench leaderboard`: bench.config, bench.data, bench.metrics.
 
 
 def cmd_leaderboard(args) -> int:
@@ -47,6 +45,9 @@ def cmd_report(args) -> int:
 
 
 def _scoring_config(args, base):
+    from bench.config import DatasetRef
+    from bench.data import dataset_params
+
     cfg = base
     if args.scorer:
         cfg = cfg.model_copy(update={"gen_ppl": cfg.gen_ppl.model_copy(update={"scorer": args.scorer})})
@@ -57,17 +58,9 @@ def _scoring_config(args, base):
 
 
 def cmd_score(args) -> int:
-    from bench.metrics.score import (
-        SCORES,
-        metrics_config_of,
-        read_scores,
-        score_file,
-        score_json,
-        score_rows,
-        score_run,
-        score_table,
-        score_values,
-    )
+    from bench.metrics import MetricsConfig
+    from bench.metrics.score import SCORES, metrics_config_of, read_scores, score_file, score_run
+    from bench.metrics.scoreview import score_json, score_rows, score_table, score_values
 
     p = Path(args.path)
     if p.is_file():
@@ -127,6 +120,7 @@ def _step_budgets(text: str | None) -> list[int] | None:
 
 def cmd_sample(args) -> int:
     """Draw (or extend) samples of complete runs from their final weights, then score them."""
+    from bench.data import get_tokenizer
     from bench.metrics.score import metrics_config_of
     from bench.samples import load_final_method, write_run_samples
 

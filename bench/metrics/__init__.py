@@ -21,10 +21,15 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, model_serializer
 
+from bench.metrics.base import floor_note
 from bench.metrics.genppl import GenPPLSettings
-from bench.metrics.mauve import MauveSettings
+from bench.metrics.mauve import MIN_SAMPLES_WHY, MauveSettings
 from bench.metrics.ngrams import NgramSettings
 from bench.metrics.truth import TruthSettings
+
+# every metric with a sample floor: (its default min_samples, why). gen_ppl, entropy, mem and div
+# have none: they are averages over samples or n-grams (bench.metrics.ngrams says why).
+FLOORS = {"mauve": (MauveSettings().min_samples, MIN_SAMPLES_WHY)}
 
 
 class ReferenceSettings(BaseModel):
@@ -58,4 +63,5 @@ class MetricsConfig(BaseModel):
         return d
 
 
-__all__ = ["MetricsConfig", "GenPPLSettings", "MauveSettings", "NgramSettings", "ReferenceSettings", "TruthSettings"]
+__all__ = ["FLOORS", "MetricsConfig", "GenPPLSettings", "MauveSettings", "NgramSettings", "ReferenceSettings",
+           "TruthSettings", "floor_note"]

@@ -23,3 +23,8 @@ def settings_id(resolved: dict) -> str:
 def words(text: str) -> list[str]:
     """Whitespace-separated words of a sample; document separators count as whitespace."""
     return text.replace(EOT, " ").split()
+
+
+def floor_note(metric: str, floor: int, why: str) -> str:
+    """Why a metric has no value for a set smaller than its ``min_samples`` (recorded as its note)."""
+    return f"not computed: fewer than {floor} samples per set (metrics.{metric}.min_samples; {why})"

@@ -11,6 +11,18 @@ last token (mauve-text's own recipe with gpt2-large, the field's choice on a clu
 Reported: mean ± std of MAUVE over ``seeds`` (≥ 3: k-means quantisation is seed-dependent),
 with mauve-text's other knobs recorded. The ceiling — MAUVE of a second held-out human set of
 the same size against the reference — is the Source-text row's mauve (bench.metrics.score).
+
+The floor (``min_samples``, default 100 per set; the samples and their reference set alike):
+below it MAUVE is not computed (nor the featurizer loaded) and the set records why. MAUVE
+quantises p ∪ q into k-means buckets — n/10 of them by default (``num_buckets: auto``, mauve-text's
+heuristic), never fewer than 2 — and compares the two histograms; with a handful of texts per set
+there are 2 buckets of a few points each and the score is sampling noise. Measured
+(benchmarks/mauve_floor.py: Austen chunks, MiniLM, 5 random draws per n, docs/performance.md):
+at n = 4 shuffled-word gibberish scored at least as high as human text in 2 of 5 draws (human vs
+human 0.28-0.85), at n = 10 in 1 of 5, at n = 25-50 never but gibberish still reached 0.86; from
+n = 100 human text scored 0.93-0.97 and gibberish 0.23-0.41 in every draw (sd over draws 0.02 and
+0.08). Pillutla et al. used 5,000 texts per set; 100 is the least at which the number separates
+text from gibberish here, not a size at which MAUVE is precise.
 """
 from __future__ import annotations
 
@@ -40,6 +52,11 @@ class MauveSettings(MetricSettings):
     kmeans_max_iter: PositiveInt = 500
     mauve_scaling_factor: float = 5.0
     batch_size: PositiveInt = 32
+    min_samples: PositiveInt = 100              # per set: below it MAUVE is not computed (module docstring)
+
+
+MIN_SAMPLES_WHY = ("MAUVE compares k-means histograms of about n/10 buckets; with fewer samples per set "
+                   "the score is noise, e.g. gibberish scored as high as human text in 2 of 5 draws of 4")
 
 
 def _minilm_dir() -> Path:

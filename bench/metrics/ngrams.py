@@ -13,6 +13,13 @@
 
 Words are whitespace-separated (``tokenization: whitespace``, default) or lowercased
 (``whitespace_lower``); the document separator <|endoftext|> counts as whitespace.
+
+No sample floor here (unlike MAUVE's ``min_samples``, bench.metrics.mauve), by design: mem and
+entropy are means over the samples' n-grams / samples — a handful of samples gives an imprecise
+but unbiased estimate of the same quantity, not an artefact of a fitted model; div is a property
+of the set itself (not an estimate of a population value), defined from one sample up. div falls
+as a set grows (more text, more chances to repeat), so it compares sets of equal size only: every
+set records its ``n``, and every method of a suite draws the same ``eval.samples``.
 """
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ step budget plus the Source-text row and writes ``<run>/scores.json`` (values + 
 settings + the samples' sha256); a second call on unchanged samples and settings reads it
 back, and recomputing gives the same numbers (every step is deterministic on CPU). ``score_dir``
 does it for every complete run of a suite output directory, finding each run's default scorer:
-the complete ``ar`` run of the same size, seed and data there. ``score_rows``/``score_table`` and
-``score_json`` show a score result as ``tdbench score`` prints it.
+the complete ``ar`` run of the same size, seed and data there. MAUVE below its floor
+(``metrics.mauve.min_samples`` per set) is recorded as value null with the reason, the
+featurizer never loaded (bench.metrics.mauve says why). bench.metrics.scoreview shows a score
+result as ``tdbench score`` prints it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from bench.config import DataConfig, DatasetRef, RunSpec
 from bench.errors import UserError
-from bench.metrics import MetricsConfig
+from bench.metrics import FLOORS, MetricsConfig, floor_note
 from bench.metrics.base import settings_id
 from bench.metrics.genppl import gen_ppl, scorer_tokens
 from bench.metrics.ngrams import diversity, mean_entropy, memorization, tokenize
@@ -49,9 +51,10 @@ class ScoringSetup:
     ref_note: str | None = None
     mem_index: np.ndarray | None = None
     mem_corpus: str | None = None
-    featurizer: Any = None
+    featurizer: Any = None                 # loaded on first need (a set at or above mauve.min_samples)
     notes: dict = field(default_factory=dict)
     truth: Any = None                      # a bench.metrics.truth.Truth: a synthetic source scores itself
+    cache: dict = field(default_factory=dict)   # shared across runs: scorers, featurizer, indexes
 
 
 def _tok_view(setup: ScoringSetup):
@@ -99,18 +102,28 @@ def score_set(samples: list[dict], setup: ScoringSetup, self_scored: bool = Fals
     m["mem"] = ({"value": memorization(ws, setup.mem_index, setup.cfg.ngrams.mem_n)} if setup.mem_index is not None
                 else {"value": None, "note": setup.notes.get("mem", "no training corpus to compare with")})
     if setup.cfg.mauve is not None and setup.truth is None:
-        if setup.featurizer is None:
-            m["mauve"] = {"value": None, "note": setup.notes.get("mauve")}
-        elif setup.reference is None:
-            m["mauve"] = {"value": None, "note": setup.ref_note}
-        else:
-            from bench.metrics.mauve import mauve_score
-            p = setup.featurizer([s["text"] for s in samples])
-            q = setup.featurizer([s["text"] for s in setup.reference])
-            m["mauve"] = mauve_score(p, q, setup.cfg.mauve)
+        m["mauve"] = _mauve(samples, setup)
     for k, v in m.items():
         v["id"] = st[k]["id"]
     return {"n": n, "metrics": m, "settings": st}
+
+
+def _mauve(samples: list[dict], setup: ScoringSetup) -> dict:
+    """MAUVE of a set against the reference; None with the reason below ``min_samples`` per set
+    (then the featurizer is not even loaded), without a reference or without the MAUVE stack."""
+    st = setup.cfg.mauve
+    if setup.reference is None:
+        return {"value": None, "note": setup.ref_note}
+    if min(len(samples), len(setup.reference)) < st.min_samples:
+        return {"value": None, "note": floor_note("mauve", st.min_samples, FLOORS["mauve"][1])}
+    if setup.featurizer is None:
+        setup.featurizer = _featurizer(setup.cfg, setup.cache, setup)
+    if setup.featurizer is None:
+        return {"value": None, "note": setup.notes.get("mauve")}
+    from bench.metrics.mauve import mauve_score
+    p = setup.featurizer([s["text"] for s in samples])
+    q = setup.featurizer([s["text"] for s in setup.reference])
+    return mauve_score(p, q, st)
 
 
 def budget_groups(samples: list[dict]) -> dict:
@@ -204,7 +217,7 @@ def find_baseline(out: Path, spec: RunSpec) -> Path | None:
 def run_setup(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> ScoringSetup:
     from bench.data import get_tokenizer
 
-    setup = ScoringSetup(cfg=cfg)
+    setup = ScoringSetup(cfg=cfg, cache=cache)
     tok = get_tokenizer(spec.data)
     setup.samples_tokenizer = tok.key
     setup.view = (tok.key, tok.encode_batch, tok.eos_id if tok.eos_id >= 0 else None)
@@ -234,7 +247,6 @@ def run_setup(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> 
         setup.scorer_desc = setup.scorer.key
     ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
     _mem(setup, ref.name, cache)
-    setup.featurizer = _featurizer(cfg, cache, setup)
     return setup
 
 
@@ -330,7 +342,7 @@ def file_setup(cfg: MetricsConfig, samples: list[dict], reference: str | None, c
     ``reference`` dataset (GPT-2 blocks as long as the samples' median length)."""
     from bench.data import gpt2
 
-    setup = ScoringSetup(cfg=cfg)
+    setup = ScoringSetup(cfg=cfg, cache=cache)
     g = cfg.gen_ppl
     if g.scorer == "ar":
         setup.scorer_note = "no scorer: give --scorer (a Hugging Face causal LM name/path or a tdbench ar run dir)"
@@ -341,7 +353,6 @@ def file_setup(cfg: MetricsConfig, samples: list[dict], reference: str | None, c
         setup.scorer_desc = setup.scorer.key
     tok = gpt2()
     setup.view = (tok.key, tok.encode_batch, tok.eos_id)
-    setup.featurizer = _featurizer(cfg, cache, setup)
     if reference is None:
         setup.ref_note = "no reference: give --reference DATASET"
         setup.notes["mem"] = "no reference: give --reference DATASET"
@@ -365,78 +376,3 @@ def score_file(path: Path, cfg: MetricsConfig, reference: str | None) -> dict:
     setup = file_setup(cfg, samples, reference, {})
     res = score_samples(samples, setup)
     return json.loads(json.dumps({"file": str(path), "scorer": setup.scorer_desc, "reference": setup.ref_desc, **res}))
-
-
-# ----------------------------------------------------------------------------- showing scores
-SAMPLE_METRICS = ("gen_ppl", "true_nll", "valid", "ngram_tv", "entropy", "mem", "div", "mauve")
-
-
-def fmt_metric(m: dict | None) -> str:
-    """One metric as a table cell: ``12.3 ±0.45``, ``†`` when it carries a note, ``—`` when absent."""
-    if not m or m.get("value") is None:
-        return "—"
-    s = f"{m['value']:.4g}"
-    if m.get("std") is not None:
-        s += f" ±{m['std']:.2g}"
-    if m.get("note"):
-        s += " †"
-    return s
-
-
-def score_rows(name: str, res: dict) -> list[tuple[str, dict, float | None]]:
-    """(label, metrics, nfe) per step budget of a score result, then its Source-text row."""
-    rows = []
-    for b in res["budgets"]:
-        label = name + (f" ({b['steps']} steps)" if b.get("steps") is not None else "")
-        rows.append((label, b["metrics"], b.get("nfe")))
-    if "source_text" in res:
-        rows.append(("Source text", res["source_text"]["metrics"], None))
-    return rows
-
-
-def score_table(rows) -> str:
-    """score_rows as an aligned text table, the notes (†) below it."""
-    shown = [k for k in SAMPLE_METRICS if any(k in m for _, m, _ in rows)]
-    head = ["samples", *shown, "nfe"]
-    body = [[label, *(fmt_metric(m.get(k)) for k in shown), "—" if nfe is None else f"{nfe:g}"]
-            for label, m, nfe in rows]
-    w = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in [head, *body]]
-    notes = sorted({f"{k}: {v['note']}" for _, m, _ in rows for k, v in m.items() if v.get("note")})
-    return "\n".join(lines + [f"† {n}" for n in notes])
-
-
-def flat_scores(res_set: dict, settings: bool = True) -> dict:
-    """One sample set's metrics as {metric: value, metric_std: std, notes, n, settings}."""
-    out = {k: v.get("value") for k, v in res_set["metrics"].items()}
-    for k, v in res_set["metrics"].items():
-        if v.get("std") is not None:
-            out[f"{k}_std"] = v["std"]
-        if v.get("note"):
-            out.setdefault("notes", {})[k] = v["note"]
-    out["n"] = res_set["n"]
-    if settings:
-        out["settings"] = res_set["settings"]
-    return out
-
-
-def score_json(res: dict) -> dict:
-    """A score result as ``tdbench score --format json`` prints it (one budget: flat)."""
-    bs = res["budgets"]
-    out = {**flat_scores(bs[0])} if len(bs) == 1 else {
-        "budgets": [{"steps": b.get("steps"), "nfe": b.get("nfe"), **flat_scores(b)} for b in bs]}
-    if len(bs) == 1 and bs[0].get("nfe") is not None:
-        out["nfe"] = bs[0]["nfe"]
-    if "source_text" in res:
-        out["source_text"] = flat_scores(res["source_text"], settings=False)
-    for k in ("file", "run_id", "label", "scorer", "reference"):
-        if res.get(k) is not None:
-            out[k] = res[k]
-    return out
-
-
-def score_values(res: dict) -> list[dict]:
-    """The numbers of a score result (value, std, settings id per metric and set), to tell
-    whether rescoring reproduced them."""
-    sets = [*res.get("budgets", []), *([res["source_text"]] if "source_text" in res else [])]
-    return [{k: (v.get("value"), v.get("std"), v.get("id")) for k, v in b["metrics"].items()} for b in sets]
