@@ -161,12 +161,33 @@ def _stop_jobs_on_exit(running: dict):
             signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def _sigint_inheritable():
+    """SIGINT not ignored while a local job's processes start. ``tdbench run`` started in the
+    background by a non-interactive shell (``tdbench run … &`` in a script) has SIGINT ignored,
+    and an ignored signal stays ignored across fork and exec: submitit's cancel (SIGINT to the
+    job's controller) then did nothing, and a stopped ``tdbench run`` left its runs training.
+    A handler, unlike SIG_IGN, is reset to the default by exec, so the jobs start with Ctrl-C's
+    usual meaning; this process's own SIGINT is ignored again afterwards."""
+    main = threading.current_thread() is threading.main_thread()
+    ignored = main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_local_loop(queue, running, status, ex, out, suite, threads, parallel, progress) -> None:
     while queue or running:
         while queue and len(running) < parallel:
             s = queue.pop(0)
-            running[s.run_id] = (s, ex.submit(execute, s.model_dump(mode="json"), str(run_dir(out, s)), threads,
-                                              suite.launch.micro_batch, settings_of(suite)))
+            with _sigint_inheritable():
+                job = ex.submit(execute, s.model_dump(mode="json"), str(run_dir(out, s)), threads,
+                                suite.launch.micro_batch, settings_of(suite))
+            running[s.run_id] = (s, job)
         time.sleep(0.5)
         for rid, (s, job) in list(running.items()):
             if not job.done():

@@ -90,9 +90,14 @@ def test_editing_only_the_index_cannot_change_a_leaderboard_value(shared_out, tm
         [m["value"] for m in rec["metrics"]]
 
 
-def test_local_jobs_are_stopped_when_any_exception_ends_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_local_jobs_are_stopped_when_any_exception_ends_the_run(tmp_path, monkeypatch, sigint_ignored):
     """An exception other than Ctrl-C/SIGTERM while local jobs run (here: in the executor's
-    polling loop) stops the jobs it started; before, they went on, detached, with their leases."""
+    polling loop) stops the jobs it started; before, they went on, detached, with their leases.
+    ``sigint_ignored``: ``tdbench run`` started in the background by a non-interactive shell
+    inherits SIGINT ignored, and so do its children; the jobs must stop all the same."""
+    import signal
+
     import submitit
 
     from bench import launch
@@ -101,7 +106,8 @@ def test_local_jobs_are_stopped_when_any_exception_ends_the_run(tmp_path, monkey
     suite, specs = load_suite(write_suite(tmp_path / "s.yaml", tiny_suite(methods=[{"method": "mdlm"}],
                                                                           baseline=None)))
     # each job just sleeps (a lambda: submitit pickles it by value into the child)
-    monkeypatch.setattr(launch, "execute", lambda spec, rd, threads, micro: __import__("time").sleep(120))
+    monkeypatch.setattr(launch, "execute", lambda *a: __import__("time").sleep(120))
+    old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None  # the jobs inherit it
     jobs = []
     real_submit = submitit.LocalExecutor.submit
 
@@ -120,6 +126,7 @@ def test_local_jobs_are_stopped_when_any_exception_ends_the_run(tmp_path, monkey
             cls.calls += 1
             if cls.calls == 1:
                 time.sleep(1.0)   # the job is up
+                assert jobs and not any(j.done() for j in jobs), "a job ended before the failure: nothing to stop"
                 raise RuntimeError("injected failure while the local jobs run")
             time.sleep(s)
 
@@ -134,6 +141,8 @@ def test_local_jobs_are_stopped_when_any_exception_ends_the_run(tmp_path, monkey
         alive = [j.job_id for j in jobs if not j.done()]
         assert not alive, f"local jobs still running after the exception: {alive}"
     finally:
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, old_sigint)
         for j in jobs:
             if not j.done():
                 j.cancel(check=False)
