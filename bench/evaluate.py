@@ -16,6 +16,14 @@ z for the protocol's confidence level), mapped through exp. When R = 1 (K = 1, o
 with stratification) the within-block variance is not identifiable and the between-block
 ratio-estimator variance is used instead (conservative: it also contains the data's
 variance). Exact likelihoods (AR) have no t and report ci_low = ci_high = value.
+
+The learning-curve probe (bench.runner.learning_probe) spends few draws per block (K = 2), where
+the per-block layout above is K iid draws: for a uniform-noise model, whose bound integrand
+varies several-fold over t, one probe's Monte-Carlo sd is then ~0.4 bits per token on 16 blocks
+(docs/protocol.md#the-learning-curve-probe). It uses ``draw_u_joint`` instead: the n·K draws
+form one stratified sample of (0, 1) — each draw still U(0, 1) marginally, so each block's
+estimate stays unbiased — and ``summarize_joint``'s collapsed-strata variance (pairs of
+adjacent strata; conservative) for its interval.
 """
 from __future__ import annotations
 
@@ -51,6 +59,18 @@ def draw_u(n: int, K: int, scheme: str, generator: torch.Generator) -> torch.Ten
     return U.reshape(n, K).clamp(1e-6, 1 - 1e-6).float()
 
 
+def draw_u_joint(n: int, K: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """((n, K) draws, (n, K) strata): the n·K draws form ONE stratified sample of (0, 1) — stratum
+    m = [m/M, (m+1)/M), M = n·K, holds exactly one draw — with the strata dealt to the (block,
+    draw) slots by a random permutation. Each draw is U(0, 1) marginally (its stratum is uniform
+    over the M), so every block's mean of K draws is unbiased, as under ``draw_u``; the set
+    covers (0, 1) evenly, so the integrand's variation over t largely cancels in the total."""
+    M = n * K
+    strata = torch.randperm(M, generator=generator)
+    U = (strata.double() + torch.rand(M, generator=generator, dtype=torch.float64)) / M
+    return U.reshape(n, K).clamp(1e-6, 1 - 1e-6).float(), strata.reshape(n, K)
+
+
 def batch_u(B: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Low-discrepancy training draws over a batch: (i + U)/B, one shared U (MDLM)."""
     U = torch.rand((), generator=generator)
@@ -63,13 +83,15 @@ def apply_t_min(u: torch.Tensor, t_min: float) -> torch.Tensor:
 
 @torch.no_grad()
 def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: Protocol,
-                     batch_size: int, seed: int, device, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) NLL estimates (nats, summed over counted tokens), and (N,) counted tokens."""
+                     batch_size: int, seed: int, device, desc: str = "eval",
+                     u: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) NLL estimates (nats, summed over counted tokens), and (N,) counted tokens. ``u``:
+    (N, K) draws in (0, 1) to use instead of the protocol's (``draw_u_joint``); t_min applies."""
     exact = method.likelihood == "exact"
-    K = 1 if exact else protocol.t_samples
+    K = 1 if exact else (protocol.t_samples if u is None else u.shape[1])
     N = len(tokens)
     gen = torch.Generator().manual_seed(seed)
-    U = apply_t_min(draw_u(N, K, protocol.t_sampling, gen), protocol.t_min)
+    U = apply_t_min(draw_u(N, K, protocol.t_sampling, gen) if u is None or exact else u, protocol.t_min)
     out = np.zeros((N, K))
     method.eval()
     for s in tqdm(range(0, N, batch_size), desc=desc, leave=False, mininterval=2):
@@ -101,3 +123,31 @@ def summarize(nll: np.ndarray, ntok: np.ndarray, confidence: float, exact: bool,
     return {"value": math.exp(r), "ci_low": math.exp(r - z * se), "ci_high": math.exp(r + z * se),
             "nll_per_token": r, "se_nll_per_token": se, "n_tokens": int(C), "n_seqs": int(N),
             "t_samples": K}
+
+
+def summarize_joint(nll: np.ndarray, ntok: np.ndarray, strata: np.ndarray, confidence: float) -> dict:
+    """Per-token NLL and its interval from (N, K) estimates drawn with ``draw_u_joint`` (its
+    ``strata``). The total Σ_i mean_k n_ik = (1/K) Σ_m y_m sums one draw y_m per stratum m; its
+    variance (1/K²) Σ_m Var(y_m) is estimated by collapsing adjacent strata into groups G of two
+    (three for the last when M is odd): (1/K²) Σ_G |G|/(|G|−1) Σ_{m∈G} (y_m − ȳ_G)². Its
+    expectation exceeds the variance by the spread of the groups' own means (the integrand's
+    change across two strata, and the two blocks' difference), so the interval is conservative
+    (Cochran, Sampling Techniques, 3rd ed., §5A.12); it uses Student's t with M − #groups degrees
+    of freedom (16 blocks × 2 draws: 16). M = 1: no variance estimate (se None)."""
+    N, K = nll.shape
+    C = ntok.sum()
+    r = nll.mean(1).sum() / C
+    y = nll.reshape(-1)[np.argsort(np.asarray(strata).reshape(-1), kind="stable")]
+    M = len(y)
+    se, lo, hi = None, r, r
+    if M >= 2:
+        from scipy.special import stdtrit
+
+        pairs = M // 2 - M % 2                                # odd M: the last three are one group
+        groups = [y[2 * j:2 * j + 2] for j in range(pairs)] + ([y[2 * pairs:]] if 2 * pairs < M else [])
+        var = sum(len(g) / (len(g) - 1) * ((g - g.mean()) ** 2).sum() for g in groups) / K ** 2
+        se = math.sqrt(var) / C
+        q = float(stdtrit(M - len(groups), 0.5 + confidence / 2))   # M − #groups degrees of freedom
+        lo, hi = r - q * se, r + q * se
+    return {"nll_per_token": r, "se_nll_per_token": se, "ci_low_nll": lo, "ci_high_nll": hi,
+            "n_tokens": int(C), "n_seqs": int(N), "t_samples": K}

@@ -147,9 +147,10 @@ def training_curves(recs: list[dict], path: Path) -> Path | None:
 
 def learning_curves(recs: list[dict], path: Path) -> Path | None:
     """``learning.png``: the intermediate evaluation (``eval.curve_every``) against training
-    tokens, per size, one line per model (mean over seeds, band = min…max over seeds). Bits per
-    character for character tokens, else perplexity; the curve is measured on the first eval
-    set's first ``curve_blocks`` blocks, so its last point is close to, not equal to, the table."""
+    tokens, per size, one line per model (mean over seeds, band = min…max over seeds, dotted:
+    the mean of the probes' own Monte-Carlo intervals). Bits per character for character tokens,
+    else perplexity; the curve is measured on the first eval set's first ``curve_blocks`` blocks,
+    so its last point is close to, not equal to, the table (bench.runner.learning_probe)."""
     curves = [r for r in recs if r.get("train", {}).get("curve")]
     if not curves:
         return None
@@ -184,6 +185,10 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
             line, = ax.plot(xs, ys.mean(0), lw=1.6, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
             if len(runs) > 1:
                 ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
+            if all("ci_low_nll" in p for r in runs for p in r["train"]["curve"][:n]):   # the probe's own interval
+                for key in ("ci_low_nll", "ci_high_nll"):
+                    ci = np.array([[conv(p[key]) for p in r["train"]["curve"][:n]] for r in runs]).mean(0)
+                    ax.plot(xs, ci, ls=":", lw=0.9, color=line.get_color())
         p0 = curves[0]["train"]["curve"][0]
         nb = p0.get("blocks", curves[0].get("spec", {}).get("eval", {}).get("curve_blocks", "?"))
         ax.set_title(f"size {size}: {p0.get('dataset', '')}, first {nb} test blocks")

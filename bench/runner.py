@@ -195,27 +195,39 @@ def source_true_row(dataset: str, pid: str, h: dict) -> dict:
 
 def learning_probe(method, spec: RunSpec, device):
     """The cheap intermediate evaluation behind learning.png (``eval.curve_every`` > 0): the NLL
-    per token on the first ``curve_blocks`` blocks of the first eval set with
-    ``curve_t_samples`` t draws; None when off or the method has no likelihood."""
+    per token on the first ``curve_blocks`` blocks of the first eval set (packed and counted as
+    the final evaluation packs and counts them) with ``curve_t_samples`` t draws per block,
+    drawn as one stratified sample over all of them (``bench.evaluate.draw_u_joint``: with
+    K = 2 the protocol's per-block draws are iid, ~0.4 bits per token of Monte-Carlo sd for a
+    uniform-noise row) and its interval (``summarize_joint``); the same draws at every point.
+    None when off or the method has no likelihood."""
+    import torch
+
     from bench.data import load_blocks
-    from bench.evaluate import per_sequence_nll
+    from bench.evaluate import draw_u_joint, per_sequence_nll, summarize_joint
 
     e = spec.eval
     if not e.curve_every or method.likelihood == "none":
         return None
     ref = spec.data.eval[0]
-    blocks = load_blocks(ref, "test", spec.data, e.packing).head(e.curve_blocks)
-    protocol = spec.protocol().model_copy(update={"t_samples": e.curve_t_samples})
+    blocks = load_blocks(ref, "test", spec.data, e.packing, e.counting).head(e.curve_blocks)
+    protocol = spec.protocol()
     tokens, counted = np.array(blocks.tokens), np.array(blocks.counted)
+    exact = method.likelihood == "exact"
+    u, strata = draw_u_joint(len(tokens), 1 if exact else e.curve_t_samples, torch.Generator().manual_seed(e.seed))
 
     def probe(model, step: int, seen: int) -> dict:
         was = model.training
         nll, ntok = per_sequence_nll(model, tokens, counted, protocol, e.batch_size, e.seed, device,
-                                     desc="curve")
+                                     desc="curve", u=u)
         model.train(was)
+        s = summarize_joint(nll, ntok, strata.numpy(), protocol.confidence)
+        if exact:
+            s.update(se_nll_per_token=0.0, ci_low_nll=s["nll_per_token"], ci_high_nll=s["nll_per_token"])
+        rnd = lambda v: None if v is None else round(float(v), 6)  # noqa: E731
         return {"step": step, "tokens": seen, "dataset": ref.key, "blocks": len(tokens),
                 "char": spec.data.tokenizer.name == "char",
-                "nll_per_token": round(float(nll.mean(1).sum() / ntok.sum()), 6)}
+                **{k: rnd(s[k]) for k in ("nll_per_token", "se_nll_per_token", "ci_low_nll", "ci_high_nll")}}
 
     probe.every = e.curve_every
     return probe
@@ -339,7 +351,7 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
     try:
         from bench.backbone import count_params
         from bench.data import get_tokenizer
-        from bench.train import write_progress
+        from bench.progress import write_progress
 
         accelerator = make_accelerator(spec, micro_batch, **accelerator_args(tracking, run_dir))
         if threads:

@@ -33,7 +33,6 @@ boundary (bench.distributed.PreemptionGuard) before the requeue.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +49,7 @@ from bench.distributed import NONE, REQUEUE, batch_plan, current_guard
 from bench.engine import PlainEngine, make_engine
 from bench.evaluate import batch_u
 from bench.lease import LeaseLost
-from bench.rundir import PROGRESS
-
-PROGRESS_EVERY_S = 2.0
-
-
-def write_progress(run_dir: Path, **fields) -> None:
-    """``<run>/progress.json``: the live numbers a suite's live view and ``tdbench status``
-    read (phase, step/total, loss, tokens/s, ETA), rewritten atomically."""
-    from bench.records import write_json
-
-    write_json(Path(run_dir) / PROGRESS, {**fields, "updated": time.time()})
+from bench.progress import Progress, recent_loss, windowed
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -218,7 +207,7 @@ def run_stats(training: Training, last: "Stage", results: list[StageResult], res
     stats = {"steps": sum(d["steps"] for d in done), "tokens": sum(d["tokens"] for d in done), **resumed,
              "tokens_per_s": tokens_here / el if el > 0 and tokens_here else None,
              "wall_s": round(sum(d["wall_s"] for d in done), 3), "final_loss": done[-1]["final_loss"],
-             "loss_curve": losses[:: max(1, len(losses) // 100)],
+             "loss_curve": windowed(losses, max(1, len(losses) // 100)),
              "world_size": acc.num_processes, "micro_batch": last.plan.micro, "grad_accum": last.plan.accum,
              "engine": training.engine.name, "compiled": bool(last.cfg.compile),
              "fused_adamw": training.engine.fused_adamw,
@@ -360,8 +349,8 @@ class Stage:
             request, loss = agree(guard, training.accelerator, loss)
             self.account(k, C, loss)
             el = time.time() - t0
-            bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{self.tokens_here / max(el, 1e-9):,.0f}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{recent_loss(state['losses']):.3f}",
+                            tok_s=f"{self.tokens_here / max(el, 1e-9):,.0f}", refresh=False)
             progress.tick()
             if training.tracker is not None:
                 training.tracker.step(self, el)
@@ -386,34 +375,6 @@ class Stage:
         if self.training.multi:
             out.update(batch_size=self.cfg.batch_size, lr=self.cfg.lr)
         return out
-
-
-class Progress:
-    """A stage's ``progress.json``, written by the main process at the start, then at most every
-    PROGRESS_EVERY_S seconds and at its last step."""
-
-    def __init__(self, stage: Stage, t0: float):
-        self.stage, self.t0, self.last = stage, t0, 0.0
-        self.phase = f"train:{stage.name}" if stage.training.multi else "train"
-        self.on = stage.training.accelerator.is_main_process
-        if self.on:
-            self.write()
-
-    def tick(self) -> None:
-        step, total = self.stage.state["step"], self.stage.cfg.steps
-        if self.on and (time.time() - self.last >= PROGRESS_EVERY_S or step == total):
-            self.write()
-            self.last = time.time()
-
-    def write(self) -> None:
-        st, state = self.stage, self.stage.state
-        el = time.time() - self.t0
-        rate = st.tokens_here / el if el > 0 and st.tokens_here else None
-        steps = state["step"] - st.resumed_from
-        eta = (st.cfg.steps - state["step"]) * el / steps if steps > 0 else None
-        write_progress(st.training.run_dir, phase=self.phase, step=state["step"], total=st.cfg.steps,
-                       loss=state["losses"][-1] if state["losses"] else None, tokens_per_s=rate,
-                       eta_s=eta, pid=os.getpid())
 
 
 def agree(guard, accelerator, loss: float) -> tuple[int, float]:

@@ -37,6 +37,8 @@ CORACLE = "tests/test_oracle_continuous.py"
 LATENT = "tests/test_latent_closed_forms.py"
 ENCLAT = "tests/test_encoder_latent.py"
 ENC = "tests/test_encoder_cache.py"
+PROBE = "tests/test_learning_probe.py"
+SHOWN = "tests/test_training_loss.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -251,6 +253,34 @@ MUTANTS = [
      "    d = nll.mean(1) - source_nll.mean()\n", [ROWS]),
     ("runner-bpc-natural-log", "bench/runner.py", "    lg = lambda v: None if v is None else math.log2(v)",
      "    lg = lambda v: None if v is None else math.log(v)", [ROWS]),
+    # the learning-curve probe (issue 26): its draws, its interval, its blocks
+    ("probe-iid-draws (the old probe)", "bench/runner.py",
+     "    u, strata = draw_u_joint(len(tokens), 1 if exact else e.curve_t_samples, torch.Generator().manual_seed(e.seed))\n",
+     "    u, strata = draw_u_joint(len(tokens), 1 if exact else e.curve_t_samples, torch.Generator().manual_seed(e.seed))\n"
+     "    from bench.evaluate import draw_u\n"
+     "    u = draw_u(len(tokens), u.shape[1], 'stratified', torch.Generator().manual_seed(e.seed))\n", [PROBE]),
+    ("probe-counting-default (the old probe)", "bench/runner.py",
+     "load_blocks(ref, \"test\", spec.data, e.packing, e.counting).head(e.curve_blocks)",
+     "load_blocks(ref, \"test\", spec.data, e.packing).head(e.curve_blocks)", [PROBE]),
+    ("eval-joint-not-stratified", "bench/evaluate.py",
+     "    U = (strata.double() + torch.rand(M, generator=generator, dtype=torch.float64)) / M\n",
+     "    U = torch.rand(M, generator=generator, dtype=torch.float64)\n", [EVAL]),
+    ("eval-joint-ci-too-narrow (drop |G|/(|G|-1))", "bench/evaluate.py",
+     "        var = sum(len(g) / (len(g) - 1) * ((g - g.mean()) ** 2).sum() for g in groups) / K ** 2\n",
+     "        var = sum(((g - g.mean()) ** 2).sum() for g in groups) / K ** 2\n", [EVAL]),
+    ("eval-joint-ci-too-wide (1/K for 1/K²)", "bench/evaluate.py",
+     "        var = sum(len(g) / (len(g) - 1) * ((g - g.mean()) ** 2).sum() for g in groups) / K ** 2\n",
+     "        var = sum(len(g) / (len(g) - 1) * ((g - g.mean()) ** 2).sum() for g in groups) / K\n", [EVAL]),
+    ("eval-joint-strata-unsorted", "bench/evaluate.py",
+     '    y = nll.reshape(-1)[np.argsort(np.asarray(strata).reshape(-1), kind="stable")]\n',
+     "    y = nll.reshape(-1)\n", [EVAL]),
+    # ---------------------------------------------------------------- bench/train.py: the loss shown
+    ("train-shown-loss-last-batch (the old display)", "bench/progress.py",
+     "                       loss=recent_loss(state[\"losses\"]), tokens_per_s=rate,",
+     "                       loss=state[\"losses\"][-1] if state[\"losses\"] else None, tokens_per_s=rate,", [SHOWN]),
+    ("train-loss-curve-subsampled (the old curve)", "bench/train.py",
+     '             "loss_curve": windowed(losses, max(1, len(losses) // 100)),',
+     '             "loss_curve": losses[:: max(1, len(losses) // 100)],', [SHOWN]),
     ("leaderboard-truncated-shown-as-bound", "bench/leaderboard.py", '    elif row.get("estimate") == "truncated":\n        s = "≈ " + s + " (t_min)"',
      '    elif row.get("estimate") == "truncated":\n        s = "≤ " + s', [ROWS]),
     # ---------------------------------------------------------------- bench/report.py, bench/report.html (the page)
