@@ -140,10 +140,10 @@ class MDLM(Method):
         """Ancestral sampling, MDLM §3.2's reverse step p_θ(z_s | z_t) = q(z_s | z_t, x_θ(z_t, t))
         (SUBS): from t to s = t − 1/steps each [MASK] is revealed independently w.p.
         (α_s − α_t)/(1 − α_t) = (t − s)/t, as x_0 ~ p_θ(x_0 | x_t) at that position; revealed
-        tokens are carried over. The reveal
-        coins are drawn first and the categorical (Gumbel-max) only at the revealed positions:
-        the same distribution per position as drawing x_0 everywhere and keeping the revealed
-        ones, without a Gumbel draw over the whole (n, L, V) tensor every step.
+        tokens are carried over. The reveal coins are drawn first and the categorical
+        (Gumbel-max) only at the revealed positions: the same distribution per position as
+        drawing x_0 everywhere and keeping the revealed ones, without a Gumbel draw over the
+        whole (n, L, V) tensor every step.
 
         ``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
         when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact."""
