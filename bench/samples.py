@@ -9,10 +9,15 @@ One line per sample::
 the real network evaluations per sample, averaged over its batch (a hook on the method's
 network counts the sequences each call processed, so a call a cache skipped, or a sequence it
 left out of a call, is not counted); ``wall_s`` the batch's sampling wall time
-divided by its size; ``seed`` the seed of the batch's generator. Sample ``i`` of a budget comes
-from batch ``i // eval.batch_size`` with the generator seeded by (eval.seed, steps, batch): the
-first n samples never depend on how many were drawn, so ``tdbench sample DIR --n N`` extends a
-file and gives the same lines as drawing N at once.
+divided by its size; ``seed`` the seed of the batch's generator.
+
+The sampling batch is a function of the spec only: ``B = min(eval.batch_size, eval.samples)``
+(``eval.batch_size`` when ``eval.samples`` is 0), never of how many samples a call asks for.
+Sample ``i`` of a budget comes from batch ``i // B`` with the generator seeded by (eval.seed,
+steps, batch): the first n samples never depend on how many were drawn, so ``tdbench sample
+DIR --n N`` extends a file and gives the same lines as drawing N at once. A run that keeps 4
+samples draws batches of 4 (not an evaluation batch of 32 to keep 4); asking for more later
+draws more batches of the same size.
 
 Any JSONL file of ``{"text": ...}`` lines (other fields optional) is a sample file for
 ``tdbench score``; a malformed one is a one-line error naming the file and line.
@@ -47,13 +52,20 @@ def count_calls(module: torch.nn.Module):
     return box, module.register_forward_hook(hook)
 
 
+def sampling_batch(spec: RunSpec) -> int:
+    """The sequences per ``method.sample`` call: min(eval.batch_size, eval.samples), or
+    eval.batch_size when eval.samples is 0 — from the spec only (see the module doc)."""
+    e = spec.eval
+    return min(e.batch_size, e.samples) if e.samples > 0 else e.batch_size
+
+
 def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int = 0) -> list[dict]:
-    """Samples ``start .. n−1`` of budget ``steps`` (see the module doc for the seeding)."""
+    """Samples ``start .. n−1`` of budget ``steps`` (see the module doc for the batch and seeding)."""
     import torch
 
     from bench.train import seed_of
 
-    B = spec.eval.batch_size
+    B = sampling_batch(spec)
     f64 = method.float64_sampling
     out = []
     method.eval()

@@ -202,6 +202,12 @@ class D3PM(Method):
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None, denoise: Denoiser | None = None):
+        """Ancestral sampling with p_θ(x_s | x_t) (the paper's eq. 4, x0-parameterised) on a grid
+        of ``steps`` strided steps from T to 0. absorb: each [MASK] is revealed w.p.
+        (ᾱ_s − ᾱ_t)/(1 − ᾱ_t) (1 at s = 0) as x̃_0 ~ p_θ(x̃_0 | x_t); the reveal coins are drawn
+        first and the categorical (Gumbel-max) only at the revealed positions — the same
+        distribution as drawing x̃_0 everywhere. uniform: x_s is drawn at every position from
+        the closed-form reverse (``log_reverse_uniform``)."""
         denoise = denoise or self.denoise
         T, V, dev, f64 = self.p.T, self.V, self.device, self.p.float64_sampling
         steps = max(1, min(steps, T))
@@ -213,10 +219,10 @@ class D3PM(Method):
             a_s, a_t = self.abar(torch.tensor([s_])).item(), self.abar(torch.tensor([t_])).item()
             z = denoise(x, tt)
             if self.graph.absorbing:
-                x0_hat = gumbel_argmax(z, generator, f64)
                 p_reveal = 1.0 if s_ == 0 else (a_s - a_t) / (1 - a_t)
                 u = torch.rand(x.shape, generator=generator, device=dev, dtype=torch.float64)
-                x = torch.where((x == self.mask_id) & (u < p_reveal), x0_hat, x)
+                reveal = (x == self.mask_id) & (u < p_reveal)
+                x[reveal] = gumbel_argmax(z[reveal], generator, f64)   # x̃_0 drawn only where revealed
             else:
                 lp = log_reverse_uniform(z, x, torch.full((n,), a_s, device=dev, dtype=torch.float64),
                                          torch.full((n,), a_t, device=dev, dtype=torch.float64))

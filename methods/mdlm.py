@@ -137,21 +137,30 @@ class MDLM(Method):
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None, cache: bool = True):
-        """``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
+        """Ancestral sampling, MDLM §3.2's reverse step p_θ(z_s | z_t) = q(z_s | z_t, x_θ(z_t, t))
+        (SUBS): from t to s = t − 1/steps each [MASK] is revealed independently w.p.
+        (α_s − α_t)/(1 − α_t) = (t − s)/t, as x_0 ~ p_θ(x_0 | x_t) at that position; revealed
+        tokens are carried over. The reveal coins are drawn first and the categorical
+        (Gumbel-max) only at the revealed positions: the same distribution per position as
+        drawing x_0 everywhere and keeping the revealed ones, without a Gumbel draw over the
+        whole (n, L, V) tensor every step.
+
+        ``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
         when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact."""
         cache = cache and not self.p.time_conditioning
+        f64 = self.p.float64_sampling
+        dt = torch.float64 if f64 else torch.float32
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
         log_p, stale = None, torch.ones(n, dtype=torch.bool, device=self.device)
         for i in range(steps, 0, -1):
             t, s = i / steps, (i - 1) / steps
-            still = x == self.mask_id
             tt = torch.full((n,), t, device=self.device)
             if log_p is None or not cache:
                 log_p = self.denoise(x, tt)
             elif stale.any():                 # recompute only the sequences that changed
                 log_p[stale] = self.denoise(x[stale], tt[stale])
-            x0_hat = gumbel_argmax(log_p, generator, self.p.float64_sampling)
-            reveal = still & (torch.rand(x.shape, generator=generator, device=self.device) < (t - s) / t)
+            u = torch.rand(x.shape, generator=generator, device=self.device, dtype=dt)
+            reveal = (x == self.mask_id) & (u < (t - s) / t)
+            x[reveal] = gumbel_argmax(log_p[reveal], generator, f64)   # x_0 drawn only where revealed
             stale = reveal.any(1)
-            x = torch.where(reveal, x0_hat, x)
         return x

@@ -142,6 +142,17 @@ def step_probs_absorb(log_s, dsig, analytic: bool):
     return torch.cat([move, stay], -1)
 
 
+def reveal_probs_absorb(log_s, dsig, analytic: bool, last: bool):
+    """``step_probs_absorb``'s categorical over V ∪ {[MASK]} at masked positions (rows log_s,
+    (k, V); dsig (k,)) split in two draws: leave [MASK] w.p. p = Σ_y move_y / (Σ_y move_y + stay),
+    then y ∝ move_y — the same distribution. Returns (p (k,), move (k, V)); ``last``: p = 1 (the
+    last step reveals every remaining [MASK])."""
+    probs = step_probs_absorb(log_s[:, None], dsig, analytic)[:, 0]
+    move, stay = probs[:, :-1], probs[:, -1]
+    total = move.sum(-1)
+    return (torch.ones_like(total) if last else total / (total + stay)), move
+
+
 def step_probs_uniform(log_s, x_t, dsig, analytic: bool):
     """p(x_s = y | x_t), (B, L, V), unnormalised; Euler: Δσ·s_y/|V| (y ≠ x_t); analytic:
     [e^{Δσ} v + (1 − e^{Δσ}) mean(v)]_y · (e^{−Δσ} δ_{x_t y} + (1 − e^{−Δσ})/|V|), v = s with v_{x_t} = 1."""
@@ -277,8 +288,14 @@ class SEDD(Method):
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None, score: Score | None = None):
+        """The reverse CTMC on a uniform t-grid from 1 to 0 (SEDD's Euler step or Tweedie
+        τ-leaping, ``step_probs_*``). absorb: a masked position leaves [MASK] w.p. p
+        (``reveal_probs_absorb``) and only the leaving ones draw their token (Gumbel-max) —
+        the same distribution as the joint categorical over V ∪ {[MASK]} at every position;
+        uniform: every position draws from its step's categorical."""
         score = score or self.score
         dev, f64 = self.device, self.p.float64_sampling
+        dt = torch.float64 if f64 else torch.float32
         analytic = self.p.sampler == "analytic"
         t_hi = 1.0 if math.isfinite(float(self.sigma(torch.tensor([1.0]))[0])) else 1 - 1e-5
         grid = torch.linspace(t_hi, 0, steps + 1, dtype=torch.float64)
@@ -288,15 +305,16 @@ class SEDD(Method):
             tt = torch.full((n,), float(t), device=dev)
             dsig = (self.sigma(t[None])[0] - self.sigma(s[None])[0]).expand(n).to(dev)
             log_s = score(x, tt)
-            log_s = log_s.double() if f64 else log_s.float()
-            if self.graph.absorbing:
-                probs = step_probs_absorb(log_s, dsig, analytic)
-                if i == steps - 1:
-                    probs[..., -1] = 0  # the last step reveals every remaining [MASK]
-                new = gumbel_argmax(safe_log(probs), generator, f64)
-                x = torch.where(x == self.mask_id, new, x)
+            if self.graph.absorbing:             # only masked positions move; draw only there
+                masked = x == self.mask_id
+                k = int(masked.sum())
+                p, move = reveal_probs_absorb(log_s[masked].to(dt), dsig[:1].expand(k), analytic, i == steps - 1)
+                reveal = torch.rand(k, generator=generator, device=dev, dtype=torch.float64) < p
+                new = torch.full((k,), self.mask_id, dtype=torch.long, device=dev)
+                new[reveal] = gumbel_argmax(safe_log(move[reveal]), generator, f64)
+                x[masked] = new
             else:
-                x = gumbel_argmax(safe_log(step_probs_uniform(log_s, x, dsig, analytic)), generator, f64)
+                x = gumbel_argmax(safe_log(step_probs_uniform(log_s.to(dt), x, dsig, analytic)), generator, f64)
         return x
 
 

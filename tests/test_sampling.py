@@ -102,3 +102,31 @@ def test_drawn_samples_record_nfe_seed_and_extend_exactly(tmp_path):
     write_run_samples(ar, spec, tok, c, n=2)
     rc = read_samples(c / "samples.jsonl")
     assert len(rc) == 2 and rc[0]["steps"] is None and rc[0]["nfe"] == spec.data.seq_len  # one call per token
+
+
+def test_sampling_batch_comes_from_the_spec_not_from_how_many_are_asked(tmp_path):
+    """eval.samples = 3 with eval.batch_size = 32: batches of min(32, 3) = 3 sequences — the
+    network evaluates 3 sequences per step, not 32 to keep 3 — and asking for 5 later (a second
+    batch of 3) gives the same lines as asking for 5 at once."""
+    from bench.data import get_tokenizer
+    from bench.samples import count_calls, read_samples, sampling_batch, write_run_samples
+
+    spec = specs_of(tiny_suite(eval={"samples": 3, "sample_steps": [4], "batch_size": 32}), tmp_path)[0]
+    assert sampling_batch(spec) == 3
+    tok = get_tokenizer(spec.data)
+    m = _method("mdlm", V=tok.vocab_size, L=spec.data.seq_len)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    calls, h = count_calls(m.net)
+    assert write_run_samples(m, spec, tok, a) == 3
+    h.remove()
+    assert calls[0] == 3 * 4                                  # 3 sequences × 4 steps
+    assert write_run_samples(m, spec, tok, a, n=5) == 5       # extend: a second batch of 3, keep 2
+    assert write_run_samples(m, spec, tok, b, n=5) == 5       # all at once
+    strip = lambda r: {k: v for k, v in r.items() if k != "wall_s"}  # noqa: E731
+    ra, rb = read_samples(a / "samples.jsonl"), read_samples(b / "samples.jsonl")
+    assert [strip(r) for r in ra] == [strip(r) for r in rb]
+    assert [r["index"] for r in ra] == list(range(5)) and len({r["seed"] for r in ra}) == 2
+    assert all(r["nfe"] == 4 for r in ra)
+    no_samples = specs_of(tiny_suite(eval={"samples": 0, "batch_size": 32}), tmp_path)[0]
+    assert sampling_batch(no_samples) == 32                   # `tdbench sample --n` on a run that kept none

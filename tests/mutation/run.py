@@ -39,6 +39,8 @@ ENCLAT = "tests/test_encoder_latent.py"
 ENC = "tests/test_encoder_cache.py"
 PROBE = "tests/test_learning_probe.py"
 SHOWN = "tests/test_training_loss.py"
+FAST = "tests/test_fast_samplers.py"
+SAMP = "tests/test_sampling.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -235,6 +237,34 @@ MUTANTS = [
     ("planner-decoder-ignores-the-latent", "methods/planner.py",
      "h = torch.cat([self.latent_in(z.to(tokens.dtype)), tokens], 1)",
      "h = torch.cat([self.latent_in(0 * z.to(tokens.dtype)), tokens], 1)", [LATENT], "causal"),
+    # ---------------------------------------------------------------- the absorbing samplers (reveal-only draws)
+    ("fast-mdlm-reveal-prob-doubled", "methods/mdlm.py", "reveal = (x == self.mask_id) & (u < (t - s) / t)",
+     "reveal = (x == self.mask_id) & (u < min(1.0, 2 * (t - s) / t))", [FAST]),
+    ("fast-mdlm-revealed-not-carried", "methods/mdlm.py", "reveal = (x == self.mask_id) & (u < (t - s) / t)",
+     "reveal = u < (t - s) / t", [FAST]),
+    ("fast-mdlm-gumbel-temperature", "methods/mdlm.py", "gumbel_argmax(log_p[reveal], generator, f64)",
+     "gumbel_argmax(2 * log_p[reveal], generator, f64)", [FAST]),
+    ("fast-mdlm-one-step-short", "methods/mdlm.py", "for i in range(steps, 0, -1):", "for i in range(steps - 1, 0, -1):",
+     [FAST]),
+    ("fast-mdlm-step-off-by-one", "methods/mdlm.py", "t, s = i / steps, (i - 1) / steps", "t, s = (i + 1) / steps, i / steps",
+     [FAST]),
+    ("fast-mdlm-cache-recomputes-unchanged", "methods/mdlm.py", "            stale = reveal.any(1)\n",
+     "            stale = (x == self.mask_id).any(1)\n", [FAST], "cache"),
+    ("fast-d3pm-reveal-prob", "methods/d3pm.py", "(a_s - a_t) / (1 - a_t)", "(a_s - a_t) / (1 - a_s)", [FAST]),
+    ("fast-d3pm-revealed-not-carried", "methods/d3pm.py", "reveal = (x == self.mask_id) & (u < p_reveal)",
+     "reveal = u < p_reveal", [FAST]),
+    ("fast-d3pm-gumbel-temperature", "methods/d3pm.py", "gumbel_argmax(z[reveal], generator, f64)",
+     "gumbel_argmax(z[reveal] / 2, generator, f64)", [FAST]),
+    ("fast-sedd-reveal-prob-flipped", "methods/sedd.py", "else total / (total + stay)", "else stay / (total + stay)", [FAST]),
+    ("fast-sedd-last-step-not-forced", "methods/sedd.py", "analytic, i == steps - 1)", "analytic, i == steps)", [FAST]),
+    ("fast-sedd-probs-as-logits", "methods/sedd.py", "gumbel_argmax(safe_log(move[reveal]), generator, f64)",
+     "gumbel_argmax(move[reveal], generator, f64)", [FAST]),
+    ("fast-sedd-reveal-rows-misaligned", "methods/sedd.py", "new[reveal] = gumbel_argmax(safe_log(move[reveal])",
+     "new[reveal] = gumbel_argmax(safe_log(move.flip(0)[reveal])", [FAST]),
+    ("samples-batch-is-eval-batch", "bench/samples.py",
+     "    return min(e.batch_size, e.samples) if e.samples > 0 else e.batch_size\n", "    return e.batch_size\n", [SAMP]),
+    ("samples-batch-depends-on-n", "bench/samples.py", "    B = sampling_batch(spec)\n",
+     "    B = min(spec.eval.batch_size, n)\n", [SAMP]),
     # ---------------------------------------------------------------- bench/evaluate.py
     ("eval-per-sequence-mean", "bench/evaluate.py", "    r = n_i.sum() / C\n", "    r = (n_i / ntok).mean()\n", [EVAL]),
     ("eval-ci-too-wide (drop 1/R)", "bench/evaluate.py", "reps.var(1, ddof=1) / R).sum()", "reps.var(1, ddof=1)).sum()", [EVAL]),
