@@ -205,21 +205,15 @@ def frontier(st, path: Path) -> Path | None:
     """``frontier.png``: generative perplexity against entropy and against NFE, one line per
     method across its step budgets (per size), Source text as a reference mark. Low gen ppl
     from repetitive text shows up as a point far left (low entropy). A synthetic suite's
-    samples (scored by the source: true_nll, ngram_tv) get :func:`truth_frontier` instead."""
-    if "true_nll" in set(st["metric"]):
-        return truth_frontier(st, path)
+    samples (scored by the source: true_nll, ngram_tv) get :func:`_truth_frontier` instead."""
     fp = fingerprint(st[["size", "model", "steps", "metric", "value"]].to_csv(index=False))
     if up_to_date(path, fp):
         return Path(path)
     plt = _pyplot()
     if plt is None:
         return None
-    import math
-
-    def val(g, metric):
-        r = g[g["metric"] == metric]["value"].dropna()
-        return float(r.iloc[0]) if len(r) else None
-
+    if "true_nll" in set(st["metric"]):
+        return _truth_frontier(st, path, fp, plt)
     sizes = list(dict.fromkeys(st["size"]))
     fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
     drew = False
@@ -229,7 +223,7 @@ def frontier(st, path: Path) -> Path | None:
         for model, g in s.groupby("model", sort=False):
             pts = []
             for steps, h in g.groupby("steps", sort=False, dropna=False):
-                y, e, n = val(h, "gen_ppl"), val(h, "entropy"), val(h, "nfe")
+                y, e, n = _value(h, "gen_ppl"), _value(h, "entropy"), _value(h, "nfe")
                 if y is not None:
                     pts.append((steps, y, e, n))
             if not pts:
@@ -274,17 +268,11 @@ def _value(g, metric: str) -> float | None:
     return float(r.iloc[0]) if len(r) else None
 
 
-def truth_frontier(st, path: Path) -> Path | None:
+def _truth_frontier(st, path: Path, fp: str, plt) -> Path | None:
     """``frontier.png`` of a synthetic suite: true_nll and ngram_tv (bench.metrics.truth)
     against NFE, one line per method across its step budgets (per size); the Source row (fresh
     true blocks: true_nll ≈ the source's entropy, ngram_tv = the finite-sample floor) as a
     dashed line."""
-    fp = fingerprint(st[["size", "model", "steps", "metric", "value"]].to_csv(index=False))
-    if up_to_date(path, fp):
-        return Path(path)
-    plt = _pyplot()
-    if plt is None:
-        return None
     panels = (("true_nll", "true NLL of samples (nats/token)"), ("ngram_tv", "n-gram TV to the source (log scale)"))
     sizes = list(dict.fromkeys(st["size"]))
     fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
