@@ -94,3 +94,50 @@ def run_killed_at(spec_json: str, run_dir: Path, step: int, *, stage: str | None
     assert proc.returncode == -signal.SIGKILL, f"child exited {proc.returncode}:\n{proc.stderr[-2000:]}"
     left = sorted(c.name for c in (Path(run_dir) / "ckpt" / (stage or "")).glob("step_*"))
     assert left and left[-1] == f"step_{step:07d}" and len(left) <= 2, left
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def subprocess_env() -> dict:
+    """The environment of a child Python that imports this checkout and the tests' helpers."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR),
+                                                         os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def start_ranks(argv: list[str], n: int = 2) -> list[subprocess.Popen]:
+    """``n`` processes of ``argv`` as the ranks of one torch.distributed job on this host (a free
+    port each time); stdout discarded, stderr piped for the caller to read."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [subprocess.Popen(argv, env={**subprocess_env(), "RANK": str(r), "LOCAL_RANK": str(r),
+                                        "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(n)]
+
+
+def source_ar(source, delta: float):
+    """An 'AR model' (a bench Method with an exact likelihood) whose NLL of a block is the
+    synthetic source's exact −log p(block) + δ per counted token."""
+    import numpy as np
+    import torch
+
+    from bench.method import Method
+
+    class SourceAR(Method):
+        likelihood, name = "exact", "source-ar"
+
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.src, self.delta = source, delta
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def nll(self, x0, counted, u):
+            lp = self.src.log_prob(x0.numpy().astype(np.int64))
+            return torch.as_tensor(-lp + self.delta * counted.sum(1).numpy())
+
+    return SourceAR()

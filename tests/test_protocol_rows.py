@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import specs_of, tiny_suite
+from conftest import source_ar, specs_of, tiny_suite
 
 from bench import leaderboard
-from bench.method import Method
 from bench.runner import build_method, evaluate_all
 
 
@@ -47,22 +46,6 @@ def test_truncated_rows_are_not_bounds(tmp_path):
     assert t.protocol.nunique() == 2 and "[" in md.splitlines()[0]   # separate columns per protocol
 
 
-class _SourceAR(Method):
-    """An 'AR model' whose NLL is the Markov source's exact −log p(block) + δ per token."""
-
-    likelihood = "exact"
-    name = "source-ar"
-
-    def __init__(self, source, delta):
-        torch.nn.Module.__init__(self)
-        self.src, self.delta = source, delta
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def nll(self, x0, counted, u):
-        lp = self.src.log_prob(x0.numpy().astype(np.int64))
-        return torch.as_tensor(-lp + self.delta * counted.sum(1).numpy())
-
-
 @pytest.mark.parametrize("delta", [0.0, 0.05])
 def test_source_nll_of_the_test_blocks_and_paired_gap(tmp_path, delta):
     from bench.data import dataset_params, load_blocks
@@ -74,7 +57,7 @@ def test_source_nll_of_the_test_blocks_and_paired_gap(tmp_path, delta):
     spec = specs_of(suite, tmp_path)[0]
     ref = spec.data.eval[0]
     source = markov(dataset_params(ref))
-    metrics, reference = evaluate_all(_SourceAR(source, delta), spec, "cpu", _log)
+    metrics, reference = evaluate_all(source_ar(source, delta), spec, "cpu", _log)
     blocks = np.asarray(load_blocks(ref, "test", spec.data, "none").tokens, dtype=np.int64)
     # the source's NLL of these blocks, recomputed token by token from the chain's tables
     nll = -np.log(source.pi[blocks[:, 0]]).sum()

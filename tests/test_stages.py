@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import stage_plugin
 import torch
-from conftest import complete_record, run_killed_at, specs_of, tiny_suite
+from conftest import complete_record, run_killed_at, specs_of, start_ranks, subprocess_env, tiny_suite
 
 from bench import registry
 from bench.runner import execute
@@ -56,11 +53,6 @@ def _suite(stages: dict, params: dict | None = None, launch: dict | None = None,
 
 def _spec(tmp_path, stages, params=None, **train):
     return specs_of(_suite(stages, params, **train), tmp_path)[0]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1"}
 
 
 def _final(rd: Path, stage_dir: str) -> Path:
@@ -130,7 +122,7 @@ def test_sigkill_in_stage_two_then_resume_equals_uninterrupted(tmp_path):
     ref = complete_record(ref_dir)
 
     rd = tmp_path / "killed"
-    run_killed_at(spec_json, rd, 20, stage=DIFF, env=_env(), prelude=REGISTER_TOY)
+    run_killed_at(spec_json, rd, 20, stage=DIFF, env=subprocess_env(), prelude=REGISTER_TOY)
     killed_at = 20
     stage1 = _weights(_final(rd, AE), "ema.safetensors")   # stage 1's result: its averaged E and D
     assert set(stage1) == {k for k in _weights(_final(rd, AE)) if k.startswith(("E.", "D."))}
@@ -157,12 +149,6 @@ def test_sigkill_in_stage_two_then_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(sd[k], ema[k]) for k in ema) and all(torch.equal(sd[k], stage1[k]) for k in stage1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """(c) DDP registers only the stage's parameters (find_unused_parameters=False would fail
     otherwise: stage 1 never uses the denoiser, stage 2 never gives E or D a gradient)."""
@@ -171,11 +157,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     one = tmp_path / "one"
     assert execute(json.loads(spec_json), one, 1, micro_batch=4) == "complete"
     two = tmp_path / "two"
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, spec_json, str(two), "4"],
-                              env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(2)]
+    procs = start_ranks([sys.executable, "-c", CHILD, spec_json, str(two), "4"])
     try:
         errs = [p.communicate(timeout=300)[1].decode()[-3000:] for p in procs]
     finally:

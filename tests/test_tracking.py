@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import complete_record, specs_of, tiny_suite, write_suite
+from conftest import complete_record, specs_of, start_ranks, subprocess_env, tiny_suite, write_suite
 
 from bench.cli import main
 from bench.runner import execute
@@ -141,17 +139,13 @@ execute(json.loads(sys.argv[1]), sys.argv[2], 1, tracking=T.TrackSettings(("tens
 """
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1"}
-
-
 def test_resume_after_a_kill_past_the_checkpoint_logs_every_step_once(tmp_path):
     suite = tiny_suite(name="trk", train=TRAIN, eval=EVAL, baseline=None)
     spec = specs_of(suite, tmp_path)[0]
     rd = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", KILL_AFTER_LOG, json.dumps(spec.model_dump(mode="json")), str(rd),
-                           "6"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+                           "6"], env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(p.name for p in (rd / "ckpt").glob("step_*"))[-1] == "step_0000004"
     killed = scalars(rd, "trk")
@@ -186,13 +180,7 @@ def test_ddp_two_stages_rank_zero_logs_the_steps_of_both_stages(tmp_path):
              "from bench.tracking import TrackSettings; "
              "execute(json.loads(sys.argv[1]), sys.argv[2], 1, tracking=TrackSettings(('tensorboard',), 'trk'))")
     rd = tmp_path / "ddp"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", child, json.dumps(spec.model_dump(mode="json")), str(rd)],
-                              env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(2)]
+    procs = start_ranks([sys.executable, "-c", child, json.dumps(spec.model_dump(mode="json")), str(rd)])
     try:
         errs = [p.communicate(timeout=300)[1].decode()[-3000:] for p in procs]
     finally:
@@ -225,7 +213,7 @@ print(code, sorted(m for m in sys.modules if m.split(".")[0] in ("tensorboard", 
 
 def test_off_by_default_no_directory_and_no_tracker_imported(tmp_path):
     f = write_suite(tmp_path / "s.yaml", tiny_suite(train={**TRAIN, "steps": 4}, eval=EVAL, baseline=None))
-    proc = subprocess.run([sys.executable, "-c", OFF, str(f), str(tmp_path / "out")], env=_env(),
+    proc = subprocess.run([sys.executable, "-c", OFF, str(f), str(tmp_path / "out")], env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.stdout.split("\n")[-2] == "0 []", proc.stdout[-500:] + proc.stderr[-2000:]
     (rd,) = (tmp_path / "out" / "runs").iterdir()

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import complete_record, metric_rows, run_killed_at, specs_of, tiny_suite, write_suite
+from conftest import complete_record, metric_rows, run_killed_at, source_ar, specs_of, tiny_suite, write_suite
 
 from bench.data.dyck import DyckParams, DyckSource
 from bench.data.hmm import HMMParams, HMMSource
@@ -251,31 +251,16 @@ def test_hmm_source_true_row_is_an_estimate_with_its_interval(tmp_path):
     """An HMM has no closed-form entropy: Source (true) carries the estimate's interval, "≈" and
     a note in the table; Source (test blocks) and the gap stay exact (the gap of the source
     plus δ is δ with no interval)."""
-    import torch
-
     from bench import leaderboard
     from bench.data import dataset_params
-    from bench.method import Method
     from bench.runner import evaluate_all
-
-    class SourceAR(Method):
-        likelihood, name = "exact", "source-ar"
-
-        def __init__(self, source, delta):
-            torch.nn.Module.__init__(self)
-            self.src, self.delta = source, delta
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def nll(self, x0, counted, u):
-            lp = self.src.log_prob(x0.numpy().astype(np.int64))
-            return torch.as_tensor(-lp + self.delta * counted.sum(1).numpy())
 
     hmm = {"name": "hmm", "states": 4, "vocab": 6, "seed": 2, "test_blocks": 64, "entropy_blocks": 2000}
     suite = tiny_suite(baseline=None, data={"train": hmm, "eval": [hmm], "seq_len": 16},
                        eval={"t_samples": 2, "max_blocks": 64, "batch_size": 16, "packing": "none"})
     spec = specs_of(suite, tmp_path)[0]
     source = HMMSource(dataset_params(spec.data.train))
-    metrics, reference = evaluate_all(SourceAR(source, 0.05), spec, "cpu", lambda m: None)
+    metrics, reference = evaluate_all(source_ar(source, 0.05), spec, "cpu", lambda m: None)
     by = {r["label"]: r for r in reference}
     est = source.entropy(16)
     assert by["Source (true)"]["estimate"] == "sampled" and by["Source (true)"]["n_blocks"] == 2000
