@@ -226,16 +226,19 @@ def log_scores(settings: TrackSettings | None, out: Path, specs) -> None:
     rescoring is not logged again)."""
     if settings is None:
         return
+    from bench.metrics.score import read_scores
     from bench.records import read_record, record_status
     from bench.rundir import run_dir
 
     for spec in specs:
         rd = run_dir(out, spec)
-        root, scores = rd / TRACKING_DIR, rd / "scores.json"
-        if not root.is_dir() or (root / SCORES_LOGGED).exists() or not scores.is_file() \
-                or record_status(rd) != "complete":
+        root = rd / TRACKING_DIR
+        if not root.is_dir() or (root / SCORES_LOGGED).exists() or record_status(rd) != "complete":
             continue
-        values = score_values(json.loads(scores.read_text()))
+        scores = read_scores(rd)   # None: no scores.json, or one that cannot be read
+        if scores is None:
+            continue
+        values = tracked_values(scores)
         step = read_record(rd / "result.json")["train"]["steps"]
         trackers = open_trackers(settings, spec, root)
         for t in trackers:
@@ -244,7 +247,8 @@ def log_scores(settings: TrackSettings | None, out: Path, specs) -> None:
         (root / SCORES_LOGGED).write_text(json.dumps({"step": step, "tags": sorted(values)}) + "\n")
 
 
-def score_values(scores: dict) -> dict:
+def tracked_values(scores: dict) -> dict:
+    """A run's scores.json as tracker scalars: samples[/steps_K]/<metric> and .../nfe."""
     out = {}
     for b in scores.get("budgets", []):
         where = "samples" if b.get("steps") is None else f"samples/steps_{b['steps']}"   # (AR: no step budget)
