@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
@@ -23,13 +20,13 @@ from pydantic import (
     model_validator,
 )
 
+from bench.config_data import MAX_SEQ_LEN, DataConfig, DatasetRef, Strict, SuiteData, TokenizerConfig, tokenizer_key  # noqa: F401
 from bench.metrics import MetricsConfig
 from bench.names import Name
 
 # Bounds on what sizes a run: generous (beyond every published setting of these models) but
 # finite, so that a typo (1e9) is a one-line error at validation instead of a run that fails
 # or exhausts memory hours later. Raise one here if a real experiment needs more.
-MAX_SEQ_LEN = 131_072      # 128 Ki tokens per sequence (SEDD/MDLM use 1024; long-context LMs 32-128 Ki)
 MAX_BATCH = 65_536         # sequences per optimizer step or eval batch (GPT-3 used ~3,200 of 2048)
 MAX_T_SAMPLES = 4096       # t draws per sequence (papers use 1-1000)
 MAX_SAMPLES = 1_000_000    # samples per step budget per run (MAUVE uses 5,000)
@@ -39,76 +36,6 @@ MAX_SEED = 2**31           # seeds are 0 <= seed < 2**31: every RNG (numpy's leg
 Seed = Annotated[int, Field(ge=0, lt=MAX_SEED)]
 
 PROTOCOL_VERSION = "tdbench-lik/1"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ----------------------------------------------------------------------------- data
-class DatasetRef(BaseModel):
-    """A dataset by registry name plus its parameters, e.g. ``{name: markov, vocab: 32}``."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    name: str
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-    @property
-    def key(self) -> str:
-        """Display name: ``markov(order=1,seed=7,vocab=32)``, or just ``austen``. A hub
-        dataset's ``path`` (where a local copy lives) is not part of what it is:
-        ``{name: ptb, path: /data/ptb}`` is ``ptb``; a textfile is named by its file:
-        ``textfile(notes.txt)``."""
-        p = self.params
-        if self.name == "textfile" and isinstance(p.get("path"), str):
-            rest = {k: v for k, v in p.items() if k != "path"}
-            return f"textfile({Path(p['path']).name}" + "".join(f",{k}={rest[k]}" for k in sorted(rest)) + ")"
-        p = {k: v for k, v in p.items() if k != "path"}
-        return self.name if not p else self.name + "(" + ",".join(f"{k}={p[k]}" for k in sorted(p)) + ")"
-
-
-class TokenizerConfig(Strict):
-    """``gpt2`` (offline, OpenAI ids), ``bpe`` (byte-level BPE trained on the train split) or
-    ``char`` (text8's 27 characters; needs ``eval.packing: none``)."""
-
-    name: Literal["gpt2", "bpe", "char"] = "gpt2"
-    vocab_size: Optional[PositiveInt] = None  # bpe only; default 8000
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.name in ("gpt2", "char") and self.vocab_size is not None:
-            raise ValueError(f"vocab_size is fixed ({50257 if self.name == 'gpt2' else 27}) "
-                             f"for the {self.name} tokenizer")
-        if self.name == "bpe" and self.vocab_size is not None and self.vocab_size < 260:
-            raise ValueError("a byte-level BPE needs vocab_size >= 260")
-        return self
-
-
-class DataConfig(Strict):
-    train: DatasetRef
-    eval: list[DatasetRef] = Field(min_length=1)
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    seq_len: int = Field(128, gt=0, le=MAX_SEQ_LEN)
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _str_ref(cls, v):
-        return {"name": v} if isinstance(v, str) else v
-
-    @field_validator("eval", mode="before")
-    @classmethod
-    def _str_refs(cls, v):
-        if isinstance(v, (str, dict)):
-            v = [v]
-        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-
-    @field_validator("tokenizer", mode="before")
-    @classmethod
-    def _str_tok(cls, v):
-        return {"name": v} if isinstance(v, str) else v
 
 
 # ----------------------------------------------------------------------------- model sizes
@@ -318,10 +245,6 @@ class Protocol(Strict):
         return short_hash(self.model_dump(exclude={"preset"} if self.preset == "custom" else None))[:8]
 
 
-def tokenizer_key(tok: TokenizerConfig) -> str:
-    return {"gpt2": "gpt2", "char": "char-text8"}.get(tok.name) or f"bpe-{tok.vocab_size or 8000}"
-
-
 # ----------------------------------------------------------------------------- launching
 class LaunchConfig(Strict):
     executor: Literal["local", "debug", "slurm"] = "local"
@@ -389,7 +312,7 @@ Experiment = Annotated[Union[SelfCondMagnitude, StepsCurve], Field(discriminator
 
 class Suite(Strict):
     name: Name   # becomes the default output directory runs/<name> (bench.names)
-    data: DataConfig
+    data: SuiteData
     sizes: dict[Name, Optional[dict[str, Any]]] = Field(min_length=1)  # each key is part of run ids
     methods: list[dict[str, Any]] = Field(min_length=1)
     baseline: Optional[str] = "ar"

@@ -225,8 +225,8 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
         base = {"size": sc["size"], "dataset": ds, "seed": sc["seed"]}
         sets = [({**base, "model": sc["label"], "steps": b.get("steps")}, b) for b in sc["budgets"]]
         src = sc.get("source_text")
-        if src and (sc["size"], sc["seed"]) not in seen_source:
-            seen_source.add((sc["size"], sc["seed"]))
+        if src and (sc["size"], sc["seed"], ds) not in seen_source:
+            seen_source.add((sc["size"], sc["seed"], ds))
             sets.append(({**base, "model": SOURCE_TEXT, "steps": None}, src))
         for key, b in sets:
             for metric, m in b["metrics"].items():
@@ -294,11 +294,12 @@ SAMPLE_NOTE = ("Sample quality (bench/metrics): gen_ppl = generative perplexity 
                "Settings: scores.json of each run; metrics.json of this directory.")
 
 
-def sample_table(st: pd.DataFrame, t: pd.DataFrame) -> Table:
+def sample_table(st: pd.DataFrame, t: pd.DataFrame, several: bool = False) -> Table:
     """The TEncDM table's shape: rows = Size / Model / Steps, columns = the likelihood ppl on the
     reference dataset (bound "≤", "—" for methods without one) and the sample metrics with ↓/↑;
     best per column in bold (Source text excluded); ± is the std over seeds (one seed: over
-    MAUVE's k-means seeds); numbers under different settings get separate columns."""
+    MAUVE's k-means seeds); numbers under different settings get separate columns. ``several``:
+    one of several such tables, one per reference dataset (its name and head say which)."""
     ds = next((d for d in st["dataset"] if isinstance(d, str)), None)
     multi = st.groupby("metric")["protocol"].nunique()
     cols = [(m, p) for m in SAMPLE_COLUMNS for p in dict.fromkeys(st[st["metric"] == m]["protocol"])]
@@ -331,7 +332,8 @@ def sample_table(st: pd.DataFrame, t: pd.DataFrame) -> Table:
     marked = {f"{'†' if _num(v) else '—'} {m}: {n}"
               for m, v, n in zip(st["metric"], st["value"], st["note"]) if isinstance(n, str)}
     notes += [f"- {n}" for n in sorted(marked)]
-    return Table("samples", ["Size", "Model", "Steps", f"ppl ({ds})", *names], rows, bold, notes=notes)
+    return Table(f"samples-{ds}" if several else "samples", ["Size", "Model", "Steps", f"ppl ({ds})", *names],
+                 rows, bold, head=[f"Samples of the runs on {ds}"] if several else [], notes=notes)
 
 
 def sample_markdown(st: pd.DataFrame, t: pd.DataFrame) -> str:
@@ -396,8 +398,8 @@ def board(out: Path, compare: Path | None = None) -> Board:
         tbs += tables.compare_tables(t, compare, our_presets=[r.get("protocol", {}).get("preset", "custom")
                                                              for r in recs])
     st = sample_tidy(collect_scores(out, recs))
-    if not st.empty:
-        tbs.insert(0, sample_table(st, t))
+    ds = st["dataset"].fillna("")
+    tbs[:0] = [sample_table(st[ds == d], t, ds.nunique() > 1) for d in dict.fromkeys(ds)]   # one per reference set
     return Board(tbs, t, st, recs, problems)
 
 

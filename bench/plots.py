@@ -147,58 +147,85 @@ def training_curves(recs: list[dict], path: Path) -> Path | None:
 
 def learning_curves(recs: list[dict], path: Path) -> Path | None:
     """``learning.png``: the intermediate evaluation (``eval.curve_every``) against training
-    tokens, per size, one line per model (mean over seeds, band = min…max over seeds, dotted:
-    the mean of the probes' own Monte-Carlo intervals). Bits per character for character tokens,
-    else perplexity; the curve is measured on the first eval set's first ``curve_blocks`` blocks,
-    so its last point is close to, not equal to, the table (bench.runner.learning_probe)."""
+    tokens, one panel per size × dataset (a suite listing several training sets gets one per
+    set), one line per model (mean over seeds, band = min…max over seeds, dotted: the mean of the
+    probes' own Monte-Carlo intervals). Bits per character for character tokens; nats per token
+    on a synthetic source, with its entropy h as a dashed line (the truth every model should
+    approach: its ``Source (true)`` row); else perplexity. The curve is measured on the first eval
+    set's first ``curve_blocks`` blocks, so its last point is close to, not equal to, the table
+    (bench.runner.learning_probe)."""
     curves = [r for r in recs if r.get("train", {}).get("curve")]
     if not curves:
         return None
     fp = fingerprint([(r["size"], r["label"], r["train"]["curve"], r.get("spec", {}).get("data", {}).get("tokenizer"),
-                       r.get("spec", {}).get("eval", {}).get("curve_blocks")) for r in curves])
+                       r.get("spec", {}).get("eval", {}).get("curve_blocks"), _truth_h(r)) for r in curves])
     if up_to_date(path, fp):
         return Path(path)
     plt = _pyplot()
     if plt is None:
         return None
-    import math
+    panels: dict[tuple[str, str], list[dict]] = {}
+    for r in curves:
+        panels.setdefault((r["size"], r["train"]["curve"][0].get("dataset", "")), []).append(r)
+    keys = sorted(panels)
+    cols = min(len(keys), 3)
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.4 * nrows), squeeze=False)
+    for ax, (size, ds) in zip(axes.flat, keys):
+        _learning_panel(ax, panels[(size, ds)], size, ds)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return save_figure(fig, path, fp)
 
+
+def _truth_h(rec: dict) -> float | None:
+    """A synthetic source's entropy h (nats/token) from the record's ``Source (true)`` row."""
+    for m in rec.get("reference", []):
+        if m.get("label") == "Source (true)" and m.get("value"):
+            return math.log(m["value"])
+    return None
+
+
+def _learning_panel(ax, runs_all: list[dict], size: str, ds: str) -> None:
     def is_char(r):
         p = r["train"]["curve"][0]
         return p["char"] if "char" in p else (
             r.get("spec", {}).get("data", {}).get("tokenizer", {}).get("name") == "char")
 
-    char = all(is_char(r) for r in curves)
-    conv = (lambda n: n / math.log(2)) if char else math.exp  # noqa: E731
-    sizes = sorted({r["size"] for r in curves})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        by_label: dict[str, list[dict]] = {}
-        for r in curves:
-            if r["size"] == size:
-                by_label.setdefault(r["label"], []).append(r)
-        for label in sorted(by_label):
-            runs = by_label[label]
-            n = min(len(r["train"]["curve"]) for r in runs)
-            xs = np.array([p["tokens"] for p in runs[0]["train"]["curve"][:n]], dtype=float)
-            ys = np.array([[conv(p["nll_per_token"]) for p in r["train"]["curve"][:n]] for r in runs])
-            line, = ax.plot(xs, ys.mean(0), lw=1.6, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-            if len(runs) > 1:
-                ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
-            if all("ci_low_nll" in p for r in runs for p in r["train"]["curve"][:n]):   # the probe's own interval
-                for key in ("ci_low_nll", "ci_high_nll"):
-                    ci = np.array([[conv(p[key]) for p in r["train"]["curve"][:n]] for r in runs]).mean(0)
-                    ax.plot(xs, ci, ls=":", lw=0.9, color=line.get_color())
-        p0 = curves[0]["train"]["curve"][0]
-        nb = p0.get("blocks", curves[0].get("spec", {}).get("eval", {}).get("curve_blocks", "?"))
-        ax.set_title(f"size {size}: {p0.get('dataset', '')}, first {nb} test blocks")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("bits per character (≤ for bounds)" if char else "perplexity (≤ for bounds)")
-        if not char:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path, fp)
+    h = next((x for x in map(_truth_h, runs_all) if x is not None), None)
+    char = all(is_char(r) for r in runs_all)
+    conv, unit = ((lambda n: n / math.log(2)), "bits per character (≤ for bounds)") if char else \
+        ((lambda n: n), "nats per token (≤ for bounds)") if h is not None else \
+        (math.exp, "perplexity (≤ for bounds)")
+    by_label: dict[str, list[dict]] = {}
+    for r in runs_all:
+        by_label.setdefault(r["label"], []).append(r)
+    for label in sorted(by_label):
+        runs = by_label[label]
+        n = min(len(r["train"]["curve"]) for r in runs)
+        xs = np.array([p["tokens"] for p in runs[0]["train"]["curve"][:n]], dtype=float)
+        ys = np.array([[conv(p["nll_per_token"]) for p in r["train"]["curve"][:n]] for r in runs])
+        line, = ax.plot(xs, ys.mean(0), lw=1.6, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        if all("ci_low_nll" in p for r in runs for p in r["train"]["curve"][:n]):   # the probe's own interval
+            for key in ("ci_low_nll", "ci_high_nll"):
+                ci = np.array([[conv(p[key]) for p in r["train"]["curve"][:n]] for r in runs]).mean(0)
+                ax.plot(xs, ci, ls=":", lw=0.9, color=line.get_color())
+    if h is not None:
+        ax.axhline(h, color="k", ls="--", lw=1.2, label=f"truth: source entropy h = {h:.4f}")
+        top = max(float(np.percentile([p["nll_per_token"] for r in runs_all for p in r["train"]["curve"]], 90)), h)
+        ax.set_ylim(h - 0.05 * (top - h) - 0.02 * h, top)   # the tail near h, not the first probe's spike
+    p0 = runs_all[0]["train"]["curve"][0]
+    nb = p0.get("blocks", runs_all[0].get("spec", {}).get("eval", {}).get("curve_blocks", "?"))
+    ax.set_title(f"size {size}: {ds}, first {nb} test blocks", fontsize=9)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(unit)
+    if not char and h is None:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def frontier(st, path: Path) -> Path | None:
@@ -214,11 +241,10 @@ def frontier(st, path: Path) -> Path | None:
         return None
     if "true_nll" in set(st["metric"]):
         return _truth_frontier(st, path, fp, plt)
-    sizes = list(dict.fromkeys(st["size"]))
-    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
+    panels = _panel_rows(st)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.2 * len(panels)), squeeze=False)
     drew = False
-    for row, size in zip(axes, sizes):
-        s = st[st["size"] == size]
+    for row, (size, ds, s) in zip(axes, panels):
         colors = {}
         for model, g in s.groupby("model", sort=False):
             pts = []
@@ -253,7 +279,7 @@ def frontier(st, path: Path) -> Path | None:
         for ax in row:
             ax.set_ylabel("generative perplexity (log scale)")
             ax.set_yscale("log")
-            ax.set_title(f"size {size}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps)")
+            ax.set_title(f"size {size}{ds}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps)")
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:   # a panel with no labelled line gets no legend
                 ax.legend(fontsize=7)
@@ -261,6 +287,15 @@ def frontier(st, path: Path) -> Path | None:
         plt.close(fig)
         return None
     return save_figure(fig, path, fp)
+
+
+def _panel_rows(st) -> list[tuple[str, str, object]]:
+    """(size, ", <dataset>" or "", its rows) per size × sample reference dataset: one row of
+    panels each (a suite with several training sets scores each run's samples on its own)."""
+    ds = st["dataset"].fillna("").astype(str)
+    several = ds.nunique() > 1
+    return [(size, f", {d}" if several and d else "", st[(st["size"] == size) & (ds == d)])
+            for size, d in dict.fromkeys(zip(st["size"], ds))]
 
 
 def _value(g, metric: str) -> float | None:
@@ -274,11 +309,10 @@ def _truth_frontier(st, path: Path, fp: str, plt) -> Path | None:
     true blocks: true_nll ≈ the source's entropy, ngram_tv = the finite-sample floor) as a
     dashed line."""
     panels = (("true_nll", "true NLL of samples (nats/token)"), ("ngram_tv", "n-gram TV to the source (log scale)"))
-    sizes = list(dict.fromkeys(st["size"]))
-    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
+    rows = _panel_rows(st)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
     drew = False
-    for row, size in zip(axes, sizes):
-        s = st[st["size"] == size]
+    for row, (size, ds, s) in zip(axes, rows):
         for ax, (metric, ylabel) in zip(row, panels):
             for i, (model, g) in enumerate(s.groupby("model", sort=False)):
                 pts = [(steps, _value(h, "nfe"), _value(h, metric))
@@ -301,7 +335,7 @@ def _truth_frontier(st, path: Path, fp: str, plt) -> Path | None:
                 ax.set_yscale("log")
             ax.set_xlabel("NFE (network calls per sample; log scale)")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"size {size}: {metric} vs NFE (labels: steps)")
+            ax.set_title(f"size {size}{ds}: {metric} vs NFE (labels: steps)", fontsize=9)
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)

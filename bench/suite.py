@@ -101,12 +101,13 @@ def resolve_methods(suite: Suite) -> list[MethodEntry]:
 
 
 def count_runs(suite: Suite) -> int:
-    """How many runs ``expand`` would make, counted without making them (size × method × seed,
-    a method's ``sizes:`` restricting its rows); an upper bound when the methods are invalid."""
+    """How many runs ``expand`` would make, counted without making them (size × method ×
+    training dataset × seed, a method's ``sizes:`` restricting its rows); an upper bound when
+    the methods are invalid."""
     names = [m.get("method") for m in suite.methods]
     rows = list(suite.methods) + ([{}] if suite.baseline and suite.baseline not in names else [])
     per_seed = sum(len(m["sizes"]) if isinstance(m.get("sizes"), list) else len(suite.sizes) for m in rows)
-    return per_seed * len(suite.seeds)
+    return per_seed * len(suite.data.trains) * len(suite.seeds)
 
 
 def load_suite(path: str | Path, seeds: list[int] | None = None,
@@ -131,22 +132,31 @@ def load_suite(path: str | Path, seeds: list[int] | None = None,
 
 
 def expand(suite: Suite) -> list[RunSpec]:
+    """Every size × method × training dataset × seed as a run spec (in that nesting)."""
     sizes = resolve_sizes(suite)
     methods = resolve_methods(suite)
-    validate_data_config(suite.data)
-    if suite.eval.per_byte and is_synthetic(suite.data.train):
-        raise UserError("eval.per_byte: a synthetic source's symbols are not text; bytes are not defined for it")
+    datas = suite.data.per_run()
+    several = len(datas) > 1
+    if several and suite.data.eval is not None and any(is_synthetic(d.train) for _, d in datas):
+        raise UserError("data.eval: a synthetic source is scored against itself; with several training "
+                        "datasets leave data.eval out (each run is evaluated on its own)")
+    for where, data in datas:
+        validate_data_config(data, where)
+        if suite.eval.per_byte and is_synthetic(data.train):
+            raise UserError(f"eval.per_byte: {where} is a synthetic source, whose symbols are not text; "
+                            "bytes are not defined for it")
     trains = resolve_train(suite, methods)
     specs = []
     for size, bb in sizes.items():
         for i, m in enumerate(methods):
             if m.sizes is not None and size not in m.sizes:
                 continue
-            get_method(m.method).check_compatible(m.params, suite.data, where=f"methods[{m.label}]")
-            for seed in suite.seeds:
-                specs.append(RunSpec(method=m.method, label=m.label, params=m.params, size=size,
-                                     backbone=bb, data=suite.data, train=trains[i],
-                                     eval=suite.eval, seed=seed))
+            for where, data in datas:
+                at = f"methods[{m.label}]" + (f" on {where}" if several else "")
+                get_method(m.method).check_compatible(m.params, data, where=at)
+                for seed in suite.seeds:
+                    specs.append(RunSpec(method=m.method, label=m.label, params=m.params, size=size,
+                                         backbone=bb, data=data, train=trains[i], eval=suite.eval, seed=seed))
     return specs
 
 

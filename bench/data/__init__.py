@@ -73,8 +73,10 @@ def synthetic_source(ref: DatasetRef) -> synthetic.Source:
     return _source(ref.name, dataset_params(ref))
 
 
-def validate_data_config(data: DataConfig) -> None:
-    dataset_params(data.train, "data.train")
+def validate_data_config(data: DataConfig, train: str = "data.train") -> None:
+    """Check a run's data block before anything runs; ``train`` names its training entry in
+    the messages (a suite listing several: ``data.train[i]``). Raises UserError."""
+    dataset_params(data.train, train)
     for i, ref in enumerate(data.eval):
         dataset_params(ref, f"data.eval[{i}]")
     for ref in (data.train, *data.eval):
@@ -84,7 +86,7 @@ def validate_data_config(data: DataConfig) -> None:
         for i, ref in enumerate(data.eval):
             if ref != data.train:
                 raise UserError(f"data.eval[{i}]: a synthetic source is evaluated on itself; "
-                                f"use the same entry as data.train ({data.train.key})")
+                                f"use the same entry as {train} ({data.train.key}), or leave data.eval out")
         problem = synthetic_source(data.train).length_error(data.seq_len)
         if problem:
             raise UserError(f"data.seq_len: {problem}")
@@ -92,14 +94,14 @@ def validate_data_config(data: DataConfig) -> None:
         raise UserError("data.eval: a synthetic source cannot evaluate a model trained on text")
     if data.seq_len < 4:
         raise UserError("data.seq_len: must be at least 4")
-    for where, ref in [("data.train", data.train)] + [(f"data.eval[{i}]", r) for i, r in enumerate(data.eval)]:
+    for where, ref in [(train, data.train)] + [(f"data.eval[{i}]", r) for i, r in enumerate(data.eval)]:
         kind, params = DATASETS[ref.name][0], dataset_params(ref, where)
         if kind in ("hub", "file") and params.path:
             p = Path(params.path).expanduser()
             if not p.exists() or (kind == "file" and not p.is_file()):
                 raise UserError(f"{where}.path: {params.path}: {'not a file' if p.exists() else 'not found'}")
         if kind == "hub":
-            need = "train" if where == "data.train" else "test"
+            need = "train" if where == train else "test"
             if need not in hub.SOURCES[ref.name].splits:
                 raise UserError(f"{where}: {ref.name} has no {need} split (only "
                                 f"{', '.join(hub.SOURCES[ref.name].splits)})")
