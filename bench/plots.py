@@ -157,22 +157,24 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
     curves = [r for r in recs if r.get("train", {}).get("curve")]
     if not curves:
         return None
+    panels: dict[tuple[str, str], list[dict]] = {}
+    for r in curves:
+        panels.setdefault((r["size"], r["train"]["curve"][0].get("dataset", "")), []).append(r)
+    keys = sorted(panels)
+    truths = {k: _probe_truth(panels[k][0]) for k in keys}
     fp = fingerprint([(r["size"], r["label"], r["train"]["curve"], r.get("spec", {}).get("data", {}).get("tokenizer"),
-                       r.get("spec", {}).get("eval", {}).get("curve_blocks"), _truth_h(r)) for r in curves])
+                       r.get("spec", {}).get("eval", {}).get("curve_blocks"), _truth_h(r)) for r in curves],
+                     sorted(truths.items()))
     if up_to_date(path, fp):
         return Path(path)
     plt = _pyplot()
     if plt is None:
         return None
-    panels: dict[tuple[str, str], list[dict]] = {}
-    for r in curves:
-        panels.setdefault((r["size"], r["train"]["curve"][0].get("dataset", "")), []).append(r)
-    keys = sorted(panels)
     cols = min(len(keys), 3)
     nrows = -(-len(keys) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.4 * nrows), squeeze=False)
     for ax, (size, ds) in zip(axes.flat, keys):
-        _learning_panel(ax, panels[(size, ds)], size, ds)
+        _learning_panel(ax, panels[(size, ds)], size, ds, truths[(size, ds)])
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -187,7 +189,17 @@ def _truth_h(rec: dict) -> float | None:
     return None
 
 
-def _learning_panel(ax, runs_all: list[dict], size: str, ds: str) -> None:
+def _probe_truth(rec: dict) -> float | None:
+    """A synthetic source's exact NLL per counted token of the learning probe's own blocks, as
+    the probe recorded it (bench.runner.learning_probe): the value every probe of a perfect model
+    would show. It differs from h by those blocks' sampling error (64 blocks of 16 tokens: ~0.03
+    nats), so the curves are read against it. None for text, and in records made before it was
+    recorded (the line is then h)."""
+    v = rec["train"]["curve"][0].get("source_nll_per_token")
+    return None if v is None else float(v)
+
+
+def _learning_panel(ax, runs_all: list[dict], size: str, ds: str, truth: float | None) -> None:
     def is_char(r):
         p = r["train"]["curve"][0]
         return p["char"] if "char" in p else (
@@ -214,12 +226,17 @@ def _learning_panel(ax, runs_all: list[dict], size: str, ds: str) -> None:
                 ci = np.array([[conv(p[key]) for p in r["train"]["curve"][:n]] for r in runs]).mean(0)
                 ax.plot(xs, ci, ls=":", lw=0.9, color=line.get_color())
     if h is not None:
-        ax.axhline(h, color="k", ls="--", lw=1.2, label=f"truth: source entropy h = {h:.4f}")
-        top = max(float(np.percentile([p["nll_per_token"] for r in runs_all for p in r["train"]["curve"]], 90)), h)
-        ax.set_ylim(h - 0.05 * (top - h) - 0.02 * h, top)   # the tail near h, not the first probe's spike
+        line = h if truth is None else truth
+        ax.axhline(line, color="k", ls="--", lw=1.2,
+                   label=f"truth: source entropy h = {h:.4f}" if truth is None else
+                   f"truth: the source's NLL of these blocks = {truth:.4f} (h = {h:.4f})")
+        lows = [p["nll_per_token"] for r in runs_all for p in r["train"]["curve"]]
+        top = max(float(np.percentile(lows, 90)), line)
+        bottom = min(float(np.percentile(lows, 2)), line)
+        ax.set_ylim(bottom - 0.05 * (top - bottom), top)   # the tail near the truth, not the first probe's spike
     p0 = runs_all[0]["train"]["curve"][0]
     nb = p0.get("blocks", runs_all[0].get("spec", {}).get("eval", {}).get("curve_blocks", "?"))
-    ax.set_title(f"size {size}: {ds}, first {nb} test blocks", fontsize=9)
+    ax.set_title(f"size {size}: {ds}\nfirst {nb} test blocks", fontsize=9)
     ax.set_xlabel("training tokens")
     ax.set_ylabel(unit)
     if not char and h is None:
@@ -233,7 +250,7 @@ def frontier(st, path: Path) -> Path | None:
     method across its step budgets (per size), Source text as a reference mark. Low gen ppl
     from repetitive text shows up as a point far left (low entropy). A synthetic suite's
     samples (scored by the source: true_nll, ngram_tv) get :func:`_truth_frontier` instead."""
-    fp = fingerprint(st[["size", "model", "steps", "metric", "value"]].to_csv(index=False))
+    fp = fingerprint(st[["size", "model", "steps", "dataset", "metric", "value"]].to_csv(index=False))
     if up_to_date(path, fp):
         return Path(path)
     plt = _pyplot()
@@ -304,17 +321,25 @@ def _value(g, metric: str) -> float | None:
 
 
 def _truth_frontier(st, path: Path, fp: str, plt) -> Path | None:
-    """``frontier.png`` of a synthetic suite: true_nll and ngram_tv (bench.metrics.truth)
-    against NFE, one line per method across its step budgets (per size); the Source row (fresh
-    true blocks: true_nll ≈ the source's entropy, ngram_tv = the finite-sample floor) as a
-    dashed line."""
-    panels = (("true_nll", "true NLL of samples (nats/token)"), ("ngram_tv", "n-gram TV to the source (log scale)"))
+    """``frontier.png`` of a synthetic suite: true_nll, ngram_tv and (where a source has
+    ill-formed strings) valid (bench.metrics.truth) against NFE, one line per method across its
+    step budgets, a row of panels per size × source; the Source row (fresh true blocks: true_nll
+    ≈ the source's entropy, ngram_tv = the finite-sample floor, valid = 1) as a dashed line."""
+    panels = [("true_nll", "true NLL of samples (nats/token)"), ("ngram_tv", "n-gram TV to the source (log scale)")]
+    if (st["metric"] == "valid").any():
+        panels.append(("valid", "fraction of samples well-formed"))
     rows = _panel_rows(st)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(5.5 * len(panels), 4.2 * len(rows)), squeeze=False)
+    # one colour and marker per model in every panel (solid circles for the first ten, then dashed squares)
+    style = {m: (f"C{k % 10}", "o-" if k < 10 else "s--") for k, m in enumerate(dict.fromkeys(st["model"]))}
     drew = False
     for row, (size, ds, s) in zip(axes, rows):
         for ax, (metric, ylabel) in zip(row, panels):
-            for i, (model, g) in enumerate(s.groupby("model", sort=False)):
+            if metric == "valid" and not (s["metric"] == "valid").any():
+                ax.axis("off")   # a source whose every string has p > 0 (markov, hmm): nothing to show
+                continue
+            for model, g in s.groupby("model", sort=False):
+                color, fmt = style[model]
                 pts = [(steps, _value(h, "nfe"), _value(h, metric))
                        for steps, h in g.groupby("steps", sort=False, dropna=False)]
                 pts = [p for p in pts if p[2] is not None]
@@ -324,11 +349,11 @@ def _truth_frontier(st, path: Path, fp: str, plt) -> Path | None:
                 pts = sorted((p for p in pts if p[1] is not None), key=lambda p: p[1])
                 if not pts:
                     continue
-                ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", color=f"C{i}", label=model, lw=1.2)
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], fmt, color=color, label=model, lw=1.2, ms=4)
                 for steps, x, y in pts:
                     if steps is not None and not (isinstance(steps, float) and math.isnan(steps)):
-                        ax.annotate(f"{int(steps)}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points",
-                                    color=f"C{i}")
+                        ax.annotate(f"{int(steps)}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                                    color=color)
                 drew = True
             ax.set_xscale("log")
             if metric == "ngram_tv":

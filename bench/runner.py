@@ -199,11 +199,13 @@ def learning_probe(method, spec: RunSpec, device):
     the final evaluation packs and counts them) with ``curve_t_samples`` t draws per block,
     drawn as one stratified sample over all of them (``bench.evaluate.draw_u_joint``: with
     K = 2 the protocol's per-block draws are iid, ~0.4 bits per token of Monte-Carlo sd for a
-    uniform-noise row) and its interval (``summarize_joint``); the same draws at every point.
-    None when off or the method has no likelihood."""
+    uniform-noise row) and its interval (``summarize_joint``); the same draws at every point. On
+    a synthetic source each point also carries the source's exact NLL of the same blocks
+    (``source_nll_per_token``), the line learning.png draws. None when off or the method has no
+    likelihood."""
     import torch
 
-    from bench.data import load_blocks
+    from bench.data import is_synthetic, load_blocks, source_nll_of_blocks
     from bench.evaluate import draw_u_joint, per_sequence_nll, summarize_joint
 
     e = spec.eval
@@ -214,6 +216,9 @@ def learning_probe(method, spec: RunSpec, device):
     protocol = spec.protocol()
     tokens, counted = np.array(blocks.tokens), np.array(blocks.counted)
     exact = method.likelihood == "exact"
+    truth = None   # a synthetic source's exact NLL per counted token of these very blocks (learning.png's line)
+    if is_synthetic(ref):
+        truth = round(float(source_nll_of_blocks(ref, tokens).sum() / counted.sum()), 6)
     u, strata = draw_u_joint(len(tokens), 1 if exact else e.curve_t_samples, torch.Generator().manual_seed(e.seed))
 
     def probe(model, step: int, seen: int) -> dict:
@@ -227,7 +232,8 @@ def learning_probe(method, spec: RunSpec, device):
         rnd = lambda v: None if v is None else round(float(v), 6)  # noqa: E731
         return {"step": step, "tokens": seen, "dataset": ref.key, "blocks": len(tokens),
                 "char": spec.data.tokenizer.name == "char",
-                **{k: rnd(s[k]) for k in ("nll_per_token", "se_nll_per_token", "ci_low_nll", "ci_high_nll")}}
+                **{k: rnd(s[k]) for k in ("nll_per_token", "se_nll_per_token", "ci_low_nll", "ci_high_nll")},
+                **({} if truth is None else {"source_nll_per_token": truth})}
 
     probe.every = e.curve_every
     return probe

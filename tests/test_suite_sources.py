@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from conftest import specs_of, tiny_suite, write_suite
 
@@ -65,8 +66,8 @@ def test_two_sources_end_to_end_tables_and_learning_panels(tmp_path, monkeypatch
     entropy as a horizontal line at h (read back from the figure before it is saved)."""
     from bench import plots
     from bench.cli import main
-    from bench.config import DatasetRef
-    from bench.data import synthetic_source
+    from bench.config import DataConfig, DatasetRef
+    from bench.data import load_blocks, synthetic_source
 
     suite = _two_sources(seeds=[0], train={"steps": 20, "batch_size": 16, "lr": 3e-3, "warmup": 2, "ckpt_every": 20},
                          eval={"t_samples": 2, "packing": "none", "max_blocks": 32, "batch_size": 16,
@@ -81,18 +82,34 @@ def test_two_sources_end_to_end_tables_and_learning_panels(tmp_path, monkeypatch
     md = (out / "leaderboard.md").read_text()
     header = next(x for x in md.splitlines() if x.startswith("| Size | Model |") and "Steps" not in x)
     assert all(k in header for k in keys.values())
+    lines = md.splitlines()
     for k in keys.values():
         assert f"Samples of the runs on {k}" in md
-        assert sum(x.startswith("| Size | Model | Steps | ppl (" + k) for x in md.splitlines()) == 1
+        heads = [i for i, x in enumerate(lines) if x.startswith("| Size | Model | Steps | ppl (" + k)]
+        assert len(heads) == 1
+        rows = [x for x in lines[heads[0] + 2:] if x.startswith("|")]
+        rows = rows[:next((i for i, x in enumerate(rows) if x.startswith("| Size |")), len(rows))]
+        # each source's table: both models' samples and that source's own fresh true blocks
+        assert any("| MDLM |" in x for x in rows) and any("| GPT-2 |" in x for x in rows)
+        assert any("| Source text |" in x for x in rows)
     axes = [ax for ax in figs["learning.png"].axes if ax.get_visible()]
     assert len(axes) == 2
     for name, key in keys.items():
         ax = next(a for a in axes if key in a.get_title())
-        h = synthetic_source(DatasetRef(**{"markov": MARKOV, "dyck": DYCK}[name])).entropy(16)["value"]
+        ref = DatasetRef(**{"markov": MARKOV, "dyck": DYCK}[name])
+        # the line: the source's exact NLL per token of the probe's own 16 blocks (not h, from
+        # which 16 blocks differ by their sampling error), recomputed here from the source
+        blocks = load_blocks(ref, "test", DataConfig(train=ref, eval=[ref], seq_len=16), "none").head(16)
+        want = -synthetic_source(ref).log_prob(np.asarray(blocks.tokens)).sum() / np.asarray(blocks.counted).sum()
         truth = [ln for ln in ax.lines if ln.get_label().startswith("truth")]
-        assert len(truth) == 1 and list(truth[0].get_ydata()) == [pytest.approx(h, rel=1e-9)] * 2
+        assert len(truth) == 1 and list(truth[0].get_ydata()) == [pytest.approx(want, abs=1e-6)] * 2
+        h = synthetic_source(ref).entropy(16)["value"]
+        assert f"h = {h:.4f}" in truth[0].get_label() and abs(want - h) > 1e-4   # the two differ
         assert ax.get_ylabel().startswith("nats per token")
         assert {t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()} >= {"MDLM", "GPT-2"}
-        assert math.isfinite(h) and ax.get_ylim()[0] < h < ax.get_ylim()[1]
-    front = [ax.get_title() for ax in figs["frontier.png"].axes]
+        assert math.isfinite(want) and ax.get_ylim()[0] < want < ax.get_ylim()[1]
+    front = [ax.get_title() for ax in figs["frontier.png"].axes if ax.axison]
     assert all(any(k in t for t in front) for k in keys.values())
+    # well-formedness is drawn for dyck only (every markov string has p > 0)
+    assert any(keys["dyck"] in t and ": valid vs NFE" in t for t in front)
+    assert not any(keys["markov"] in t and ": valid vs NFE" in t for t in front)
