@@ -296,7 +296,8 @@ def frontier(st, path: Path) -> Path | None:
         for ax in row:
             ax.set_ylabel("generative perplexity (log scale)")
             ax.set_yscale("log")
-            ax.set_title(f"size {size}{ds}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps)")
+            ax.set_title(f"size {size}: gen ppl vs {'entropy' if ax is row[0] else 'NFE'} (labels: steps){ds}",
+                         fontsize=9)
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:   # a panel with no labelled line gets no legend
                 ax.legend(fontsize=7)
@@ -307,11 +308,12 @@ def frontier(st, path: Path) -> Path | None:
 
 
 def _panel_rows(st) -> list[tuple[str, str, object]]:
-    """(size, ", <dataset>" or "", its rows) per size × sample reference dataset: one row of
-    panels each (a suite with several training sets scores each run's samples on its own)."""
+    """(size, "\n<dataset>" or "", its rows) per size × sample reference dataset: one row of
+    panels each (a suite with several training sets scores each run's samples on its own); the
+    dataset goes on a second title line."""
     ds = st["dataset"].fillna("").astype(str)
     several = ds.nunique() > 1
-    return [(size, f", {d}" if several and d else "", st[(st["size"] == size) & (ds == d)])
+    return [(size, f"\n{d}" if several and d else "", st[(st["size"] == size) & (ds == d)])
             for size, d in dict.fromkeys(zip(st["size"], ds))]
 
 
@@ -360,7 +362,7 @@ def _truth_frontier(st, path: Path, fp: str, plt) -> Path | None:
                 ax.set_yscale("log")
             ax.set_xlabel("NFE (network calls per sample; log scale)")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"size {size}{ds}: {metric} vs NFE (labels: steps)", fontsize=9)
+            ax.set_title(f"size {size}: {metric} vs NFE (labels: steps){ds}", fontsize=9)
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)

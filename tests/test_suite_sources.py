@@ -113,3 +113,4 @@ def test_two_sources_end_to_end_tables_and_learning_panels(tmp_path, monkeypatch
     # well-formedness is drawn for dyck only (every markov string has p > 0)
     assert any(keys["dyck"] in t and ": valid vs NFE" in t for t in front)
     assert not any(keys["markov"] in t and ": valid vs NFE" in t for t in front)
+    assert all(t.startswith("size tiny: ") for t in front)
