@@ -84,10 +84,12 @@ def save_figure(fig, path: Path, fp: str | None = None) -> Path:
     return path
 
 
-def aggregate(recs: list[dict]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:
-    """{size: {model: (steps, mean, sd, n_seeds)}} of the loss curves; curves of one model are
-    resampled onto a common step grid (linear interpolation) before averaging."""
-    groups: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+def aggregate(recs: list[dict]) -> dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]:
+    """{(size, dataset): {model: (steps, mean, sd, n_seeds)}} of the loss curves, ``dataset`` the
+    run's first evaluated dataset (a suite training on several datasets scores each run on its
+    own, so this separates them; "" for a run without metrics); curves of one model are resampled
+    onto a common step grid (linear interpolation) before averaging."""
+    groups: dict[tuple[str, str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
     for r in recs:
         tr = r.get("train") or {}
         ys = tr.get("loss_curve")
@@ -95,14 +97,15 @@ def aggregate(recs: list[dict]) -> dict[str, dict[str, tuple[np.ndarray, np.ndar
             continue
         ys = np.asarray(ys, dtype=float)
         xs = np.arange(len(ys)) * (tr["steps"] / len(ys))
-        groups.setdefault((r["size"], r["label"]), []).append((xs, ys))
+        ds = next((m.get("dataset") for m in r.get("metrics") or [] if m.get("dataset")), "")
+        groups.setdefault((r["size"], ds, r["label"]), []).append((xs, ys))
     out: dict = {}
-    for (size, model), curves in groups.items():
+    for (size, ds, model), curves in groups.items():
         end = min(float(x[-1]) for x, _ in curves)
         grid = np.linspace(0.0, end, min(GRID, max(len(x) for x, _ in curves)))
         stack = np.stack([np.interp(grid, x, y) for x, y in curves])
         sd = stack.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(grid)
-        out.setdefault(size, {})[model] = (grid, stack.mean(axis=0), sd, len(curves))
+        out.setdefault((size, ds), {})[model] = (grid, stack.mean(axis=0), sd, len(curves))
     return out
 
 
@@ -118,30 +121,45 @@ def _pyplot():
 
 
 def training_curves(recs: list[dict], path: Path) -> Path | None:
+    """``training.png``: the training loss against the step, a panel per size (× dataset, when
+    runs train on several), one line per model (mean ± sd over seeds). The y range leaves out the
+    first steps' spikes (a loss of 100+ nats at step 0 would flatten every other line)."""
     agg = aggregate(recs)
     if not agg:
         return None
-    sizes = sorted(agg)
-    keys = [(size, model, agg[size][model][3]) for size in sizes for model in sorted(agg[size])]
-    fp = fingerprint(keys, *(a for size, model, _ in keys for a in agg[size][model][:3]))
+    panels = sorted(agg)
+    several = len({ds for _, ds in panels}) > 1
+    keys = [(panel, model, agg[panel][model][3]) for panel in panels for model in sorted(agg[panel])]
+    fp = fingerprint(keys, *(a for panel, model, _ in keys for a in agg[panel][model][:3]))
     if up_to_date(path, fp):
         return Path(path)
     plt = _pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 3.8), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        for model in sorted(agg[size]):
-            xs, mean, sd, n = agg[size][model]
+    cols = min(len(panels), 3)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.8 * nrows), squeeze=False)
+    for ax, (size, ds) in zip(axes.flat, panels):
+        lows, highs = [], []
+        for model in sorted(agg[(size, ds)]):
+            xs, mean, sd, n = agg[(size, ds)][model]
             (line,) = ax.plot(xs, mean, lw=1.2, label=f"{model} ({n} seed{'s' if n > 1 else ''}"
                                                       f"{', mean ± sd' if n > 1 else ''})")
             if n > 1:
                 ax.fill_between(xs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_title(f"size {size}")
+            tail = mean[len(mean) // 10:] if len(mean) > 10 else mean
+            lows.append(float(tail.min()))
+            highs.append(float(tail.max()))
+        lo, hi = min(lows), max(highs)
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+        ax.set_title(f"size {size}" + (f"\n{ds}" if several else ""), fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats / token)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
     return save_figure(fig, path, fp)
 
 

@@ -108,6 +108,8 @@ def test_two_sources_end_to_end_tables_and_learning_panels(tmp_path, monkeypatch
         assert ax.get_ylabel().startswith("nats per token")
         assert {t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()} >= {"MDLM", "GPT-2"}
         assert math.isfinite(want) and ax.get_ylim()[0] < want < ax.get_ylim()[1]
+    train_titles = [ax.get_title() for ax in figs["training.png"].axes if ax.get_visible()]
+    assert len(train_titles) == 2 and all(any(k in t for t in train_titles) for k in keys.values())
     front = [ax.get_title() for ax in figs["frontier.png"].axes if ax.axison]
     assert all(any(k in t for t in front) for k in keys.values())
     # well-formedness is drawn for dyck only (every markov string has p > 0)
