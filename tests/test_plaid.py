@@ -79,7 +79,7 @@ def test_zero_network_reads_out_the_posterior_mean_of_a_uniform_token_prior(t):
     """The head starts at zero, so the network's own logits are 0 and the logits are the bias
     (α/σ²)·z_t·Eᵀ alone. With unit rows that is log N(z_t; α e_v, σ² I) up to a constant in v,
     so x̂0 = Σ_v q(v | z_t) e_v exactly (reference: torch's Normal log-density, float64). The
-    logits reach ≈ 20 at t = 0 (α/σ² = 20.7 at γ_0 = −3); their float32 rounding (≤ 2e-6 each)
+    logits reach ≈ 20 at t = 0 (α/σ² = 20.6 at γ_0 = −3); their float32 rounding (≤ 2e-6 each)
     moves x̂0 by ≤ 1e-5: tolerance 1e-5. Without the bias x̂0 is the plain mean row."""
     m = _make(self_condition=False)
     E = m.embedding.weight.detach()
