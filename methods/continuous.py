@@ -31,6 +31,7 @@ from pydantic import Field, PositiveInt
 from bench.backbone import Backbone
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
+from methods import _plaid
 from methods._gaussian import (
     PARAMETERISATIONS,
     SAMPLERS,
@@ -202,6 +203,7 @@ class DiffusionLM(EmbeddingDiffusion):
 
 
 class PLAIDParams(Params):
+    """PLAID as igul222/plaid by default; each choice of its lib/models.py an option (PLAID.default_label)."""
     self_condition: bool = True
     # plaid/train.py conditions a quarter of each batch on its first pass (selfcond_mask[offset::4])
     self_condition_rate: float = Field(0.25, ge=0.0, le=1.0, description=SC_RATE.description + " (PLAID: ¼)")
@@ -213,15 +215,34 @@ class PLAIDParams(Params):
     reconstruction_share: float = Field(0.125, gt=0.0, lt=1.0, description=(
         "q: share of draws (rows) that estimate the t = 0 reconstruction term, weighted 1/q; "
         "the rest estimate the diffusion term, weighted 1/(1 − q)"))
+    unit_embeddings: bool = Field(True, description="rows of E of unit length (lib/models.py:91–98)")
+    logit_bias: bool = Field(True, description="(α/σ²)·z_t·Eᵀ added to the logits, fp32 (lib/models.py:194–209)")
+    rescale_input: bool = Field(True, description="the network reads z_t/√(α²/d + σ²), x̃0·√d (lib/models.py:169–177)")
+    condition: Literal["gamma", "t"] = Field("gamma", description="the network's condition (lib/models.py:179–183)")
+    float64_sampling: bool = Field(True, description="the sampling chain in float64 (sample.py:44–47)")
 
 
 @register("plaid")
 class PLAID(EmbeddingDiffusion):
+    """PLAID's parameterisation (methods/_plaid.py, docs/methods.md#plaid): unit-norm rows of E,
+    logits f_θ + (α/σ²)·z_t·Eᵀ (fp32), x̂0 = softmax(logits)·E, the network reading z_t/√(α²/d + σ²)
+    and conditioned on γ(t); schedule, bound and sampling chain in float64; samples are the argmax
+    of the logits at z_0."""
+
     Params = PLAIDParams
+    LABEL_TAGS = (("self_condition", "−SC"), ("unit_embeddings", "−unit-norm"), ("logit_bias", "−logit-bias"),
+                  ("rescale_input", "−rescale"))
+
+    def __init__(self, params, backbone, vocab_size, seq_len, context=None):
+        super().__init__(params, backbone, vocab_size, seq_len, context)
+        if params.unit_embeddings:
+            self.embedding = _plaid.UnitEmbedding(vocab_size, params.embed_dim)
 
     @classmethod
     def default_label(cls, params):
-        return "PLAID" if params.self_condition else "PLAID −SC"
+        """"PLAID", then a tag for each of PLAID's choices switched off ("PLAID −SC −logit-bias")."""
+        tags = [tag for field, tag in cls.LABEL_TAGS if not getattr(params, field)]
+        return " ".join(["PLAID", *tags, *(["−γ-cond"] if params.condition != "gamma" else [])])
 
     def build_network(self, cfg):
         return Backbone(cfg, vocab_in=None, vocab_out=self.V, seq_len=self.L,
@@ -230,33 +251,59 @@ class PLAID(EmbeddingDiffusion):
     def make_schedule(self):
         return Learned(self.p.gamma_0, self.p.gamma_1)
 
+    def gamma(self, t):
+        """γ(t) in float64 (plaid/train.py:67–70, 214–236: schedule and loss in float64)."""
+        return self.schedule.gamma(t.double())
+
+    def hidden(self, z, t, x_sc):
+        """The backbone's last hidden states for z_t (B, L, d) at t (B,) with x̃0 (or None), and
+        the bias input (α/σ²)·z_t or None (what the network reads: _plaid.network_inputs)."""
+        z_in, x_sc, cond, side = _plaid.network_inputs(self.p, z, t, self.gamma(t), x_sc)
+        return self.net(t=cond, embeds=z_in, self_cond=x_sc, return_hidden=True), side
+
+    def readout(self, z, t, x_sc, targets=None):
+        """x̂0 = softmax(logits)·E (B, L, d) fp32, and with ``targets`` also −log softmax(logits)[w]
+        (B, L), logits = f_θ(·) + (α/σ²)·z_t·Eᵀ (``hidden``; _plaid.biased_readout)."""
+        h, side = self.hidden(z, t, x_sc)
+        return _plaid.biased_readout(self.net.head, h, side, self.embedding.weight, targets)
+
     def predict_x0(self, z, t, x_sc):
-        """x̂0 = softmax(f_θ(z_t, t)) E: the expected embedding under the predicted tokens (through
-        the backbone's fused head: the (B, L, V) probabilities stay inside it)."""
-        return self.net(t=t, embeds=z, self_cond=x_sc, expect=self.embedding.weight).float()
+        return self.readout(z, t, x_sc).to(z.dtype)
 
     def elbo_terms(self, w, counted, u, train: bool):
-        """(B, L) per-token estimate of the bound from one draw u per row (module docstring):
-        rows with u < q estimate the reconstruction term at t = 0 with the network as decoder,
-        the others the diffusion term at t = (u − q)/(1 − q); the prior term is exact on all."""
+        """(B, L) per-token estimate of the bound from one draw u per row (module docstring), in
+        float64: rows with u < q estimate the reconstruction term at t = 0 with the network as
+        decoder, the others the diffusion term at t = (u − q)/(1 − q); the prior term is exact on all."""
         q = self.p.reconstruction_share
         rec = u < q                                                      # (B,)
         t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))
         e = self.embedding(w)
         z, _, _, _ = self.noised(e, counted, t)
-        # x̂0 = softmax(f_θ) E and −log softmax(f_θ)[w] (the decoder's term on rows at t = 0) from
-        # one pass of the fused head
-        x0_hat, nll = self.net(t=t, embeds=z, self_cond=self.first_pass(z, t, train),
-                               expect=self.embedding.weight, targets=w)
-        diff = diffusion_term(e.float(), x0_hat.float(), self.schedule.gamma(t)[:, None],
-                              self.schedule.dgamma(t)[:, None])
-        _, g1 = self.endpoints(e)
-        estimate = torch.where(rec[:, None], nll.float() / q, diff / (1 - q))
-        return estimate + prior_kl(e.float(), g1)
+        # x̂0 and −log softmax(logits)[w] (the decoder's term on rows at t = 0) from one fused pass
+        x0_hat, nll = self.readout(z, t, self.first_pass(z, t, train), targets=w)
+        diff = diffusion_term(e.double(), x0_hat.double(), self.gamma(t)[:, None],
+                              self.schedule.dgamma(t.double())[:, None])
+        g1 = self.schedule.endpoints()[1].double()
+        estimate = torch.where(rec[:, None], nll.double() / q, diff / (1 - q))
+        return estimate + prior_kl(e.double(), g1)
 
     def loss(self, x0, counted, u):
         """The bound itself, per counted token (its gradient also trains γ_0, γ_1)."""
         return (self.elbo_terms(x0, counted, u, train=True) * counted).sum() / counted.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def sample(self, n, steps=64, generator=None):
+        """z_1 ~ N(0, I), steps − 1 DDPM/DDIM steps down to z_0 (_plaid.sample_to_zero, float64 with
+        ``float64_sampling``), then the argmax of the logits at (z_0, t = 0) (sample.py:176–183):
+        ``steps`` network calls."""
+        E = self.embedding.weight
+        dt = torch.float64 if self.p.float64_sampling else torch.float32
+        z = torch.randn((n, self.L, E.shape[1]), generator=generator, device=E.device, dtype=dt)
+        snap = (lambda x: E[nearest_embedding(x.float(), E)].to(dt)) if self.p.clamp else None  # noqa: E731
+        z0, x_sc = _plaid.sample_to_zero(self.predict_x0, z, self.gamma, steps - 1, SAMPLERS[self.p.sampler],
+                                         generator, snap=snap, self_condition=self.p.self_condition)
+        h, side = self.hidden(z0, torch.zeros(n, device=E.device, dtype=dt), x_sc)
+        return _plaid.argmax_logits(self.net.head, h, side, E)
 
 
 # ----------------------------------------------------------------------------- simplex diffusion

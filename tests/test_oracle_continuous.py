@@ -2,15 +2,19 @@
 real ``DiffusionLM.nll`` and ``PLAID.nll`` with the Bayes-optimal denoiser injected).
 
 The world: V = 4, L = 2, all 16 sequences with a random distribution p; fixed embeddings
-E_v = c·b_v + M·u (b_v orthonormal, u a fifth direction shared by every token), e = E[w] ∈ R^{2×5}.
+E_v = c·b_v + M·u (b_v orthonormal, u a fifth direction shared by every token), e = E[w] ∈ R^{2×5};
+for PLAID, whose rows have unit length, E_v = (c·b_v + M·u)/√(c² + M²).
 The oracle is the posterior mean of the finite embedding mixture, the Bayes-optimal
 x0-prediction for these embeddings:
 
     x̂(z_t) = E[e | z_t] = Σ_w' q(w' | z_t) E[w'],   q(w' | z_t) ∝ p(w') N(z_t; α_t E[w'], σ_t² I).
 
-Diffusion-LM's ``predict_x0`` is replaced by it; PLAID's network (its fused head) by the
-per-position marginals q(w_i = v | z_t), which give the same x̂ = Σ_v q(w_i = v | z_t) E_v and, at
-t = 0, PLAID's decoder −log q(w_i | z_0). Everything else is the methods' own code.
+Diffusion-LM's ``predict_x0`` is replaced by it; PLAID's backbone by ``PLAIDOracle``, which from
+the backbone's own inputs (the rescaled z_t and the condition γ·e⁵/1000, inverted by hand)
+returns the hidden state that makes PLAID's logits — read out by PLAID's own code, its logit bias
+(α/σ²)·z_t·Eᵀ added — the per-position log-marginals log q(w_i = v | z_t): they give the same
+x̂ = Σ_v q(w_i = v | z_t) E_v and, at t = 0, PLAID's decoder −log q(w_i | z_0). Everything else
+is the methods' own code.
 
 What the bound then equals. With the optimal x̂ the diffusion term telescopes: it is the T → ∞
 limit of Σ KL(q(z_s | z_t, w) ‖ q(z_s | z_t)), and q(z_s | z_t, w)/q(z_s | z_t) =
@@ -36,19 +40,24 @@ when |estimate − reference| ≤ 4·s.e. (reference s.e. included in quadrature
 has probability 6e-5 under normality) plus, for Diffusion-LM's tied decoder, its float32
 rounding: its logits z_0·E_v have magnitude ≈ M², each rounded to ½ ulp (the shared M² part is
 one product, the same in every logit), and −log softmax moves by at most the largest logit
-error plus the target's, so ≤ L·ulp(M² + c²) per sequence. Every term a mutant could drop is
-checked to be larger than 8 s.e. plus that rounding allowance, so dropping it must fail.
+error plus the target's, so ≤ L·ulp(M² + c²) per sequence; for PLAID's float32 logits, each of
+the oracle's part and the bias ≲ 2·α_0/σ_0² at t = 0, ≤ 2L·ulp(2·α_0/σ_0²) (1.2e-4 and 1.5e-5
+in its two worlds). Every term a mutant could drop is checked to be larger than 8 s.e. plus that
+rounding allowance, so dropping it must fail.
 
 Two worlds:
-- tight: well-separated embeddings (tokens ≥ 15 σ_0 apart at t = 0), M = 0: G_rec ≈ 0 and
-  G_prior = O(α_1²‖e‖²), bounded a priori (``tight_gap_bound``) by 1.4e-4 for Diffusion-LM
-  (α_1² = sigmoid(−13) = 2.3e-6) and 0.06 for PLAID (α_1² = sigmoid(−6) = 2.5e-3); computed,
-  they are ≤ 2e-5 and ≤ 9e-3. The estimate is −log p(w) to 4 s.e. plus the computed gap.
+- tight: well-separated embeddings (tokens ≥ 15 σ_0 apart at t = 0: Diffusion-LM c = 4; PLAID's
+  unit rows √2 apart with γ_0 = −5, σ_0 = 0.082), M = 0: G_rec ≈ 0 and G_prior = O(α_1²‖e‖²),
+  bounded a priori (``tight_gap_bound``) by 1.4e-4 for Diffusion-LM (α_1² = sigmoid(−13) =
+  2.3e-6) and 0.01 for PLAID (α_1² = sigmoid(−6) = 2.5e-3); computed, they are ≤ 2e-5 and
+  ≤ 1.2e-3. The estimate is −log p(w) to 4 s.e. plus the computed gap.
 - every term: closer embeddings (a real rounding / reconstruction term) and a shared offset M
-  (a real prior term: P ≈ ½ α_1² M² per token; the offset cancels in every posterior and in
-  every softmax, so it changes nothing else): the estimate equals the exact B(w), and each of
-  R, P, D (for PLAID also (1 − q)·R and q·D, what a wrong 1/q or 1/(1 − q) weight would move)
-  is far outside the tolerance.
+  (the offset cancels in every posterior and in every softmax, so it changes nothing else), and
+  a real prior term — Diffusion-LM's from the offset, P ≈ ½ α_1² M² per token; PLAID's unit rows
+  (tokens 2.9 σ_0 apart at γ_0 = −3) from a lower γ_1 = 1, P = ½(α_1² + d(σ_1² − 1 − log σ_1²))
+  = 0.25 per token: the estimate equals the exact B(w), and each of R, P, D (for PLAID also
+  (1 − q)·R and q·D, what a wrong 1/q or 1/(1 − q) weight would move) is far outside the
+  tolerance.
 """
 from __future__ import annotations
 
@@ -61,16 +70,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.backbone import Head
 from bench.config import BackboneConfig
 from bench.evaluate import draw_u
+from methods._plaid import GAMMA_TIME
 from methods.continuous import PLAID, DiffusionLM
 
 V, L, DRAWS, REF_DRAWS = 4, 2, 128_000, 100_000
 BB = BackboneConfig(layers=1, hidden=8, heads=1, cond_dim=8)
 X = torch.tensor(list(itertools.product(range(V), repeat=L)))              # (16, L)
-# (c, M) per method and world; see the module docstring
+# (c, M) per method and world, and PLAID's (γ_0, γ_1) there; see the module docstring
 WORLDS = {("diffusion-lm", "tight"): (4.0, 0.0), ("diffusion-lm", "every term"): (1.5, 600.0),
-          ("plaid", "tight"): (2.5, 0.0), ("plaid", "every term"): (0.5, 12.0)}
+          ("plaid", "tight"): (1.0, 0.0), ("plaid", "every term"): (0.5, 1.0)}
+PLAID_GAMMAS = {"tight": (-5.0, 6.0), "every term": (-3.0, 1.0)}
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +92,12 @@ def p():
     return q / q.sum()
 
 
-def embeddings(c: float, M: float) -> torch.Tensor:
+def embeddings(c: float, M: float, unit: bool = False) -> torch.Tensor:
+    """E_v = c·b_v + M·u (module docstring), divided by its length √(c² + M²) when ``unit``."""
     E = torch.zeros(V, V + 1)
     E[:, :V] = c * torch.eye(V)
     E[:, V] = M
-    return E
+    return E / math.hypot(c, M) if unit else E
 
 
 def log_posterior(z, alpha, sigma, E, p):
@@ -101,21 +114,37 @@ def marginals(logq):
     return torch.einsum("bn,nlv->blv", logq.exp(), F.one_hot(X, V).double())
 
 
+def log_marginals(logq):
+    """log q(w_i = v | z) from the joint posterior, (B, L, V), in log space (finite everywhere)."""
+    return torch.stack([torch.stack([torch.logsumexp(logq[:, X[:, i] == v], -1) for v in range(V)], -1)
+                        for i in range(L)], 1)
+
+
 class PLAIDOracle(nn.Module):
-    """Stands in for PLAID's network, fused head included: x̂ = Σ_v q(w_i = v | z_t) E_v and,
-    with targets, −log q(w_i = target | z_t)."""
+    """Stands in for PLAID's backbone, given only what the backbone is given: the condition c =
+    γ·GAMMA_TIME and the rescaled z_t·(α²/d + σ²)^{−1/2}. It inverts both maps (by hand) to γ and
+    z_t and returns as its hidden state ℓ_v = log q(w_i = v | z_t) − (α/σ²)·z_t·E_v, read out by
+    an identity head: the logits PLAID forms, ℓ + (α/σ²)·z_t·Eᵀ, are then the exact log-marginals,
+    so x̂ = Σ_v q(w_i = v | z_t) E_v and, at t = 0, the decoder is −log q(w_i | z_0). ``seen``
+    keeps each recovered z_t."""
 
     def __init__(self, m, p):
         super().__init__()
-        self.schedule, self.E, self.p = m.schedule, m.embedding.weight, p
+        self.embedding, self.p, self.d, self.seen = m.embedding, p, m.p.embed_dim, []
+        self.head = Head(V, V)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(V))
+            self.head.bias.zero_()
 
-    def forward(self, t=None, embeds=None, self_cond=None, expect=None, targets=None):
-        a, s = self.schedule.alpha_sigma(t)
-        pi = marginals(log_posterior(embeds, a, s, self.E, self.p))
-        x_hat = pi @ expect.double()
-        if targets is None:
-            return x_hat
-        return x_hat, -pi.gather(-1, targets[..., None])[..., 0].log()
+    def forward(self, t=None, embeds=None, self_cond=None, return_hidden=False, **_):
+        assert return_hidden, "PLAID reads its logits out itself"
+        g = t.double() / GAMMA_TIME
+        a2, s2 = torch.sigmoid(-g)[:, None, None], torch.sigmoid(g)[:, None, None]
+        z = embeds.double() * torch.sqrt(a2 / self.d + s2)
+        self.seen.append(z)
+        E = self.embedding.weight.double()
+        logpi = log_marginals(log_posterior(z, a2.sqrt(), s2.sqrt(), E, self.p))
+        return (logpi - (a2.sqrt() / s2) * z @ E.t()).float()
 
 
 def model(name, world, p):
@@ -124,10 +153,13 @@ def model(name, world, p):
     torch.manual_seed(0)
     if name == "diffusion-lm":
         m = DiffusionLM(DiffusionLM.Params(embed_dim=V + 1), BB, V, L)
+        with torch.no_grad():
+            m.embedding.weight.copy_(embeddings(c, M))
     else:
-        m = PLAID(PLAID.Params(embed_dim=V + 1), BB, V, L)
-    with torch.no_grad():
-        m.embedding.weight.copy_(embeddings(c, M))
+        g0, g1 = PLAID_GAMMAS[world]
+        m = PLAID(PLAID.Params(embed_dim=V + 1, gamma_0=g0, gamma_1=g1), BB, V, L)
+        with torch.no_grad():
+            m.embedding.matrix.copy_(embeddings(c, M, unit=True))
     if name == "diffusion-lm":
         cand = lambda: m.embedding.weight.double()[X].reshape(len(X), -1)  # noqa: E731
 
@@ -179,9 +211,14 @@ def reference(m, name, j, p, seed=1, n=REF_DRAWS):
 
 
 def float_allowance(name, world):
-    """Diffusion-LM's tied decoder in float32: ≤ L·ulp(M² + c²) per sequence (docstring)."""
+    """The float32 logits' rounding (docstring): Diffusion-LM's tied decoder ≤ L·ulp(M² + c²) per
+    sequence; PLAID's logits ℓ + (α/σ²)·z·Eᵀ, each term ≲ 2·α_0/σ_0² at t = 0 (|z·e| ≤ 2 for
+    unit rows), ≤ L·2·ulp(2·α_0/σ_0²)."""
     c, M = WORLDS[name, world]
-    return L * float(np.spacing(np.float32(M * M + c * c))) if name == "diffusion-lm" else 0.0
+    if name == "diffusion-lm":
+        return L * float(np.spacing(np.float32(M * M + c * c)))
+    g0 = PLAID_GAMMAS[world][0]
+    return 2 * L * float(np.spacing(np.float32(2 * math.sqrt(1 / (1 + math.exp(g0))) * (1 + math.exp(-g0)))))
 
 
 def tight_gap_bound(m, ref):
@@ -198,7 +235,7 @@ def tight_gap_bound(m, ref):
 @pytest.mark.parametrize("j", [0, 10])
 def test_oracle_bound_is_the_true_nll_in_the_tight_world(name, j, p):
     """Well-separated embeddings, no offset: the computed gap G_rec + G_prior is within its
-    a-priori bound (``tight_gap_bound``: 1.4e-4 for Diffusion-LM, 0.06 for PLAID), and the real
+    a-priori bound (``tight_gap_bound``: 1.4e-4 for Diffusion-LM, 0.01 for PLAID), and the real
     estimate is −log p(w) to 4 s.e. plus that gap (so it is not below −log p(w) by more)."""
     m = model(name, "tight", p)
     ref = reference(m, name, j, p)
@@ -255,14 +292,15 @@ def test_uncounted_positions_reach_the_predictor_clean(name, p):
         inner = m.predict_x0
         m.predict_x0 = lambda z, t, sc: seen.append(z) or inner(z, t, sc)
     else:
-        m.net.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["embeds"]), with_kwargs=True)
+        seen = m.net.seen             # the z_t the oracle recovers from PLAID's rescaled input
     x = X[[5, 10, 15]]
     counted = torch.tensor([[True, False]] * 3)
     with torch.no_grad():
         m.nll(x, counted, torch.tensor([0.3, 0.5, 0.9]))
-    e = m.embedding.weight[x]
-    for z in seen:
-        assert torch.equal(z[:, 1].float(), e[:, 1]) and not torch.allclose(z[:, 0].float(), e[:, 0])
+    e = m.embedding.weight[x].detach()
+    assert seen
+    for z in seen:                    # PLAID's z_t went through its float32 rescaling and back: 1e-6
+        assert torch.allclose(z[:, 1].float(), e[:, 1], atol=1e-6) and not torch.allclose(z[:, 0].float(), e[:, 0])
 
 
 def test_rounding_term_is_the_tied_decoders_nll_at_a_draw_of_z0():

@@ -34,6 +34,7 @@ REPORT = "tests/test_report.py"
 GAUSS = "tests/test_gaussian.py"
 CONT = "tests/test_continuous.py"
 CORACLE = "tests/test_oracle_continuous.py"
+PLAIDT = "tests/test_plaid.py"
 LATENT = "tests/test_latent_closed_forms.py"
 ENCLAT = "tests/test_encoder_latent.py"
 ENC = "tests/test_encoder_cache.py"
@@ -161,13 +162,45 @@ MUTANTS = [
     ("embedding-noises-uncounted", "methods/continuous.py", "return torch.where(counted[..., None], z, e), eps, alpha, sigma",
      "return z, eps, alpha, sigma", [CORACLE], "uncounted"),
     ("plaid-reconstruction-weight-dropped", "methods/continuous.py",
-     "torch.where(rec[:, None], nll.float() / q, diff / (1 - q))", "torch.where(rec[:, None], nll.float(), diff / (1 - q))",
+     "torch.where(rec[:, None], nll.double() / q, diff / (1 - q))", "torch.where(rec[:, None], nll.double(), diff / (1 - q))",
      [CORACLE]),
     ("plaid-diffusion-weight-dropped", "methods/continuous.py",
-     "torch.where(rec[:, None], nll.float() / q, diff / (1 - q))", "torch.where(rec[:, None], nll.float() / q, diff)",
+     "torch.where(rec[:, None], nll.double() / q, diff / (1 - q))", "torch.where(rec[:, None], nll.double() / q, diff)",
      [CORACLE]),
-    ("plaid-drop-prior", "methods/continuous.py", "        return estimate + prior_kl(e.float(), g1)\n",
+    ("plaid-drop-prior", "methods/continuous.py", "        return estimate + prior_kl(e.double(), g1)\n",
      "        return estimate\n", [CORACLE]),
+    ("plaid-bound-in-float32", "methods/continuous.py", "        return estimate + prior_kl(e.double(), g1)\n",
+     "        return (estimate + prior_kl(e.double(), g1)).float()\n", [CONT], "plaid_draw"),
+    # the weights test rebuilds the estimate by hand: a wrong shared helper fails it too
+    ("plaid-weights-diffusion-term-no-half", "methods/_gaussian.py", "0.5 * dgamma_t * torch.exp(-gamma_t)",
+     "dgamma_t * torch.exp(-gamma_t)", [CONT], "plaid_draw"),
+    ("plaid-weights-prior-kl-logsigmoid-sign", "methods/_gaussian.py", "d * (s2 - 1 - F.logsigmoid(gamma_1))",
+     "d * (s2 - 1 + F.logsigmoid(gamma_1))", [CONT], "plaid_draw"),
+    ("plaid-weights-noised-alpha-sigma-swapped", "methods/continuous.py", "        z, eps = diffuse(e, alpha, sigma)\n",
+     "        z, eps = diffuse(e, sigma, alpha)\n", [CONT], "plaid_draw"),
+    # ---------------------------------------------------------------- methods/_plaid.py (PLAID's parameterisation)
+    ("plaid-rows-not-normalised", "methods/_plaid.py",
+     "return self.matrix / (self.matrix.norm(dim=1, keepdim=True) + 1e-8)", "return self.matrix", [PLAIDT], "unit_length"),
+    ("plaid-logit-bias-sign", "methods/_plaid.py", "side = (logit_bias_scale(g) * z).float()",
+     "side = (-logit_bias_scale(g) * z).float()", [PLAIDT], "posterior"),
+    ("plaid-logit-bias-alpha-squared", "methods/_plaid.py", "return torch.sigmoid(-gamma).sqrt() / torch.sigmoid(gamma)",
+     "return torch.sigmoid(-gamma) / torch.sigmoid(gamma)", [PLAIDT], "posterior"),
+    ("plaid-logit-bias-on-rescaled-z", "methods/_plaid.py", "side = (logit_bias_scale(g) * z).float()",
+     "side = (logit_bias_scale(g) * z_in).float()", [PLAIDT], "posterior"),
+    ("plaid-input-scale-without-d", "methods/_plaid.py", "torch.sigmoid(-gamma) / d + torch.sigmoid(gamma)",
+     "torch.sigmoid(-gamma) + torch.sigmoid(gamma)", [PLAIDT], "rescaled"),
+    ("plaid-self-condition-not-scaled", "methods/_plaid.py", "else x_sc * math.sqrt(p.embed_dim)", "else x_sc",
+     [PLAIDT], "rescaled"),
+    ("plaid-conditioned-on-t", "methods/_plaid.py", 'cond = gamma_condition(gamma) if p.condition == "gamma" else t',
+     "cond = t", [PLAIDT], "through_gamma"),
+    ("plaid-chain-stops-a-step-short", "methods/_plaid.py", "for k in range(steps, 0, -1):",
+     "for k in range(steps, 1, -1):", [PLAIDT], "telescopes or argmax"),
+    ("plaid-sampling-in-float32", "methods/continuous.py",
+     "dt = torch.float64 if self.p.float64_sampling else torch.float32", "dt = torch.float32", [PLAIDT], "argmax"),
+    ("plaid-decoded-at-t1", "methods/continuous.py", "h, side = self.hidden(z0, torch.zeros(n, device=E.device, dtype=dt), x_sc)",
+     "h, side = self.hidden(z0, torch.ones(n, device=E.device, dtype=dt), x_sc)", [PLAIDT], "argmax"),
+    ("plaid-decoded-without-the-bias", "methods/continuous.py", "return _plaid.argmax_logits(self.net.head, h, side, E)",
+     "return _plaid.argmax_logits(self.net.head, h, None, E)", [PLAIDT], "argmax"),
     ("plaid-t-not-rescaled", "methods/continuous.py", "t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))",
      "t = torch.where(rec, torch.zeros_like(u), u)", [CORACLE]),
     ("plaid-reconstruction-at-u", "methods/continuous.py", "t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))",
