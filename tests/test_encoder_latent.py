@@ -252,22 +252,25 @@ def _decoder_accuracy(m, blocks):
     return float((pred == ids)[keep].float().mean())
 
 
+@pytest.mark.slow
 def test_tencdm_decoder_reconstructs_held_out_text_tiny_bert(tiny_models, austen):
-    """Decoder stage, 120 steps × 16 Austen blocks on a tiny random BERT (2 layers, width 32):
-    token accuracy on clean encodings of 32 HELD-OUT test blocks ≥ 0.6 (measured 0.77; an
+    """Decoder stage (the default: 3 blocks, t ~ U(0.001, 0.15)), 120 steps × 16 Austen blocks on a
+    tiny random BERT (2 layers, width 32): token accuracy on clean encodings of 32 HELD-OUT test
+    blocks ≥ 0.45 (measured 0.66; 0.77 when the decoder was trained at t ≤ 0.05 only; an
     untrained decoder, or one that ignores its input, scores at most the frequency of the most
-    common WordPiece, ≈ 0.05 here). Short: ~40 s on one free core."""
+    common WordPiece, ≈ 0.05 here). ~90 s on the shared 2-core machine."""
     tok, train, test = austen
     m = _tencdm(tiny_models["bert"], tok, fit=train)
     _train(m, "decoder", lambda s: train[torch.randint(0, len(train), (16,))], 120, 3e-3)
-    assert _decoder_accuracy(m, test) >= 0.6
+    assert _decoder_accuracy(m, test) >= 0.45
 
 
 @pytest.mark.slow
 def test_tencdm_decoder_reconstructs_held_out_text_minilm(austen):
     """The same with the real MiniLM encoder (both spaces), 150 steps: ≥ 0.7 on held-out
-    blocks (measured 0.78 for the encoder space; its contextual outputs are harder to invert
-    than a random BERT's in 150 steps)."""
+    blocks (measured 0.78 for the encoder space with the decoder trained at t ≤ 0.05; passes with
+    the reference's 3 blocks at t ≤ 0.15 too; its contextual outputs are harder to invert than a
+    random BERT's in 150 steps). ~4.5 min on the shared 2-core machine."""
     tok, train, test = austen
     for space in ("encoder", "embedding"):
         m = _tencdm("minilm", tok, space=space, fit=train)
@@ -441,15 +444,15 @@ def test_sample_returns_suite_ids_in_nfe_equal_steps(build, tiny_models, austen)
 def test_each_method_runs_its_stages_and_samples_through_the_harness(entry, tiny_models, tmp_path):
     """bench.runner.execute on a tiny suite (BPE 512, blocks of 32, 2 steps per stage, 4
     samples at 3 steps): the run completes both stages in order, the record carries the text
-    crossing (protocol) and, for TEncDM, the frozen encoder's source; every sample line has
-    NFE = 3 (denoiser calls only) and L suite ids."""
+    crossing (protocol) and, for TEncDM, the frozen encoder's source and its statistics pass
+    in the log; every sample line has NFE = 3 (denoiser calls only) and L suite ids."""
     import json
 
     from conftest import specs_of, tiny_suite
 
     from bench.runner import execute
 
-    method = {"tencdm": {"method": "tencdm", "encoder": tiny_models["bert"]},
+    method = {"tencdm": {"method": "tencdm", "encoder": tiny_models["bert"], "norm_blocks": 64},   # (of 47,260)
               "ld4lg": {"method": "ld4lg", "norm_batches": 1},
               "planner": {"method": "planner", "norm_batches": 1}}[entry]
     stages = {"tencdm": TEncDM, "ld4lg": LD4LG, "planner": Planner}[entry].stages
@@ -466,6 +469,7 @@ def test_each_method_runs_its_stages_and_samples_through_the_harness(entry, tiny
     assert rec["protocol"]["text_crossing"]
     if entry == "tencdm":
         assert rec["method_info"]["frozen"]["encoder"]["source"] == tiny_models["bert"]
+        assert "of 64 training blocks" in (rd / "log.txt").read_text()
     lines = [json.loads(x) for x in (rd / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(r["nfe"] == 3 and len(r["ids"]) == 32 for r in lines)
 
