@@ -51,8 +51,11 @@ def bert(tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("enc") / "bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, pad_token_id=0)).save_pretrained(path)
+    model = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64, pad_token_id=0))
+    with torch.no_grad():   # a pretrained BERT's [PAD] row is a vector like any (a new one starts at 0)
+        model.embeddings.word_embeddings.weight[0].normal_(std=0.02)
+    model.save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model_path("minilm")[0], local_files_only=True).save_pretrained(path)
     return str(path)
 
@@ -179,7 +182,7 @@ def test_tencdm_pads_are_zero_and_specials_fixed_normalised_embeddings(bert, blo
     tok, E, d = m.enc_tok, m.encoder.get_input_embeddings().weight.detach(), raw.shape[-1]
     pad, cls, sep = (ids == tok.pad_token_id), (ids == tok.cls_token_id), (ids == tok.sep_token_id)
     assert pad.any() and int(cls.sum()) == 10 and int(sep.sum()) == 10   # every row: [CLS] … [SEP] [PAD]…
-    assert bool((xbar[pad] == 0).all()) and bool((raw[pad] != 0).any())
+    assert bool((xbar[pad] == 0).all()) and bool((raw[pad] != 0).any()) and float(E[tok.pad_token_id].norm()) > 0
     for mask, s in ((cls, tok.cls_token_id), (sep, tok.sep_token_id)):
         want = E[s] * math.sqrt(d) / E[s].norm()
         assert torch.allclose(xbar[mask], want.expand_as(xbar[mask]), rtol=1e-6, atol=1e-6), s
