@@ -48,6 +48,14 @@ changes (an encoder's outputs) returns it from ``frozen_features(x0, counted)``,
 else it depends on in ``frozen_features_key()``, and reads it through ``features(x0,
 counted)``: the harness computes it once per (frozen weights, blocks) and memory-maps it
 (bench/data/frozencache.py); a batch of blocks it does not hold is computed as before.
+
+The training set: before the first stage of a fresh run the harness calls
+``fit_training_set(blocks)`` once with the run's training blocks (under the training autocast,
+without gradient, on the training device), for state a method computes from the whole
+training set (e.g. TEncDM's normaliser statistics over every block's encodings); that state
+must live in buffers, because a resumed run is not given the blocks again: its checkpoint
+brings the state. ``training_set_encodes(n)`` says how many blocks' frozen features that pass
+reads (the frozen-features cache counts them when it decides whether to build).
 """
 from __future__ import annotations
 
@@ -214,6 +222,19 @@ class Method(nn.Module):
             return got
         with torch.no_grad():
             return self.frozen_features(x0, counted)
+
+    # --- the training set -------------------------------------------------------------------
+    def fit_training_set(self, blocks) -> str | None:
+        """Compute state from the whole training set (``blocks``: bench.data.Blocks, or a
+        StreamBlocks for a synthetic stream) into buffers, before the first stage of a fresh
+        run (module docstring). Returns a line for the run's log, or None (the default: nothing
+        to compute)."""
+        return None
+
+    def training_set_encodes(self, n_blocks: int) -> int:
+        """How many of the ``n_blocks`` training blocks ``fit_training_set`` reads the frozen
+        features of (default 0)."""
+        return 0
 
     def use_frozen_cache(self, cache) -> None:
         """Read ``features`` from ``cache`` (its ``lookup(x0, counted)`` gives the batch's

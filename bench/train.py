@@ -128,6 +128,8 @@ def train(method, spec: RunSpec, data: Blocks | StreamBlocks, run_dir: Path, acc
     training = Training(method, spec, data, Path(run_dir), accelerator, engine, log, micro_batch,
                         {id(p): p.requires_grad for p in method.parameters()}, writer, tracker)
     start, ckpt = resume_point(training)
+    if ckpt is None:   # a fresh run: what the method computes from the training set (a checkpoint holds it)
+        fit_training_set(method, data, accelerator, log)
     done, results = [], []
     for i in range(start, len(training.stages)):
         last = i == len(training.stages) - 1
@@ -142,6 +144,17 @@ def train(method, spec: RunSpec, data: Blocks | StreamBlocks, run_dir: Path, acc
     if training.multi:
         resumed["resumed_in_stage"] = training.stages[start] if ckpt is not None else None
     return run_stats(training, stage, results, resumed)
+
+
+def fit_training_set(method, data, accelerator, log) -> None:
+    """``method.fit_training_set(data)`` on the training device, under the training autocast,
+    without gradient; its line (and the time it took) into the run's log."""
+    t0 = time.time()
+    method.to(accelerator.device)
+    with torch.no_grad(), accelerator.autocast():
+        note = method.fit_training_set(data)
+    if note:
+        log(f"{note} ({time.time() - t0:.1f} s)")
 
 
 @dataclass(frozen=True)

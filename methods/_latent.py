@@ -5,8 +5,10 @@ Each of those methods maps text to x ∈ R^{n×d} (a frozen encoder's outputs or
 Perceiver latents, a variational paragraph latent), diffuses x with methods/_gaussian.py and
 decodes generated vectors with a decoder it trains. Shared here:
 
-- :class:`Normaliser`: per-dimension mean/std from the first ``norm_batches`` batches, frozen
-  as buffers; diffusion runs on x̄ = (x − μ)/s (as TEncDM).
+- :class:`Normaliser`: per-dimension mean/std, frozen as buffers; diffusion runs on
+  x̄ = (x − μ)/s (as TEncDM). Estimated from the first ``norm_batches`` training batches
+  (:class:`LatentAutoencoderParams`: LD4LG, PLANNER) or fitted once by the method from a whole
+  set of vectors (``batches=None``: TEncDM, from every training block or the embedding table).
 - :class:`LatentDiffusion`: z_t = α_t x̄ + σ_t ε, tan-d α_t = 1/√(1 + d² tan²(πt/2)), d = 9
   (TEncDM), x0 / ε / v targets, L_simple, self-conditioning (Chen et al. 2022, Analog Bits
   Alg. 1/2), DDIM (η = 0; Song et al. 2021 §4.3) or DDPM over N steps, NFE = N; the denoiser is
@@ -22,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -45,18 +47,29 @@ class LatentDiffusionParams(Params):
     self_condition: bool = True
     self_condition_rate: float = Field(0.5, ge=0.0, le=1.0,
                                        description="training: probability of the two-pass (x̃0 = first pass) branch")
-    norm_batches: PositiveInt = Field(8, description="training batches whose vectors estimate the per-dimension "
-                                                     "mean/std")
+
+
+class LatentAutoencoderParams(LatentDiffusionParams):
+    """The knobs of a method that diffuses the latents of an autoencoder it trains (LD4LG,
+    PLANNER): the normaliser's statistics come from the first training batches of the diffusion
+    stage (the latents exist only once the autoencoder is trained)."""
+
+    norm_batches: PositiveInt = Field(8, description="diffusion-stage training batches whose latents estimate the "
+                                                     "per-dimension mean/std")
 
 
 # ----------------------------------------------------------------------------- normalisation
 class Normaliser(nn.Module):
-    """x̄ = (x − μ)/s per dimension, μ and s² the mean and (biased) variance of the first
-    ``batches`` batches given to :meth:`observe` in training mode (pooled over their vectors),
-    frozen afterwards. Buffers: sums, sums of squares, vector and batch counts, so a resumed
-    run continues the estimate exactly."""
+    """x̄ = (x − μ)/s per dimension, μ and s² the mean and (biased) variance of the vectors
+    added with :meth:`add` (pooled over them, a mask choosing which), frozen once fitted.
 
-    def __init__(self, dim: int, batches: int, eps: float = 1e-5):
+    ``batches`` = n: :meth:`observe` adds the first n training batches it is given in training
+    mode (fitted after n). ``batches`` = None: fitted by the method from a whole set of vectors
+    (:meth:`add` over all of them, then :meth:`close`); :meth:`observe` never adds. Buffers:
+    sums, sums of squares, vector and batch counts, so a checkpoint (or a resumed run) holds
+    the estimate exactly."""
+
+    def __init__(self, dim: int, batches: Optional[int], eps: float = 1e-5):
         super().__init__()
         self.batches, self.eps = batches, eps
         self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
@@ -66,22 +79,37 @@ class Normaliser(nn.Module):
 
     @property
     def fitted(self) -> bool:
-        return int(self.seen) >= self.batches
+        """Closed: ``batches`` batches observed, or (``batches`` None) :meth:`close` called
+        (``seen`` is then −1)."""
+        return int(self.seen) < 0 if self.batches is None else int(self.seen) >= self.batches
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        """Add a batch (…, d) to the estimate while fewer than ``batches`` were seen."""
-        if self.fitted or not self.training:
-            return
+    def add(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """Add the vectors of ``x`` (…, d) to the sums; ``keep`` (…) bool: only those."""
         flat = x.detach().reshape(-1, x.shape[-1]).double()
+        if keep is not None:
+            flat = flat[keep.reshape(-1).to(flat.device)]
         self.sum += flat.sum(0)
         self.sumsq += (flat * flat).sum(0)
         self.count += flat.shape[0]
+
+    def close(self) -> None:
+        """The estimate is final (``batches`` None): nothing more is added."""
+        if int(self.count) == 0:
+            raise RuntimeError("Normaliser closed before any vector was added")
+        self.seen.fill_(-1)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Add a training batch (…, d) while fewer than ``batches`` were seen."""
+        if self.batches is None or self.fitted or not self.training:
+            return
+        self.add(x)
         self.seen += 1
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         if int(self.count) == 0:
-            raise RuntimeError("Normaliser used before any training batch was observed")
+            raise RuntimeError("Normaliser used before it was fitted (no vector added)")
         mean = self.sum / self.count
         var = (self.sumsq / self.count - mean * mean).clamp(min=0)
         return mean.float(), (var + self.eps).sqrt().float()
@@ -98,15 +126,16 @@ class Normaliser(nn.Module):
 # ----------------------------------------------------------------------------- the diffusion
 class LatentDiffusion(nn.Module):
     """Gaussian diffusion over x̄ ∈ R^{n×d} (module docstring); ``net(t=, embeds=, self_cond=)``
-    is the caller's denoiser Backbone."""
+    is the caller's denoiser Backbone. ``norm_batches``: the normaliser's (n first training
+    batches, or None: fitted by the method)."""
 
-    def __init__(self, dim: int, p: LatentDiffusionParams):
+    def __init__(self, dim: int, p: LatentDiffusionParams, norm_batches: Optional[int]):
         super().__init__()
         self.dim, self.p = dim, p
         self.schedule = SCHEDULES[p.schedule]()
         self.parameterisation = PARAMETERISATIONS[p.parameterisation]
         self.step_fn = SAMPLERS[p.sampler]
-        self.norm = Normaliser(dim, p.norm_batches)
+        self.norm = Normaliser(dim, norm_batches)
 
     def predict_x0(self, net, z, t, x_sc):
         alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
@@ -120,11 +149,15 @@ class LatentDiffusion(nn.Module):
         return z, eps, alpha, sigma
 
     def loss(self, net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Simple loss E ‖target − f_θ(z_t, t, x̃0)‖² (mean over positions and dimensions) at one
-        t per sequence; ``x`` is the un-normalised space (B, n, d) (it also feeds the
-        normaliser's estimate while that is still open)."""
+        """:meth:`loss_normalised` of x̄ = (x − μ)/s; ``x`` is the un-normalised space (B, n, d)
+        (it also feeds the normaliser's estimate while that is still open)."""
         self.norm.observe(x)
         xbar = self.norm(x.float())
+        return self.loss_normalised(net, xbar, t)
+
+    def loss_normalised(self, net, xbar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Simple loss E ‖target − f_θ(z_t, t, x̃0)‖² (mean over positions and dimensions) at one
+        t per sequence, of x̄ (B, n, d) in normalised units."""
         z, eps, alpha, sigma = self.corrupt(xbar, t)
         x_sc = None
         if self.p.self_condition:
@@ -133,13 +166,40 @@ class LatentDiffusion(nn.Module):
         return ((out - self.parameterisation.target(xbar, eps, alpha, sigma)) ** 2).mean()
 
     @torch.no_grad()
+    def sample_normalised(self, net, n: int, length: int, steps: int, generator=None,
+                          device: Optional[torch.device] = None) -> torch.Tensor:
+        """z_1 ~ N(0, I) → ``steps`` sampler steps → the last x̂0 in normalised units, (n, length, d)."""
+        z = torch.randn((n, length, self.dim), generator=generator, device=device)
+        return sample_loop(lambda zz, t, sc: self.predict_x0(net, zz, t, sc), z, self.schedule, steps,
+                           self.step_fn, generator, self_condition=self.p.self_condition)
+
+    @torch.no_grad()
     def sample(self, net, n: int, length: int, steps: int, generator=None,
                device: Optional[torch.device] = None) -> torch.Tensor:
-        """z_1 ~ N(0, I) → ``steps`` sampler steps → the last x̂0, un-normalised, (n, length, d)."""
-        z = torch.randn((n, length, self.dim), generator=generator, device=device)
-        x0 = sample_loop(lambda zz, t, sc: self.predict_x0(net, zz, t, sc), z, self.schedule, steps,
-                         self.step_fn, generator, self_condition=self.p.self_condition)
+        """:meth:`sample_normalised`, un-normalised: (n, length, d) in the space's own units."""
+        x0 = self.sample_normalised(net, n, length, steps, generator, device)
         return self.norm.inverse(x0)
+
+
+def shard_sums(norm: Normaliser, rows, add: Callable) -> None:
+    """``add(part)`` this process's share of ``rows`` (a numpy index array) to ``norm``'s sums:
+    all of them; under torch.distributed every world-th one, the sums then all-reduced (float64),
+    so every rank ends with the sums over all of ``rows``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        add(rows)
+        return
+    add(rows[dist.get_rank()::dist.get_world_size()])
+    for buf in (norm.sum, norm.sumsq, norm.count):
+        dist.all_reduce(buf)
+
+
+def reference_differences(params, reference: dict) -> dict:
+    """``{field: {"here": value, "reference": value}}`` for each field of ``reference`` (the
+    reference recipe's value of a Params field) that ``params`` sets otherwise: what a row's
+    ``method_info`` records beside its numbers (and a default label may name)."""
+    return {k: {"here": getattr(params, k), "reference": v} for k, v in reference.items() if getattr(params, k) != v}
 
 
 # ----------------------------------------------------------------------------- text crossing

@@ -9,9 +9,12 @@ Stage ``autoencoder``: H = E(w) ∈ R^{m×D}; Perceiver compression (Jaegle et a
 x = f_φ(H) ∈ R^{n×d}; reconstruction H̃ = g_φ(x) ∈ R^{n×D}; loss −log p_LM(w | H̃) (teacher
 forcing). A pretrained LM is frozen (``freeze_lm``): its encoder states H of every training
 block are then computed once and memory-mapped by the harness (``frozen_features``); ``lm:
-null`` trains a BART-shaped encoder-decoder from config. Stage ``diffusion``: methods/_latent.LatentDiffusion over x
-(v-prediction, self-conditioning, DDIM; NFE = steps). Sampling: x̂ → g_φ → greedy decoding.
-No likelihood (ppl "—"): ranked by sample metrics.
+null`` (the default, offline) trains a BART-shaped encoder-decoder from config: that row is
+labelled "LD4LG (BART from scratch)". Stage ``diffusion``: methods/_latent.LatentDiffusion
+over x (v-prediction, self-conditioning, DDIM; NFE = steps). Sampling: x̂ → g_φ → greedy
+decoding. No likelihood (ppl "—"): ranked by sample metrics. What differs from the reference
+recipe (a frozen pretrained BART, 32 × 64 l2-normalised latents, cosine schedule, DDPM) is
+recorded in ``info()["reference"]``.
 
 Description: docs/methods.md#ld4lg.
 """
@@ -29,21 +32,31 @@ from bench.errors import UserError
 from bench.method import Method
 from bench.registry import register
 from methods._latent import (
+    LatentAutoencoderParams,
     LatentDiffusion,
-    LatentDiffusionParams,
     block_texts,
     check_text_data,
     encoder_fingerprint,
     pad_or_cut,
+    reference_differences,
     require_text_tokenizer,
     resolve_model_path,
     texts_to_suite_ids,
 )
 
 IGNORE = -100   # label id HF losses skip; we compute our own CE with the same convention
+REFERENCE_CODE = ("github.com/justinlovelace/latent-diffusion-for-language (scripts/autoencoder/bart_base_roc.sh, "
+                  "scripts/diffusion/bart_latent_v-pred.sh)")
+# the reference's settings of what our params choose (lm_mode freeze is its default)
+REFERENCE = {"lm": "facebook/bart-base", "frozen": True, "latents": 32, "latent_dim": 64, "compress_layers": 3,
+             "schedule": "cosine", "parameterisation": "v", "sampler": "ddpm", "self_condition": True,
+             "self_condition_rate": 0.5}
+DIFFERS = ["latents: normalised per dimension by mean/std of the first norm_batches diffusion batches (reference: "
+           "--l2_normalize_latents, each latent scaled to norm √d, nothing else)",
+           "sampler: `steps` equal steps (reference: 250 DDPM steps)"]
 
 
-class LD4LGParams(LatentDiffusionParams):
+class LD4LGParams(LatentAutoencoderParams):
     parameterisation: Literal["x0", "eps", "v"] = Field("v", description="what the denoiser outputs (LD4LG: v)")
     lm: Optional[str] = Field(None, description="HF encoder-decoder (BART, T5) name or dir; null = a BART built "
                                                 "from config over the suite's ids, trained in the autoencoder stage")
@@ -214,7 +227,14 @@ class LD4LG(Method):
         D, heads = lm.config.d_model, _heads_of(lm.config)
         self.compress = Compression(D, heads, params.latents, params.latent_dim, params.compress_layers)
         self.reconstruct = Reconstruction(D, heads, params.latent_dim, params.compress_layers)
-        self.diffusion = LatentDiffusion(params.latent_dim, params)
+        self.diffusion = LatentDiffusion(params.latent_dim, params, params.norm_batches)
+
+    @classmethod
+    def default_label(cls, params) -> str:
+        """"LD4LG" for its recipe's pretrained frozen LM; says so when the LM is trained here."""
+        if params.lm is None:
+            return "LD4LG (BART from scratch)"
+        return "LD4LG" if params.frozen else "LD4LG (LM fine-tuned)"
 
     @classmethod
     def check_compatible(cls, params, data, where):
@@ -226,7 +246,9 @@ class LD4LG(Method):
 
     def info(self) -> dict:
         return {**super().info(), "lm": self.p.lm or "bart-from-config", "lm_frozen": self.p.frozen,
-                "latents": self.p.latents, "latent_dim": self.p.latent_dim, "text_crossing": self.crossing.crossing}
+                "latents": self.p.latents, "latent_dim": self.p.latent_dim, "text_crossing": self.crossing.crossing,
+                "reference": {"code": REFERENCE_CODE, "params": reference_differences(self.p, REFERENCE),
+                              "differs": DIFFERS}}
 
     # --- the autoencoder --------------------------------------------------------------------
     def lm_inputs(self, x0, counted):

@@ -4,6 +4,16 @@ diffusion over that latent.
 
     methods: [{method: planner, beta: 0.01, latents: 16, latent_dim: 32}]
 
+Both halves are trained here from scratch on the shared Backbone (the reference fine-tunes a
+pretrained BERT-large encoder and GPT-2 medium decoder): the row is labelled "PLANNER (from
+scratch)", and the rest of what differs is recorded in ``info()["reference"]``.
+
+β is per counted token: loss = (Σ_i −log p_θ(w_i | w_<i, z) + β·Σ_batch KL) / N, N the
+batch's counted tokens. The reference (text_autoencoder/autoencoder/autoencoder.py, VAE.forward)
+adds β_ref·Σ_batch KL to the per-token MEAN reconstruction loss, so the two agree when
+β = β_ref·N, N the counted tokens of the reference's per-process batch (its script's β_ref =
+1e-5 at 2 × 256 tokens is β ≈ 5.1e-3 here).
+
 Stage ``autoencoder``: encoder q_φ(z | w) (a bidirectional Backbone over the block and k query
 tokens → (μ, log σ²) ∈ R^{k×d_z}), causal decoder p_θ(w | z) with the latents as a prefix,
 loss −log p_θ(w | z) + β·KL(q_φ(z | w) ‖ N(0, I)) (β-VAE, Higgins et al. 2017). Stage
@@ -23,7 +33,7 @@ from pydantic import Field, PositiveInt
 from bench.backbone import Backbone, KVCache
 from bench.method import Method, gumbel_argmax
 from bench.registry import register
-from methods._latent import LatentDiffusion, LatentDiffusionParams
+from methods._latent import LatentAutoencoderParams, LatentDiffusion, reference_differences
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -32,10 +42,19 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
     return 0.5 * (mu * mu + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
-class PlannerParams(LatentDiffusionParams):
+REFERENCE_CODE = "github.com/apple/ml-planner (text_autoencoder, bash/ae/run_ae.sh)"
+REFERENCE = {"latents": 16, "latent_dim": 1024}   # --num_feature 16; --latent_size 1024 (BERT-large's width)
+DIFFERS = ["encoder and decoder: Backbones trained here from scratch over the suite's ids (reference: pretrained "
+           "BERT-large encoder and GPT-2 medium decoder, fine-tuned)",
+           "posterior mean: as the head gives it (reference: --h_tanh, μ = tanh(·))"]
+
+
+class PlannerParams(LatentAutoencoderParams):
     latents: PositiveInt = Field(16, description="k: latent vectors per block")
     latent_dim: PositiveInt = Field(32, description="d_z: width of each latent vector")
-    beta: float = Field(0.01, ge=0.0, description="β: weight of KL(q(z|w) ‖ N(0, I))")
+    beta: float = Field(0.01, ge=0.0, description="β: weight of KL(q(z|w) ‖ N(0, I)) per counted token (the "
+                                                  "reference's β_ref, on the batch's summed KL, is β/N, N the "
+                                                  "counted tokens of its batch)")
     float64_sampling: bool = True
 
 
@@ -45,7 +64,7 @@ class Planner(Method):
     likelihood = "none"
     time = "continuous"
     stages = ("autoencoder", "diffusion")
-    display = "PLANNER"
+    display = "PLANNER (from scratch)"
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
         super().__init__(params, backbone, vocab_size, seq_len, context)
@@ -54,7 +73,7 @@ class Planner(Method):
         self.decoder = Backbone(backbone, vocab_in=vocab_size + 1, vocab_out=vocab_size, seq_len=k + seq_len,
                                 causal=True)
         self.latent_in = nn.Linear(dz, backbone.hidden)       # W: z_j → a prefix input vector
-        self.diffusion = LatentDiffusion(dz, params)
+        self.diffusion = LatentDiffusion(dz, params, params.norm_batches)
 
     def build_network(self, cfg):
         return Backbone(cfg, vocab_in=None, vocab_out=self.p.latent_dim, seq_len=self.p.latents,
@@ -62,6 +81,10 @@ class Planner(Method):
 
     def info(self) -> dict:
         return {**super().info(), "latents": self.p.latents, "latent_dim": self.p.latent_dim, "beta": self.p.beta,
+                "beta_per": ("counted token: loss = (Σ CE + β·Σ_batch KL)/N; the reference's β_ref (Σ_batch KL "
+                             "added to the per-token mean CE) is β/N, N the counted tokens of its per-process batch"),
+                "reference": {"code": REFERENCE_CODE, "params": reference_differences(self.p, REFERENCE),
+                              "differs": DIFFERS},
                 "text_crossing": "none: encoder and decoder read and write the suite's token ids"}
 
     # --- the autoencoder --------------------------------------------------------------------

@@ -7,6 +7,8 @@ a 1-layer backbone, GPT-2's vocabulary and L = 12, and must:
 - have no 0-dim parameter (DeepSpeed's start-up broadcast cannot take one);
 - declare valid ``stage_defaults`` (stages it has, TrainConfig stage fields that validate); with
   one stage, train every parameter and have forward = loss, bit for bit;
+- take its training set (``fit_training_set``, as the harness does before the first stage)
+  and say how many of its blocks that pass encodes (0..B);
 - in every stage it trains: give a finite scalar loss whose gradient reaches the stage's
   parameters (finite, and not all zero);
 - with a likelihood: give a finite, non-negative per-sequence NLL of shape (B,) that, when
@@ -26,11 +28,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
 
 from bench.config import STAGE_FIELDS, BackboneConfig, StageSettings
+from bench.data import Blocks
 from bench.data.tokenizers import gpt2
 from bench.method import Context, Method
 from bench.registry import all_methods
@@ -95,6 +99,10 @@ def test_method_meets_the_contract(name, variant, workdir):
             assert torch.equal(a, m.loss(x, counted, u)), "forward is not the loss of its one stage"
 
     if cls.trains:
+        with torch.no_grad():   # as the harness does before the first stage of a fresh run
+            note = m.fit_training_set(Blocks(x.numpy().astype(np.int32), counted.numpy()))
+        assert note is None or isinstance(note, str)
+        assert 0 <= m.training_set_encodes(B) <= B
         for stage in m.stages:
             m.current_stage = stage
             m.train()

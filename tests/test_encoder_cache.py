@@ -85,10 +85,9 @@ def cache_root(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-def _tencdm(path: str, space: str = "encoder") -> TEncDM:
+def _tencdm(path: str, space: str = "encoder", **kw) -> TEncDM:
     tok = gpt2()
-    return TEncDM(TEncDMParams(encoder=path, space=space, norm_batches=2), BB, tok.vocab_size, L,
-                  Context(tokenizer=tok))
+    return TEncDM(TEncDMParams(encoder=path, space=space, **kw), BB, tok.vocab_size, L, Context(tokenizer=tok))
 
 
 def _batch(b: Blocks, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +115,7 @@ def _run_spec(tmp_path: Path, encoder: str):
     text = {"name": "textfile", "path": str(_text_file(tmp_path))}
     suite = tiny_suite(
         data={"train": text, "eval": [text], "tokenizer": {"name": "gpt2"}, "seq_len": L},
-        methods=[{"method": "tencdm", "variant": "encoder", "encoder": encoder, "norm_batches": 2}], baseline=None,
+        methods=[{"method": "tencdm", "variant": "encoder", "encoder": encoder}], baseline=None,
         train={"steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2, "ckpt_every": 100,
                "stages": {"decoder": {"steps": 4}, "diffusion": {"steps": 6}}},
         eval={"t_samples": 2, "max_blocks": 8, "batch_size": 8, "samples": 4, "sample_steps": [2, 4]})
@@ -149,9 +148,12 @@ def test_a_run_reading_the_cache_trains_and_samples_as_a_run_that_recomputes(tmp
     (off, rec_off), (on, rec_on) = runs["recompute"], runs["cache"]
     assert "frozen_features" not in rec_off["train"]
     assert "cache off" in (off / "log.txt").read_text()
-    # every training batch (4 decoder + 6 diffusion steps, one micro-batch each) read from the cache
+    # every batch of the statistics pass over the training blocks (16 blocks each) and every training
+    # batch (4 decoder + 6 diffusion steps, one micro-batch each) read from the cache
     ff = rec_on["train"]["frozen_features"]
-    assert (ff["hits"], ff["misses"]) == (10, 0) and Path(ff["cache"]).parent == cache_root / "features"
+    assert (ff["hits"], ff["misses"]) == (math.ceil(ff["blocks"] / 16) + 10, 0), ff
+    assert Path(ff["cache"]).parent == cache_root / "features"
+    assert all("normaliser: mean/std of" in (rd / "log.txt").read_text() for rd in (off, on))
     # the same trajectory: every step's loss of both stages, the trained weights, the samples
     la, lb = _stage_losses(off), _stage_losses(on)
     assert list(la) == ["1-decoder", "2-diffusion"] and [len(v) for v in la.values()] == [4, 6]
@@ -187,6 +189,7 @@ def test_cached_rows_are_the_computed_rows_in_any_batch_order_and_unknown_blocks
     got, want = m.features(x0, c), m.frozen_features(x0, c)
     assert all(_close(got[k], want[k]) for k in want)
     # the stage losses read through the cache are the recomputed ones
+    m.fit_training_set(blocks)
     x0, c = _batch(blocks, range(8, 16))
     u = torch.rand(8, generator=torch.Generator().manual_seed(1))
     losses = []
@@ -296,12 +299,22 @@ def test_size_limit_and_switch(cache_root, encoder, blocks, monkeypatch):
     with pytest.raises(UserError, match=f"^{fc.ENV_GB}: 'lots' is not a number"):
         _attach(_tencdm(encoder), blocks)
     monkeypatch.delenv(fc.ENV_GB)
-    m = _tencdm(encoder)
-    assert fc.attach(m, blocks, torch.device("cpu"), log=logs.append, encodes=19) is None
+    # the run's encodings: its training steps' plus its statistics pass (here 1 block of the 40)
+    m = _tencdm(encoder, norm_blocks=1)
+    assert fc.attach(m, blocks, torch.device("cpu"), log=logs.append, encodes=18) is None
     assert "under half" in logs[-1] and not (cache_root / "features").exists()
-    assert fc.attach(m, blocks, torch.device("cpu"), log=logs.append, encodes=20) is not None
+    assert fc.attach(m, blocks, torch.device("cpu"), log=logs.append, encodes=19) is not None
     assert fc.attach(m, blocks, torch.device("cpu"), log=logs.append, encodes=1) is not None   # complete: read
     assert "mapped 3 chunks" in logs[-1]
+
+
+def test_a_statistics_pass_over_every_block_counts_toward_building(cache_root, encoder, blocks):
+    """TEncDM's default statistics read all 40 blocks' encodings: a run that trains on none
+    of them still encodes every block once, so the cache is built (it costs that pass, no more)."""
+    logs = []
+    assert _tencdm(encoder).training_set_encodes(len(blocks)) == len(blocks)
+    assert fc.attach(_tencdm(encoder), blocks, torch.device("cpu"), log=logs.append, encodes=0) is not None
+    assert "built 3 of 3 chunks" in logs[-1]
 
 
 # ----------------------------------------------------------------------------- two builders

@@ -45,8 +45,7 @@ def bayes_net(diff: LatentDiffusion):
 
 def fitted(parameterisation, sampler="ddim", seed=0):
     """A LatentDiffusion whose normaliser has seen one batch of x = 3 + 2·N(0, 1) (B=64, n=8, d=6)."""
-    diff = LatentDiffusion(6, LatentDiffusionParams(parameterisation=parameterisation, sampler=sampler,
-                                                    norm_batches=1))
+    diff = LatentDiffusion(6, LatentDiffusionParams(parameterisation=parameterisation, sampler=sampler), 1)
     x = 3 + 2 * torch.randn(64, 8, 6, generator=torch.Generator().manual_seed(seed))
     diff.norm.observe(x)
     return diff, x

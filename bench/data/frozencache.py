@@ -24,7 +24,9 @@ rest. Reading: each chunk is checked against its ``meta.json`` (sizes, sha256) w
 missing, torn or damaged chunk is rebuilt (with a warning when damaged), never used.
 
 When: a cache not yet complete is built only when the run encodes at least half as many
-blocks as the cache holds (it has paid for itself by the second run that reads it); a cache
+blocks as the cache holds (it has paid for itself by the second run that reads it; the run's
+encodings count its training steps' and those of the method's pass over the training set,
+``Method.training_set_encodes``, e.g. TEncDM's normaliser statistics); a cache
 over ``TDBENCH_FEATURE_CACHE_GB`` (default 16) GiB is never built; 0 turns caching off. Without
 a cache the method computes its features every step, as before.
 """
@@ -261,8 +263,9 @@ def attach(method, blocks, device, precision: str = "no", autocast=nullcontext, 
     """Give ``method`` the cache of its frozen features over ``blocks``, or nothing when it
     declares none, caching is off, or the cache would exceed the size limit. A cache not yet
     complete is built only when the run encodes (``encodes``: blocks over all its steps; None:
-    unknown) at least half as many blocks as it holds, so that it has paid for itself by the
-    second run that reads it (a suite's next seed, a rerun). ``autocast``: the context the
+    unknown; the method's ``training_set_encodes`` are added to it) at least half as many blocks
+    as it holds, so that it has paid for itself by the second run that reads it (a suite's next
+    seed, a rerun). ``autocast``: the context the
     training forward runs in (the features are computed under it, as in training);
     ``precision`` names it in the key."""
     if method.frozen_features_key() is None or not hasattr(blocks, "tokens") or len(blocks) == 0:
@@ -287,6 +290,8 @@ def attach(method, blocks, device, precision: str = "no", autocast=nullcontext, 
         return None
     key = cache_key(method, blocks, device, precision)
     path = cache_path(key)
+    if encodes is not None:
+        encodes += method.training_set_encodes(len(blocks))
     complete = all((path / f"c{c:05d}").is_dir() for c in range(-(-len(blocks) // CHUNK)))
     if not complete and encodes is not None and 2 * encodes < len(blocks):
         log(f"frozen features: not cached (the run encodes {encodes:,} blocks, under half of the "

@@ -42,6 +42,7 @@ PROBE = "tests/test_learning_probe.py"
 SHOWN = "tests/test_training_loss.py"
 FAST = "tests/test_fast_samplers.py"
 SAMP = "tests/test_sampling.py"
+REF = "tests/test_latent_reference.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -214,8 +215,10 @@ MUTANTS = [
      "var = (self.sumsq / self.count).clamp(min=0)", [ENCLAT], "normaliser"),
     ("latent-norm-inverse-drops-mean", "methods/_latent.py", "        return xbar * std + mean\n",
      "        return xbar * std\n", [LATENT], "ddim_sample"),
-    ("latent-norm-estimates-in-eval", "methods/_latent.py", "if self.fitted or not self.training:", "if self.fitted:",
+    ("latent-norm-estimates-in-eval", "methods/_latent.py", "or self.fitted or not self.training:", "or self.fitted:",
      [ENCLAT], "normaliser"),
+    ("latent-shard-not-strided", "methods/_latent.py", "add(rows[dist.get_rank()::dist.get_world_size()])",
+     "add(rows)", [REF], "sharded"),
     ("latent-loss-target-from-z", "methods/_latent.py", "self.parameterisation.target(xbar, eps, alpha, sigma)",
      "self.parameterisation.target(z, eps, alpha, sigma)", [LATENT], "simple_loss"),
     ("latent-loss-unnormalised", "methods/_latent.py", "        xbar = self.norm(x.float())\n",
@@ -234,11 +237,36 @@ MUTANTS = [
      "self.step_fn, generator, self_condition=self.p.self_condition)",
      "self.step_fn, generator, self_condition=False)", [ENCLAT], "latent_sampler"),
     # ---------------------------------------------------------------- methods/tencdm.py
-    ("tencdm-decoder-t-unscaled", "methods/tencdm.py", "z = self.decoder_input(x, u * self.p.decoder_t_max)",
-     "z = self.decoder_input(x, u)", [ENCLAT], "noised_encodings"),
-    ("tencdm-decode-unnormalised", "methods/tencdm.py",
-     "return self.decoder(embeds=self.diffusion.norm(x)).argmax(-1)", "return self.decoder(embeds=x).argmax(-1)",
-     [ENCLAT], "held_out_text_tiny_bert"),
+    ("tencdm-decoder-t-unscaled", "methods/tencdm.py", "z = self.decoder_input(xbar, t_min + u * (t_max - t_min))",
+     "z = self.decoder_input(xbar, u)", [ENCLAT], "noised_encodings"),
+    ("tencdm-decoder-t-min-dropped", "methods/tencdm.py", "t_min + u * (t_max - t_min)", "u * t_max", [ENCLAT],
+     "noised_encodings"),
+    ("tencdm-encode-unnormalised", "methods/tencdm.py", 'return f["ids"], self.normalised(f["ids"], f["x"])',
+     'return f["ids"], f["x"]', [REF], "pads_are_zero"),
+    ("tencdm-pad-not-zeroed", "methods/tencdm.py", "        vec[torch.tensor(ids) == tok.pad_token_id] = 0.0\n", "",
+     [REF], "pads_are_zero"),
+    ("tencdm-specials-not-scaled", "methods/tencdm.py", ".clamp_min(1e-12) * math.sqrt(self.d)", ".clamp_min(1e-12)",
+     [REF], "pads_are_zero"),
+    ("tencdm-specials-not-replaced", "methods/tencdm.py",
+     "return torch.where(hit.any(-1, keepdim=True), fixed, xbar)", "return xbar", [REF], "pads_are_zero"),
+    ("tencdm-statistics-keep-specials", "methods/tencdm.py", 'norm.add(f["x"], ~self.special(f["ids"]))',
+     'norm.add(f["x"])', [REF], "statistics"),
+    ("tencdm-statistics-first-batch-only", "methods/tencdm.py", "for s in range(0, len(part), STATS_BATCH):",
+     "for s in range(0, min(len(part), STATS_BATCH), STATS_BATCH):", [REF], "every_training_block"),
+    ("tencdm-subset-is-first-blocks", "methods/tencdm.py", "return np.arange(norm_blocks) * n // norm_blocks",
+     "return np.arange(norm_blocks)", [REF], "subset"),
+    ("tencdm-embedding-rows-keep-unused", "methods/tencdm.py", ' and not t.startswith("[unused")', "", [REF],
+     "embedding_space"),
+    ("tencdm-decoder-two-layers", "methods/tencdm.py", "decoder_layers: PositiveInt = Field(3,",
+     "decoder_layers: PositiveInt = Field(2,", [REF], "defaults"),
+    ("tencdm-decoding-stops-at-pad", "methods/tencdm.py",
+     "ends = {i for i in (tok.sep_token_id, tok.eos_token_id) if i is not None} or {tok.pad_token_id}",
+     "ends = {tok.pad_token_id}", [REF], "first_sep"),
+    ("train-never-fits-the-training-set", "bench/train.py", "        fit_training_set(method, data, accelerator, log)\n",
+     "        pass\n", [ENC], "reading_the_cache"),
+    # (refitting on a resume, `if ckpt is None` → `if True` in bench/train.py, is caught by the slow
+    # test_latent_reference.py::test_a_resumed_tencdm_run_keeps_its_statistics_and_does_not_refit,
+    # which this runner's `-m "not slow"` leaves out: checked by hand)
     ("tencdm-encoder-space-is-embeddings", "methods/tencdm.py",
      "        return encoder(input_ids=ids, attention_mask=mask).last_hidden_state\n",
      "        return encoder.get_input_embeddings()(ids)\n", [ENCLAT], "encoder_families"),
@@ -255,12 +283,16 @@ MUTANTS = [
     ("ld4lg-untrained-lm-frozen", "methods/ld4lg.py",
      "return self.lm is not None if self.freeze_lm is None else self.freeze_lm",
      "return self.lm is None if self.freeze_lm is None else self.freeze_lm", [ENCLAT], "frozen_lm_ld4lg"),
+    ("ld4lg-label-hides-the-scratch-bart", "methods/ld4lg.py", 'return "LD4LG (BART from scratch)"',
+     'return "LD4LG"', [REF], "from_scratch"),
     # ---------------------------------------------------------------- methods/planner.py
     ("planner-kl-logvar-sign", "methods/planner.py", "(mu * mu + logvar.exp() - 1.0 - logvar)",
      "(mu * mu + logvar.exp() - 1.0 + logvar)", [ENCLAT], "planner_kl"),
     ("planner-beta-dropped", "methods/planner.py",
      "return ((nll * counted).sum() + self.p.beta * kl.sum()) / counted.sum().clamp(min=1)",
      "return (nll * counted).sum() / counted.sum().clamp(min=1)", [LATENT], "beta_kl"),
+    ("planner-kl-batch-mean", "methods/planner.py", "+ self.p.beta * kl.sum()) /", "+ self.p.beta * kl.mean()) /",
+     [REF], "beta_is"),
     ("planner-uncounted-tokens-scored", "methods/planner.py", "return ((nll * counted).sum() + self.p.beta",
      "return (nll.sum() + self.p.beta", [LATENT], "uncounted"),
     ("planner-latent-sd-as-variance", "methods/planner.py", "z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)",
@@ -396,6 +428,9 @@ MUTANTS = [
      'return f["mask"], f["ids"], f["H"]', [ENC], "ld4lg"),
     ("tencdm-pads-to-batch-longest", "methods/tencdm.py", 'texts, padding="max_length", truncation=True',
      'texts, padding="longest", truncation=True', [ENC], "stably"),
+    ("frozencache-statistics-pass-not-counted", "bench/data/frozencache.py",
+     "        encodes += method.training_set_encodes(len(blocks))\n", "        encodes += 0\n", [ENC],
+     "statistics_pass or size_limit"),
 ]
 
 
