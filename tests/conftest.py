@@ -56,6 +56,19 @@ def metric_rows(rec: dict) -> list[tuple]:
     return [(m["dataset"], m["value"], m["ci_low"], m["ci_high"]) for m in rec["metrics"]]
 
 
+def dry_run_error(tmp_path: Path, capsys, suite: dict) -> str:
+    """`tdbench run SUITE --dry-run` of a bad suite: asserts exit code 2, a one-line message and
+    nothing written; returns the message."""
+    from bench.cli import main
+
+    f = write_suite(tmp_path / "s.yaml", suite)
+    assert main(["run", str(f), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
 def specs_of(suite: dict, tmp_path: Path):
     from bench.suite import load_suite
 
