@@ -17,6 +17,12 @@ with stratification) the within-block variance is not identifiable and the betwe
 ratio-estimator variance is used instead (conservative: it also contains the data's
 variance). Exact likelihoods (AR) have no t and report ci_low = ci_high = value.
 
+How a method turns one u into its estimate is the method's: the continuous methods read the
+protocol's ``bound_steps`` (the discrete-time VLB of a T-step sampler) and ``t_proposal`` (t
+drawn ∝ the bound's weight, by inverse CDF from u, with exact importance weights) through
+``Method.use_protocol``, which ``per_sequence_nll`` calls first; the layouts, replicates and
+intervals above are unchanged by either (each draw stays an unbiased estimate of the block's bound).
+
 The learning-curve probe (bench.runner.learning_probe) spends few draws per block (K = 2), where
 the per-block layout above is K iid draws: for a uniform-noise model, whose bound integrand
 varies several-fold over t, one probe's Monte-Carlo sd is then ~0.4 bits per token on 16 blocks
@@ -88,6 +94,7 @@ def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: 
     """(N, K) NLL estimates (nats, summed over counted tokens), and (N,) counted tokens. ``u``:
     (N, K) draws in (0, 1) to use instead of the protocol's (``draw_u_joint``); t_min applies."""
     exact = method.likelihood == "exact"
+    method.use_protocol(protocol)       # the bound's estimator settings (bound_steps, t_proposal)
     K = 1 if exact else (protocol.t_samples if u is None else u.shape[1])
     N = len(tokens)
     gen = torch.Generator().manual_seed(seed)
