@@ -14,7 +14,9 @@ Output: logits (B, L, vocab_out), or the final hidden states with ``return_hidde
 with ``targets`` (B, L) ids the per-token −log softmax(logits)[target] (B, L) through the fused
 head + cross-entropy of :class:`Head` (the logits are never returned, so one (B·L, V) buffer
 serves the forward and, in place, the gradient), or with ``expect`` = E (V, d) the expectation
-softmax(logits)·E (B, L, d) the same way (and with both, the pair).
+softmax(logits)·E (B, L, d) the same way (and with both, the pair); ``expect_fp32=True`` at
+construction makes that expectation fp32 under autocast too (the product from the fp32
+probabilities, not a bf16 copy of them).
 
 Continuous input (optional, for Gaussian/simplex diffusion): ``in_dim=d`` adds an input
 projection ``inp: R^d → R^hidden`` applied to ``embeds`` (B, L, d); ``vocab_in=None`` then
@@ -147,12 +149,16 @@ class _HeadExpect(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, W, b, E, y):
+    def forward(ctx, h, W, b, E, y, fp32=False):
         logits = _logits_fp32(h, W, b)
         lse = _row_lse(logits)
         nll = lse - logits.gather(-1, y[:, None])[:, 0] if y is not None else None
         P = logits.sub_(lse[:, None]).exp_()
-        x_hat = P.to(h.dtype) @ E.to(h.dtype)
+        if fp32:    # x̂ = P E from the fp32 P in fp32, autocast or not (PLAID: its γ endpoints train on x̂)
+            with torch.autocast(P.device.type, enabled=False):
+                x_hat = P @ E.float()
+        else:
+            x_hat = P.to(h.dtype) @ E.to(h.dtype)
         ctx.save_for_backward(h, W, E, P, x_hat, y)
         ctx.has_bias, ctx.has_y, ctx.done = b is not None, y is not None, False
         return (x_hat, nll) if y is not None else x_hat
@@ -178,15 +184,25 @@ class _HeadExpect(torch.autograd.Function):
         grad_h = G @ W.to(h.dtype) if ctx.needs_input_grad[0] else None
         grad_W = (G.t() @ h).to(W.dtype) if ctx.needs_input_grad[1] else None
         grad_b = P.sum(0).to(W.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_h, grad_W, grad_b, grad_E, None
+        return grad_h, grad_W, grad_b, grad_E, None, None
+
+
+def fused_nll(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """−log softmax(h Wᵀ + b)[targets] per position, (…, d) and (…) → (…), through the fused head
+    (:class:`_HeadNLL`: one (N, V) buffer for the forward and, in place, the gradient) — for a
+    method's own V-wide decoder (Diffusion-LM's tied rounding head softmax(z_0 Eᵀ))."""
+    return _HeadNLL.apply(h.reshape(-1, h.shape[-1]), W, b, targets.reshape(-1)).view(targets.shape)
 
 
 class Head(nn.Linear):
     """The output projection to vocabulary logits. With ``targets`` it returns the per-row NLL of
     the targets through :class:`_HeadNLL` instead; with ``expect`` (a (V, d) matrix E) the
     expectation softmax(logits)·E through :class:`_HeadExpect` (and the NLL too, as a pair,
-    when ``targets`` are also given). A module call either way, so wrappers that gather
-    parameters in a module's forward (DeepSpeed ZeRO-3) see it."""
+    when ``targets`` are also given), in fp32 under autocast too when ``expect_fp32`` (set by
+    the backbone's constructor). A module call either way, so wrappers that gather parameters
+    in a module's forward (DeepSpeed ZeRO-3) see it."""
+
+    expect_fp32 = False
 
     def forward(self, x, targets=None, expect=None):
         if targets is None and expect is None:
@@ -196,7 +212,7 @@ class Head(nn.Linear):
         y = targets.reshape(-1) if targets is not None else None
         if expect is None:
             return _HeadNLL.apply(h, self.weight, self.bias, y).view(lead)
-        out = _HeadExpect.apply(h, self.weight, self.bias, expect, y)
+        out = _HeadExpect.apply(h, self.weight, self.bias, expect, y, self.expect_fp32)
         if y is None:
             return out.view(*lead, -1)
         return out[0].view(*lead, -1), out[1].view(lead)
@@ -244,7 +260,8 @@ class Block(nn.Module):
 
 class Backbone(nn.Module):
     def __init__(self, cfg: BackboneConfig, vocab_in: int | None, vocab_out: int, seq_len: int,
-                 causal: bool = False, in_dim: int | None = None, self_condition: bool = False):
+                 causal: bool = False, in_dim: int | None = None, self_condition: bool = False,
+                 expect_fp32: bool = False):
         super().__init__()
         self.cfg, self.causal, self.seq_len = cfg, causal, seq_len
         d = cfg.hidden
@@ -267,6 +284,7 @@ class Backbone(nn.Module):
         nn.init.zeros_(self.adaLN_f.weight)
         nn.init.zeros_(self.adaLN_f.bias)
         self.head = Head(d, vocab_out)
+        self.head.expect_fp32 = expect_fp32
         nn.init.zeros_(self.head.weight)  # start from uniform predictions (as MDLM/DiT)
         nn.init.zeros_(self.head.bias)
 
