@@ -16,8 +16,11 @@ predicted clean embedding, x̃0 the self-conditioning input (Chen et al. 2022, A
   logits at t = 0 as decoder; the VDM bound is both loss and eval (share q of draws at t = 0).
 - SSD-LM: S_0 ∈ {−k, +k}^V, input softmax(S_t)·E, cross-entropy; no likelihood (ppl "—").
 
+What a bound row bounds (the predictor, the decoder, T = ∞ or the protocol's ``bound_steps``) and
+the ``bounded`` sampler that draws from exactly that model: methods/_vlb.py.
+
 Derivations: docs/methods.md#continuous-diffusion (#diffusion-lm, #plaid, #ssd-lm,
-#notation-and-self-conditioning).
+#notation-and-self-conditioning, #what-a-continuous-bound-bounds).
 """
 from __future__ import annotations
 
@@ -26,11 +29,12 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
-from bench.backbone import Backbone
+from bench.backbone import Backbone, fused_nll
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
+from methods import _vlb
 from methods._gaussian import (
     PARAMETERISATIONS,
     SAMPLERS,
@@ -38,7 +42,6 @@ from methods._gaussian import (
     Learned,
     NormalStream,
     diffuse,
-    diffusion_term,
     nearest_embedding,
     prior_kl,
     sample_loop,
@@ -65,11 +68,16 @@ class EmbeddingDiffusion(Method):
 
     likelihood = "bound"
     time = "continuous"
+    protocol_settings = frozenset({"bound_steps", "t_proposal"})
+    decoder = "p(w | z_0)"               # the decoder in words (bounds())
+    decoder_calls = False                # whether it is a call of the network (PLAID's is)
+    heuristic_ending = "the nearest embedding of the last x̂0"   # how ddpm/ddim make the word
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
         super().__init__(params, backbone, vocab_size, seq_len, context)
         self.embedding = nn.Embedding(vocab_size, params.embed_dim)   # e = Emb(w), N(0, 1) init
         self.schedule = self.make_schedule()
+        self.estimator = (None, "uniform")   # the protocol's (bound_steps, t_proposal): use_protocol
 
     # --- what the two differ in ----------------------------------------------------------------
     def make_schedule(self):
@@ -78,9 +86,33 @@ class EmbeddingDiffusion(Method):
     def predict_x0(self, z, t, x_sc):
         raise NotImplementedError
 
-    def elbo_terms(self, w, counted, t, train: bool):
-        """(B, L) per-token one-draw estimate of the bound (module docstring) at draws t."""
+    def elbo_terms(self, w, counted, u, train: bool):
+        """(B, L) per-token one-draw estimate of the bound (module docstring) at draws u."""
         raise NotImplementedError
+
+    def decode(self, z0, generator):
+        """w ~ p(w | z_0), the bound's decoder, (n, L, d) → (n, L) ids."""
+        raise NotImplementedError
+
+    # --- what a bound bounds, how its t is drawn ------------------------------------------------
+    def use_protocol(self, protocol):
+        self.estimator = (protocol.bound_steps, protocol.t_proposal)
+
+    def time_draw(self, u, train: bool):
+        """(t, w): the diffusion term's one-draw estimate at u is w·‖e − x̂(z_t; t)‖² (_vlb.diffusion_draw);
+        training draws t = u (T = ∞), evaluation under the protocol's estimator (use_protocol)."""
+        T, proposal = (None, "uniform") if train else self.estimator
+        return _vlb.diffusion_draw(self.schedule, u, proposal, T)
+
+    def bounds(self):
+        return _vlb.describe(self.decoder, self.estimator[0], self.p.self_condition, self.decoder_calls)
+
+    def sampler_info(self, steps):
+        return _vlb.sampler_words(self.p, steps, self.decoder_calls, self.heuristic_ending)
+
+    def bound_predictor(self, z, t):
+        """The predictor the bound scores: f(z, t, f(z, t, 0)) with self-conditioning, else f(z, t)."""
+        return self.predict_x0(z, t, self.first_pass(z, t, train=False))
 
     # --- shared --------------------------------------------------------------------------------
     def endpoints(self, like):
@@ -125,8 +157,13 @@ class EmbeddingDiffusion(Method):
 
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None):
+        """``sampler: bounded``: the model the bound bounds, to z_0 and the decoder's draw (_vlb);
+        ddpm/ddim: to t = 1/steps, the word the nearest embedding of the last x̂0."""
         E = self.embedding.weight
         z = torch.randn((n, self.L, E.shape[1]), generator=generator, device=E.device)
+        if self.p.sampler == "bounded":
+            T = _vlb.check_budget(steps, self.p.self_condition, self.decoder_calls)
+            return self.decode(_vlb.ancestral_to_zero(self.bound_predictor, z, self.schedule, T, generator), generator)
         snap = (lambda x: E[nearest_embedding(x, E)]) if self.p.clamp else None  # noqa: E731
         x0 = sample_loop(self.predict_x0, z, self.schedule, steps, SAMPLERS[self.p.sampler], generator,
                          snap=snap, self_condition=self.p.self_condition)
@@ -136,20 +173,28 @@ class EmbeddingDiffusion(Method):
 SC_RATE = Field(0.5, ge=0.0, le=1.0, description="training: probability of the two-pass (x̃0 = first pass) branch")
 
 
-class DiffusionLMParams(Params):
+class EmbeddingParams(Params):
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_sampler_is_unclamped(cls, v):
+        return _vlb.bounded_is_unclamped(v)
+
+
+class DiffusionLMParams(EmbeddingParams):
     self_condition: bool = False
     self_condition_rate: float = SC_RATE
     embed_dim: PositiveInt = 16
     schedule: Literal["sqrt", "cosine", "tan-d"] = "sqrt"
     parameterisation: Literal["x0", "eps", "v"] = "x0"
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    clamp: bool = Field(True, description="snap each x̂0 to the nearest embedding while sampling")
+    sampler: Literal["ddpm", "ddim", "bounded"] = _vlb.SAMPLER
+    clamp: bool = Field(True, description="snap each x̂0 to the nearest embedding while sampling (ddpm/ddim)")
 
 
 @register("diffusion-lm")
 class DiffusionLM(EmbeddingDiffusion):
     Params = DiffusionLMParams
     variants = {"self-cond": {"self_condition": True}}
+    decoder = "softmax(z_0 Eᵀ) (the tied rounding head)"
 
     @classmethod
     def default_label(cls, params):
@@ -173,19 +218,24 @@ class DiffusionLM(EmbeddingDiffusion):
 
     def rounding_nll(self, e, w):
         """−log p_θ(w_i | z_0) with the tied rounding head p_θ(w | z_0) = softmax(z_0 Eᵀ) (lm_head =
-        Emb), z_0 ~ q(z_0 | w) = N(α_0 e, σ_0² I): one sample, (B, L)."""
+        Emb), z_0 ~ q(z_0 | w) = N(α_0 e, σ_0² I): one sample, (B, L), through the fused head (one
+        (B·L, V) fp32 buffer, forward and backward)."""
         g0, _ = self.endpoints(e)
         z0 = torch.sigmoid(-g0).sqrt() * e + torch.sigmoid(g0).sqrt() * torch.randn_like(e)
-        logits = z0 @ self.embedding.weight.t()
-        return F.cross_entropy(logits.float().flatten(0, 1), w.flatten(), reduction="none").view(w.shape)
+        return fused_nll(z0, self.embedding.weight, w)
 
-    def elbo_terms(self, w, counted, t, train: bool):
-        """(B, L) per-token terms of the bound (1) at one t: every term at every draw."""
+    def decode(self, z0, generator):
+        return _vlb.decoder_draw(z0, self.embedding.weight, None, generator)
+
+    def elbo_terms(self, w, counted, u, train: bool):
+        """(B, L) per-token terms of the bound (1) at one draw u: every term at every draw; the
+        diffusion term at the t the estimator draws from u (time_draw)."""
+        t, wt = self.time_draw(u, train)
         e = self.embedding(w)
         z, _, _, _ = self.noised(e, counted, t)
         x0_hat = self.predict_x0(z, t, self.first_pass(z, t, train)).float()
         _, g1 = self.endpoints(e)
-        diff = diffusion_term(e.float(), x0_hat, self.schedule.gamma(t)[:, None], self.schedule.dgamma(t)[:, None])
+        diff = wt[:, None] * ((e.float() - x0_hat) ** 2).sum(-1)
         return diff + prior_kl(e.float(), g1) + self.rounding_nll(e, w)
 
     def loss(self, x0, counted, u):
@@ -201,14 +251,14 @@ class DiffusionLM(EmbeddingDiffusion):
         return (per_tok * counted).sum() / counted.sum().clamp(min=1)
 
 
-class PLAIDParams(Params):
+class PLAIDParams(EmbeddingParams):
     self_condition: bool = True
     # plaid/train.py conditions a quarter of each batch on its first pass (selfcond_mask[offset::4])
     self_condition_rate: float = Field(0.25, ge=0.0, le=1.0, description=SC_RATE.description + " (PLAID: ¼)")
     embed_dim: PositiveInt = 16
     gamma_0: float = -3.0
     gamma_1: float = 6.0
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "bounded"] = _vlb.SAMPLER
     clamp: bool = False
     reconstruction_share: float = Field(0.125, gt=0.0, lt=1.0, description=(
         "q: share of draws (rows) that estimate the t = 0 reconstruction term, weighted 1/q; "
@@ -218,17 +268,24 @@ class PLAIDParams(Params):
 @register("plaid")
 class PLAID(EmbeddingDiffusion):
     Params = PLAIDParams
+    decoder = "softmax(f_θ(z_0, 0)) (the network's own logits at t = 0, self-conditioned as the predictor)"
+    decoder_calls = True
 
     @classmethod
     def default_label(cls, params):
         return "PLAID" if params.self_condition else "PLAID −SC"
 
     def build_network(self, cfg):
-        return Backbone(cfg, vocab_in=None, vocab_out=self.V, seq_len=self.L,
-                        in_dim=self.p.embed_dim, self_condition=self.p.self_condition)
+        return Backbone(cfg, vocab_in=None, vocab_out=self.V, seq_len=self.L, in_dim=self.p.embed_dim,
+                        self_condition=self.p.self_condition, expect_fp32=True)   # x̂0 in fp32 under autocast
 
     def make_schedule(self):
         return Learned(self.p.gamma_0, self.p.gamma_1)
+
+    def decode(self, z0, generator):
+        t0 = torch.zeros(z0.shape[0], device=z0.device)
+        h = self.net(t=t0, embeds=z0, self_cond=self.first_pass(z0, t0, train=False), return_hidden=True)
+        return _vlb.decoder_draw(h, self.net.head.weight, self.net.head.bias, generator)
 
     def predict_x0(self, z, t, x_sc):
         """x̂0 = softmax(f_θ(z_t, t)) E: the expected embedding under the predicted tokens (through
@@ -241,15 +298,15 @@ class PLAID(EmbeddingDiffusion):
         the others the diffusion term at t = (u − q)/(1 − q); the prior term is exact on all."""
         q = self.p.reconstruction_share
         rec = u < q                                                      # (B,)
-        t = torch.where(rec, torch.zeros_like(u), (u - q) / (1 - q))
+        t, wt = self.time_draw(((u - q) / (1 - q)).clamp(0, 1), train)  # the diffusion rows' t and weight
+        t = torch.where(rec, torch.zeros_like(u), t)
         e = self.embedding(w)
         z, _, _, _ = self.noised(e, counted, t)
         # x̂0 = softmax(f_θ) E and −log softmax(f_θ)[w] (the decoder's term on rows at t = 0) from
         # one pass of the fused head
         x0_hat, nll = self.net(t=t, embeds=z, self_cond=self.first_pass(z, t, train),
                                expect=self.embedding.weight, targets=w)
-        diff = diffusion_term(e.float(), x0_hat.float(), self.schedule.gamma(t)[:, None],
-                              self.schedule.dgamma(t)[:, None])
+        diff = wt[:, None] * ((e.float() - x0_hat.float()) ** 2).sum(-1)
         _, g1 = self.endpoints(e)
         estimate = torch.where(rec[:, None], nll.float() / q, diff / (1 - q))
         return estimate + prior_kl(e.float(), g1)
