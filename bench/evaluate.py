@@ -110,6 +110,12 @@ def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: 
     return out, np.asarray(counted).sum(1).astype(np.float64)
 
 
+def _exp(x: float) -> float:
+    """e^x, inf beyond float64's range (an untrained Diffusion-LM's bound is ~800 nats per token:
+    its perplexity is no float, its nll_per_token still is)."""
+    return math.exp(x) if x < 709.7 else math.inf
+
+
 def summarize(nll: np.ndarray, ntok: np.ndarray, confidence: float, exact: bool,
               scheme: str = "iid") -> dict:
     """Perplexity, CI and bookkeeping from (N, K) estimates; see the module docstring."""
@@ -127,7 +133,7 @@ def summarize(nll: np.ndarray, ntok: np.ndarray, confidence: float, exact: bool,
         resid = n_i - r * ntok
         se = math.sqrt(N / max(N - 1, 1) * (resid ** 2).sum()) / C
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    return {"value": math.exp(r), "ci_low": math.exp(r - z * se), "ci_high": math.exp(r + z * se),
+    return {"value": _exp(r), "ci_low": _exp(r - z * se), "ci_high": _exp(r + z * se),
             "nll_per_token": r, "se_nll_per_token": se, "n_tokens": int(C), "n_seqs": int(N),
             "t_samples": K}
 
