@@ -5,8 +5,8 @@ SNR(t) = e^{−γ(t)}, x̂(z_t; t) the predictor.
 - :func:`diffusion_draw`: from one u ∈ (0, 1) per row, the time t and the weight w with which
   w·‖x − x̂(z_t; t)‖² is an unbiased one-draw estimate of the diffusion term — of the
   continuous-time bound (T = ∞, VDM eq. 17) or of the discrete-time VLB of a T-step ancestral
-  sampler (VDM eq. 13) — with t drawn uniformly or ∝ the term's weight (importance sampling
-  with exact weights).
+  sampler (VDM eq. 13) — with t drawn uniformly, ∝ the term's weight, uniformly in log-SNR or
+  from the mixture of the last two (importance sampling with exact weights).
 - :func:`ancestral_to_zero`: that T-step sampler, z_1 → z_0 (the generative model the T-step
   VLB bounds, with the bound's predictor); :func:`decoder_draw`: w ~ softmax(h Wᵀ + b) a block
   of rows at a time (the decoder's draw at z_0, no (n, L, V) buffer).

@@ -63,19 +63,19 @@ def test_rounding_through_the_fused_head_equals_cross_entropy():
 
 
 def test_rounding_holds_one_vocabulary_wide_buffer():
-    """Forward and backward of the rounding term at N = 1,024 positions, V = 4,096 (one (N, V)
-    fp32 buffer is 16 MiB): through the fused head the peak is that one buffer plus one
+    """Forward and backward of DiffusionLM.rounding_nll at N = 1,024 positions, V = 4,096 (one
+    (N, V) fp32 buffer is 16 MiB): through the fused head the peak is that one buffer plus one
     log-sum-exp chunk of it (``_HeadNLL.CHUNK`` rows) plus 2% for the (N, d)- and (V, d)-sized
-    rest; the cross-entropy path it replaces peaks at ≥ 2.5 buffers (logits, log-probabilities,
-    their gradients)."""
+    rest; the cross-entropy path it replaces, on the same z_0, peaks at ≥ 2.5 buffers (logits,
+    log-probabilities, their gradients)."""
     torch.manual_seed(0)
-    N, V, d = 1024, 4096, 16
-    z0 = torch.randn(N, 1, d, requires_grad=True)
-    E = torch.randn(V, d, requires_grad=True)
-    w = torch.randint(0, V, (N, 1))
+    N, V = 1024, 4096
+    m = DiffusionLM(DiffusionLM.Params(), BB, V, N)
+    w = torch.randint(0, V, (1, N))
     buf, chunk = N * V * 4, _HeadNLL.CHUNK * V * 4
-    new = peak_bytes(lambda: fused_nll(z0, E, w).sum().backward())
-    old = peak_bytes(lambda: old_rounding(z0, E, w).sum().backward())
+    new = peak_bytes(lambda: m.rounding_nll(m.embedding(w), w).sum().backward())
+    z0 = torch.randn(1, N, m.p.embed_dim, requires_grad=True)
+    old = peak_bytes(lambda: old_rounding(z0, m.embedding.weight, w).sum().backward())
     assert new <= buf + chunk + 0.02 * buf < 2.5 * buf <= old, (new / buf, old / buf)
 
 
