@@ -181,6 +181,13 @@ class _HeadExpect(torch.autograd.Function):
         return grad_h, grad_W, grad_b, grad_E, None
 
 
+def fused_nll(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """−log softmax(h Wᵀ + b)[targets] per position, (…, d) and (…) → (…), through the fused head
+    (:class:`_HeadNLL`: one (N, V) buffer for the forward and, in place, the gradient) — for a
+    method's own V-wide decoder (Diffusion-LM's tied rounding head softmax(z_0 Eᵀ))."""
+    return _HeadNLL.apply(h.reshape(-1, h.shape[-1]), W, b, targets.reshape(-1)).view(targets.shape)
+
+
 class Head(nn.Linear):
     """The output projection to vocabulary logits. With ``targets`` it returns the per-row NLL of
     the targets through :class:`_HeadNLL` instead; with ``expect`` (a (V, d) matrix E) the

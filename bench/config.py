@@ -32,6 +32,7 @@ MAX_T_SAMPLES = 4096       # t draws per sequence (papers use 1-1000)
 MAX_SAMPLES = 1_000_000    # samples per step budget per run (MAUVE uses 5,000)
 MAX_LAYERS, MAX_HEADS = 1024, 1024
 MAX_WIDTH = 65_536         # hidden, cond_dim (GPT-3 175B: 12,288)
+MAX_BOUND_STEPS = 1_000_000   # T of a discrete-time bound (eval.bound_steps)
 MAX_SEED = 2**31           # seeds are 0 <= seed < 2**31: every RNG (numpy's legacy one too) takes them
 Seed = Annotated[int, Field(ge=0, lt=MAX_SEED)]
 
@@ -158,6 +159,11 @@ PROTOCOL_PRESETS: dict[str, dict] = {
 }
 
 
+# The bound's estimator settings (eval.bound_steps, eval.t_proposal) and their defaults: a
+# method whose bound honours one lists it in ``Method.protocol_settings``.
+BOUND_SETTINGS: dict[str, Any] = {"bound_steps": None, "t_proposal": "uniform"}
+
+
 class EvalConfig(Strict):
     """The suite's ``eval:`` block: the knobs of the likelihood protocol."""
 
@@ -181,6 +187,14 @@ class EvalConfig(Strict):
     # Σ NLL / (ln 2 · Σ bytes)) beside ppl — the unit that stays comparable when a row scores
     # retokenised text (hf-causal-lm with its own tokenizer) or tokenizers differ across suites.
     per_byte: bool = False
+    # The continuous-time bound's estimator (docs/protocol.md#what-a-bound-bounds): ``bound_steps``
+    # T scores the discrete-time VLB of a T-step ancestral sampler (VDM eq. 13) instead of T = ∞;
+    # ``t_proposal`` draws t uniformly, ∝ the bound's weight ½γ′e^{−γ}, uniformly in log-SNR, or
+    # from the half-and-half mixture of those two (exact importance weights). Read by the
+    # methods whose ``protocol_settings`` name them (bench.suite checks); at their defaults
+    # they are absent from the dump, so existing run ids stay.
+    bound_steps: Optional[int] = Field(None, gt=0, le=MAX_BOUND_STEPS)
+    t_proposal: Literal["uniform", "weight", "log-snr", "mixture"] = "uniform"
 
     @field_validator("sample_steps", mode="before")
     @classmethod
@@ -208,7 +222,18 @@ class EvalConfig(Strict):
             d.pop("protocol", None)
         if isinstance(d, dict) and not d.get("per_byte", False):
             d.pop("per_byte", None)
+        if isinstance(d, dict):
+            for k, v in BOUND_SETTINGS.items():
+                if d.get(k, v) == v:
+                    d.pop(k, None)
         return d
+
+    @model_validator(mode="after")
+    def _untruncated_estimators(self):
+        if self.t_min > 0 and any(getattr(self, k) != v for k, v in BOUND_SETTINGS.items()):
+            raise ValueError(f"t_min: must be 0 with bound_steps or a t_proposal other than uniform (a truncated "
+                             f"estimate is defined for the uniform continuous-time form only), got {self.t_min}")
+        return self
 
     @property
     def counting(self) -> tuple[bool, bool]:
@@ -238,11 +263,15 @@ class Protocol(Strict):
     max_blocks: Optional[int]
     split: str = "test"
     preset: str = "custom"   # eval.protocol, or "custom" (the packing settings as given)
+    bound_steps: Optional[int] = None   # T of the discrete-time VLB; None: continuous time (T = ∞)
+    t_proposal: str = "uniform"         # how the bound's t is drawn: uniform, or ∝ its weight
 
     @property
     def id(self) -> str:
-        # "custom" protocols hash as they did before presets existed (ids stay stable)
-        return short_hash(self.model_dump(exclude={"preset"} if self.preset == "custom" else None))[:8]
+        # "custom" protocols hash as they did before presets existed, and the bound's estimator
+        # settings at their defaults as before they existed (ids stay stable)
+        drop = {k for k, v in BOUND_SETTINGS.items() if getattr(self, k) == v}
+        return short_hash(self.model_dump(exclude=drop | ({"preset"} if self.preset == "custom" else set())))[:8]
 
 
 # ----------------------------------------------------------------------------- launching
@@ -362,7 +391,8 @@ class RunSpec(Strict):
         return Protocol(tokenizer=tokenizer_key(self.data.tokenizer), seq_len=self.data.seq_len,
                         packing=e.packing, counted=counted, t_samples=e.t_samples,
                         t_sampling=e.t_sampling, t_min=e.t_min, confidence=e.confidence,
-                        max_blocks=e.max_blocks, preset=e.protocol or "custom")
+                        max_blocks=e.max_blocks, preset=e.protocol or "custom", bound_steps=e.bound_steps,
+                        t_proposal=e.t_proposal)
 
 
 def short_hash(obj: Any) -> str:

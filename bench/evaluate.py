@@ -17,6 +17,12 @@ with stratification) the within-block variance is not identifiable and the betwe
 ratio-estimator variance is used instead (conservative: it also contains the data's
 variance). Exact likelihoods (AR) have no t and report ci_low = ci_high = value.
 
+How a method turns one u into its estimate is the method's: the continuous methods read the
+protocol's ``bound_steps`` (the discrete-time VLB of a T-step sampler) and ``t_proposal`` (t
+drawn ∝ the bound's weight, by inverse CDF from u, with exact importance weights) through
+``Method.use_protocol``, which ``per_sequence_nll`` calls first; the layouts, replicates and
+intervals above are unchanged by either (each draw stays an unbiased estimate of the block's bound).
+
 The learning-curve probe (bench.runner.learning_probe) spends few draws per block (K = 2), where
 the per-block layout above is K iid draws: for a uniform-noise model, whose bound integrand
 varies several-fold over t, one probe's Monte-Carlo sd is then ~0.4 bits per token on 16 blocks
@@ -88,6 +94,7 @@ def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: 
     """(N, K) NLL estimates (nats, summed over counted tokens), and (N,) counted tokens. ``u``:
     (N, K) draws in (0, 1) to use instead of the protocol's (``draw_u_joint``); t_min applies."""
     exact = method.likelihood == "exact"
+    method.use_protocol(protocol)       # the bound's estimator settings (bound_steps, t_proposal)
     K = 1 if exact else (protocol.t_samples if u is None else u.shape[1])
     N = len(tokens)
     gen = torch.Generator().manual_seed(seed)
@@ -101,6 +108,12 @@ def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: 
             torch.manual_seed(seed * 1_000_003 + s * 101 + k)  # method noise: deterministic
             out[s:s + batch_size, k] = method.nll(x, c, U[s:s + batch_size, k].to(device)).double().cpu().numpy()
     return out, np.asarray(counted).sum(1).astype(np.float64)
+
+
+def _exp(x: float) -> float:
+    """e^x, inf beyond float64's range (an untrained Diffusion-LM's bound is ~800 nats per token:
+    its perplexity is no float, its nll_per_token still is)."""
+    return math.exp(x) if x < 709.7 else math.inf
 
 
 def summarize(nll: np.ndarray, ntok: np.ndarray, confidence: float, exact: bool,
@@ -120,7 +133,7 @@ def summarize(nll: np.ndarray, ntok: np.ndarray, confidence: float, exact: bool,
         resid = n_i - r * ntok
         se = math.sqrt(N / max(N - 1, 1) * (resid ** 2).sum()) / C
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    return {"value": math.exp(r), "ci_low": math.exp(r - z * se), "ci_high": math.exp(r + z * se),
+    return {"value": _exp(r), "ci_low": _exp(r - z * se), "ci_high": _exp(r + z * se),
             "nll_per_token": r, "se_nll_per_token": se, "n_tokens": int(C), "n_seqs": int(N),
             "t_samples": K}
 

@@ -34,14 +34,15 @@ from bench.records import JSON_ERRORS, atomic_write_text, check_record, json_err
 INDEX = "index.json"
 # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset; 4: its text_crossing;
 # 5: keyed by the record's sealed sha256, with a digest of each entry; 6: started (the report's wall time);
-# 7: the file sealed as a whole
-FORMAT = 7
+# 7: the file sealed as a whole; 8: a metric row keeps what it bounds
+FORMAT = 8
 # record keys the derived views use; the spec, env and log tail stay in the record
 KEEP = ("run_id", "label", "method", "size", "seed", "status", "metrics", "reference", "error", "started",
         "finished", "protocol")
 TRAIN_KEEP = ("params", "steps", "tokens", "tokens_per_s", "wall_s", "final_loss", "loss_curve", "curve")
 # per metric row: what the leaderboard reads (bench.leaderboard.tidy); n_tokens, eval_s, … stay in the record
-METRIC_KEEP = ("dataset", "metric", "value", "ci_low", "ci_high", "bound", "protocol_id", "estimate", "label")
+METRIC_KEEP = ("dataset", "metric", "value", "ci_low", "ci_high", "bound", "protocol_id", "estimate", "label",
+               "bounds")
 _HEAD = re.compile(rb'\{"format":(\d+),"sha256":"([0-9a-f]{64})","runs":')
 
 

@@ -123,13 +123,19 @@ def _fmt(row) -> str:
 
 def text_crossings(recs: list[dict]) -> list[str]:
     """One note per model whose text crosses into another tokenizer (the record's
-    ``protocol.text_crossing``, written from the method's ``info()``)."""
+    ``protocol.text_crossing``, written from the method's ``info()``), then one per model with a
+    "≤" row: what its record says the number bounds (``bounds``, from ``Method.bounds``)."""
     seen = {}
     for r in recs:
         c = (r.get("protocol") or {}).get("text_crossing")
         if c:
-            seen.setdefault((r.get("label"), str(c)), None)
-    return [f"- text crossing, {label}: {c}" for label, c in seen]
+            seen.setdefault(f"- text crossing, {r.get('label')}: {c}", None)
+    unsaid = "its record does not say what it bounds (written before records did)"
+    for r in recs:
+        for m in r.get("metrics") or []:
+            if isinstance(m, dict) and m.get("metric") == "ppl" and _is_true(m.get("bound")):
+                seen.setdefault(f"- ≤ {r.get('label')}: {m.get('bounds') or unsaid}", None)
+    return list(seen)
 
 
 def table(t: pd.DataFrame, problems=(), failed=(), metric: str = "ppl", crossings=()) -> Table:

@@ -115,6 +115,10 @@ class Method(nn.Module):
     trains: ClassVar[bool] = True          # False: evaluated as given (a pretrained model); the
                                            # runner skips the training loop and train: is unused
     sampler_steps: ClassVar[bool] = True   # False: sample() ignores the step budget (AR: NFE = L)
+    # The bound-estimator settings of the protocol (bench.config.BOUND_SETTINGS: eval.bound_steps,
+    # eval.t_proposal) this method's ``nll`` honours; a suite setting another one for a bound
+    # method is an error (bench.suite), so no row claims an estimator it did not use.
+    protocol_settings: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: BaseModel, backbone: BackboneConfig, vocab_size: int, seq_len: int,
                  context: Context | None = None):
@@ -279,8 +283,19 @@ class Method(nn.Module):
         return None
 
     def bounds(self) -> str:
-        """What the ``nll`` estimate upper-bounds (recorded beside every bound row)."""
+        """What the ``nll`` estimate upper-bounds (recorded beside every bound row, after
+        ``use_protocol``)."""
         return "the sampled model's NLL" if self.likelihood == "bound" else ""
+
+    def use_protocol(self, protocol) -> None:
+        """The run's likelihood ``Protocol`` (bench.config), handed over by the harness before
+        ``bounds`` and ``nll`` (bench.evaluate.per_sequence_nll, bench.runner): a method that
+        honours any of its ``protocol_settings`` keeps them here. Default: nothing to keep."""
+
+    def sampler_info(self, steps: int | None) -> dict | None:
+        """What ``sample(n, steps)`` draws from, recorded on every sample line (bench.samples),
+        e.g. where a continuous sampler ends and how it makes the word; None: nothing to add."""
+        return None
 
     def forward(self, x0, counted, u):
         return self.stage_loss(self.current_stage, x0, counted, u)

@@ -138,6 +138,7 @@ def evaluate_all(method, spec: RunSpec, device, log) -> tuple[list[dict], list[d
     protocol = spec.protocol()
     pid = protocol.id
     kind = estimate_kind(method, protocol)
+    method.use_protocol(protocol)           # before bounds(): what a row bounds may depend on it
     char = spec.data.tokenizer.name == "char"
     metrics, reference = [], []
     for ref in spec.data.eval:

@@ -9,7 +9,9 @@ One line per sample::
 the real network evaluations per sample, averaged over its batch (a hook on the method's
 network counts the sequences each call processed, so a call a cache skipped, or a sequence it
 left out of a call, is not counted); ``wall_s`` the batch's sampling wall time
-divided by its size; ``seed`` the seed of the batch's generator.
+divided by its size; ``seed`` the seed of the batch's generator; ``sampler`` (only for methods
+that describe it, ``Method.sampler_info``) what the sampler draws from, e.g. a continuous
+method's T and whether it ends at t = 0 with a draw from the bounded decoder.
 
 The sampling batch is a function of the spec only: ``B = min(eval.batch_size, eval.samples)``
 (``eval.batch_size`` when ``eval.samples`` is 0), never of how many samples a call asks for.
@@ -67,6 +69,8 @@ def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int
 
     B = sampling_batch(spec)
     f64 = method.float64_sampling
+    described = method.sampler_info(steps)
+    info = {"sampler": described} if described is not None else {}
     out = []
     method.eval()
     for b in range(start // B, -(-n // B)):
@@ -83,7 +87,8 @@ def draw(method, spec: RunSpec, tokenizer, steps: int | None, n: int, start: int
             i = b * B + j
             if start <= i < n:
                 out.append({"ids": ids, "text": tokenizer.decode(ids), "steps": steps, "index": i, "seed": seed,
-                            "nfe": round(calls[0] / B, 4), "wall_s": round(wall / B, 6), "float64_sampling": f64})
+                            "nfe": round(calls[0] / B, 4), "wall_s": round(wall / B, 6), "float64_sampling": f64,
+                            **info})
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bench.config import (
+    BOUND_SETTINGS,
     NAMED_SIZES,
     BackboneConfig,
     MethodEntry,
@@ -154,10 +155,22 @@ def expand(suite: Suite) -> list[RunSpec]:
             for where, data in datas:
                 at = f"methods[{m.label}]" + (f" on {where}" if several else "")
                 get_method(m.method).check_compatible(m.params, data, where=at)
+                check_bound_settings(suite, m)
                 for seed in suite.seeds:
                     specs.append(RunSpec(method=m.method, label=m.label, params=m.params, size=size,
                                          backbone=bb, data=data, train=trains[i], eval=suite.eval, seed=seed))
     return specs
+
+
+def check_bound_settings(suite: Suite, m: MethodEntry) -> None:
+    """UserError when the suite sets a bound-estimator setting (``eval.bound_steps``,
+    ``eval.t_proposal``) that a bound method of it does not honour (``Method.protocol_settings``):
+    its row would be recorded under an estimator it never used."""
+    cls = get_method(m.method)
+    for key, default in BOUND_SETTINGS.items():
+        if getattr(suite.eval, key) != default and cls.likelihood == "bound" and key not in cls.protocol_settings:
+            raise UserError(f"eval.{key}: {m.label} ({m.method}) does not read it — its bound has no such "
+                            f"estimator; leave eval.{key} out, or score {m.method} in a suite of its own")
 
 
 def _where(i: int, suite: Suite) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 GAMMA_MIN, GAMMA_MAX = -13.0, 13.0   # ᾱ ∈ [2.3e-6, 1 − 2.3e-6] for the fixed schedules
 
@@ -54,6 +55,17 @@ class Schedule(nn.Module):
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(-self.gamma(t))
 
+    def t_of_gamma(self, g: torch.Tensor) -> torch.Tensor:
+        """The t ∈ [0, 1] with γ(t) = g, for g between γ(0) and γ(1) (float64): by bisection on
+        the increasing γ (52 halvings: to float64's resolution of [0, 1]); the fixed schedules
+        override it with their closed-form inverse of the raw γ."""
+        lo, hi = torch.zeros_like(g, dtype=torch.float64), torch.ones_like(g, dtype=torch.float64)
+        for _ in range(52):
+            mid = (lo + hi) / 2
+            below = self.gamma(mid).double() < g
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
 
 class Cosine(Schedule):
     """ᾱ_t = cos²(φ_t)/cos²(φ_0), φ_t = (π/2)(t + s)/(1 + s), s = 0.008 (Nichol & Dhariwal eq. 17).
@@ -72,6 +84,10 @@ class Cosine(Schedule):
 
     def raw_dgamma(self, t):
         return 2 * math.pi / ((1 + self.s) * torch.sin(2 * self._phi(t)).clamp(min=1e-12))
+
+    def t_of_gamma(self, g):
+        """φ = atan(e^{γ/2}), t = φ(1 + s)/(π/2) − s."""
+        return (torch.atan(torch.exp(g.double() / 2)) * (1 + self.s) / (math.pi / 2) - self.s).clamp(0, 1)
 
 
 class Sqrt(Schedule):
@@ -94,6 +110,10 @@ class Sqrt(Schedule):
         r = self._r(t)
         return (1 / (2 * r)) * (1 / r + 1 / (1 - r))
 
+    def t_of_gamma(self, g):
+        """γ = logit(r): r = sigmoid(γ), t = r² − s."""
+        return (torch.sigmoid(g.double()) ** 2 - self.s).clamp(0, 1)
+
 
 class TanD(Schedule):
     """TEncDM's tan-d schedule α_t = 1/√(1 + d² tan²(πt/2)), d = 9: SNR = 1/(d² tan²(πt/2)),
@@ -108,6 +128,10 @@ class TanD(Schedule):
 
     def raw_dgamma(self, t):
         return 2 * math.pi / torch.sin(math.pi * t.clamp(1e-12, 1 - 1e-7))
+
+    def t_of_gamma(self, g):
+        """t = (2/π) atan(e^{γ/2}/d)."""
+        return (2 / math.pi) * torch.atan(torch.exp(g.double() / 2) / self.d)
 
 
 class Learned(Schedule):
@@ -221,6 +245,17 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {p.name: p for p in (PredictX0(
 
 
 # ----------------------------------------------------------------------------- forward process
+# Self-conditioning (Chen et al. 2022, Analog Bits §3.2), shared by the continuous methods: the
+# training rate of the two-pass branch and the label tag.
+SC_RATE = Field(0.5, ge=0.0, le=1.0, description="training: probability of the two-pass (x̃0 = first pass) branch")
+SC_LABEL = " +SC"
+
+
+def sc_label(name: str, params) -> str:
+    """``name`` with " +SC" when the method self-conditions."""
+    return name + (SC_LABEL if params.self_condition else "")
+
+
 def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) → (B, 1, …) to broadcast against ``like``."""
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
@@ -334,10 +369,22 @@ def sample_loop(predict: Predictor, z: torch.Tensor, schedule: Schedule, steps: 
     return x0_hat
 
 
-def nearest_embedding(x: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-    """argmin_v ‖x − E_v‖² per position, (…, d) → (…) ids (Diffusion-LM's rounding)."""
-    d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ E.t() + (E * E).sum(-1)
-    return d2.argmin(-1)
+NN_BYTES = 1 << 26    # nearest_embedding's distance block: 64 MiB of fp32 (333 rows at V = 50,257)
+
+
+def nearest_embedding(x: torch.Tensor, E: torch.Tensor, block_bytes: int = NN_BYTES) -> torch.Tensor:
+    """argmin_v ‖x − E_v‖² per position, (…, d) → (…) ids (Diffusion-LM's rounding), as
+    ‖x‖² − 2x·E_v + ‖E_v‖², a block of rows at a time: never more than ``block_bytes`` of
+    distances (rows × V) at once, whatever the number of positions (an (n, L, V) buffer at once
+    would be 13 GB at n = 64, L = 1,024, V = 50,257)."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = max(1, block_bytes // (flat.element_size() * E.shape[0]))
+    e2 = (E * E).sum(-1)
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=x.device)
+    for r in range(0, flat.shape[0], rows):
+        xr = flat[r:r + rows]
+        out[r:r + rows] = ((xr * xr).sum(-1, keepdim=True) - 2 * xr @ E.t() + e2).argmin(-1)
+    return out.view(x.shape[:-1])
 
 
 # ----------------------------------------------------------------------------- the bound

@@ -12,7 +12,7 @@ and every one but the float64 arithmetic is an option of ``PLAIDParams`` (docs/m
 - :func:`input_scale`: the network reads z_t/√(α²/d + σ²), of unit variance per coordinate for
   unit rows (each row's d squares sum to 1), and x̃0·√d (lib/models.py:169–177).
 - :func:`gamma_condition`: the network is conditioned on γ(t), not t (lib/models.py:179–183).
-- :func:`biased_readout`, :func:`argmax_logits`: the logits with the bias, in fp32 outside
+- :func:`biased_readout`, :func:`argmax_logits`, :func:`decoder_draw`: the logits with the bias, in fp32 outside
   autocast (the reference's logits ``addmm`` runs in fp32, lib/models.py:190–209), through the
   backbone's fused head; and their argmax in row chunks (no (n, L, V) buffer).
 - :func:`sample_to_zero`: the ancestral / DDIM chain from t = 1 down to t = 0 in the dtype of
@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from methods import _vlb
 from methods._gaussian import bcast
 
 # The backbone embeds 1000·c with frequencies 1 … 10⁻⁴ (bench.backbone.timestep_embedding);
@@ -111,6 +112,16 @@ def biased_readout(head: nn.Linear, h: torch.Tensor, side: Optional[torch.Tensor
     with torch.autocast(h.device.type, enabled=False):
         x, params = _augmented(head, h, side, E)
         return functional_call(head, params, (x,), {"targets": targets, "expect": E.float()})
+
+
+@torch.no_grad()
+def decoder_draw(head: nn.Linear, h: torch.Tensor, side: Optional[torch.Tensor], E: torch.Tensor,
+                 generator=None) -> torch.Tensor:
+    """w ~ softmax(ℓ) per position (B, L), ℓ the logits of :func:`biased_readout`: the bounded
+    sampler's draw from the decoder the bound scores (_vlb.decoder_draw, in row blocks)."""
+    with torch.autocast(h.device.type, enabled=False):
+        x, params = _augmented(head, h, side, E)
+        return _vlb.decoder_draw(x, params["weight"], params.get("bias"), generator)
 
 
 @torch.no_grad()

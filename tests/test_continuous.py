@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import methods.continuous as continuous
+import methods.simplex as simplex
 from bench.backbone import Head
 from bench.config import BackboneConfig
 from bench.registry import get_method
@@ -175,7 +175,7 @@ def test_ssd_lm_expected_embedding_gradient_is_the_transposed_product(block, mon
     multiple — and one block of all), equals Pᵀ ḡ; the forward equals P E. float64, so the only
     difference is summation order: 1e-12."""
     m = _make("ssd-lm").double()
-    monkeypatch.setattr(continuous._ExpectedEmbedding, "BLOCK", block)
+    monkeypatch.setattr(simplex._ExpectedEmbedding, "BLOCK", block)
     P = torch.softmax(torch.randn(3, 8, 20, dtype=torch.float64), -1)
     g = torch.randn(3, 8, m.E.shape[1], dtype=torch.float64)
     out = m.simplex_input(P)

@@ -171,3 +171,13 @@ def test_joint_draws_cover_every_stratum_once_and_are_uniform_per_slot():
     us = torch.stack([draw_u_joint(7, 3, g)[0] for _ in range(4000)]).double()   # (4000, 7, 3)
     assert (us.mean(0) - 0.5).abs().max() < 0.02        # sd of a mean of 4000: 0.0046; 4.3 sd
     assert (us.var(0) - 1 / 12).abs().max() < 0.01      # sd of the variance: ≈ 0.0011; 9 sd
+
+
+def test_a_bound_beyond_floats_range_is_an_infinite_perplexity():
+    """An untrained Diffusion-LM bounds ~800 nats per token (½(SNR(0) − SNR(1))·‖e‖² with x̂0 = 0);
+    e^800 is no float64: the perplexity (and the interval's upper end) is inf, the per-token NLL
+    and its s.e. stay the finite numbers, and nothing raises (math.exp did: the run failed)."""
+    nll = np.array([[800.0, 820.0], [790.0, 810.0]]) * 4
+    s = summarize(nll, np.array([4.0, 4.0]), 0.95, exact=False, scheme="stratified")
+    assert s["value"] == math.inf and s["ci_high"] == math.inf and s["nll_per_token"] == pytest.approx(805.0)
+    assert math.isfinite(s["se_nll_per_token"])
