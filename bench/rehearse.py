@@ -174,13 +174,25 @@ def child_env() -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """(In the child, before exec) SIGKILL when the parent dies: a rehearsal killed outright
+    leaves no run training behind (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_child(argv: list[str], log: Path) -> tuple[int, int, float]:
     """(exit code — minus the signal that killed it —, its peak RSS in bytes, seconds) of
-    ``python -m bench.rehearse_child ARGV``, its output appended to ``log``."""
+    ``python -m bench.rehearse_child ARGV``, its output appended to ``log``. The child is
+    killed when this process is interrupted or terminated, or dies."""
     t0 = time.time()
     with open(log, "ab") as f:
         p = subprocess.Popen([sys.executable, "-m", "bench.rehearse_child", *argv], stdout=f,
-                             stderr=subprocess.STDOUT, env=child_env())
+                             stderr=subprocess.STDOUT, env=child_env(), preexec_fn=_die_with_parent)
         try:
             _, status, usage = os.wait4(p.pid, 0)
         except BaseException:
@@ -292,6 +304,7 @@ def rehearse_one(spec: RunSpec, others: list[RunSpec], suite, out: Path, st: Reh
         if code != (STOPPED if phase == "stop" else 0) or not (rd / f"probe-{phase}.json").is_file():
             return row.failed(why_failed(code, rd, log), time.time() - t0, max(rss))
         probes[phase] = json.loads((rd / f"probe-{phase}.json").read_text())
+        rss.append(probes[phase]["process_peak"])   # (the probe's resets hide earlier peaks from ru_maxrss)
     if not st.keep:
         shutil.rmtree(rd / "ckpt", ignore_errors=True)
     return measure(row, rd, probes, spec, suite, time.time() - t0, max(rss))
@@ -313,12 +326,18 @@ def rehearse(suite_path: str | Path, out: Path | None, st: RehearsalSettings, lo
             raise UserError(f"--out: {rd} exists and is not a rehearsal's run directory; choose another --out")
     log(f"{suite.name}: {len(specs)} runs, {len(groups)} to rehearse (one per shape) into {out}")
     rows = []
+    term = signal.signal(signal.SIGTERM, _terminated)   # SIGTERM unwinds like ^C: the running child is killed
     try:
         for i, (rep, rest) in enumerate(groups, 1):
             rows.append(rehearse_one(rep, rest, suite, out, st))
             log(progress_line(i, len(groups), rows[-1]))
             write_outputs(out, suite, rows, st)
     finally:
+        signal.signal(signal.SIGTERM, term)
         if not st.keep:
             shutil.rmtree(out / "standins", ignore_errors=True)
     return suite, rows, out
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)

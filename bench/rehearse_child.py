@@ -70,14 +70,24 @@ class Probe:
         self.stop, self.out = stop_after_checkpoint, out
         self.steps, self.evals, self.samples, self.checkpoints = [], [], [], []
         self.reset = True
+        self.high = 0   # the process's peak RSS: the high-water mark before each reset, kept here
+
+    def process_peak(self) -> int:
+        """The peak RSS of the whole process so far (a reset hides earlier peaks from the kernel's
+        own count, and from the parent's ``ru_maxrss``: the probe keeps the maximum)."""
+        self.high = max(self.high, peak() or 0)
+        return self.high
 
     def measure(self, fn, *a, **k):
         """(fn's result, {s, rss_before, peak}) of one call."""
+        self.process_peak()
         before = rss()
         self.reset = reset_peak() and self.reset
         t0 = time.perf_counter()
         out = fn(*a, **k)
-        return out, {"s": time.perf_counter() - t0, "rss_before": before, "peak": peak()}
+        s, high = time.perf_counter() - t0, peak()
+        self.high = max(self.high, high or 0)
+        return out, {"s": s, "rss_before": before, "peak": high}
 
     def install(self) -> None:
         import bench.evaluate
@@ -124,8 +134,9 @@ class Probe:
     def write(self, status: str) -> None:
         from bench.records import write_json
 
-        write_json(self.out, {"status": status, "reset": self.reset, "steps": self.steps, "evals": self.evals,
-                              "samples": self.samples, "checkpoints": self.checkpoints})
+        write_json(self.out, {"status": status, "reset": self.reset, "process_peak": self.process_peak(),
+                              "steps": self.steps, "evals": self.evals, "samples": self.samples,
+                              "checkpoints": self.checkpoints})
 
 
 def standin(name: str, path: str, hidden: int, layers: int, heads: int) -> None:

@@ -27,21 +27,34 @@ class Killed(Method):
 
     def loss(self, x0, counted, u):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@register("test-sleeper")
+class Sleeper(Killed):
+    '''Trains until its first loss, where it waits (for a signal).'''
+
+    def loss(self, x0, counted, u):
+        signal.pause()
 """
 
 
-def install_killer(tmp_path, monkeypatch) -> None:
-    """The ``test-killed`` method as a third-party plugin (a dist-info entry point), seen by this
-    process and by the rehearsal's children (through PYTHONPATH)."""
-    from bench import registry
-
-    root = tmp_path / "plugin"
+def write_plugin(root: Path) -> Path:
+    """The ``test-killed`` and ``test-sleeper`` methods as a third-party plugin (a module and a
+    dist-info declaring it in the ``tdbench.methods`` entry-point group) in ``root``."""
     root.mkdir()
     (root / "rehearse_killer.py").write_text(KILLER)
     dist = root / "rehearse_killer-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rehearse-killer\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[tdbench.methods]\nrehearse_killer = rehearse_killer\n")
+    return root
+
+
+def install_killer(tmp_path, monkeypatch) -> None:
+    """The plugin, seen by this process and by the rehearsal's children (through PYTHONPATH)."""
+    from bench import registry
+
+    root = write_plugin(tmp_path / "plugin")
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("PYTHONPATH", str(root))
     monkeypatch.setattr(registry, "_discovered", False)
@@ -85,6 +98,7 @@ def test_rehearsal_runs_every_shape_through_resume_and_isolates_failures(tmp_pat
         code = main(["rehearse", str(f), "--out", str(out), "--threads", "1"])
     finally:
         registry._METHODS.pop("test-killed", None)
+        registry._METHODS.pop("test-sleeper", None)
         sys.modules.pop("rehearse_killer", None)
     rows = rows_of(out)
     assert set(rows) == {s.label for s in specs} and len(specs) == 10
@@ -235,3 +249,48 @@ def test_a_calls_working_memory_is_its_own_not_the_process_peak():
     _, m = probe.measure(touch, 64)
     assert probe.reset
     assert abs((m["peak"] - m["rss_before"]) / 2 ** 20 - 64) <= 16, m
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc")
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 128 + 15), ("SIGKILL", -9)])
+def test_a_stopped_rehearsal_leaves_no_run_training(tmp_path, sig, code):
+    """SIGTERM: the rehearsal kills the run it is rehearsing (one waiting in its first training
+    step) and exits 143; SIGKILL (nothing of it runs): the kernel kills that run (the child's
+    parent-death signal). Either way the child — the process that holds the run's lease — is
+    gone within seconds."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import subprocess_env
+
+    plugin = write_plugin(tmp_path / "plugin")   # (seen by the rehearsal's processes only)
+    f = write_suite(tmp_path / "s.yaml", tiny_suite(methods=[{"method": "test-sleeper"}], baseline=None))
+    env = {**subprocess_env(), "PYTHONPATH": f"{plugin}:{subprocess_env()['PYTHONPATH']}"}
+    p = subprocess.Popen([sys.executable, "-m", "bench.cli", "rehearse", str(f), "--out", str(tmp_path / "out")],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def holder():
+        try:
+            return json.loads(next((tmp_path / "out" / "runs").glob("*/lease.json")).read_text())["pid"]
+        except (StopIteration, OSError, ValueError, KeyError):
+            return None
+    deadline, child = time.monotonic() + 240, None
+    while child is None and time.monotonic() < deadline and p.poll() is None:
+        child = holder()
+        time.sleep(0.2)
+    assert child is not None, "no run started"
+    p.send_signal(getattr(signal, sig))
+    assert p.wait(timeout=60) == code
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+        except OSError:
+            return False
+    gone = time.monotonic() + 30
+    while alive(child) and time.monotonic() < gone:
+        time.sleep(0.2)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)   # (not left behind by a failing test)
+        pytest.fail(f"the run's process {child} outlived the rehearsal stopped by {sig}")
