@@ -22,7 +22,7 @@ MODULES = ("run", "results", "data", "methods", "tools")   # --help lists them b
 # a command missing here still works: every module is then registered
 GROUPS = {**dict.fromkeys(("run", "submit", "status", "cancel", "logs"), "run"),
           **dict.fromkeys(("leaderboard", "report", "sample", "score", "experiment"), "results"),
-          "data": "data", "methods": "methods", "new-method": "methods", "speed": "tools"}
+          "data": "data", "methods": "methods", "new-method": "methods", "speed": "tools", "rehearse": "tools"}
 
 
 def parser(argv=None) -> argparse.ArgumentParser:
