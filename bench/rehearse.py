@@ -23,13 +23,14 @@ peak RSS above the RSS before it.
 The GPU projection, at the suite's batch (``train.batch_size`` split over ``launch.nodes ×
 tasks_per_node`` processes and ``launch.micro_batch``: b sequences per forward per GPU):
 
-- training, per stage: 4·(N + N_frozen) bytes of fp32 weights + 4·N_t gradients + 8·N_t AdamW
-  moments + 4·N_ema EMA copy (N_t the stage's trained parameters, N_ema the entries the EMA
-  averages) + b·A, A = W − 4·N_t the activations of one sequence (a training step's working
-  memory at batch 1 less the gradients it allocates); the largest stage is the run's figure;
+- training, per stage: 4·(N + N_frozen) bytes of fp32 weights + 4·N_u gradients + 8·N_u AdamW
+  moments + 4·N_ema EMA copy (N_u the stage's parameters its steps update — a trained parameter
+  no loss reaches has no gradient and no AdamW state —, N_ema the entries the EMA averages) +
+  b·A, A = W − 4·N_u the activations of one sequence (a training step's working memory at
+  batch 1 less the gradients it allocates); the largest stage is the run's figure;
 - sampling: 4·(N + N_frozen) + b_s·W_s, b_s = the sampling batch (bench.samples.sampling_batch),
   W_s a sampling call's working memory at batch 1;
-- step time: 6·N_t·(per-GPU sequences × L) FLOPs at ``mfu`` of ``peak_tflops`` (bench.plan's
+- step time: 6·N_u·(per-GPU sequences × L) FLOPs at ``mfu`` of ``peak_tflops`` (bench.plan's
   compute model; the method's own work beyond its network — a frozen encoder, V-wide losses —
   is not in it: the CPU seconds per step beside it show that cost against AR's).
 

@@ -104,6 +104,9 @@ class Probe:
             probe.steps.append({**m, "stage": stage.name, "step": k + 1, "fresh_optimizer": fresh,
                                 "params": sum(p.numel() for p in method.parameters()),
                                 "trained": sum(p.numel() for p in stage.params),
+                                # those the step updated: a parameter no loss reaches has no
+                                # gradient and no AdamW state (torch skips it)
+                                "updated": sum(p.numel() for p in stage.params if p in stage.opt.state),
                                 "ema": sum(v.numel() for v in stage.ema.shadow.values()) if stage.ema else 0,
                                 "frozen": sum(p.numel() for f in method.frozen_modules().values()
                                               for p in f.parameters())})

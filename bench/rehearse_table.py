@@ -19,7 +19,7 @@ GIB = 2 ** 30
 @dataclass
 class Row:
     """One rehearsed run (standing for ``shared``, the runs of its shape) and what it measured:
-    ``stages`` one dict per training stage (trained / EMA / frozen counts, a step's working
+    ``stages`` one dict per training stage (updated parameters and EMA entries, a step's working
     memory ``work``, ``peak`` and seconds ``s`` at batch 1, the suite's per-GPU batch ``b`` and
     sequences per GPU per step ``per_rank``, its full-size ``steps``), ``evals`` / ``sample`` the
     same for evaluation and sampling (seconds per forward / per network call; ``sample["b"]``:
@@ -87,7 +87,7 @@ def measure(row: Row, rd: Path, probes: dict, spec: RunSpec, suite, wall_s: floa
         steady = [c for c in mine if not c["fresh_optimizer"]] or mine
         cfg = spec.train.for_stage(name)
         plan = batch_plan(cfg.batch_size, world, suite.launch.micro_batch)
-        row.stages.append({"stage": name, **_calls(steady), "trained": mine[0]["trained"], "ema": mine[0]["ema"],
+        row.stages.append({"stage": name, **_calls(steady), "updated": mine[-1]["updated"], "ema": mine[0]["ema"],
                            "b": plan.micro, "per_rank": plan.per_rank, "steps": cfg.steps})
     fin = probes["finish"]
     if fin["evals"]:
@@ -115,8 +115,8 @@ def train_gpu(row: Row, b: int | None = None) -> tuple[int, int] | None:
         if s["work"] is None:
             continue
         bb = b or s["b"]
-        act = max(s["work"] - 4 * s["trained"], 0)
-        v = weights(row) + 12 * s["trained"] + 4 * s["ema"] + bb * act
+        act = max(s["work"] - 4 * s["updated"], 0)
+        v = weights(row) + 12 * s["updated"] + 4 * s["ema"] + bb * act
         best = max(best or (v, bb), (v, bb))
     return best
 
@@ -129,12 +129,12 @@ def sample_gpu(row: Row, b: int | None = None) -> tuple[int, int] | None:
 
 
 def step_gpu_s(row: Row, mfu: float, peak_tflops: float) -> float | None:
-    """Projected seconds per optimizer step of the run's longest stage: 6·N_t·(per-GPU
+    """Projected seconds per optimizer step of the run's longest stage: 6·N_u·(per-GPU
     sequences × L) FLOPs at ``mfu`` of ``peak_tflops``."""
     if not row.stages:
         return None
     s = max(row.stages, key=lambda x: x["steps"])
-    return 6.0 * s["trained"] * s["per_rank"] * row.seq_len / (mfu * peak_tflops * 1e12)
+    return 6.0 * s["updated"] * s["per_rank"] * row.seq_len / (mfu * peak_tflops * 1e12)
 
 
 def versus(row: Row, base: Row | None, what) -> float | None:

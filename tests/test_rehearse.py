@@ -16,8 +16,24 @@ from bench.cli import main
 
 KILLER = """
 import os, signal
+import torch
 from bench.method import Method
 from bench.registry import register
+
+
+@register("test-unused")
+class Unused(Method):
+    '''A causal model trained on AR's loss, with one parameter (1,000 entries) no loss reaches.'''
+    likelihood = "none"
+    time = "none"
+    causal = True
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.unused = torch.nn.Parameter(torch.zeros(1000))
+
+    def loss(self, x0, counted, u):
+        return (self.net(x0, targets=x0) * counted).sum() / counted.sum()
 
 
 @register("test-killed")
@@ -39,7 +55,7 @@ class Sleeper(Killed):
 
 
 def write_plugin(root: Path) -> Path:
-    """The ``test-killed`` and ``test-sleeper`` methods as a third-party plugin (a module and a
+    """The ``test-unused``, ``test-killed`` and ``test-sleeper`` methods as a plugin (a module and a
     dist-info declaring it in the ``tdbench.methods`` entry-point group) in ``root``."""
     root.mkdir()
     (root / "rehearse_killer.py").write_text(KILLER)
@@ -67,8 +83,8 @@ def rows_of(out: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_rehearsal_runs_every_shape_through_resume_and_isolates_failures(tmp_path, monkeypatch, capsys):
-    """A suite of 5 rows × 2 seeds, trained on a hub dataset, offline: one rehearsal per shape
-    (5), each sharing its row with the other seed's run. MDLM and AR train 3 steps, are killed
+    """A suite of 6 rows × 2 seeds, trained on a hub dataset, offline: one rehearsal per shape
+    (6), each sharing its row with the other seed's run. MDLM and AR train 3 steps, are killed
     after their checkpoint at step 2 and resumed from it (the record says so), evaluate the first
     block of the one (substituted) evaluation set with the suite's K draws and draw one sample of
     2 steps; a GPT-2 the hub cache lacks is a random-init stand-in; a run whose model directory is
@@ -89,7 +105,8 @@ def test_rehearsal_runs_every_shape_through_resume_and_isolates_failures(tmp_pat
               "seq_len": 32},
         methods=[{"method": "hf-causal-lm", "model": "gpt2", "label": "OpenAI GPT-2"},
                  {"method": "hf-causal-lm", "model": "./no-such-dir", "label": "broken"},
-                 {"method": "test-killed", "label": "killed"}, {"method": "mdlm"}],
+                 {"method": "test-killed", "label": "killed"}, {"method": "mdlm"},
+                 {"method": "test-unused", "label": "unused"}],
         eval={"t_samples": K, "max_blocks": 8, "batch_size": 8}, seeds=[0, 1])
     f = write_suite(tmp_path / "s.yaml", suite)
     try:
@@ -99,9 +116,10 @@ def test_rehearsal_runs_every_shape_through_resume_and_isolates_failures(tmp_pat
     finally:
         registry._METHODS.pop("test-killed", None)
         registry._METHODS.pop("test-sleeper", None)
+        registry._METHODS.pop("test-unused", None)
         sys.modules.pop("rehearse_killer", None)
     rows = rows_of(out)
-    assert set(rows) == {s.label for s in specs} and len(specs) == 10
+    assert set(rows) == {s.label for s in specs} and len(specs) == 12
     assert code == 1   # some rows failed
     for label, r in rows.items():   # one rehearsal per shape, naming the other seed's run
         ids = {s.run_id for s in specs if s.label == label}
@@ -130,6 +148,9 @@ def test_rehearsal_runs_every_shape_through_resume_and_isolates_failures(tmp_pat
         assert 0 < float(r["train_step_work_bytes"]) < float(r["train_step_peak_bytes"]) <= float(r["peak_rss_bytes"])
         assert float(r["train_s_per_step"]) > 0 and float(r["sample_s_per_call"]) > 0
     assert float(rows["GPT-2"]["gpu_train_x_ar"]) == 1.0
+    steps = json.loads((out / "runs" / rows["unused"]["run_id"] / "probe-finish.json").read_text())["steps"]
+    assert rows["unused"]["status"] == "ok" and steps   # a step updates every parameter but the unreached one
+    assert all(c["updated"] == c["trained"] - 1000 == c["params"] - 1000 for c in steps)
     text = (out / "rehearsal.md").read_text()
     assert capsys.readouterr().out == text and all(r["run_id"] in text for r in rows.values())
 
@@ -173,9 +194,10 @@ def test_rehearsal_specs_keep_every_shape_and_change_only_what_a_rehearsal_must(
 
 
 def test_projected_training_state_is_the_bytes_of_the_real_training_state():
-    """The projection's state term, 4·(N + N_frozen) + 12·N_t + 4·N_ema bytes, equals the
+    """The projection's state term, 4·(N + N_frozen) + 12·N_u + 4·N_ema bytes, equals the
     bytes of the weights, gradients, AdamW moments and EMA copy that bench.train holds after a
-    step (activations set to zero, so the term stands alone)."""
+    step (activations set to zero, so the term stands alone) — N_u the parameters the step
+    updated: one that no loss reaches has a weight and an EMA entry but no gradient or moments."""
     import torch
 
     from bench.config import BackboneConfig
@@ -185,18 +207,21 @@ def test_projected_training_state_is_the_bytes_of_the_real_training_state():
 
     cls = get_method("mdlm")
     m = cls(cls.Params(), BackboneConfig(layers=1, hidden=32, heads=2, cond_dim=16), 97, 16)
+    m.unused = torch.nn.Parameter(torch.zeros(1000))   # trained by the stage, reached by no loss
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     ema = EMA(m, 0.999)
     x = torch.randint(0, 97, (2, 16))
     m.loss(x, torch.ones_like(x, dtype=torch.bool), torch.full((2,), 0.5)).backward()
     opt.step()
     ema.update(m)
-    real = sum(p.nbytes + p.grad.nbytes for p in m.parameters()) + sum(v.nbytes for v in ema.shadow.values()) + \
+    real = sum(p.nbytes + (p.grad.nbytes if p.grad is not None else 0) for p in m.parameters()) + \
+        sum(v.nbytes for v in ema.shadow.values()) + \
         sum(s[k].nbytes for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
-    n = sum(p.numel() for p in m.parameters())
+    n, u = sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.grad is not None)
+    assert u == n - 1000
     row = Row("r", "MDLM", "tiny", "mdlm", 16, [], [], params=n)
-    row.stages = [{"stage": "train", "trained": n, "ema": sum(v.numel() for v in ema.shadow.values()),
-                   "work": 4 * n, "b": 7, "per_rank": 7, "steps": 1, "peak": 0, "s": 0.0}]
+    row.stages = [{"stage": "train", "updated": u, "ema": sum(v.numel() for v in ema.shadow.values()),
+                   "work": 4 * u, "b": 7, "per_rank": 7, "steps": 1, "peak": 0, "s": 0.0}]
     assert train_gpu(row) == (real, 7)
 
 
