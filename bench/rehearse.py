@@ -18,7 +18,8 @@ shape and are rehearsed once; the row lists the others.
 What it measures, per run (bench.rehearse_child): the peak RSS of each process; per training
 step (leaving out a stage's first step, which allocates the optimizer's state) its seconds and
 its peak RSS; per evaluation and per sampling call the same. "Working memory" W of a call is its
-peak RSS above the RSS before it.
+peak RSS above the RSS before it; S of a training step, the RSS above that when the method's
+forward returns its loss (what the forward keeps for the backward).
 
 The GPU projection, at the suite's batch (``train.batch_size`` split over ``launch.nodes ×
 tasks_per_node`` processes and ``launch.micro_batch``: b sequences per forward per GPU):
@@ -26,8 +27,9 @@ tasks_per_node`` processes and ``launch.micro_batch``: b sequences per forward p
 - training, per stage: 4·(N + N_frozen) bytes of fp32 weights + 4·N_u gradients + 8·N_u AdamW
   moments + 4·N_ema EMA copy (N_u the stage's parameters its steps update — a trained parameter
   no loss reaches has no gradient and no AdamW state —, N_ema the entries the EMA averages) +
-  b·A, A = W − 4·N_u the activations of one sequence (a training step's working memory at
-  batch 1 less the gradients it allocates); the largest stage is the run's figure;
+  b·A, A = max(S, W − 4·N_u) the activations of one sequence (the backward frees activations as
+  it allocates gradients, so W − 4·N_u alone understates them when both are of a size; S alone
+  misses the backward's own temporaries); the largest stage is the run's figure;
 - sampling: 4·(N + N_frozen) + b_s·W_s, b_s = the sampling batch (bench.samples.sampling_batch),
   W_s a sampling call's working memory at batch 1;
 - step time: 6·N_u·(per-GPU sequences × L) FLOPs at ``mfu`` of ``peak_tflops`` (bench.plan's

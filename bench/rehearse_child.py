@@ -13,7 +13,9 @@ The probe wraps four functions of the harness for the life of the process, chang
 they compute: ``bench.train.Stage.step`` and ``Stage.checkpoint``, ``bench.evaluate.
 per_sequence_nll`` and ``bench.samples.draw``. Around each call it records the wall time, the
 resident set size (RSS) before the call and the peak RSS during it: the kernel's high-water mark
-``VmHWM``, reset through ``/proc/self/clear_refs`` before the call (Linux ≥ 4.0). The parent
+``VmHWM``, reset through ``/proc/self/clear_refs`` before the call (Linux ≥ 4.0); in a training
+step also the RSS when the method's forward returns its loss (what it keeps for the backward,
+through a forward hook on the method). The parent
 pins glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``), so that every large tensor is mapped
 and unmapped and a call's peak above the RSS before it is its own working memory. Each such
 process asks the kernel to pick it first when memory runs out (:func:`first_to_go`).
@@ -99,9 +101,14 @@ class Probe:
 
         def probed_step(stage, k):
             fresh = len(stage.opt.state) == 0   # this step allocates the optimizer's state
-            out, m = probe.measure(step, stage, k)
-            method = stage.training.method
+            method, ends = stage.training.method, []
+            hook = method.register_forward_hook(lambda *_: ends.append(rss()))   # RSS as the loss is returned
+            try:
+                out, m = probe.measure(step, stage, k)
+            finally:
+                hook.remove()
             probe.steps.append({**m, "stage": stage.name, "step": k + 1, "fresh_optimizer": fresh,
+                                "after_forward": max(ends) if ends and None not in ends else None,
                                 "params": sum(p.numel() for p in method.parameters()),
                                 "trained": sum(p.numel() for p in stage.params),
                                 # those the step updated: a parameter no loss reaches has no

@@ -20,7 +20,8 @@ GIB = 2 ** 30
 class Row:
     """One rehearsed run (standing for ``shared``, the runs of its shape) and what it measured:
     ``stages`` one dict per training stage (updated parameters and EMA entries, a step's working
-    memory ``work``, ``peak`` and seconds ``s`` at batch 1, the suite's per-GPU batch ``b`` and
+    memory ``work``, what its forward keeps for the backward ``saved``, ``peak`` and seconds ``s``
+    at batch 1, the suite's per-GPU batch ``b`` and
     sequences per GPU per step ``per_rank``, its full-size ``steps``), ``evals`` / ``sample`` the
     same for evaluation and sampling (seconds per forward / per network call; ``sample["b"]``:
     the suite's sampling batch)."""
@@ -87,8 +88,10 @@ def measure(row: Row, rd: Path, probes: dict, spec: RunSpec, suite, wall_s: floa
         steady = [c for c in mine if not c["fresh_optimizer"]] or mine
         cfg = spec.train.for_stage(name)
         plan = batch_plan(cfg.batch_size, world, suite.launch.micro_batch)
-        row.stages.append({"stage": name, **_calls(steady), "updated": mine[-1]["updated"], "ema": mine[0]["ema"],
-                           "b": plan.micro, "per_rank": plan.per_rank, "steps": cfg.steps})
+        saved = [c["after_forward"] - c["rss_before"] for c in steady if c["after_forward"] and c["rss_before"]]
+        row.stages.append({"stage": name, **_calls(steady), "saved": max(saved) if saved else None,
+                           "updated": mine[-1]["updated"], "ema": mine[0]["ema"], "b": plan.micro,
+                           "per_rank": plan.per_rank, "steps": cfg.steps})
     fin = probes["finish"]
     if fin["evals"]:
         row.evals = {**_calls(fin["evals"]),
@@ -115,7 +118,7 @@ def train_gpu(row: Row, b: int | None = None) -> tuple[int, int] | None:
         if s["work"] is None:
             continue
         bb = b or s["b"]
-        act = max(s["work"] - 4 * s["updated"], 0)
+        act = max(s["work"] - 4 * s["updated"], s["saved"] or 0, 0)
         v = weights(row) + 12 * s["updated"] + 4 * s["ema"] + bb * act
         best = max(best or (v, bb), (v, bb))
     return best
@@ -204,9 +207,9 @@ def table(suite, rows: list[Row], st):
 
 CSV_FIELDS = ["run_id", "label", "size", "method", "status", "error", "shared_with", "notes", "params",
               "params_frozen", "seq_len", "wall_s", "peak_rss_bytes", "train_s_per_step", "train_step_peak_bytes",
-              "train_step_work_bytes", "eval_s_per_forward", "eval_peak_bytes", "sample_s_per_call",
-              "sample_peak_bytes", "sample_work_bytes", "gpu_train_bytes", "gpu_train_batch", "gpu_train_x_ar",
-              "gpu_sample_bytes", "gpu_sample_batch", "gpu_sample_x_ar", "gpu_step_s", "resumed_from"]
+              "train_step_work_bytes", "train_forward_saved_bytes", "eval_s_per_forward", "eval_peak_bytes",
+              "sample_s_per_call", "sample_peak_bytes", "sample_work_bytes", "gpu_train_bytes", "gpu_train_batch",
+              "gpu_train_x_ar", "gpu_sample_bytes", "gpu_sample_batch", "gpu_sample_x_ar", "gpu_step_s", "resumed_from"]
 
 
 def csv_text(suite, rows: list[Row], st) -> str:
@@ -222,6 +225,7 @@ def csv_text(suite, rows: list[Row], st) -> str:
                     "params": r.params, "params_frozen": r.frozen, "seq_len": r.seq_len, "wall_s": r.wall_s,
                     "peak_rss_bytes": r.peak_rss, "train_s_per_step": step.get("s"),
                     "train_step_peak_bytes": step.get("peak"), "train_step_work_bytes": step.get("work"),
+                    "train_forward_saved_bytes": step.get("saved"),
                     "eval_s_per_forward": ev.get("s_per_forward"), "eval_peak_bytes": ev.get("peak"),
                     "sample_s_per_call": sm.get("s_per_call"), "sample_peak_bytes": sm.get("peak"),
                     "sample_work_bytes": sm.get("work"), "gpu_train_bytes": tr[0], "gpu_train_batch": tr[1],

@@ -146,6 +146,7 @@ def test_rehearsal_runs_every_shape_through_resume_and_isolates_failures(tmp_pat
         assert len(samples) == 1 and samples[0]["steps"] == (None if label == "GPT-2" else 2)
         assert not (rd / "ckpt").exists()   # deleted after the run
         assert 0 < float(r["train_step_work_bytes"]) < float(r["train_step_peak_bytes"]) <= float(r["peak_rss_bytes"])
+        assert 0 < float(r["train_forward_saved_bytes"]) <= float(r["train_step_work_bytes"])
         assert float(r["train_s_per_step"]) > 0 and float(r["sample_s_per_call"]) > 0
     assert float(rows["GPT-2"]["gpu_train_x_ar"]) == 1.0
     steps = json.loads((out / "runs" / rows["unused"]["run_id"] / "probe-finish.json").read_text())["steps"]
@@ -221,7 +222,7 @@ def test_projected_training_state_is_the_bytes_of_the_real_training_state():
     assert u == n - 1000
     row = Row("r", "MDLM", "tiny", "mdlm", 16, [], [], params=n)
     row.stages = [{"stage": "train", "updated": u, "ema": sum(v.numel() for v in ema.shadow.values()),
-                   "work": 4 * u, "b": 7, "per_rank": 7, "steps": 1, "peak": 0, "s": 0.0}]
+                   "work": 4 * u, "saved": 0, "b": 7, "per_rank": 7, "steps": 1, "peak": 0, "s": 0.0}]
     assert train_gpu(row) == (real, 7)
 
 
