@@ -13,7 +13,7 @@ from bench.suite import load_suite
 from tests import hub_fixtures as H
 from tests.conftest import REPO, write_suite
 
-FULL = ["sedd-table", "mdlm-table", "mdlm-lm1b", "text8", "every-method-full-size"]
+FULL = ["sedd-table", "mdlm-table", "mdlm-lm1b", "text8", "every-method-full-size", "tencdm-table"]
 
 
 def _tree(root):
