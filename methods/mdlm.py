@@ -126,11 +126,14 @@ class MDLM(Method):
         """Training: the time form of the NELBO (MDLM eq. 10), per counted token — ``nelbo`` with
         the masked tokens' −log p_θ(x_0^i | x_t) taken from the backbone's fused head +
         cross-entropy (bench/backbone.py), the same value as −denoise(x_t, t)[x_0^i] without
-        materialising the (B, L, V) log-probabilities."""
+        materialising the (B, L, V) log-probabilities. The head runs at the masked rows only: an
+        unmasked token is carried over (SUBS) and adds nothing to the bound, so the V-wide product
+        and its gradient are spent where the loss is (half the rows on average)."""
         x_t, masked = mask_tokens(x0, counted, u, self.mask_id)
         t = u if self.p.time_conditioning else torch.zeros_like(u)
-        ce = self.net(x_t, t, targets=x0)
-        return (elbo_weight(u) * (ce * masked).sum(1)).sum() / counted.sum().clamp(min=1)
+        h = self.net(x_t, t, return_hidden=True)
+        ce = h.new_zeros(masked.shape, dtype=torch.float32).masked_scatter(masked, self.net.head(h[masked], x0[masked]))
+        return (elbo_weight(u) * ce.sum(1)).sum() / counted.sum().clamp(min=1)
 
     def nll(self, x0, counted, u):
         return self.ESTIMATORS[self.p.estimator](x0, counted, u, self.denoise, self.mask_id)

@@ -263,3 +263,37 @@ def test_training_loss_is_the_time_form_through_the_fused_head(time_conditioning
     ref = (mdlm.nelbo(x0, counted, u, m.denoise, m.mask_id).sum() / counted.sum()).detach()
     fused = fused.detach()
     assert float(ref) > 1.0 and torch.allclose(fused, ref, rtol=1e-5), (float(fused), float(ref))
+
+
+def test_training_loss_spends_the_head_on_masked_rows_only_and_equals_the_full_head():
+    """MDLM.loss runs the V-wide head at the masked rows only; an unmasked token is carried over
+    (SUBS) and contributes nothing. The loss and every gradient equal those of the head over all
+    rows with the unmasked rows' NLL multiplied by zero (same mask draws: the same seed).
+    Tolerance 1e-6 relative: the two differ only in float summation order."""
+    from methods.mdlm import elbo_weight, mask_tokens
+
+    torch.manual_seed(0)
+    m = MDLM(MDLM.Params(), BackboneConfig(layers=1, hidden=16, heads=2), 11, 12)
+    x0 = torch.randint(0, 11, (4, 12))
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    counted[0, :5] = False
+    u = torch.tensor([0.02, 0.3, 0.7, 0.999])
+
+    def full_head(x0, counted, u):
+        x_t, masked = mask_tokens(x0, counted, u, m.mask_id)
+        ce = m.net(x_t, u, targets=x0)
+        return (elbo_weight(u) * (ce * masked).sum(1)).sum() / counted.sum()
+
+    grads = []
+    for f in (m.loss, full_head):
+        torch.manual_seed(1)
+        m.zero_grad()
+        loss = f(x0, counted, u)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (l1, g1), (l2, g2) = grads
+    assert torch.isfinite(l1) and l1 > 0
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=0)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
