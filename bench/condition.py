@@ -130,7 +130,7 @@ def condition(method, n: int, given=None, keep=None) -> Condition | None:
     if given is None or keep is None:
         missing = "given" if given is None else "keep"
         raise UserError(f"{missing}: missing (a conditional draw needs both given ids and a keep mask)")
-    L, V = method.L, method.V
+    L, V, dev = method.L, method.V, method.device
     keep = _keep_of(keep, n, L)
     check_pattern(method, keep)
     if not keep.any():
@@ -138,13 +138,13 @@ def condition(method, n: int, given=None, keep=None) -> Condition | None:
     given = _rows("given", given, n, L)
     if given.dtype.is_floating_point or given.dtype == torch.bool or given.is_complex():
         raise UserError(f"given: dtype {given.dtype}, expected integer token ids")
-    given = torch.where(keep, given.long(), torch.zeros((), dtype=torch.long))
+    keep = keep.to(dev)
+    given = torch.where(keep, given.to(dev).long(), torch.zeros((), dtype=torch.long, device=dev))
     if bool((given < 0).any() or (given >= V).any()):
         bad = given[keep]
         raise UserError(f"given: id {int(bad[(bad < 0) | (bad >= V)][0])} at a kept position is outside the "
                         f"vocabulary [0, {V})")
-    dev = method.device
-    return Condition(given.to(dev), keep.to(dev))
+    return Condition(given, keep)
 
 
 def continuation(method, x: torch.Tensor, keep) -> torch.Tensor:

@@ -230,3 +230,34 @@ def test_ar_prefix_draw_is_the_model_conditional():
     cached = m.sample(4, None, torch.Generator().manual_seed(7), given=ids, keep=ragged)
     assert torch.equal(cached, m.sample(4, None, torch.Generator().manual_seed(7), cache=False, given=ids, keep=ragged))
     assert torch.equal(cached[ragged], ids[ragged])
+
+
+def test_hf_causal_lm_conditional_nll_is_the_models_and_retokenizing_refuses(tmp_path):
+    """On the suite's ids, the conditional NLL of a pretrained causal LM is transformers' own
+    Σ_{i ≥ k} −log p(x_i | BOS, x_<i) (1e-5 nats per token: the same float32 model on the same
+    ids, tests/test_hf_causal_lm.py's tolerance); a model that retokenizes would drop the
+    context with the uncounted tokens, so it refuses one (conditioning "none", one line)."""
+    from test_hf_causal_lm import TOL, by_hand_nll, tiny_gpt2
+    from transformers import PreTrainedTokenizerFast
+
+    from bench.data.tokenizers import CharTokenizer, gpt2
+    from bench.method import Context
+
+    model = tiny_gpt2(tmp_path / "m", n_positions=64)
+    PreTrainedTokenizerFast(tokenizer_object=gpt2()._tok, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(tmp_path / "m")
+    cls, bb = get_method("hf-causal-lm"), BackboneConfig(layers=1, hidden=32, heads=2)
+    m = cls(cls.Params(model=str(tmp_path / "m")), bb, 50257, 16, Context(tokenizer=gpt2()))
+    assert m.conditioning == "prefix"
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(16)[None] < torch.tensor([5, 11])[:, None]
+    got = conditional_nll(m, x.numpy(), keep.numpy(), protocol(2, seq_len=16), 2, 0, "cpu")
+    for i, k in enumerate((5, 11)):
+        want = by_hand_nll(model, x[i].tolist(), 50256)[k:].sum().item()
+        assert abs(got.nll[i] - want) < TOL * (16 - k), (i, got.nll[i], want)
+    char = CharTokenizer()
+    m2 = cls(cls.Params(model=str(tmp_path / "m")), bb, char.vocab_size, 16, Context(tokenizer=char))
+    assert m2.info()["retokenized"] is True and type(m2).conditioning == "prefix" and m2.conditioning == "none"
+    with pytest.raises(UserError) as e:
+        conditional_nll(m2, np.zeros((1, 16), np.int64), keep[:1].numpy(), protocol(2, seq_len=16), 2, 0, "cpu")
+    _one_line_about_keep(e.value)

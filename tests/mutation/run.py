@@ -527,6 +527,8 @@ MUTANTS = [
      [COND], "kept_position and diffusion"),
     ("simplex-kept-not-replaced", "methods/simplex.py", "                w = cond.fix(w)\n", "                pass\n", [CORA],
      "simplex"),
+    ("hf-retokenized-takes-a-context", "methods/hf_causal_lm.py", '            self.conditioning = "none"\n',
+     "            pass\n", [COND], "hf_causal_lm_conditional"),
     ("mdlm-bound-masks-the-context", "methods/mdlm.py",
      "score = torch.rand(x0.shape, device=x0.device).masked_fill(~counted, 2.0)",
      "score = torch.rand(x0.shape, device=x0.device)", [CORA], "nelbo"),
