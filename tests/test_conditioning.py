@@ -129,6 +129,11 @@ def test_the_conditional_nll_of_every_method_with_a_likelihood(built, name, vari
         return
     given_ids, keep = _patterns(data.draw, "any" if m.conditioning == "any" else "prefix", m.V)
     keep[0] = True                                       # row 0: nothing to score
+    if m.conditioning == "none":                         # a bound that cannot condition refuses a context
+        with pytest.raises(UserError) as e:
+            conditional_nll(m, given_ids.numpy(), keep.numpy(), protocol(2), 4, 0, "cpu")
+        _one_line_about_keep(e.value)
+        return
     out = conditional_nll(m, given_ids.numpy(), keep.numpy(), protocol(2), 4, 0, "cpu")
     assert out.draws.shape == (N_ROWS, 1 if m.likelihood == "exact" else 2) and out.nll.shape == (N_ROWS,)
     assert np.isfinite(out.draws).all() and (out.draws >= 0).all(), out.draws
