@@ -23,6 +23,10 @@ drawn ∝ the bound's weight, by inverse CDF from u, with exact importance weigh
 ``Method.use_protocol``, which ``per_sequence_nll`` calls first; the layouts, replicates and
 intervals above are unchanged by either (each draw stays an unbiased estimate of the block's bound).
 
+The conditional NLL of a continuation given a context (``conditional_nll``, the likelihood side of
+``sample(..., given, keep)``) is ``nll`` with counted = ~keep under the same draws, with each
+sequence's Monte-Carlo standard error from its replicates (``per_sequence_se``).
+
 The learning-curve probe (bench.runner.learning_probe) spends few draws per block (K = 2), where
 the per-block layout above is K iid draws: for a uniform-noise model, whose bound integrand
 varies several-fold over t, one probe's Monte-Carlo sd is then ~0.4 bits per token on 16 blocks
@@ -34,13 +38,16 @@ adjacent strata; conservative) for its interval.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bench.condition import continuation
 from bench.config import Protocol
+from bench.errors import UserError
 
 
 def layout(K: int, scheme: str) -> tuple[int, int]:
@@ -108,6 +115,50 @@ def per_sequence_nll(method, tokens: np.ndarray, counted: np.ndarray, protocol: 
             torch.manual_seed(seed * 1_000_003 + s * 101 + k)  # method noise: deterministic
             out[s:s + batch_size, k] = method.nll(x, c, U[s:s + batch_size, k].to(device)).double().cpu().numpy()
     return out, np.asarray(counted).sum(1).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ConditionalNLL:
+    """``conditional_nll``'s answer for N sequences: ``draws`` (N, K) the estimates of
+    −log p(x[~keep] | x[keep]) in nats, one per time draw; ``nll`` (N,) their mean; ``se`` (N,)
+    its Monte-Carlo standard error (``per_sequence_se``); ``tokens`` (N,) the scored tokens."""
+
+    draws: np.ndarray
+    nll: np.ndarray
+    se: np.ndarray
+    tokens: np.ndarray
+
+
+def per_sequence_se(nll: np.ndarray, scheme: str, exact: bool) -> np.ndarray:
+    """(N,) the Monte-Carlo standard error of each block's mean of its (N, K) draws: sqrt(s_i²/R),
+    s_i² the sample variance of its R replicate means (``layout``; as ``summarize``); 0 for an
+    exact likelihood; NaN where R = 1 (not identifiable from one block's draws)."""
+    N, K = nll.shape
+    if exact:
+        return np.zeros(N)
+    R, S = layout(K, scheme)
+    if R < 2:
+        return np.full(N, np.nan)
+    return np.sqrt(nll.reshape(N, R, S).mean(2).var(1, ddof=1) / R)
+
+
+def conditional_nll(method, tokens: np.ndarray, keep: np.ndarray, protocol: Protocol, batch_size: int,
+                    seed: int, device, desc: str = "conditional") -> ConditionalNLL:
+    """The NLL of a continuation given a context: −log p(x[~keep] | x[keep]) per sequence, the
+    likelihood side of ``sample(..., given, keep)`` (bench/condition.py). It is ``nll`` with
+    counted = ~keep, whose contract already scores only the counted tokens with the rest as
+    clean context, under the protocol's time draws (``per_sequence_nll``): exact for an exact
+    method — AR: Σ_{i ∉ keep} −log p(x_i | x_<i), the context a prefix (the rule bench.condition
+    checks) — and for a bound method an upper bound in expectation on the model's conditional NLL
+    (MDLM: its any-order NELBO of the continuation; a Gaussian method's bound with the context
+    clean). UserError (one line) for a method without a likelihood or a ``keep`` it refuses."""
+    if method.likelihood == "none":
+        raise UserError(f"{method.name}: has no likelihood (conditional NLL); its rows show —")
+    keep = np.asarray(keep)
+    counted = continuation(method, torch.as_tensor(np.asarray(tokens)), torch.as_tensor(keep)).cpu().numpy()
+    draws, ntok = per_sequence_nll(method, tokens, counted, protocol, batch_size, seed, device, desc)
+    se = per_sequence_se(draws, protocol.t_sampling, method.likelihood == "exact")
+    return ConditionalNLL(draws, draws.mean(1), se, ntok)
 
 
 def _exp(x: float) -> float:

@@ -11,6 +11,12 @@ A method is an ``nn.Module`` built on the shared :class:`~bench.backbone.Backbon
 - ``sample(n, steps, generator)``: unconditional samples (n, L) of token ids, drawn with
   ``generator`` only, in ``steps`` network calls or fewer (the harness counts the real calls
   of ``self.net`` as the NFE). Methods never score their own samples (bench/metrics does).
+- ``sample(n, steps, generator, given=ids, keep=mask)``: a conditional draw — the positions
+  where ``keep`` (n, L) is true are ``given`` (n, L), the rest generated, in the same budget.
+  What patterns a method accepts is its ``conditioning`` ("any", "prefix" or "none"); a
+  sampler checks its arrays with ``bench.condition.condition`` (one place: shapes, ids, the
+  prefix rule), which returns None when nothing is kept (the unconditional draws). The
+  likelihood side is ``bench.evaluate.conditional_nll``: ``nll`` with counted = ~keep.
 
 ``counted`` (B, L) bool marks the tokens that count under the protocol; the others (padding,
 an injected BOS) are given to the model as clean context and never scored or noised.
@@ -115,6 +121,10 @@ class Method(nn.Module):
     trains: ClassVar[bool] = True          # False: evaluated as given (a pretrained model); the
                                            # runner skips the training loop and train: is unused
     sampler_steps: ClassVar[bool] = True   # False: sample() ignores the step budget (AR: NFE = L)
+    # What sample(..., given, keep) and the conditional likelihood accept (bench/condition.py):
+    # "any" keep pattern, a "prefix" only (left-to-right models), or "none" (tables show "—").
+    # An instance may narrow it (hf-causal-lm retokenizing: "none").
+    conditioning: ClassVar[Literal["any", "prefix", "none"]] = "none"
     # The bound-estimator settings of the protocol (bench.config.BOUND_SETTINGS: eval.bound_steps,
     # eval.t_proposal) this method's ``nll`` honours; a suite setting another one for a bound
     # method is an error (bench.suite), so no row claims an estimator it did not use.
@@ -256,6 +266,8 @@ class Method(nn.Module):
         out = {"exact": ["exact likelihood"], "bound": ["likelihood bound"], "none": []}[cls.likelihood]
         if cls.sample is not Method.sample:
             out.append("sampling")
+        if cls.conditioning != "none":
+            out.append(f"conditioning ({cls.conditioning})")
         return out
 
     @classmethod
@@ -306,7 +318,8 @@ class Method(nn.Module):
     def nll(self, x0: torch.Tensor, counted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no likelihood")
 
-    def sample(self, n: int, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, steps: int, generator: torch.Generator | None = None, *,
+               given: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no sampler")
 
     @property

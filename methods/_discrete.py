@@ -14,6 +14,9 @@
   (``softmax_stats`` for D3PM's KLs, ``logit_stats`` for SEDD's score entropy and CSM): besides
   the input only its gradient is ever a full (B, L, V) tensor.
 - ``safe_log``: log clamped at the smallest normal of its dtype.
+- ``clamp``: conditioning (bench/condition.py) in the samplers of both graphs — absorbing: the
+  kept positions start unmasked and stay; uniform: they are redrawn from q(x_s | given) after
+  every step (the replacement method).
 """
 from __future__ import annotations
 
@@ -109,6 +112,25 @@ class Uniform(Graph):
 
 ABSORB, UNIFORM = Absorb(), Uniform()
 GRAPHS: dict[str, Graph] = {"absorb": ABSORB, "uniform": UNIFORM}
+
+
+def clamp(graph: Graph, x: torch.Tensor, cond, alpha: float, V: int, generator=None) -> torch.Tensor:
+    """x (n, L) at a time whose keep probability is ``alpha`` (ᾱ_s, e^{−σ(s)}), with the kept
+    positions of ``cond`` (a bench.condition.Condition) conditioned on:
+
+    - absorb: set to the given ids. The reverse process never changes an unmasked token, so
+      called on the prior sample they stay given to the end, and every step's p_θ(x_0 | x_t)
+      sees them: the any-order conditional of the model (MDLM, LLaDA and SEDD infill this way).
+    - uniform: redrawn from the forward process q(x_s | x_0 = given) — x_s = given w.p. α, else a
+      uniform token — the "replacement" method of Song et al. 2021 (score SDE, App. I.2) in the
+      discrete state space, RePaint's known-region step (Lugmayr et al. 2022, eq. 8): the
+      network sees the given tokens at the noise level it was trained on, and at α = 1 (the last
+      step) they are the given ids. An approximation of the conditional: the unkept positions
+      are never corrected for what the kept ones became."""
+    if graph.absorbing:
+        return cond.fix(x)
+    a = torch.full((x.shape[0],), float(alpha), dtype=torch.float64, device=x.device)
+    return torch.where(cond.keep, graph.corrupt(cond.given, cond.keep, a, V, generator), x)
 
 
 # ----------------------------------------------------------------------------- fused reductions

@@ -12,6 +12,8 @@ VDM notation (Kingma et al. 2021): a schedule is γ(t) = −log SNR(t), increasi
   tan-d (Shabalin et al. 2024), learned γ(t) (VDM §3.4 / PLAID), each with γ and γ′ in closed
   form; :class:`Parameterisation`: x0, ε (DDPM), v (Salimans & Ho 2022).
 - :class:`NormalStream`: N(0, 1) draws by Box–Muller on CPU, decided by the torch seed.
+- :class:`Replacement`: conditioning (bench/condition.py) in the samplers — the kept positions
+  of z redrawn from q(z_s | e(given)) after every step (Song et al. 2021, App. I.2; RePaint).
 
 Derivation: docs/methods.md#the-gaussian-machinery.
 """
@@ -339,6 +341,27 @@ def ddim_step(z_t, x0_hat, gamma_t, gamma_s, generator=None):
 
 SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
 
+
+class Replacement:
+    """The "replacement" method of conditional sampling (Song et al. 2021, score SDE, App. I.2;
+    RePaint, Lugmayr et al. 2022, eq. 8): after every reverse step to s, the kept positions of
+    z_s are redrawn from the forward process, z_s = α_s e + σ_s ε, e the given tokens'
+    embeddings (n, L, d); the unkept ones keep the reverse step's value. The network so sees
+    the given tokens at the noise level it was trained on, at every step, and the word of a
+    kept position is its given id (the caller sets it: rounding need not give it back). An
+    approximation of the conditional: the unkept positions are never corrected for the kept
+    ones' later values (RePaint's resampling would)."""
+
+    def __init__(self, e: torch.Tensor, keep: torch.Tensor):
+        self.e, self.keep = e, keep[..., None]
+
+    def __call__(self, z: torch.Tensor, gamma_s: torch.Tensor, generator=None) -> torch.Tensor:
+        """z with its kept positions drawn from q(z_s | e) at γ(s) (broadcastable to z)."""
+        g = gamma_s.to(z.dtype)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        return torch.where(self.keep, torch.sigmoid(-g).sqrt() * self.e.to(z.dtype) + torch.sigmoid(g).sqrt() * noise,
+                           z)
+
 # (z_t, t (B,), x̃0 or None) -> x̂0
 Predictor = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -346,15 +369,19 @@ Predictor = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch
 @torch.no_grad()
 def sample_loop(predict: Predictor, z: torch.Tensor, schedule: Schedule, steps: int, step_fn,
                 generator=None, snap: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                self_condition: bool = False) -> torch.Tensor:
+                self_condition: bool = False, replace: Optional[Replacement] = None) -> torch.Tensor:
     """Run ``steps`` equal steps from t = 1 (z ~ the prior, given) to t = 0; returns the last x̂0.
 
     ``snap`` is the clamping trick (Diffusion-LM §4.2): each x̂0 is replaced by the nearest
     embedding before the step. With ``self_condition`` each prediction is fed the previous
-    step's x̂0 (zeros at the first step; Analog Bits Alg. 2), one network call per step."""
+    step's x̂0 (zeros at the first step; Analog Bits Alg. 2), one network call per step.
+    ``replace`` (conditioning): the kept positions of z drawn from q(z_t | e) at t = 1 and after
+    every step (:class:`Replacement`)."""
     B = z.shape[0]
     x_sc = None
     x0_hat = z
+    if replace is not None:
+        z = replace(z, bcast(schedule.gamma(torch.ones(B, device=z.device)), z), generator)
     for i in range(steps, 0, -1):
         t = torch.full((B,), i / steps, device=z.device)
         s = torch.full((B,), (i - 1) / steps, device=z.device)
@@ -366,6 +393,8 @@ def sample_loop(predict: Predictor, z: torch.Tensor, schedule: Schedule, steps: 
         if i > 1:
             g_t, g_s = bcast(schedule.gamma(t), z), bcast(schedule.gamma(s), z)
             z = step_fn(z, x0_hat, g_t, g_s, generator)
+            if replace is not None:
+                z = replace(z, g_s, generator)
     return x0_hat
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from methods import _vlb
-from methods._gaussian import bcast
+from methods._gaussian import Replacement, bcast
 
 # The backbone embeds 1000·c with frequencies 1 … 10⁻⁴ (bench.backbone.timestep_embedding);
 # c = γ·e⁵/1000 puts its highest frequency at e⁵ per unit of γ, the highest of PLAID's Fourier
@@ -142,15 +142,19 @@ def argmax_logits(head: nn.Linear, h: torch.Tensor, side: Optional[torch.Tensor]
 @torch.no_grad()
 def sample_to_zero(predict: Callable, z: torch.Tensor, gamma: Callable[[torch.Tensor], torch.Tensor], steps: int,
                    step_fn: Callable, generator=None, snap: Optional[Callable] = None,
-                   self_condition: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   self_condition: bool = False,
+                   replace: Optional[Replacement] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """From z at t = 1 down to t = 0 in ``steps`` equal steps: at t_k = k/steps (k = steps … 1)
     x̂0 = predict(z, t_k, x̃0), then z ← step_fn(z, x̂0, γ(t_k), γ(t_{k−1})), all in z's dtype
     (float64 for PLAID: sample.py works in float64, "Needs float64 to work", sample.py:44–47, 87).
     ``snap`` replaces each x̂0 (clamping); with ``self_condition`` x̃0 is the previous x̂0 (None at
     the first step). Returns (z_0, the last x̂0 or None): ``steps`` calls of ``predict``, and the
-    caller decodes z_0 with one more (sample.py:176–183)."""
+    caller decodes z_0 with one more (sample.py:176–183). ``replace`` (conditioning): the kept
+    positions drawn from q(z_t | e) at t = 1 and after every step (_gaussian.Replacement)."""
     B, dt = z.shape[0], z.dtype
     x_sc = None
+    if replace is not None:
+        z = replace(z, bcast(gamma(torch.ones(B, device=z.device, dtype=dt)).to(dt), z), generator)
     for k in range(steps, 0, -1):
         t = torch.full((B,), k / steps, device=z.device, dtype=dt)
         s = torch.full((B,), (k - 1) / steps, device=z.device, dtype=dt)
@@ -159,5 +163,8 @@ def sample_to_zero(predict: Callable, z: torch.Tensor, gamma: Callable[[torch.Te
             x0_hat = snap(x0_hat)
         if self_condition:
             x_sc = x0_hat
-        z = step_fn(z, x0_hat, bcast(gamma(t).to(dt), z), bcast(gamma(s).to(dt), z), generator)
+        g_s = bcast(gamma(s).to(dt), z)
+        z = step_fn(z, x0_hat, bcast(gamma(t).to(dt), z), g_s, generator)
+        if replace is not None:
+            z = replace(z, g_s, generator)
     return z, x_sc

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from bench.errors import UserError
 from bench.method import gumbel_argmax
-from methods._gaussian import NN_BYTES, Schedule, bcast, ddpm_step
+from methods._gaussian import NN_BYTES, Replacement, Schedule, bcast, ddpm_step
 
 # t proposals beside uniform t, as the share ρ of draws from the density ∝ the weight ½γ′e^{−γ}; the
 # other 1 − ρ are uniform in γ = −log SNR (diffusion_draw)
@@ -88,16 +88,23 @@ def diffusion_draw(schedule: Schedule, u: torch.Tensor, proposal: str = "uniform
 
 @torch.no_grad()
 def ancestral_to_zero(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
-                      schedule: Schedule, T: int, generator=None) -> torch.Tensor:
+                      schedule: Schedule, T: int, generator=None,
+                      replace: Optional[Replacement] = None) -> torch.Tensor:
     """z_0 of T ancestral steps z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x̂(z_t; t)) (VDM eq. 10;
     DDPM's posterior step) on t_i = i/T, from z_1 = ``z`` down to t = 0 — the last step included,
     unlike ``sample_loop``: the generative model whose NLL the T-step VLB bounds, given the
-    bound's own predictor ``predict(z_t, t)``."""
+    bound's own predictor ``predict(z_t, t)``. ``replace`` (conditioning): the kept positions
+    drawn from q(z_t | e) at t = 1 and after every step (_gaussian.Replacement)."""
     B = z.shape[0]
+    if replace is not None:
+        z = replace(z, bcast(schedule.gamma(torch.ones(B, device=z.device)), z), generator)
     for i in range(T, 0, -1):
         t = torch.full((B,), i / T, device=z.device)
         s = torch.full((B,), (i - 1) / T, device=z.device)
-        z = ddpm_step(z, predict(z, t), bcast(schedule.gamma(t), z), bcast(schedule.gamma(s), z), generator)
+        g_s = bcast(schedule.gamma(s), z)
+        z = ddpm_step(z, predict(z, t), bcast(schedule.gamma(t), z), g_s, generator)
+        if replace is not None:
+            z = replace(z, g_s, generator)
     return z
 
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 from pydantic import Field, PositiveInt, model_validator
 
 from bench.backbone import Backbone, fused_nll
+from bench.condition import Condition, condition
 from bench.method import Method, Params
 from bench.registry import register
 from methods import _plaid, _vlb
@@ -39,6 +40,7 @@ from methods._gaussian import (
     SC_RATE,
     SCHEDULES,
     Learned,
+    Replacement,
     bcast,
     diffuse,
     nearest_embedding,
@@ -57,6 +59,7 @@ class EmbeddingDiffusion(Method):
 
     likelihood = "bound"
     time = "continuous"
+    conditioning = "any"
     protocol_settings = frozenset({"bound_steps", "t_proposal"})
     decoder = "p(w | z_0)"               # the decoder in words (bounds())
     decoder_calls = False                # whether it is a call of the network (PLAID's is)
@@ -144,19 +147,33 @@ class EmbeddingDiffusion(Method):
             out.append(norm(x_sc))
         return out, norm(e)
 
+    def replacement(self, n, given, keep) -> tuple[Replacement | None, Condition | None]:
+        """(the sampler's :class:`Replacement` of the kept positions, the checked Condition), or
+        (None, None) for an unconditional draw (bench.condition.condition)."""
+        cond = condition(self, n, given, keep)
+        return (None, None) if cond is None else (Replacement(self.embedding(cond.given), cond.keep), cond)
+
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, *, given=None, keep=None):
         """``sampler: bounded``: the model the bound bounds, to z_0 and the decoder's draw (_vlb);
-        ddpm/ddim: to t = 1/steps, the word the nearest embedding of the last x̂0."""
+        ddpm/ddim: to t = 1/steps, the word the nearest embedding of the last x̂0.
+
+        ``given``/``keep`` (bench.condition): the replacement method (_gaussian.Replacement; Song
+        et al. 2021, App. I.2; RePaint eq. 8) — the kept positions of z redrawn from
+        q(z_t | Emb(given)) after every step — and the given ids as their words. Same NFE."""
         E = self.embedding.weight
+        replace, cond = self.replacement(n, given, keep)
         z = torch.randn((n, self.L, E.shape[1]), generator=generator, device=E.device)
         if self.p.sampler == "bounded":
             T = _vlb.check_budget(steps, self.p.self_condition, self.decoder_calls)
-            return self.decode(_vlb.ancestral_to_zero(self.bound_predictor, z, self.schedule, T, generator), generator)
-        snap = (lambda x: E[nearest_embedding(x, E)]) if self.p.clamp else None  # noqa: E731
-        x0 = sample_loop(self.predict_x0, z, self.schedule, steps, SAMPLERS[self.p.sampler], generator,
-                         snap=snap, self_condition=self.p.self_condition)
-        return nearest_embedding(x0.float(), E.float())
+            z0 = _vlb.ancestral_to_zero(self.bound_predictor, z, self.schedule, T, generator, replace)
+            w = self.decode(z0, generator)
+        else:
+            snap = (lambda x: E[nearest_embedding(x, E)]) if self.p.clamp else None  # noqa: E731
+            x0 = sample_loop(self.predict_x0, z, self.schedule, steps, SAMPLERS[self.p.sampler], generator,
+                             snap=snap, self_condition=self.p.self_condition, replace=replace)
+            w = nearest_embedding(x0.float(), E.float())
+        return w if cond is None else cond.fix(w)
 
 
 class EmbeddingParams(Params):
@@ -338,17 +355,20 @@ class PLAID(EmbeddingDiffusion):
         return (self.elbo_terms(x0, counted, u, train=True) * counted).sum() / counted.sum().clamp(min=1)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, *, given=None, keep=None):
         """z_1 ~ N(0, I), steps − 1 DDPM/DDIM steps down to z_0 (_plaid.sample_to_zero, float64 with
         ``float64_sampling``), then the argmax of the logits at (z_0, t = 0) (sample.py:176–183):
-        ``steps`` network calls. ``sampler: bounded``: the bound's own model (EmbeddingDiffusion)."""
+        ``steps`` network calls. ``sampler: bounded``: the bound's own model (EmbeddingDiffusion).
+        ``given``/``keep``: the replacement method, as EmbeddingDiffusion.sample."""
         if self.p.sampler == "bounded":
-            return super().sample(n, steps, generator)
+            return super().sample(n, steps, generator, given=given, keep=keep)
         E = self.embedding.weight
+        replace, cond = self.replacement(n, given, keep)
         dt = torch.float64 if self.p.float64_sampling else torch.float32
         z = torch.randn((n, self.L, E.shape[1]), generator=generator, device=E.device, dtype=dt)
         snap = (lambda x: E[nearest_embedding(x.float(), E)].to(dt)) if self.p.clamp else None  # noqa: E731
         z0, x_sc = _plaid.sample_to_zero(self.predict_x0, z, self.gamma, steps - 1, SAMPLERS[self.p.sampler],
-                                         generator, snap=snap, self_condition=self.p.self_condition)
+                                         generator, snap=snap, self_condition=self.p.self_condition, replace=replace)
         h, side = self.hidden(z0, torch.zeros(n, device=E.device, dtype=dt), x_sc)
-        return _plaid.argmax_logits(self.net.head, h, side, E)
+        w = _plaid.argmax_logits(self.net.head, h, side, E)
+        return w if cond is None else cond.fix(w)

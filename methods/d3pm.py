@@ -22,9 +22,10 @@ from typing import Callable, Literal, Optional
 import torch
 from pydantic import Field, PositiveInt, model_validator
 
+from bench.condition import condition
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
-from methods._discrete import GRAPHS, safe_log, softmax_stats
+from methods._discrete import GRAPHS, clamp, safe_log, softmax_stats
 
 # (x_t, t) -> logits of p_θ(x_0 | x_t) over the V real tokens, (B, L, V); t is the integer step.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -144,6 +145,7 @@ class D3PM(Method):
     variants = {"absorb": {"transition": "absorb"}, "uniform": {"transition": "uniform"}}
     likelihood = "bound"
     time = "discrete"
+    conditioning = "any"
 
     @classmethod
     def default_label(cls, params) -> str:
@@ -201,19 +203,27 @@ class D3PM(Method):
         return (kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None, denoise: Denoiser | None = None):
+    def sample(self, n, steps=64, generator=None, denoise: Denoiser | None = None, *, given=None, keep=None):
         """Ancestral sampling with p_θ(x_s | x_t) (the paper's eq. 4, x0-parameterised) on a grid
         of ``steps`` strided steps from T to 0. absorb: each [MASK] is revealed w.p.
         (ᾱ_s − ᾱ_t)/(1 − ᾱ_t) (1 at s = 0) as x̃_0 ~ p_θ(x̃_0 | x_t); the reveal coins are drawn
         first and the categorical (Gumbel-max) only at the revealed positions — the same
         distribution as drawing x̃_0 everywhere. uniform: x_s is drawn at every position from
-        the closed-form reverse (``log_reverse_uniform``)."""
+        the closed-form reverse (``log_reverse_uniform``).
+
+        ``given``/``keep`` (bench.condition), methods/_discrete.clamp: absorb — the kept
+        positions start unmasked and stay; uniform — replacement, the kept positions redrawn from
+        q(x_s | given) after every step (Song et al. 2021, App. I.2; RePaint eq. 8), the given ids
+        at s = 0 (ᾱ_0 = 1). Same NFE."""
+        cond = condition(self, n, given, keep)
         denoise = denoise or self.denoise
         T, V, dev, f64 = self.p.T, self.V, self.device, self.p.float64_sampling
         steps = max(1, min(steps, T))
         grid = torch.round(torch.linspace(T, 0, steps + 1, dtype=torch.float64)).long().unique_consecutive()
         a_T = self.abar(torch.tensor([T]))
         x = self.graph.prior_sample(n, self.L, a_T.item(), V, self.mask_id, generator, dev)
+        if cond is not None:
+            x = clamp(self.graph, x, cond, a_T.item(), V, generator)
         for t_, s_ in zip(grid[:-1].tolist(), grid[1:].tolist()):
             tt = torch.full((n,), t_, dtype=torch.long, device=dev)
             a_s, a_t = self.abar(torch.tensor([s_])).item(), self.abar(torch.tensor([t_])).item()
@@ -227,4 +237,6 @@ class D3PM(Method):
                 lp = log_reverse_uniform(z, x, torch.full((n,), a_s, device=dev, dtype=torch.float64),
                                          torch.full((n,), a_t, device=dev, dtype=torch.float64))
                 x = gumbel_argmax(lp, generator, f64)
+            if cond is not None:
+                x = clamp(self.graph, x, cond, a_s, V, generator)
         return x

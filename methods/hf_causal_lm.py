@@ -54,6 +54,10 @@ class HFCausalLM(Method):
     time = "none"
     causal = True
     trains = False
+    # the conditional NLL of a continuation given a prefix (bench.evaluate.conditional_nll), exact
+    # on the suite's ids; retokenizing, the context would be dropped with the uncounted tokens
+    # (``nll``), so such a model narrows it to "none" (choose_ids)
+    conditioning = "prefix"
 
     @classmethod
     def default_label(cls, params) -> str:
@@ -96,6 +100,7 @@ class HFCausalLM(Method):
                             f"({tokenizer.key}) is not its vocabulary; save its tokenizer beside it")
         else:
             self.retokenized = True
+            self.conditioning = "none"
         self.first_context = hf.bos_id(self.net, self.hf_tok)
 
     def info(self) -> dict:

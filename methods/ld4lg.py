@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 
 from bench.backbone import Backbone
+from bench.condition import condition
 from bench.errors import UserError
 from bench.method import Method
 from bench.registry import register
@@ -325,7 +326,10 @@ class LD4LG(Method):
         return self.crossing.to_suite(out.cpu(), self.context.tokenizer, self.L).to(x.device)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, *, given=None, keep=None):
+        """A whole block from a latent; no conditioning (``conditioning = "none"``): a kept
+        position is refused by bench.condition with one line, and tables show "—"."""
+        condition(self, n, given, keep)
         x = self.diffusion.sample(self.net, n, self.p.latents, steps, generator, device=self.device)
         return self.decode(x)
 

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from bench.condition import condition
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
+from methods._discrete import ABSORB, clamp
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> log p(x_0|x_t), (B,L,V)
 
@@ -106,6 +108,7 @@ class MDLM(Method):
     likelihood = "bound"
     time = "continuous"
     display = "MDLM"
+    conditioning = "any"
 
     ESTIMATORS = {"beta": nelbo_beta, "count": nelbo_masked_count, "time": nelbo}
 
@@ -139,7 +142,7 @@ class MDLM(Method):
         return self.ESTIMATORS[self.p.estimator](x0, counted, u, self.denoise, self.mask_id)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None, cache: bool = True):
+    def sample(self, n, steps=64, generator=None, cache: bool = True, *, given=None, keep=None):
         """Ancestral sampling, MDLM §3.2's reverse step p_θ(z_s | z_t) = q(z_s | z_t, x_θ(z_t, t))
         (SUBS): from t to s = t − 1/steps each [MASK] is revealed independently w.p.
         (α_s − α_t)/(1 − α_t) = (t − s)/t, as x_0 ~ p_θ(x_0 | x_t) at that position; revealed
@@ -149,11 +152,18 @@ class MDLM(Method):
         whole (n, L, V) tensor every step.
 
         ``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
-        when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact."""
+        when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact.
+
+        ``given``/``keep`` (bench.condition): the kept positions start unmasked as the given ids
+        (methods/_discrete.clamp, absorbing) and, never masked, stay so; every p_θ(x_0 | x_t) sees
+        them — the model's any-order conditional of the rest (MDLM's infilling), same NFE."""
+        cond = condition(self, n, given, keep)
         cache = cache and not self.p.time_conditioning
         f64 = self.p.float64_sampling
         dt = torch.float64 if f64 else torch.float32
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
+        if cond is not None:
+            x = clamp(ABSORB, x, cond, 1.0, self.V)
         log_p, stale = None, torch.ones(n, dtype=torch.bool, device=self.device)
         for i in range(steps, 0, -1):
             t, s = i / steps, (i - 1) / steps

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from bench.backbone import Backbone, KVCache
+from bench.condition import condition
 from bench.method import Method, gumbel_argmax
 from bench.registry import register
 from methods._latent import LatentAutoencoderParams, LatentDiffusion, reference_differences
@@ -141,6 +142,9 @@ class Planner(Method):
         return torch.stack(out, 1)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, *, given=None, keep=None):
+        """A whole block from a latent; no conditioning (``conditioning = "none"``): a kept
+        position is refused by bench.condition with one line, and tables show "—"."""
+        condition(self, n, given, keep)
         z = self.diffusion.sample(self.net, n, self.p.latents, steps, generator, device=self.device)
         return self.decode(z, generator)

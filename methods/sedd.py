@@ -22,9 +22,10 @@ from typing import Callable, Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
+from bench.condition import condition
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
-from methods._discrete import GRAPHS, logit_stats, safe_log
+from methods._discrete import GRAPHS, clamp, logit_stats, safe_log
 
 # (x_t, t) -> log s_θ(x_t, t), (B, L, V): log-ratios to the neighbour with token y at each position
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -200,6 +201,7 @@ class SEDD(Method):
     variants = {"absorb": {"graph": "absorb"}, "uniform": {"graph": "uniform"}}
     likelihood = "bound"
     time = "continuous"
+    conditioning = "any"
 
     @classmethod
     def default_label(cls, params) -> str:
@@ -287,12 +289,18 @@ class SEDD(Method):
         return self.graph.prior_sample(n, self.L, a1, self.V, self.mask_id, generator, self.device)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None, score: Score | None = None):
+    def sample(self, n, steps=64, generator=None, score: Score | None = None, *, given=None, keep=None):
         """The reverse CTMC on a uniform t-grid from 1 to 0 (SEDD's Euler step or Tweedie
         τ-leaping, ``step_probs_*``). absorb: a masked position leaves [MASK] w.p. p
         (``reveal_probs_absorb``) and only the leaving ones draw their token (Gumbel-max) —
         the same distribution as the joint categorical over V ∪ {[MASK]} at every position;
-        uniform: every position draws from its step's categorical."""
+        uniform: every position draws from its step's categorical.
+
+        ``given``/``keep`` (bench.condition), methods/_discrete.clamp: absorb — the kept
+        positions start unmasked and stay (SEDD's infilling); uniform — replacement, redrawn
+        from p_{s|0}(· | given) (α = e^{−σ(s)}) after every step (Song et al. 2021, App. I.2;
+        RePaint eq. 8), and the given ids after the last one (its state is read as x_0). Same NFE."""
+        cond = condition(self, n, given, keep)
         score = score or self.score
         dev, f64 = self.device, self.p.float64_sampling
         dt = torch.float64 if f64 else torch.float32
@@ -300,6 +308,8 @@ class SEDD(Method):
         t_hi = 1.0 if math.isfinite(float(self.sigma(torch.tensor([1.0]))[0])) else 1 - 1e-5
         grid = torch.linspace(t_hi, 0, steps + 1, dtype=torch.float64)
         x = self._prior_sample(n, generator)
+        if cond is not None:
+            x = clamp(self.graph, x, cond, math.exp(-float(self.sigma(grid[:1])[0])), self.V, generator)
         for i in range(steps):
             t, s = grid[i], grid[i + 1]
             tt = torch.full((n,), float(t), device=dev)
@@ -315,6 +325,9 @@ class SEDD(Method):
                 x[masked] = new
             else:
                 x = gumbel_argmax(safe_log(step_probs_uniform(log_s.to(dt), x, dsig, analytic)), generator, f64)
+            if cond is not None:
+                a_s = 1.0 if i == steps - 1 else math.exp(-float(self.sigma(s[None])[0]))
+                x = clamp(self.graph, x, cond, a_s, self.V, generator)
         return x
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from bench.backbone import Backbone
+from bench.condition import condition
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
 from methods._gaussian import (
@@ -73,6 +74,7 @@ class SSDLM(Method):
     Params = SSDLMParams
     likelihood = "none"
     time = "continuous"
+    conditioning = "any"
     ROWS_BYTES = 1 << 20        # noised_probs' CPU blocks: 1 MiB (128 rows at V = 2048), in L2
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
@@ -142,17 +144,28 @@ class SSDLM(Method):
         return (ce * counted).sum() / counted.sum().clamp(min=1)
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, *, given=None, keep=None):
         """From S_1 = k·ε, each step t_i = i/steps: ŵ ~ softmax(logits) (Gumbel-argmax), then the
-        next input is the forward process of ŵ at t_{i−1} (SSD-LM's logits projection)."""
+        next input is the forward process of ŵ at t_{i−1} (SSD-LM's logits projection).
+
+        ``given``/``keep`` (bench.condition): the replacement method (Song et al. 2021, App. I.2;
+        RePaint eq. 8) on the simplex — the kept positions' ŵ is the given id before each
+        projection, so their S_t is drawn from the forward process of the given token at every
+        step (at t = 1 too), and their words are the given ids. Same NFE."""
+        cond = condition(self, n, given, keep)
         k, dev = self.p.simplex_k, self.device
         P = torch.softmax(k * standard_normal((n, self.L, self.V), generator, dev), -1)
         every = torch.ones(n, self.L, dtype=torch.bool, device=dev)
+        if cond is not None:
+            one = torch.ones(n, device=dev)
+            P = torch.where(cond.keep[..., None], self.noised_probs(cond.given, every, one, generator), P)
         x_sc, w = None, None
         for i in range(steps, 0, -1):
             t = torch.full((n,), i / steps, device=dev)
             logits = self.logits(self.simplex_input(P), t, x_sc)
             w = gumbel_argmax(logits, generator, self.p.float64_sampling)
+            if cond is not None:
+                w = cond.fix(w)
             if self.p.self_condition:
                 x_sc = self.condition_of(logits)
             if i > 1:

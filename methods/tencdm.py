@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 
 from bench.backbone import Backbone
+from bench.condition import condition
 from bench.config import MAX_LAYERS
 from bench.errors import UserError
 from bench.method import Method
@@ -334,7 +335,10 @@ class TEncDM(Method):
         return out
 
     @torch.no_grad()
-    def sample(self, n, steps=64, generator=None):
+    def sample(self, n, steps=64, generator=None, *, given=None, keep=None):
+        """A whole block from a latent; no conditioning (``conditioning = "none"``): a kept
+        position is refused by bench.condition with one line, and tables show "—"."""
+        condition(self, n, given, keep)
         xbar = self.diffusion.sample_normalised(self.net, n, self.L_enc, steps, generator, device=self.device)
         texts = self.to_text(self.decode_tokens(xbar))
         return texts_to_suite_ids(self.context.tokenizer, texts, self.L).to(self.device)

@@ -45,6 +45,8 @@ SAMP = "tests/test_sampling.py"
 REF = "tests/test_latent_reference.py"
 CBOUND = "tests/test_continuous_bounds.py"
 CBUF = "tests/test_continuous_buffers.py"
+COND = "tests/test_conditioning.py"
+CORA = "tests/test_conditioning_oracle.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -233,8 +235,8 @@ MUTANTS = [
      "dt = torch.float64 if self.p.float64_sampling else torch.float32", "dt = torch.float32", [PLAIDT], "argmax"),
     ("plaid-decoded-at-t1", "methods/continuous.py", "h, side = self.hidden(z0, torch.zeros(n, device=E.device, dtype=dt), x_sc)",
      "h, side = self.hidden(z0, torch.ones(n, device=E.device, dtype=dt), x_sc)", [PLAIDT], "argmax"),
-    ("plaid-decoded-without-the-bias", "methods/continuous.py", "return _plaid.argmax_logits(self.net.head, h, side, E)",
-     "return _plaid.argmax_logits(self.net.head, h, None, E)", [PLAIDT], "argmax"),
+    ("plaid-decoded-without-the-bias", "methods/continuous.py", "w = _plaid.argmax_logits(self.net.head, h, side, E)",
+     "w = _plaid.argmax_logits(self.net.head, h, None, E)", [PLAIDT], "argmax"),
     ("plaid-t-not-rescaled", "methods/continuous.py", "self.time_draw(((u - q) / (1 - q)).clamp(0, 1).double(), train)",
      "self.time_draw(u.double(), train)", [CORACLE]),
     ("plaid-reconstruction-at-u", "methods/continuous.py", "t = torch.where(rec, torch.zeros_like(t), t).to(u.dtype)",
@@ -251,9 +253,8 @@ MUTANTS = [
      "        return F.cross_entropy(logits.float().flatten(0, 1), w.flatten(), reduction='none').view(w.shape)\n",
      [CBUF], "rounding"),
     ("embedding-bounded-sampler-skips-the-decoder", "methods/continuous.py",
-     "return self.decode(_vlb.ancestral_to_zero(self.bound_predictor, z, self.schedule, T, generator), generator)",
-     "return nearest_embedding(_vlb.ancestral_to_zero(self.bound_predictor, z, self.schedule, T, generator), "
-     "self.embedding.weight)", [CBOUND], "bounded_sampler"),
+     "            w = self.decode(z0, generator)\n", "            w = nearest_embedding(z0, self.embedding.weight)\n",
+     [CBOUND], "bounded_sampler"),
     ("ssd-simplex-shift-k", "methods/simplex.py", "shift = (torch.where(counted, bcast(alpha, w), 1.0) * 2 * k)",
      "shift = (torch.where(counted, bcast(alpha, w), 1.0) * k)", [CONT], "noised_probs"),
     ("ssd-expected-embedding-skips-a-block", "methods/simplex.py", "for s in range(b, P.shape[0], b):",
@@ -490,6 +491,47 @@ MUTANTS = [
     ("frozencache-statistics-pass-not-counted", "bench/data/frozencache.py",
      "        encodes += method.training_set_encodes(len(blocks))\n", "        encodes += 0\n", [ENC],
      "statistics_pass or size_limit"),
+    # ---------------------------------------------------------------- conditioning (issue 25): bench/condition.py,
+    # bench/evaluate.conditional_nll, the samplers' clamps (methods/_discrete.clamp, _gaussian.Replacement)
+    ("cond-nll-scores-the-context", "bench/evaluate.py", "    counted = continuation(", "    counted = ~continuation(",
+     [COND, CORA], "joint_minus or nelbo"),
+    ("cond-any-pattern-passes-as-a-prefix", "bench/condition.py", "    return prefix_lengths(keep) == keep.sum(-1)\n",
+     "    return prefix_lengths(keep) <= keep.sum(-1)\n", [COND], "kept_position or conditional_nll_of_every"),
+    ("cond-pattern-unchecked", "bench/condition.py", "    check_pattern(method, keep)\n    if not keep.any():",
+     "    if not keep.any():", [COND], "kept_position"),
+    ("ar-prefill-shifted", "methods/ar.py", "x = torch.cat([x, cond.given[:, :k]], dim=1)",
+     "x = torch.cat([x, cond.given[:, 1:k + 1]], dim=1)", [COND], "ar_prefix"),
+    ("ar-kept-token-of-the-previous-position", "methods/ar.py", "cond.given[:, i], new)", "cond.given[:, i - 1], new)",
+     [COND], "ar_prefix"),
+    ("ar-not-causal", "methods/ar.py", "    causal = True\n", "    causal = False\n", [COND], "joint_minus"),
+    ("clamp-absorb-kept-positions-masked", "methods/_discrete.py", "        return cond.fix(x)\n", "        return x\n",
+     [CORA], "absorbing"),
+    ("clamp-uniform-clean-not-noised", "methods/_discrete.py", "graph.corrupt(cond.given, cond.keep, a, V, generator)",
+     "cond.given", [CORA], "uniform_state"),
+    ("d3pm-uniform-no-replacement-after-steps", "methods/d3pm.py",
+     "                x = clamp(self.graph, x, cond, a_s, V, generator)\n", "                pass\n", [CORA],
+     "uniform_state and d3pm"),
+    ("sedd-uniform-replaced-at-t-not-s", "methods/sedd.py", "math.exp(-float(self.sigma(s[None])[0]))",
+     "math.exp(-float(self.sigma(t[None])[0]))", [CORA], "uniform_state and sedd"),
+    ("replacement-without-noise", "methods/_gaussian.py", "+ torch.sigmoid(g).sqrt() * noise,", "+ 0 * noise,",
+     [CORA], "gaussian_samplers"),
+    ("replacement-at-t-not-s (sample_loop)", "methods/_gaussian.py",
+     "                z = replace(z, g_s, generator)\n    return x0_hat", "                z = replace(z, g_t, generator)\n"
+     "    return x0_hat", [CORA], "gaussian_samplers and diffusion"),
+    ("plaid-no-replacement", "methods/_plaid.py", "            z = replace(z, g_s, generator)\n    return z, x_sc",
+     "            pass\n    return z, x_sc", [CORA], "gaussian_samplers and plaid"),
+    ("bounded-sampler-no-replacement", "methods/_vlb.py", "            z = replace(z, g_s, generator)\n    return z\n",
+     "            pass\n    return z\n", [CORA], "gaussian_samplers and bounded"),
+    ("continuous-kept-words-not-fixed", "methods/continuous.py",
+     "        return w if cond is None else cond.fix(w)\n\n\nclass EmbeddingParams", "        return w\n\n\nclass EmbeddingParams",
+     [COND], "kept_position and diffusion"),
+    ("simplex-kept-not-replaced", "methods/simplex.py", "                w = cond.fix(w)\n", "                pass\n", [CORA],
+     "simplex"),
+    ("hf-retokenized-takes-a-context", "methods/hf_causal_lm.py", '            self.conditioning = "none"\n',
+     "            pass\n", [COND], "hf_causal_lm_conditional"),
+    ("mdlm-bound-masks-the-context", "methods/mdlm.py",
+     "score = torch.rand(x0.shape, device=x0.device).masked_fill(~counted, 2.0)",
+     "score = torch.rand(x0.shape, device=x0.device)", [CORA], "nelbo"),
 ]
 
 
