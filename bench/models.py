@@ -28,6 +28,7 @@ is rebuilt. Measured timings: docs/performance.md.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -147,7 +148,8 @@ def _version(dist: str) -> str | None:
 def _build(nm: NamedModel, src: Path, sha: str, d: Path) -> None:
     """Convert ``src`` into ``d`` (temporary folder, then rename) with its identity.json."""
     print(f"{nm.name}: converting {src.name} once into {d} ...", file=sys.stderr, flush=True)
-    model, tok = nm.convert(src)
+    with contextlib.redirect_stdout(sys.stderr):   # libraries' chatter (deepspeed's import) off stdout: JSON goes there
+        model, tok = nm.convert(src)
     doc_id = tok.convert_tokens_to_ids(nm.doc_token)
     if not isinstance(doc_id, int) or tok.convert_ids_to_tokens(doc_id) != nm.doc_token:
         raise UserError(f"{nm.name}: its tokenizer has no token {nm.doc_token!r} to separate documents")

@@ -38,6 +38,7 @@ def _tiny_source(d, seed=0):
 
     tok = PreTrainedTokenizerFast(tokenizer_object=gpt2()._tok)
     tok.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "additional_special_tokens": [DOC]})
+    tok.padding_side = "left"   # the featurizer must pad on the right whatever the saved tokenizer says
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
@@ -91,6 +92,7 @@ def _by_hand_ppl(model, tok, texts) -> float:
 
 def test_converted_once_verified_and_rebuilt_when_damaged(tiny_named, monkeypatch):
     from bench import hf
+    from bench.errors import UserError
     from bench.method import weights_sha256
 
     src, calls = tiny_named
@@ -105,6 +107,8 @@ def test_converted_once_verified_and_rebuilt_when_damaged(tiny_named, monkeypatc
     assert ident["doc_token"] == {"token": DOC, "id": 50256, "as": "bos and eos"} == \
         {"token": DOC, "id": hf.bos_id(loaded, hf.load_tokenizer("tiny-named")), "as": "bos and eos"}
     assert models.named_dir("tiny-named") == d and len(calls) == 1           # cached: not converted again
+    with pytest.raises(UserError, match="tiny-named is a named model .* revision does not apply"):
+        hf.load_causal_lm("tiny-named", revision="main", where="methods[hf-causal-lm].model")
     monkeypatch.setattr(models, "_VERIFIED", {})                             # a new process: checks the files
     assert models.named_dir("tiny-named") == d and len(calls) == 1
     blob = d / "model.safetensors"
