@@ -36,9 +36,9 @@ def _tiny_source(d, seed=0):
 
     from bench.data.tokenizers import gpt2
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=gpt2()._tok)
+    tok = PreTrainedTokenizerFast(tokenizer_object=gpt2()._tok, padding_side="left")
     tok.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "additional_special_tokens": [DOC]})
-    tok.padding_side = "left"   # the featurizer must pad on the right whatever the saved tokenizer says
+    # padding_side left: the featurizer must pad on the right whatever the saved tokenizer says
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
