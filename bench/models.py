@@ -148,8 +148,7 @@ def _version(dist: str) -> str | None:
 def _build(nm: NamedModel, src: Path, sha: str, d: Path) -> None:
     """Convert ``src`` into ``d`` (temporary folder, then rename) with its identity.json."""
     print(f"{nm.name}: converting {src.name} once into {d} ...", file=sys.stderr, flush=True)
-    with contextlib.redirect_stdout(sys.stderr):   # libraries' chatter (deepspeed's import) off stdout: JSON goes there
-        model, tok = nm.convert(src)
+    model, tok = nm.convert(src)
     doc_id = tok.convert_tokens_to_ids(nm.doc_token)
     if not isinstance(doc_id, int) or tok.convert_ids_to_tokens(doc_id) != nm.doc_token:
         raise UserError(f"{nm.name}: its tokenizer has no token {nm.doc_token!r} to separate documents")
@@ -195,7 +194,8 @@ def named_dir(name: str, where: str | None = None) -> Path:
         if ident is None:
             if why:
                 print(f"{name}: rebuilding {d} ({why})", file=sys.stderr, flush=True)
-            _build(nm, src, sha, d)
+            with contextlib.redirect_stdout(sys.stderr):   # libraries' chatter (deepspeed's accelerator
+                _build(nm, src, sha, d)                    # warning) off stdout, where JSON goes
             ident, why = _check(d)
             if ident is None:
                 raise UserError(f"{name}: the converted folder {d} does not verify after conversion ({why})")
