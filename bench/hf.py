@@ -10,7 +10,8 @@ while ``ckpts/`` exists). An existing local directory always wins. So a mistyped
 checkpoint directory never downloads a hub model of the same name; write local paths with a
 leading ``./`` (or absolute) to be safe even when their first directory is missing. With
 ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set, a hub name is read from the local hub
-cache only.
+cache only. A registered short name (bench.models: ``smollm2``) resolves to its converted local
+folder, built once from an installed file; a local directory of the same name still wins.
 
 Two functions, shared by every part of the harness that needs a pretrained causal LM (the
 generative-perplexity scorer, the ``hf-causal-lm`` method):
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from bench import models
 from bench.errors import UserError
 
 
@@ -57,7 +59,10 @@ def is_local_name(name: str) -> bool:
 def resolve_pretrained(name: str, where: str | None = None, what: str = "model") -> tuple[str, bool]:
     """(what to pass to ``from_pretrained``, local_files_only) for a hub name or local path.
     A local path that is not a directory is a UserError naming ``where`` (the key); the hub is
-    not asked. A hub name is read from the local cache only when the hub is offline."""
+    not asked. A hub name is read from the local cache only when the hub is offline. A named
+    model (bench.models) is its converted folder."""
+    if models.is_named(name):
+        return str(models.named_dir(name, where)), True
     if not is_local_name(name):
         if hub_offline():   # also when set after huggingface_hub was imported (it reads it once)
             import huggingface_hub.constants
@@ -86,6 +91,9 @@ def failure(e: Exception, local: bool) -> str:
 def load_causal_lm(name_or_path: str, device="cpu", revision: str | None = None, where: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    if revision and models.is_named(name_or_path):
+        raise UserError(f"{where or 'model'}: {name_or_path} is a named model (its identity is the sha256 of its "
+                        f"installed file); revision does not apply to it")
     src, local = resolve_pretrained(name_or_path, where, "a causal LM")
     local_dir = is_local_name(name_or_path)
     try:
@@ -100,8 +108,8 @@ def load_causal_lm(name_or_path: str, device="cpu", revision: str | None = None,
 
 def hub_revision(name: str, revision: str | None = None) -> str | None:
     """The commit a hub model was loaded from (after loading: the local hub cache's snapshot that
-    ``revision``, default main, points to); None for a local directory or when not found."""
-    if is_local_name(name):
+    ``revision``, default main, points to); None for a local directory, a named model or when not found."""
+    if is_local_name(name) or models.is_named(name):
         return None
     from huggingface_hub import try_to_load_from_cache
 

@@ -224,7 +224,9 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
     """Tidy sample-metric rows (the leaderboard columns plus ``steps`` and ``note``): one per
     (size, model, steps, dataset, metric, settings id), mean over seeds with the t-interval and
     the std over seeds (one seed: MAUVE's std over its own seeds). A metric below its sample
-    floor has no value, only the note saying why (:func:`_floored`)."""
+    floor has no value, only the note saying why (:func:`_floored`); gen_ppl rows name their scorer."""
+    from bench.metrics.scoreview import gen_ppl_scorer
+
     rows, seen_source = [], set()
     for sc in scores:
         ds = (sc.get("reference") or {}).get("dataset")
@@ -238,12 +240,13 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
             for metric, m in b["metrics"].items():
                 m = _floored(metric, m, b)
                 rows.append({**key, "metric": metric, "value": m.get("value"), "inner_std": m.get("std"),
-                             "protocol": m.get("id"), "note": m.get("note")})
+                             "protocol": m.get("id"), "note": m.get("note"),
+                             "scorer": gen_ppl_scorer(b) if metric == "gen_ppl" else None})
             for metric in ("nfe", "samples_per_s"):
                 if b.get(metric) is not None:
                     rows.append({**key, "metric": metric, "value": b[metric], "inner_std": None,
                                  "protocol": metric, "note": None})
-    cols = COLUMNS + ["steps", "note"]
+    cols = COLUMNS + ["steps", "note", "scorer"]
     if not rows:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(rows)
@@ -255,7 +258,7 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
         vals = g["value"].dropna().astype(float)
         n = len(g)
         note = next((x for x in g["note"] if isinstance(x, str)), None)
-        row.update(bound=False, n_seeds=n, params=None, note=note, estimate="sample")
+        row.update(bound=False, n_seeds=n, params=None, note=note, estimate="sample", scorer=g["scorer"].iloc[0])
         if vals.empty:
             row.update(value=None, ci_low=None, ci_high=None, std=None)
         elif len(vals) == 1:
@@ -332,6 +335,8 @@ def sample_table(st: pd.DataFrame, t: pd.DataFrame, several: bool = False) -> Ta
             cells.append(_fmt_sample(r.iloc[0]))
         rows.append(cells)
     notes = ["", SAMPLE_NOTE]
+    sc = st[st["metric"] == "gen_ppl"].dropna(subset=["scorer"]).groupby("protocol", sort=False)["scorer"].first()
+    notes += [f"gen_ppl{f' [{p}]' if multi.get('gen_ppl', 1) > 1 else ''} scored by: {v}" for p, v in sc.items()]
     if st["metric"].isin(TRUTH_NOTES).any():
         notes.append(truth_note(st, ppl))
     # "† metric: …" for a value with a caveat, "— metric: …" for why a cell has no value
@@ -422,7 +427,7 @@ def write(out: Path, fmt: str | None = None, compare: Path | None = None
     md = "\n".join(md_table(tb) for tb in b.tables)
     t, recs = b.t, b.recs
     if not b.st.empty:
-        t = pd.concat([t.astype(object), b.st.astype(object)], ignore_index=True)
+        t = pd.concat([t.astype(object), b.st.drop(columns="scorer").astype(object)], ignore_index=True)
         from bench.plots import frontier
         frontier(b.st, Path(out) / "frontier.png")
     csv = csv_text(t)

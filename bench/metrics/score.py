@@ -27,6 +27,7 @@ from bench.errors import UserError
 from bench.metrics import FLOORS, MetricsConfig, floor_note
 from bench.metrics.base import settings_id
 from bench.metrics.genppl import gen_ppl, scorer_tokens
+from bench.metrics.mauve import featurizer_settings
 from bench.metrics.ngrams import diversity, mean_entropy, memorization, tokenize
 from bench.metrics.reference import source_truth, true_set
 from bench.records import JSON_ERRORS, read_record, write_json
@@ -66,13 +67,16 @@ def _tok_view(setup: ScoringSetup):
 def resolved_settings(setup: ScoringSetup, n: int) -> dict[str, dict]:
     c = setup.cfg
     tk = _tok_view(setup)[0] if _tok_view(setup) else None
-    out = {"gen_ppl": {**c.gen_ppl.model_dump(mode="json"), "scorer": setup.scorer_desc, "tokens": tk},
+    ident = getattr(setup.scorer, "identity", None)   # a named scorer's file and weights sha256
+    out = {"gen_ppl": {**c.gen_ppl.model_dump(mode="json"), "scorer": setup.scorer_desc, "tokens": tk,
+                       **({"scorer_model": ident} if ident else {})},
            "entropy": {"tokens": tk, "eos": c.gen_ppl.eos, "retokenize": c.gen_ppl.retokenize, "unit": "nats",
                        "over": "mean of per-sample unigram entropies"},
            "div": {"tokenization": c.ngrams.tokenization, "orders": list(c.ngrams.div_orders)},
            "mem": {"tokenization": c.ngrams.tokenization, "n": c.ngrams.mem_n, "corpus": setup.mem_corpus}}
     if c.mauve is not None and setup.truth is None:
-        out["mauve"] = {**c.mauve.model_dump(mode="json"), "reference": setup.ref_desc, "n": n}
+        out["mauve"] = {**c.mauve.model_dump(mode="json"), "reference": setup.ref_desc, "n": n,
+                        **featurizer_settings(c.mauve.featurizer)}
     if setup.truth is not None:   # in place of gen_ppl (and MAUVE): meaningless on a source's symbols
         out = {k: v for k, v in out.items() if k != "gen_ppl"} | setup.truth.settings(n)
     for v in out.values():

@@ -4,8 +4,10 @@
   default scorer is the suite's own matching-size AR baseline (bench.metrics.score finds it).
   Samples longer than its seq_len are scored in consecutive windows, each restarted from BOS.
 - :class:`HFScorer`: a Hugging Face causal LM by hub name or local path (bench.hf's rule: a
-  path-like name must exist locally, it never reaches the hub), first token
-  conditioned on the tokenizer's BOS (GPT-2: <|endoftext|>), sliding windows beyond its context.
+  path-like name must exist locally, it never reaches the hub) or a named model (bench.models:
+  ``smollm2``, converted once from its installed file), first token conditioned on the
+  tokenizer's BOS (GPT-2 and smollm2: <|endoftext|>), sliding windows beyond its context. A
+  named model's key carries its weights' sha256 and ``identity`` says what it is (both recorded).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class Scorer:
     key: str
     tokenizer_key: str
     eos_id: int | None
+    identity: dict | None = None   # a named model's (bench.models.identity), recorded with the settings
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
@@ -70,6 +73,7 @@ class HFScorer(Scorer):
     def __init__(self, name_or_path: str, stride: int | None = None):
         from transformers import AutoTokenizer
 
+        from bench import models
         from bench.hf import load_causal_lm, resolve_pretrained
 
         where = "metrics.gen_ppl.scorer"
@@ -79,7 +83,9 @@ class HFScorer(Scorer):
             self.tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{name_or_path}: cannot load its tokenizer: {str(e).splitlines()[0][:200]}") from None
-        self.key = f"hf:{name_or_path}"
+        self.identity = models.identity(name_or_path)   # None unless a named model
+        self.key = (f"{name_or_path}@sha256:{self.identity['weights_sha256'][:12]}" if self.identity
+                    else f"hf:{name_or_path}")
         self.tokenizer_key = self.key
         self.eos_id = self.tok.eos_token_id
         self.start_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id

@@ -18,6 +18,14 @@ def fmt_metric(m: dict | None) -> str:
     return s
 
 
+def gen_ppl_scorer(res_set: dict) -> str | None:
+    """Which LM a set's gen_ppl was scored by, as its settings record it (a named model: + what it is)."""
+    st = (res_set.get("settings") or {}).get("gen_ppl") or {}
+    if not st.get("scorer"):
+        return None
+    return str(st["scorer"]) + (f" = {st['scorer_model']['model']}" if st.get("scorer_model") else "")
+
+
 def score_rows(name: str, res: dict) -> list[tuple[str, dict, float | None]]:
     """(label, metrics, nfe) per step budget of a score result, then its Source-text row."""
     rows = []
