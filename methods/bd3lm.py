@@ -26,11 +26,12 @@ uniform subset, weight n_b/m_b (docs/methods.md#mdlm; the denoiser ignores t, so
 (m_b = 1, weight 1), so the estimate is Σ_i −log p_θ(x_i | x_<i), an exact AR likelihood; L′ = L
 is MDLM. Training (``loss``) is the time form; ``clip: [β, ω]`` draws the training mask rates from
 U[β, ω] instead (§5.2, clipped schedules: a biased, lower-variance estimator of the same
-objective), and ``clip_search`` picks [β, ω] from the data — every ``clip_search_every`` training
-batches, the window of least variance of the per-block loss on that batch among windows of the
-given widths (step ``clip_search_delta``) and [0, 1]. The evaluated bound is always the full one.
+objective), and ``clip_search`` picks [β, ω] from the data (§5): every ``clip_search_every``
+training batches, the window of least variance of the per-block loss on that batch among windows
+of the given widths (step ``clip_search_delta``) and [0, 1]. The evaluated bound is always the
+full one.
 
-Sampling (§3.3, Algorithm 2): block by block, MDLM's ancestral sampler inside the block (each
+Sampling (§3.2, Algorithm 2): block by block, MDLM's ancestral sampler inside the block (each
 [MASK] revealed w.p. (t − s)/t from p_θ(x_0 | x_t^b, x^{<b})), the clean blocks through the
 backbone's KV cache (each fed once, together with the next block's first denoising call). The
 step budget is spread over the blocks; a call whose input did not change since the last one is
@@ -147,6 +148,8 @@ class BD3LM(Method):
         return {**super().info(), "block_size": self.p.block_size, "clip": list(self.window())}
 
     def sampler_info(self, steps):
+        if steps is None:
+            return {"block_size": self.p.block_size}
         plan = block_steps(steps, self.L // self.p.block_size)
         return {"block_size": self.p.block_size, "steps_per_block": [min(plan), max(plan)]}
 
