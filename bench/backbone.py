@@ -23,11 +23,22 @@ builds no token embedding at all (no parameter DDP would see unused). With
 x̃0, and the projection reads the concatenation [z_t, x̃0] ∈ R^{2d} (Chen et al. 2022, Analog
 Bits §3.2; PLAID's input layer); zeros mean "no estimate yet".
 
-KV cache (causal backbones only): ``forward(tokens, cache=KVCache())`` appends the new tokens'
-keys/values (after rotary rotation, at positions ``cache.length …``) and attends over all
-cached ones, so autoregressive sampling feeds one new token per call instead of the whole
-prefix. Same arithmetic as the uncached causal pass (each query sees exactly the keys at or
-before its position); tests/test_sampling.py checks cached and uncached samples are identical.
+KV cache: ``forward(tokens, cache=KVCache())`` appends the new tokens' keys/values (after
+rotary rotation, at positions ``cache.length …``) and attends over all cached ones, so
+autoregressive sampling feeds one new token per call instead of the whole prefix. Same
+arithmetic as the uncached causal pass (each query sees exactly the keys at or before its
+position); tests/test_sampling.py checks cached and uncached samples are identical. On a
+causal backbone the new tokens see the cache and, causally, each other; on a bidirectional one
+they see the whole cache and each other (block diffusion: a block attends to every cached
+clean block and to itself). ``store=k`` keeps only the first k new tokens' keys/values in the
+cache (0: a query that leaves the cache as it was, e.g. a denoising step of a block that is
+not final yet).
+
+Attention mask and positions (any method): ``attn_mask`` (Lq, P + Lq) bool, True where query i
+may attend key j, the keys being the P cached ones then the Lq new ones, replaces the default
+pattern (SDPA with an explicit mask); ``positions`` (Lq,) gives each input token's rotary
+position instead of ``P …`` (two copies of a sequence side by side can share positions, as
+BD3-LM's [x_t, x_0]). The default path (no mask, no positions) is the one it always was.
 """
 from __future__ import annotations
 
@@ -224,23 +235,24 @@ class Block(nn.Module):
         nn.init.zeros_(self.adaLN.weight)
         nn.init.zeros_(self.adaLN.bias)
 
-    def forward(self, x, c, rope, kv: dict | None = None):
+    def forward(self, x, c, rope, kv: dict | None = None, mask=None, store: int | None = None):
         B, L, D = x.shape
         H = self.heads
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
         qkv = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(B, L, 3, H, D // H)
         qk = apply_rotary(qkv[:, :, :2], rope)          # rotary on q and k in one pass: (B, L, 2, H, d)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-        causal, mask = self.causal, None
+        causal = self.causal and mask is None
         if kv is not None:                     # prepend the cached keys/values of positions < P
             if "k" in kv:
                 P = kv["k"].shape[2]
                 k, v = torch.cat([kv["k"], k], 2), torch.cat([kv["v"], v], 2)
-                if L > 1:                      # query i (position P+i) sees keys 0..P+i
+                if causal and L > 1:           # query i (position P+i) sees keys 0..P+i
                     pos = torch.arange(P + L, device=x.device)
                     mask = pos[None, :] <= (P + torch.arange(L, device=x.device))[:, None]
                 causal = False
-            kv["k"], kv["v"] = k, v
+            keep = k.shape[2] - L + (L if store is None else store)
+            kv["k"], kv["v"] = (k, v) if store is None else (k[:, :, :keep], v[:, :, :keep])
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         a = F.dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), self.dropout, self.training)
@@ -278,7 +290,9 @@ class Backbone(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, tokens=None, t=None, embeds=None, return_hidden: bool = False,
-                cache: "KVCache | None" = None, self_cond=None, targets=None, expect=None):
+                cache: "KVCache | None" = None, self_cond=None, targets=None, expect=None,
+                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                store: int | None = None):
         x = self.tok(tokens) if embeds is None else embeds
         if self.inp is not None and embeds is not None:
             if self.self_condition:
@@ -286,21 +300,36 @@ class Backbone(nn.Module):
             x = self.inp(x)
         B, L, _ = x.shape
         P = cache.length if cache is not None else 0
-        if cache is not None and not self.causal:
-            raise ValueError("a KV cache needs a causal backbone")
-        if P + L > self.seq_len:
-            raise ValueError(f"sequence of {P + L} tokens exceeds the backbone's seq_len {self.seq_len}")
-        rope = rotary_tables(P + L, self.cfg.hidden // self.cfg.heads, x.device)[P:]
+        rope = self._rope(P, L, positions, x.device)
+        if attn_mask is not None and tuple(attn_mask.shape[-2:]) != (L, P + L):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)}: expected (…, {L}, {P + L}) "
+                             f"({L} queries, {P} cached + {L} new keys)")
+        if store is not None and not (cache is not None and 0 <= store <= L):
+            raise ValueError(f"store={store} needs a cache and 0 ≤ store ≤ {L}")
         if t is None:
             t = torch.zeros(B, device=x.device)
         c = F.silu(self.t_mlp(timestep_embedding(1000 * t, self.cfg.cond_dim).to(x.dtype)))
         for i, blk in enumerate(self.blocks):
-            x = blk(x, c, rope, cache.layers[i] if cache is not None else None)
+            x = blk(x, c, rope, cache.layers[i] if cache is not None else None, attn_mask, store)
         if cache is not None:
-            cache.length += L
+            cache.length += L if store is None else store
         sh, sc = self.adaLN_f(c).chunk(2, dim=-1)
         x = modulate(self.norm_f(x), sh, sc)
         return x if return_hidden else self.head(x, targets, expect)
+
+    def _rope(self, P: int, L: int, positions, device) -> torch.Tensor:
+        """Rotary factors of the L new tokens: at positions P … P+L−1, or at ``positions``;
+        none may reach ``seq_len`` (the longest sequence the network is built for)."""
+        hd = self.cfg.hidden // self.cfg.heads
+        if positions is None:
+            if P + L > self.seq_len:
+                raise ValueError(f"sequence of {P + L} tokens exceeds the backbone's seq_len {self.seq_len}")
+            return rotary_tables(P + L, hd, device)[P:]
+        top = int(positions.max()) + 1
+        if positions.shape != (L,) or top > self.seq_len:
+            raise ValueError(f"positions of shape {tuple(positions.shape)} up to {top - 1}: expected ({L},) "
+                             f"below the backbone's seq_len {self.seq_len}")
+        return rotary_tables(top, hd, device)[positions]
 
 
 class KVCache:

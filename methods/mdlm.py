@@ -27,24 +27,9 @@ from bench.condition import condition
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
 from methods._discrete import ABSORB, clamp
+from methods._masked import alpha, count_weight, elbo_weight, mask_m_subset, mask_tokens  # noqa: F401 (public here too)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> log p(x_0|x_t), (B,L,V)
-
-
-def alpha(t: torch.Tensor) -> torch.Tensor:
-    """α_t = 1 − t (log-linear σ(t) = −log(1 − t))."""
-    return 1 - t
-
-
-def elbo_weight(t: torch.Tensor) -> torch.Tensor:
-    """−α'_t / (1 − α_t) = 1/t: the continuous-time weight of the masked cross-entropy."""
-    return 1 / t
-
-
-def mask_tokens(x0, counted, t, mask_id):
-    """Sample x_t ~ q(x_t | x_0): each counted token becomes [MASK] with probability 1 − α_t."""
-    masked = (torch.rand(x0.shape, device=x0.device) < (1 - alpha(t))[:, None]) & counted
-    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
 def nelbo(x0, counted, t, denoise: Denoiser, mask_id: int) -> torch.Tensor:
@@ -53,21 +38,6 @@ def nelbo(x0, counted, t, denoise: Denoiser, mask_id: int) -> torch.Tensor:
     log_p = denoise(x_t, t)
     ce = -log_p.gather(-1, x0[..., None])[..., 0]
     return elbo_weight(t) * (ce * masked).sum(1)
-
-
-def count_weight(n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """n/m: the weight of the m masked tokens' loss in the masked-count forms (n counted)."""
-    return n / m
-
-
-def _mask_m_subset(x0, counted, u, mask_id):
-    """m = ⌈u·n⌉ of the n counted tokens, a uniform m-subset of them masked: (x_t, masked, n, m)."""
-    n = counted.sum(1)                                                   # counted tokens
-    m = torch.ceil(u * n).clamp(min=1).minimum(n.clamp(min=1))           # tokens to mask
-    score = torch.rand(x0.shape, device=x0.device).masked_fill(~counted, 2.0)
-    rank = score.argsort(1).argsort(1)                                   # random order of counted
-    masked = (rank < m[:, None]) & counted
-    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked, n, m
 
 
 def _weighted_ce(x0, x_t, masked, n, m, t, denoise: Denoiser):
@@ -80,7 +50,7 @@ def _weighted_ce(x0, x_t, masked, n, m, t, denoise: Denoiser):
 def nelbo_beta(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch.Tensor:
     """Per-sequence one-sample estimate of the NELBO (MDLM eq. 10) with bounded weights n/m:
     m = ⌈u·n⌉, a uniform m-subset masked, t ~ Beta(m, n−m+1) fed to the network, (B,)."""
-    x_t, masked, n, m = _mask_m_subset(x0, counted, u, mask_id)
+    x_t, masked, n, m = mask_m_subset(x0, counted, u, mask_id)
     a, b = m.double(), (n - m + 1).clamp(min=1).double()
     t = torch.distributions.Beta(a, b).sample().clamp(1e-6, 1 - 1e-6).to(u.dtype)
     return _weighted_ce(x0, x_t, masked, n, m, t, denoise)
@@ -90,7 +60,7 @@ def nelbo_masked_count(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch
     """The pure masked-count form: as ``nelbo_beta`` but the network is fed t = m/n. Bounds the
     any-order autoregressive model of the network at t = m/n, not the diffusion model (see the
     module docstring), (B,)."""
-    x_t, masked, n, m = _mask_m_subset(x0, counted, u, mask_id)
+    x_t, masked, n, m = mask_m_subset(x0, counted, u, mask_id)
     return _weighted_ce(x0, x_t, masked, n, m, (m / n.clamp(min=1)).to(u.dtype), denoise)
 
 

@@ -163,3 +163,66 @@ def test_fused_heads_under_bf16_autocast_track_fp32(name):
     assert abs(float(l16 - l32)) <= 3e-3 * abs(float(l32))
     for a, b in zip(g16, g32):
         assert a.dtype == torch.float32 and float((a - b).norm()) <= 0.05 * float(b.norm()) + 1e-6
+
+
+def _structured(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(std=0.1)
+    return net.eval()
+
+
+def test_an_explicit_mask_is_the_pattern_it_states():
+    """The attention-mask API (bench/backbone.py): a bidirectional backbone under a lower-
+    triangular mask is the causal backbone; two sequences side by side under a block-diagonal
+    mask, at the same positions, are each one fed alone. Same weights, 1e-5 of the largest logit."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(layers=2, hidden=32, heads=2, cond_dim=16)
+    bi = _structured(Backbone(cfg, 21, 20, 12, causal=False))
+    ca = Backbone(cfg, 21, 20, 12, causal=True).eval()
+    ca.load_state_dict(bi.state_dict())
+    x, y = torch.randint(0, 21, (3, 12)), torch.randint(0, 21, (3, 12))
+    with torch.no_grad():
+        want = ca(x)
+        got = bi(x, attn_mask=torch.ones(12, 12, dtype=torch.bool).tril())
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        assert (bi(x) - want).abs().max() > 1e-2 * want.abs().max()      # the mask did something
+        diag = torch.block_diag(torch.ones(12, 12), torch.ones(12, 12)).bool()
+        both = bi(torch.cat([x, y], 1), attn_mask=diag, positions=torch.arange(12).repeat(2))
+        for half, alone in ((both[:, :12], bi(x)), (both[:, 12:], bi(y))):
+            assert (half - alone).abs().max() <= 1e-5 * alone.abs().max()
+    with pytest.raises(ValueError, match="seq_len"):
+        bi(torch.cat([x, y], 1))                                   # 24 positions > seq_len 12
+    with pytest.raises(ValueError, match="attn_mask"):
+        bi(x, attn_mask=diag)
+
+
+def test_kv_cache_store_keeps_only_what_it_is_told():
+    """store=k keeps the first k new tokens' keys/values (the rest are queries only); store=0
+    leaves the cache as it was; a mask spans the cached keys, then the new ones. A bidirectional
+    cache: new tokens see all of it. Against the same blocks fed one call each: 1e-5."""
+    from bench.backbone import KVCache
+
+    torch.manual_seed(0)
+    net = _structured(Backbone(BackboneConfig(layers=2, hidden=32, heads=2, cond_dim=16), 21, 20, 16))
+    x = torch.randint(0, 21, (2, 12))
+    with torch.no_grad():
+        ref = KVCache(2)
+        net(x[:, :4], cache=ref)
+        two = net(x[:, 4:8], cache=ref)                        # block 2 against block 1
+        three = net(x[:, 8:12], cache=ref)                     # block 3 against blocks 1, 2
+        kv = KVCache(2)
+        net(x[:, :4], cache=kv)
+        probe = net(x[:, 4:8], cache=kv, store=0)              # block 2 queried, not stored
+        assert kv.length == 4 and all(d["k"].shape[2] == 4 for d in kv.layers)
+        mask = torch.ones(8, 12, dtype=torch.bool)
+        mask[:4, 8:] = False                                   # block 2 does not see block 3
+        mixed = net(x[:, 4:12], cache=kv, attn_mask=mask, store=4)   # block 2 stored, block 3 a query
+        assert kv.length == 8 and all(d["k"].shape[2] == 8 for d in kv.layers)
+        after = net(x[:, 8:12], cache=kv, store=0)
+        bare = KVCache(2)
+        net(x[:, :4], cache=bare)
+        unmasked = net(x[:, 4:12], cache=bare, store=0)        # no mask: blocks 2 and 3 see each other
+    for got, want in ((probe, two), (mixed[:, :4], two), (mixed[:, 4:], three), (after, three)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (unmasked[:, :4] - two).abs().max() > 1e-3 * two.abs().max()  # without a mask block 2 sees more

@@ -151,7 +151,7 @@ def test_method_meets_the_contract(name, variant, workdir):
 def test_every_builtin_method_is_checked():
     """The cases come from the registry: every in-repo family is among them."""
     names = {n for n, _ in _cases()}
-    assert {"ar", "mdlm", "sedd", "d3pm", "csm", "diffusion-lm", "plaid", "ssd-lm", "tencdm", "ld4lg",
+    assert {"ar", "mdlm", "bd3lm", "sedd", "d3pm", "csm", "diffusion-lm", "plaid", "ssd-lm", "tencdm", "ld4lg",
             "planner", "hf-causal-lm"} <= names
 
 
