@@ -65,7 +65,6 @@ reads (the frozen-features cache counts them when it decides whether to build).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -77,6 +76,7 @@ from pydantic import BaseModel, ConfigDict
 from bench.backbone import Backbone
 from bench.config import BackboneConfig
 from bench.errors import UserError
+from bench.models import weights_sha256  # noqa: F401 (part of the plugin API)
 
 
 @dataclass(frozen=True)
@@ -85,17 +85,6 @@ class Context:
 
     tokenizer: object | None = None   # the suite's tokenizer (bench.data.tokenizers): .encode(text) -> ids,
                                       # .decode(ids) -> text, .vocab_size, .eos_id
-
-
-def weights_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes and raw bytes, in name order): the
-    identity of a frozen pretrained module, checked when a run is reloaded."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        t = v.detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class NoParams(BaseModel):

@@ -40,10 +40,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from bench.data.blockcache import file_lock
 from bench.data.paths import cache_dir
 from bench.errors import UserError
-from bench.method import weights_sha256
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes and raw bytes, in name order): the
+    identity of a frozen pretrained module, checked when a run is reloaded."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
 
 IDENTITY = "identity.json"
 
