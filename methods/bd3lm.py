@@ -50,6 +50,7 @@ import torch
 from pydantic import Field, model_validator
 
 from bench.backbone import KVCache
+from bench.condition import condition
 from bench.errors import UserError
 from bench.method import Method, Params, gumbel_argmax
 from bench.registry import register
@@ -123,6 +124,7 @@ class BD3LMParams(Params):
 class BD3LM(Method):
     Params = BD3LMParams
     likelihood = "bound"
+    conditioning = "any"
     time = "continuous"
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
@@ -238,27 +240,40 @@ class BD3LM(Method):
     # --- sampling --------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n, steps=64, generator=None, length: int | None = None, kv_cache: bool = True,
-               reuse: bool = True):
+               reuse: bool = True, *, given=None, keep=None):
         """``length`` tokens (default L), block by block (module docstring): ``steps`` network
         calls spread over the blocks (``block_steps``). ``kv_cache``: the clean blocks go
         through the backbone's KV cache, each fed once; without it every call feeds the whole
-        clean context again (the same tokens). ``reuse``: skip a call whose input is unchanged."""
+        clean context again (the same tokens). ``reuse``: skip a call whose input is unchanged.
+        ``given``/``keep`` (bench.condition, over the first L tokens): a block's kept positions
+        start unmasked as the given ids, as MDLM's do, and the reverse process never changes
+        them — inside a block the model's any-order conditional; across blocks, later kept
+        tokens are not seen by earlier blocks (block-causal: a prompt is exact, a suffix is
+        only imposed when its block comes)."""
         length = self.L if length is None else int(length)
         if length < 1:
             raise ValueError(f"length {length}: at least one token")
+        cond = condition(self, n, given, keep)
+        if cond is not None and length != self.L:
+            raise UserError(f"length: {length}; a conditional draw covers the block length L = {self.L}")
         x = torch.empty((n, 0), dtype=torch.long, device=self.device)
         prefix = _Prefix(self, kv_cache)
         for T in block_steps(steps, -(-length // self.p.block_size)):
             prefix.start_block(x)
-            x = torch.cat([x, self._draw_block(prefix, n, T, generator, reuse)], 1)
+            s = slice(x.shape[1], x.shape[1] + self.p.block_size)
+            fixed = None if cond is None else (cond.given[:, s], cond.keep[:, s])
+            x = torch.cat([x, self._draw_block(prefix, n, T, generator, reuse, fixed)], 1)
         return x[:, :length]
 
-    def _draw_block(self, prefix: "_Prefix", n: int, T: int, generator, reuse: bool) -> torch.Tensor:
+    def _draw_block(self, prefix: "_Prefix", n: int, T: int, generator, reuse: bool,
+                    fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """MDLM's ancestral sampler on one block in T steps, t = i/T → s = (i−1)/T: each [MASK]
         revealed w.p. (t − s)/t = 1/i, from p_θ(x_0 | x_t^b, x^{<b}) (Gumbel-max at the revealed
-        positions only)."""
+        positions only). ``fixed`` (given, keep) of this block: kept positions start unmasked."""
         f64 = self.p.float64_sampling
         x_t = torch.full((n, self.p.block_size), self.mask_id, dtype=torch.long, device=self.device)
+        if fixed is not None:
+            x_t = torch.where(fixed[1], fixed[0], x_t)
         logits, changed = None, True
         for i in range(T, 0, -1):
             if logits is None or changed or not reuse:
