@@ -129,10 +129,8 @@ def evaluate(run: str, settings: ScorerSettings, opts: Options) -> dict:
 def add_mc_stderr(results: dict, samples: dict, lm, tm, B: int, seed: int) -> None:
     """``{metric}_mc_stderr,{filter}`` into each likelihood task's block of ``results``, and
     each logged document's per-request Monte-Carlo standard errors (``mc_se``) into ``samples``."""
-    from lm_eval.tasks import get_task_dict
-
     names = [t for t in results["configs"] if t in samples and t in results["results"]]
-    tasks = get_task_dict(names, tm)   # this function's own copies of the tasks: memoized below
+    tasks = tm.load(names)["tasks"]   # this function's own copies of the leaf tasks: memoized below
     rng = np.random.default_rng(seed)
     for name in names:
         task = tasks[name]
