@@ -149,16 +149,26 @@ def load_final_method(run_dir: Path):
     """(method with its final weights, spec) of a complete run: built from the run's spec, with
     bench.checkpoint.load_weights from its final checkpoint (``ema.safetensors`` over
     ``model.safetensors`` when the (last stage of the) run trained with EMA). Frozen parts come
-    again from their source and must be the ones the run recorded."""
+    again from their source and must be the ones the run recorded. A method that does not train
+    (``trains = False``, a pretrained model) has no checkpoint: it is built from its source,
+    whose ``weights_sha256`` (when its ``info()`` gives one) must be the one the run recorded."""
     from bench.checkpoint import final_checkpoint, load_weights
     from bench.data import get_tokenizer
-    from bench.registry import build_method
+    from bench.registry import build_method, get_method
 
     run_dir = Path(run_dir)
     rec = read_record(run_dir / "result.json")
     if rec["status"] != "complete":
         raise UserError(f"{run_dir}: run is {rec['status']}, not complete")
     spec = RunSpec(**rec["spec"])
-    ck = final_checkpoint(run_dir)
     tokenizer = get_tokenizer(spec.data)
+    if not get_method(spec.method).trains:   # a pretrained row: its weights come from its source, as recorded
+        method = build_method(spec, tokenizer.vocab_size, tokenizer)
+        want = (rec.get("method_info") or {}).get("weights_sha256")
+        have = method.info().get("weights_sha256")
+        if want and have and want != have:
+            raise UserError(f"{run_dir}: the pretrained model changed since the run recorded it (sha256 "
+                            f"{have[:12]}… ≠ {want[:12]}…); restore it or start a new run")
+        return method.eval(), spec
+    ck = final_checkpoint(run_dir)
     return load_weights(build_method(spec, tokenizer.vocab_size, tokenizer), ck).eval(), spec

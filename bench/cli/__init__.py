@@ -2,9 +2,9 @@
 
 Each module adds its own commands to the parser (``register``) and handles them:
 ``run`` (run, submit, status, cancel, logs), ``results`` (leaderboard, score, sample,
-experiment), ``data`` (data prepare|list), ``methods`` (methods, new-method) and ``tools``
-(speed). Heavy libraries (torch, pandas) are imported only by the command that needs them,
-so that ``tdbench --help`` and a bad argument answer at once; and a command named on the
+experiment), ``lmeval`` (lm-eval), ``data`` (data prepare|list), ``methods`` (methods,
+new-method) and ``tools`` (speed). Heavy libraries (torch, pandas) are imported only by the
+command that needs them, so that ``tdbench --help`` and a bad argument answer at once; and a command named on the
 command line registers only its own module (``GROUPS``), so that e.g. ``tdbench leaderboard``
 never imports pydantic, the suite schema or the data registry (a fifth of its start-up).
 """
@@ -17,12 +17,13 @@ import sys
 
 from bench.errors import UserError
 
-MODULES = ("run", "results", "data", "methods", "tools")   # --help lists them by group, in this order
+MODULES = ("run", "results", "lmeval", "data", "methods", "tools")   # --help lists them by group, in this order
 # the module that registers each command (tests/test_results_store.py checks it against the parser);
 # a command missing here still works: every module is then registered
 GROUPS = {**dict.fromkeys(("run", "submit", "status", "cancel", "logs"), "run"),
           **dict.fromkeys(("leaderboard", "report", "sample", "score", "experiment"), "results"),
-          "data": "data", "methods": "methods", "new-method": "methods", "speed": "tools", "rehearse": "tools"}
+          "lm-eval": "lmeval", "data": "data", "methods": "methods", "new-method": "methods", "speed": "tools",
+          "rehearse": "tools"}
 
 
 def parser(argv=None) -> argparse.ArgumentParser:

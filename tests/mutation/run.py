@@ -49,6 +49,7 @@ COND = "tests/test_conditioning.py"
 CORA = "tests/test_conditioning_oracle.py"
 BD3 = "tests/test_bd3lm.py"
 BB = "tests/test_backbone.py"
+LMEV = "tests/test_lmeval.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -586,6 +587,45 @@ MUTANTS = [
     ("mdlm-bound-masks-the-context", "methods/mdlm.py",
      "score = torch.rand(x0.shape, device=x0.device).masked_fill(~counted, 2.0)",
      "score = torch.rand(x0.shape, device=x0.device)", [CORA], "nelbo"),
+    # ---------------------------------------------------------------- lm-eval adapter (bench/lmeval*.py)
+    ("lmeval-context-cut-from-the-right", "bench/lmeval.py",
+     "    context = list(context)[max(0, len(context) + len(continuation) - cap):]\n",
+     "    context = list(context)[:max(0, cap - len(continuation))]\n", [LMEV], "layout"),
+    ("lmeval-first-continuation-token-kept", "bench/lmeval.py",
+     "    keep = [True] * (bos + len(context)) + [False] * len(continuation)\n",
+     "    keep = [True] * (bos + len(context) + 1) + [False] * (len(continuation) - 1)\n", [LMEV],
+     "lm_evals_hf or chain_rule"),
+    ("lmeval-padding-scored", "bench/lmeval.py", "        keep += [True] * (L - len(keep))\n",
+     "        keep += [False] * (L - len(keep))\n", [LMEV], "layout"),
+    ("lmeval-empty-context-a-text-bos (lm-eval hf's convention)", "bench/lmeval_model.py",
+     '(((), self.tok_encode(x)) if c == ""', '(([self.eot_token_id], self.tok_encode(x)) if c == ""',
+     [LMEV], "chain_rule"),
+    ("lmeval-rolling-counts-the-eos", "bench/lmeval.py", "count_bos=False, count_eos=False)",
+     "count_bos=False, count_eos=True)", [LMEV], "lm_evals_hf or chain_rule"),
+    ("lmeval-rolling-drops-the-last-block", "bench/lmeval.py", "            toks.append(t)\n",
+     "            t, c = (t[:-1], c[:-1]) if len(t) > 1 else (t, c)\n            toks.append(t)\n", [LMEV], "chain_rule"),
+    ("lmeval-rolling-se-added-not-in-quadrature", "bench/lmeval.py",
+     "np.sqrt(np.bincount(owner, weights=se2, minlength=len(docs)))",
+     "np.bincount(owner, weights=np.sqrt(se2), minlength=len(docs))", [LMEV], "spread_over_seeds"),
+    ("lmeval-request-se-halved", "bench/lmeval.py", "            ll[idx], se[idx] = -r.nll, r.se\n",
+     "            ll[idx], se[idx] = -r.nll, r.se / 2\n", [LMEV], "spread_over_seeds"),
+    ("lmeval-seed-ignored", "bench/lmeval.py", "seed_of(self.args.seed, n)", "seed_of(0, n)", [LMEV], "spread_over_seeds"),
+    ("lmeval-bootstrap-se-doubled", "bench/lmeval_run.py", "                ll = ll + e * rng.standard_normal(len(ll))\n",
+     "                ll = ll + 2 * e * rng.standard_normal(len(ll))\n", [LMEV], "diffusion"),
+    ("lmeval-bootstrap-first-choice-se-only", "bench/lmeval_run.py",
+     '        se = [np.asarray(s["mc_se"], dtype=np.float64) for s in docs]\n',
+     '        se = [np.full(len(s["mc_se"]), s["mc_se"][0]) for s in docs]\n', [LMEV], "diffusion"),
+    ("lmeval-mc-se-keyed-by-document-only", "bench/lmeval_run.py", 'lm.mc_se[(name, s["doc_id"], i)]',
+     'lm.mc_se[(name, s["doc_id"], 0)]', [LMEV], "diffusion"),
+    ("lmeval-lm-evals-own-models-hidden", "bench/lmeval_model.py", "import lm_eval.models  # noqa: F401", "import os  # noqa: F401",
+     [LMEV], "registered"),
+    ("lmeval-stop-at-the-last-stop", "bench/lmeval.py", "    return text[:min(ends)] if ends else text\n",
+     "    return text[:max(ends)] if ends else text\n", [LMEV], "stop_at or generate_until"),
+    ("lmeval-generation-context-cut-from-the-right", "bench/lmeval.py",
+     "list(ctx)[max(0, len(ctx) - (self.L - self.bos - room)):]", "list(ctx)[:self.L - self.bos - room]", [LMEV],
+     "generation_keeps"),
+    ("lmeval-pretrained-row-needs-a-checkpoint", "bench/samples.py", "    if not get_method(spec.method).trains:",
+     "    if False:", [LMEV], "lm_evals_hf"),
 ]
 
 
