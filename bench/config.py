@@ -189,12 +189,13 @@ class EvalConfig(Strict):
     per_byte: bool = False
     # The continuous-time bound's estimator (docs/protocol.md#what-a-bound-bounds): ``bound_steps``
     # T scores the discrete-time VLB of a T-step ancestral sampler (VDM eq. 13) instead of T = ∞;
-    # ``t_proposal`` draws t uniformly, ∝ the bound's weight ½γ′e^{−γ}, uniformly in log-SNR, or
-    # from the half-and-half mixture of those two (exact importance weights). Read by the
+    # ``t_proposal`` draws t uniformly, ∝ the bound's weight ½γ′e^{−γ}, uniformly in log-SNR, from
+    # the half-and-half mixture of those two, or from a density fitted to a pilot pass of the
+    # evaluation's first batch (adaptive; exact importance weights throughout). Read by the
     # methods whose ``protocol_settings`` name them (bench.suite checks); at their defaults
     # they are absent from the dump, so existing run ids stay.
     bound_steps: Optional[int] = Field(None, gt=0, le=MAX_BOUND_STEPS)
-    t_proposal: Literal["uniform", "weight", "log-snr", "mixture"] = "uniform"
+    t_proposal: Literal["uniform", "weight", "log-snr", "mixture", "adaptive"] = "uniform"
 
     @field_validator("sample_steps", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from bench.backbone import Backbone, fused_nll
 from bench.condition import Condition, condition
+from bench.evaluate import layout
 from bench.method import Method, Params
 from bench.registry import register
 from methods import _plaid, _vlb
@@ -70,6 +71,7 @@ class EmbeddingDiffusion(Method):
         self.embedding = nn.Embedding(vocab_size, params.embed_dim)   # e = Emb(w), N(0, 1) init
         self.schedule = self.make_schedule()
         self.estimator = (None, "uniform")   # the protocol's (bound_steps, t_proposal): use_protocol
+        self.fitted = None                   # t_proposal adaptive: the BinnedProposal of this evaluation's pilot
 
     # --- what the two differ in ----------------------------------------------------------------
     def make_schedule(self):
@@ -89,12 +91,46 @@ class EmbeddingDiffusion(Method):
     # --- what a bound bounds, how its t is drawn ------------------------------------------------
     def use_protocol(self, protocol):
         self.estimator = (protocol.bound_steps, protocol.t_proposal)
+        self.fitted = None          # each evaluation fits its own adaptive proposal (nll's pilot)
 
     def time_draw(self, u, train: bool):
         """(t, w): the diffusion term's one-draw estimate at u is w·‖e − x̂(z_t; t)‖² (_vlb.diffusion_draw);
         training draws t = u (T = ∞), evaluation under the protocol's estimator (use_protocol)."""
         T, proposal = (None, "uniform") if train else self.estimator
+        if proposal == "adaptive":
+            proposal = self.fitted
         return _vlb.diffusion_draw(self.schedule, u, proposal, T)
+
+    @torch.no_grad()
+    def sq_error(self, w, counted, t):
+        """Σ over counted tokens of ‖e − x̂(z_t; t)‖² (B,) float64 at t (B,), x̂ the bound's predictor:
+        the diffusion term's integrand without its weight."""
+        e = self.embedding(w)
+        z, _, _, _ = self.noised(e, counted, t)
+        x0_hat = self.bound_predictor(z, t)
+        return (((e.double() - x0_hat.double()) ** 2).sum(-1) * counted).sum(1)
+
+    @torch.no_grad()
+    def pilot(self, w, counted):
+        """The adaptive t proposal (_vlb.BinnedProposal.fit) from a pilot pass: PILOT_ROWS draws of
+        γ, an equal number in each of ADAPTIVE_BINS bins of [γ(0), γ(1)] (∝ e^{−γ} within a bin),
+        on the blocks of ``w`` in turn, each with its own z_t. Its randomness is its own: a stream
+        seeded from torch's global state, which is then restored, so the evaluation's u and ε are
+        what they would be without the pilot and independent of it — given the fitted proposal,
+        every later draw is an exact importance-sampling draw of the bound. Costs PILOT_ROWS
+        bound-predictor evaluations (each 1 or 2 network calls, _vlb.calls_per_step)."""
+        devices = [w.device] if w.device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=w.device.type):
+            seed = int(torch.randint(0, 1 << 62, ()))
+            torch.manual_seed(seed ^ 0x5EED)
+            gen = torch.Generator().manual_seed(seed)
+            g0, g1 = (g.detach().reshape(()).double() for g in self.endpoints(w))
+            n, B = _vlb.PILOT_ROWS, len(w)
+            t = self.schedule.t_of_gamma(_vlb.BinnedProposal.pilot_gammas(g0, g1, n, generator=gen)).float()
+            rows = torch.arange(n, device=w.device) % B
+            err = torch.cat([self.sq_error(w[rows[s:s + B]], counted[rows[s:s + B]], t[s:s + B])
+                             for s in range(0, n, B)])
+        return _vlb.BinnedProposal.fit(g0, g1, self.schedule.gamma(t).double(), err)
 
     def bounds(self):
         return _vlb.describe(self.decoder, self.estimator[0], self.p.self_condition, self.decoder_calls)
@@ -126,6 +162,8 @@ class EmbeddingDiffusion(Method):
         return train_condition(first, self.p.self_condition_rate) if train else first()
 
     def nll(self, x0, counted, u):
+        if self.estimator[1] == "adaptive" and self.fitted is None:
+            self.fitted = self.pilot(x0, counted)
         return (self.elbo_terms(x0, counted, u, train=False) * counted).sum(1)
 
     @torch.no_grad()
@@ -293,6 +331,21 @@ class PLAID(EmbeddingDiffusion):
         super().__init__(params, backbone, vocab_size, seq_len, context)
         if params.unit_embeddings:
             self.embedding = _plaid.UnitEmbedding(vocab_size, params.embed_dim)
+        self.eval_share = params.reconstruction_share      # q of evaluation's draws (use_protocol)
+
+    def use_protocol(self, protocol):
+        """As EmbeddingDiffusion's; with ``t_proposal: adaptive`` under stratified draws of S ≥ 2
+        strata per replicate (bench.evaluate.layout), evaluation's q is 1/S: u < q is exactly the
+        first stratum, so each replicate has one reconstruction draw and S − 1 diffusion draws,
+        themselves stratified in (u − q)/(1 − q). With any q every draw estimates the bound without
+        bias; the trained q = 1/8 under S = 4 strata splits the first stratum between the two
+        terms, whose values differ several-fold — the larger part of the interval's width
+        (docs/performance.md#importance-sampling-in-t-the-continuous-intervals)."""
+        super().use_protocol(protocol)
+        self.eval_share = self.p.reconstruction_share
+        if protocol.t_proposal == "adaptive" and protocol.t_sampling == "stratified":
+            S = layout(protocol.t_samples, protocol.t_sampling)[1]
+            self.eval_share = 1 / S if S >= 2 else self.eval_share
 
     @classmethod
     def default_label(cls, params):
@@ -336,7 +389,7 @@ class PLAID(EmbeddingDiffusion):
         """(B, L) per-token estimate of the bound from one draw u per row (module docstring), in
         float64: rows with u < q estimate the reconstruction term at t = 0 with the network as
         decoder, the others the diffusion term at t = (u − q)/(1 − q); the prior term is exact on all."""
-        q = self.p.reconstruction_share
+        q = self.p.reconstruction_share if train else self.eval_share
         rec = u < q                                                      # (B,)
         # the diffusion rows' t and weight ½γ′e^{−γ}/p(t), in float64 (plaid/train.py: loss in float64)
         t, wt = self.time_draw(((u - q) / (1 - q)).clamp(0, 1).double(), train)
