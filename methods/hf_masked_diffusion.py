@@ -135,6 +135,34 @@ def load_masked_lm(p: HFMaskedDiffusionParams) -> nn.Module:
     return model.eval()
 
 
+def ships_code(p: HFMaskedDiffusionParams) -> bool:
+    """Does the checkpoint's config.json, read from its local directory or the local hub cache
+    (never the network), map the auto class we load to modelling code of its own (``auto_map``,
+    for a model type transformers does not know)? False when the config is not at hand."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    if models.is_named(p.model):
+        return False
+    if hf.is_local_name(p.model):
+        path = Path(p.model).expanduser() / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            got = try_to_load_from_cache(p.model, "config.json", revision=p.revision)
+        except Exception:  # noqa: BLE001 - an odd name or cache: decided when loading
+            return False
+        path = Path(got) if isinstance(got, str) else None
+    try:
+        cfg = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    key = "AutoModelForMaskedLM" if p.auto_class == "masked-lm" else "AutoModel"
+    return key in (cfg.get("auto_map") or {}) and cfg.get("model_type") not in CONFIG_MAPPING
+
+
 @register("hf-masked-diffusion")
 class HFMaskedDiffusion(Method):
     Params = HFMaskedDiffusionParams
@@ -154,6 +182,15 @@ class HFMaskedDiffusion(Method):
         if not path.is_dir():
             save_tiny_bert(path)
         return {"model": str(path)}
+
+    @classmethod
+    def check_compatible(cls, params, data, where: str) -> None:
+        """Before anything runs: a checkpoint whose modelling code is its own (``ships_code``)
+        needs ``trust_remote_code: true`` on its row."""
+        p = params if isinstance(params, HFMaskedDiffusionParams) else cls.Params(**params)
+        if not p.trust_remote_code and ships_code(p):
+            raise UserError(f"{where}.trust_remote_code: {p.model} ships its own modelling code, which runs only "
+                            f"when this row says trust_remote_code: true")
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
         super().__init__(params, backbone, vocab_size, seq_len, context)

@@ -50,6 +50,7 @@ CORA = "tests/test_conditioning_oracle.py"
 BD3 = "tests/test_bd3lm.py"
 BB = "tests/test_backbone.py"
 LMEV = "tests/test_lmeval.py"
+HFM = "tests/test_hf_masked_diffusion.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -645,6 +646,25 @@ MUTANTS = [
      "generation_keeps"),
     ("lmeval-pretrained-row-needs-a-checkpoint", "bench/samples.py", "    if not get_method(spec.method).trains:",
      "    if False:", [LMEV], "lm_evals_hf"),
+    # ---------------------------------------------------------------- hf-masked-diffusion (+ methods/_masked.py)
+    ("hfmask-subs-keeps-the-mask-logit", "methods/_masked.py", "    logits[..., mask_id] = -torch.inf\n", "",
+     [HFM], "enumeration"),
+    ("hfmask-drop-count-weight", "methods/_masked.py", "    return n / m\n", "    return torch.ones_like(m)\n",
+     [HFM], "enumeration"),
+    ("hfmask-frame-counted", "methods/hf_masked_diffusion.py", "return ids, ~special & (ids != self.mask_id)",
+     "return ids, torch.ones_like(special)", [HFM], "enumeration"),
+    ("hfmask-logits-shifted", "methods/hf_masked_diffusion.py", 'self.p.logits == "shifted-subs")',
+     'self.p.logits != "shifted-subs")', [HFM], "enumeration"),
+    ("hfmask-sigma-not-taken", "methods/hf_masked_diffusion.py",
+     '-torch.log1p(-t) if self.time_value == "sigma" else t', "t", [HFM], "remote_code"),
+    ("hfmask-remote-code-trusted-when-loading", "methods/hf_masked_diffusion.py",
+     "trust_remote_code=p.trust_remote_code,", "trust_remote_code=True,", [HFM], "remote_code"),
+    ("hfmask-remote-code-not-checked-first", "methods/hf_masked_diffusion.py",
+     "if not p.trust_remote_code and ships_code(p):", "if False:", [HFM], "remote_code"),
+    ("confidence-least-confident-first", "methods/_masked.py", "conf.argsort(dim=1, descending=True, stable=True)",
+     "conf.argsort(dim=1, descending=False, stable=True)", [HFM], "confidence"),
+    ("confidence-two-per-step", "methods/_masked.py", "k = masked.sum(1) - torch.floor(total * s).long()",
+     "k = 2 * (masked.sum(1) - torch.floor(total * s).long())", [HFM], "confidence"),
 ]
 
 
