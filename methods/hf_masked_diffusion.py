@@ -62,7 +62,8 @@ GPT2_VOCAB = 50257
 
 
 class HFMaskedDiffusionParams(Params):
-    model: str = Field(description="hub name or a save_pretrained directory (a path-like name must exist locally)")
+    model: str = Field("answerdotai/ModernBERT-base",
+                       description="hub name or a save_pretrained directory (a path-like name must exist locally)")
     revision: Optional[str] = Field(None, min_length=1, max_length=100,
                                     description="hub commit (or tag/branch) to load; unpinned, the record shows "
                                                 "the commit loaded")
@@ -78,8 +79,9 @@ class HFMaskedDiffusionParams(Params):
     logits: Literal["subs", "shifted-subs"] = Field(
         "subs", description="subs: logits at the position they predict; shifted-subs: at the position before (Dream)")
     special_tokens: bool = Field(True, description="retokenized text framed by the tokenizer's special tokens")
-    sampler: Literal["ancestral", "confidence"] = "ancestral"
-    float64_sampling: bool = True
+    sampler: Literal["ancestral", "confidence"] = Field(
+        "ancestral", description="ancestral: MDLM's reverse process; confidence: most confident first (LLaDA, Dream)")
+    float64_sampling: bool = Field(True, description="Gumbel draws in float64")
 
     @model_validator(mode="after")
     def _time_value_needs_kwarg(self):
