@@ -148,12 +148,12 @@ def plot(it: pd.DataFrame, path: Path) -> Path | None:
     """``infill.png``: per (eval set, setting) a row of two panels, quality against NFE (log), one
     line per method across its step budgets: true_cond_nll (H dashed) and token_acc on a synthetic
     source, ROUGE-L and fill_nll (Source's dashed) on text."""
-    from bench.plots import _pyplot, fingerprint, save_figure, up_to_date
+    from bench.plots import fingerprint, pyplot, save_figure, up_to_date
 
     fp = fingerprint(it[KEYS + ["value"]].to_csv(index=False))
     if up_to_date(path, fp):
         return Path(path)
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     tasks = list(dict.fromkeys(zip(it["dataset"], it["setting"])))

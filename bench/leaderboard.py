@@ -225,8 +225,6 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
     (size, model, steps, dataset, metric, settings id), mean over seeds with the t-interval and
     the std over seeds (one seed: MAUVE's std over its own seeds). A metric below its sample
     floor has no value, only the note saying why (:func:`_floored`); gen_ppl rows name their scorer."""
-    from bench.metrics.scoreview import gen_ppl_scorer
-
     rows, seen_source = [], set()
     for sc in scores:
         ds = (sc.get("reference") or {}).get("dataset")
@@ -238,6 +236,8 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
             sets.append(({**base, "model": SOURCE_TEXT, "steps": None}, src))
         for key, b in sets:
             for metric, m in b["metrics"].items():
+                from bench.metrics.scoreview import gen_ppl_scorer  # (pydantic) only with sample scores
+
                 m = _floored(metric, m, b)
                 rows.append({**key, "metric": metric, "value": m.get("value"), "inner_std": m.get("std"),
                              "protocol": m.get("id"), "note": m.get("note"),
