@@ -119,7 +119,7 @@ class MDLM(Method):
         tokens are carried over. The reveal coins are drawn first and the categorical
         (Gumbel-max) only at the revealed positions: the same distribution per position as
         drawing x_0 everywhere and keeping the revealed ones, without a Gumbel draw over the
-        whole (n, L, V) tensor every step.
+        whole (n, L, V) tensor every step — and the V-wide head runs only at those rows too.
 
         ``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
         when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact.
@@ -134,16 +134,25 @@ class MDLM(Method):
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
         if cond is not None:
             x = clamp(ABSORB, x, cond, 1.0, self.V)
-        log_p, stale = None, torch.ones(n, dtype=torch.bool, device=self.device)
+        h, stale = None, torch.ones(n, dtype=torch.bool, device=self.device)
         for i in range(steps, 0, -1):
             t, s = i / steps, (i - 1) / steps
             tt = torch.full((n,), t, device=self.device)
-            if log_p is None or not cache:
-                log_p = self.denoise(x, tt)
+            if h is None or not cache:
+                h = self.hidden(x, tt)
             elif stale.any():                 # recompute only the sequences that changed
-                log_p[stale] = self.denoise(x[stale], tt[stale])
+                h[stale] = self.hidden(x[stale], tt[stale])
             u = torch.rand(x.shape, generator=generator, device=self.device, dtype=dt)
             reveal = (x == self.mask_id) & (u < (t - s) / t)
-            x[reveal] = gumbel_argmax(log_p[reveal], generator, f64)   # x_0 drawn only where revealed
+            log_p = F.log_softmax(self.net.head(h[reveal]).float(), dim=-1)   # the head at revealed rows only
+            x[reveal] = gumbel_argmax(log_p, generator, f64)
             stale = reveal.any(1)
         return x
+
+    def hidden(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states at x_t (before the V-wide head): ``denoise`` is
+        log_softmax(head(hidden)). The sampler keeps these, (n, L, d), and runs the head only at
+        the positions it reveals — never an (n, L, V) tensor (at V = 50,257, L = 1,024 that is
+        0.2 GB per sequence, and its log-softmax as much again)."""
+        t = t if self.p.time_conditioning else torch.zeros_like(t)
+        return self.net(x_t, t, return_hidden=True)
