@@ -164,6 +164,43 @@ PROTOCOL_PRESETS: dict[str, dict] = {
 BOUND_SETTINGS: dict[str, Any] = {"bound_steps": None, "t_proposal": "uniform"}
 
 
+INFILL_SETTINGS = ("span", "random", "rocstories")
+
+
+class InfillConfig(Strict):
+    """``eval.infill``: the infilling benchmark (bench/infill.py, docs/protocol.md#infilling).
+    From the first ``blocks`` fully packed test blocks of each eval set, positions are hidden and
+    each method fills them given the rest (``bench.condition.conditional_sample``; a left-to-right
+    method given only what precedes the first hidden position): ``span`` hides the middle
+    ``round(span_fraction·seq_len)`` positions (a span of known length), ``random`` a fraction
+    drawn uniformly from ``random_fraction`` of each block's positions, ``rocstories`` the third
+    sentence of a five-sentence ROCStories story (DiffuLLaMA's setting; only on a ``rocstories``
+    eval set). Fills are drawn at each of ``steps`` (default: ``eval.sample_steps``)."""
+
+    settings: list[Literal["span", "random", "rocstories"]] = Field(["span", "random"], min_length=1)
+    blocks: int = Field(64, gt=0, le=MAX_SAMPLES)        # held-out blocks (stories) per eval set and setting
+    span_fraction: float = Field(0.25, gt=0.0, lt=1.0)    # the middle span's share of seq_len
+    random_fraction: tuple[float, float] = (0.15, 0.5)    # the random pattern's share, drawn per block
+    steps: Optional[list[PositiveInt]] = Field(None, min_length=1)   # None: eval.sample_steps
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH)       # blocks per conditional sampler call
+    seed: Seed = 0                                        # the random pattern and the samplers' generators
+
+    @field_validator("settings")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"each setting once (got {', '.join(v)})")
+        return v
+
+    @field_validator("random_fraction")
+    @classmethod
+    def _fraction(cls, v):
+        lo, hi = v
+        if not 0.0 < lo <= hi < 1.0:
+            raise ValueError(f"random_fraction: need 0 < low <= high < 1, got [{lo}, {hi}]")
+        return v
+
+
 class EvalConfig(Strict):
     """The suite's ``eval:`` block: the knobs of the likelihood protocol."""
 
@@ -196,6 +233,8 @@ class EvalConfig(Strict):
     # they are absent from the dump, so existing run ids stay.
     bound_steps: Optional[int] = Field(None, gt=0, le=MAX_BOUND_STEPS)
     t_proposal: Literal["uniform", "weight", "log-snr", "mixture", "adaptive"] = "uniform"
+    # The infilling benchmark (InfillConfig); None: off, and absent from the dump (run ids unchanged).
+    infill: Optional[InfillConfig] = None
 
     @field_validator("sample_steps", mode="before")
     @classmethod
@@ -223,11 +262,18 @@ class EvalConfig(Strict):
             d.pop("protocol", None)
         if isinstance(d, dict) and not d.get("per_byte", False):
             d.pop("per_byte", None)
+        if isinstance(d, dict) and d.get("infill", 0) is None:
+            d.pop("infill", None)
         if isinstance(d, dict):
             for k, v in BOUND_SETTINGS.items():
                 if d.get(k, v) == v:
                     d.pop(k, None)
         return d
+
+    @property
+    def infill_steps(self) -> list[int]:
+        """The step budgets infill fills are drawn at (``infill.steps``, else ``sample_steps``)."""
+        return list((self.infill and self.infill.steps) or self.sample_steps)
 
     @model_validator(mode="after")
     def _untruncated_estimators(self):

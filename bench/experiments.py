@@ -26,7 +26,7 @@ import pandas as pd
 
 from bench.config import SelfCondMagnitude, StepsCurve, Suite
 from bench.errors import UserError
-from bench.plots import save_figure
+from bench.plots import pyplot, save_figure
 from bench.records import read_record, write_json
 
 SUITE_FILE = "suite.json"
@@ -109,7 +109,7 @@ def selfcond_magnitude(out: Path, exp: SelfCondMagnitude, log=print) -> dict:
 
 
 def plot_magnitude(res: dict, path: Path) -> Path | None:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     labels = list(dict.fromkeys(r["label"] for r in res["rows"]))
@@ -154,7 +154,7 @@ def steps_curve(out: Path, exp: StepsCurve) -> dict:
 
 
 def plot_steps(res: dict, exp: StepsCurve, path: Path) -> Path | None:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     n = len(exp.metrics) + (1 if res["ppl"] else 0)
@@ -205,16 +205,6 @@ def plot_steps(res: dict, exp: StepsCurve, path: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def table(res: dict) -> str:
     """A markdown summary of a magnitude result (for the README / stdout)."""
     lines = ["| model | t | ‖x̂0‖ K=1 | K=last | ‖e‖ |", "|---|---|---|---|---|"]

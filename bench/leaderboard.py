@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from bench import tables
+from bench import infilltable, tables
 from bench.records import JSON_ERRORS
 from bench.tables import SOURCE_BLOCKS_LABEL, SOURCE_LABEL, SOURCE_LABELS, Table, md_table
 
@@ -225,8 +225,6 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
     (size, model, steps, dataset, metric, settings id), mean over seeds with the t-interval and
     the std over seeds (one seed: MAUVE's std over its own seeds). A metric below its sample
     floor has no value, only the note saying why (:func:`_floored`); gen_ppl rows name their scorer."""
-    from bench.metrics.scoreview import gen_ppl_scorer
-
     rows, seen_source = [], set()
     for sc in scores:
         ds = (sc.get("reference") or {}).get("dataset")
@@ -238,6 +236,8 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
             sets.append(({**base, "model": SOURCE_TEXT, "steps": None}, src))
         for key, b in sets:
             for metric, m in b["metrics"].items():
+                from bench.metrics.scoreview import gen_ppl_scorer  # (pydantic) only with sample scores
+
                 m = _floored(metric, m, b)
                 rows.append({**key, "metric": metric, "value": m.get("value"), "inner_std": m.get("std"),
                              "protocol": m.get("id"), "note": m.get("note"),
@@ -397,6 +397,7 @@ class Board(NamedTuple):
     st: pd.DataFrame
     recs: list[dict]
     problems: list[str]
+    it: pd.DataFrame | None = None   # the infill rows (bench.infilltable)
 
 
 def board(out: Path, compare: Path | None = None) -> Board:
@@ -408,10 +409,11 @@ def board(out: Path, compare: Path | None = None) -> Board:
     if compare is not None:
         tbs += tables.compare_tables(t, compare, our_presets=[r.get("protocol", {}).get("preset", "custom")
                                                              for r in recs])
-    st = sample_tidy(collect_scores(out, recs))
+    scores = collect_scores(out, recs)
+    st, it = sample_tidy(scores), infilltable.infill_tidy(scores)
     ds = st["dataset"].fillna("")
     tbs[:0] = [sample_table(st[ds == d], t, ds.nunique() > 1) for d in dict.fromkeys(ds)]   # one per reference set
-    return Board(tbs, t, st, recs, problems)
+    return Board(tbs + infilltable.infill_tables(it), t, st, recs, problems, it)
 
 
 def write(out: Path, fmt: str | None = None, compare: Path | None = None
@@ -433,6 +435,7 @@ def write(out: Path, fmt: str | None = None, compare: Path | None = None
     csv = csv_text(t)
     atomic_write_text(Path(out) / "leaderboard.csv", csv)
     atomic_write_text(Path(out) / "leaderboard.md", md)
+    infilltable.write(out, b.it, csv_text)   # infill.csv, infill.png (eval.infill)
     from bench.plots import training_curves
     training_curves(recs, Path(out) / "training.png")
     from bench.plots import learning_curves

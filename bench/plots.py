@@ -109,7 +109,7 @@ def aggregate(recs: list[dict]) -> dict[tuple[str, str], dict[str, tuple[np.ndar
     return out
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -133,7 +133,7 @@ def training_curves(recs: list[dict], path: Path) -> Path | None:
     fp = fingerprint(keys, *(a for panel, model, _ in keys for a in agg[panel][model][:3]))
     if up_to_date(path, fp):
         return Path(path)
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     cols = min(len(panels), 3)
@@ -185,7 +185,7 @@ def learning_curves(recs: list[dict], path: Path) -> Path | None:
                      sorted(truths.items()))
     if up_to_date(path, fp):
         return Path(path)
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     cols = min(len(keys), 3)
@@ -271,7 +271,7 @@ def frontier(st, path: Path) -> Path | None:
     fp = fingerprint(st[["size", "model", "steps", "dataset", "metric", "value"]].to_csv(index=False))
     if up_to_date(path, fp):
         return Path(path)
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     if "true_nll" in set(st["metric"]):

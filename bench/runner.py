@@ -23,6 +23,7 @@ import numpy as np
 from bench.config import RunSpec
 from bench.distributed import make_accelerator, process_rank, teardown
 from bench.errors import UserError
+from bench.infill import write_infill
 from bench.lease import Lease, LeaseLost, beat_of, lease_state, read_lease
 from bench.records import environment, record_status, write_json, write_record
 from bench.registry import build_method
@@ -392,13 +393,15 @@ def _execute(spec: RunSpec, run_dir: Path, threads, micro_batch, lease: Lease | 
                        loss=stats["final_loss"], tokens_per_s=stats["tokens_per_s"], eta_s=None, pid=os.getpid())
         metrics, reference = evaluate_all(method, spec, accelerator.device, log)
         n_samples = write_samples(method, spec, tokenizer, run_dir, log)
+        infill = write_infill(method, spec, run_dir, log)   # eval.infill: <run>/infill.jsonl (None: off)
         info = method_info(method)
         protocol = base["protocol"]
         if info.get("text_crossing"):   # how the method's text crosses into another tokenizer
             protocol = {**protocol, "text_crossing": info["text_crossing"]}
         write_own_record(lease, result_path, {
             **base, "protocol": protocol, "status": "complete", "metrics": metrics, "reference": reference,
-            "train": stats, "samples": n_samples, "method_info": info, "env": env, "finished": now()})
+            "train": stats, "samples": n_samples, **({"infill": infill} if infill else {}), "method_info": info,
+            "env": env, "finished": now()})
         tracker.final(metrics, stats["steps"])   # after the record: once, never for a run another process completed
         log(f"run {spec.run_id}: complete")
         return "complete"

@@ -25,6 +25,7 @@ from bench.config import (
 from bench.config_io import first_error, read_validated
 from bench.data import is_synthetic, validate_data_config
 from bench.errors import FileError, UserError, did_you_mean
+from bench.infill import check_infill
 from bench.names import check_label, clip
 from bench.registry import get_method
 
@@ -146,6 +147,7 @@ def expand(suite: Suite) -> list[RunSpec]:
         if suite.eval.per_byte and is_synthetic(data.train):
             raise UserError(f"eval.per_byte: {where} is a synthetic source, whose symbols are not text; "
                             "bytes are not defined for it")
+        check_infill(suite.eval, data, where)
     trains = resolve_train(suite, methods)
     specs = []
     for size, bb in sizes.items():

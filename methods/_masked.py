@@ -117,8 +117,8 @@ def subs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- samplers
-def ancestral_sample(denoise: Denoiser, x: torch.Tensor, mask_id: int, steps: int, generator=None,
-                     float64: bool = True, cache: bool = False) -> torch.Tensor:
+def ancestral_sample(features: Callable, readout: Callable, x: torch.Tensor, mask_id: int, steps: int,
+                     generator=None, float64: bool = True, cache: bool = False) -> torch.Tensor:
     """MDLM §3.2's reverse step p_θ(z_s | z_t) = q(z_s | z_t, x_θ(z_t, t)) (SUBS) from t = 1 in
     ``steps`` equal steps: from t to s = t − 1/steps each [MASK] of ``x`` (B, L) is revealed
     independently w.p. (α_s − α_t)/(1 − α_t) = (t − s)/t, as x_0 ~ p_θ(x_0 | x_t) at that
@@ -126,21 +126,25 @@ def ancestral_sample(denoise: Denoiser, x: torch.Tensor, mask_id: int, steps: in
     the categorical (Gumbel-max) only at the revealed positions: the same distribution per
     position as drawing x_0 everywhere and keeping the revealed ones.
 
-    ``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token of a sequence — exact only
-    for a time-agnostic denoiser (the caller decides)."""
+    The network is split in two: ``features(x_t, t)`` → per-position features (B, L, …) (MDLM:
+    the backbone's hidden states; a pretrained model: its logits) and ``readout(rows)`` → log
+    p_θ(x_0 | x_t) (R, V) at R rows of them, called at the revealed positions only — so a
+    V-wide head runs only where a token is drawn. ``cache`` reuses the features across steps
+    that changed no token of a sequence — exact only for a time-agnostic denoiser (the caller
+    decides)."""
     dt = torch.float64 if float64 else torch.float32
     n, dev = x.shape[0], x.device
-    log_p, stale = None, torch.ones(n, dtype=torch.bool, device=dev)
+    h, stale = None, torch.ones(n, dtype=torch.bool, device=dev)
     for i in range(steps, 0, -1):
         t, s = i / steps, (i - 1) / steps
         tt = torch.full((n,), t, device=dev)
-        if log_p is None or not cache:
-            log_p = denoise(x, tt)
+        if h is None or not cache:
+            h = features(x, tt)
         elif stale.any():                 # recompute only the sequences that changed
-            log_p[stale] = denoise(x[stale], tt[stale])
+            h[stale] = features(x[stale], tt[stale])
         u = torch.rand(x.shape, generator=generator, device=dev, dtype=dt)
         reveal = (x == mask_id) & (u < (t - s) / t)
-        x[reveal] = gumbel_argmax(log_p[reveal], generator, float64)   # x_0 drawn only where revealed
+        x[reveal] = gumbel_argmax(readout(h[reveal]), generator, float64)   # x_0 drawn only where revealed
         stale = reveal.any(1)
     return x
 

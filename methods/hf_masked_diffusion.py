@@ -258,10 +258,19 @@ class HFMaskedDiffusion(Method):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cap: int | None = None) -> torch.Tensor:
         """log p_θ(x_0 | x_t) by SUBS (methods._masked.subs); ``cap``: ids ≥ cap excluded (samples
         drawn in the suite's vocabulary)."""
-        logits = self.net(x_t, t).float()
+        return subs(self.capped(self.net(x_t, t).float(), cap), x_t, self.mask_id)
+
+    def capped(self, logits: torch.Tensor, cap: int | None) -> torch.Tensor:
         if cap is not None and cap < logits.shape[-1]:
+            logits = logits.clone()
             logits[..., cap:] = -torch.inf
-        return subs(logits, x_t, self.mask_id)
+        return logits
+
+    def readout(self, logits: torch.Tensor, cap: int | None = None) -> torch.Tensor:
+        """log p_θ(x_0 | x_t) at masked rows (R, V') of the logits: SUBS's [MASK] logit at −∞."""
+        logits = self.capped(logits.float(), cap).clone()
+        logits[..., self.mask_id] = -torch.inf
+        return torch.log_softmax(logits, dim=-1)
 
     def check_length(self, n: int) -> None:
         ctx = hf.context_length(self.net.model)
@@ -322,8 +331,8 @@ class HFMaskedDiffusion(Method):
         if self.p.sampler == "confidence":
             x = confidence_sample(den, x, self.mask_id, steps, generator, self.p.float64_sampling)
         else:
-            x = ancestral_sample(den, x, self.mask_id, steps, generator, self.p.float64_sampling,
-                                 cache=self.p.time_kwarg is None)
+            x = ancestral_sample(self.net, lambda rows: self.readout(rows, cap), x, self.mask_id, steps, generator,
+                                 self.p.float64_sampling, cache=self.p.time_kwarg is None)
         return x if not self.retokenized else self.to_suite_ids(x[:, len(pre):x.shape[1] - len(post)])
 
     def to_suite_ids(self, x: torch.Tensor) -> torch.Tensor:

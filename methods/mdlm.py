@@ -96,7 +96,7 @@ class MDLM(Method):
         tokens are carried over. The reveal coins are drawn first and the categorical
         (Gumbel-max) only at the revealed positions: the same distribution per position as
         drawing x_0 everywhere and keeping the revealed ones, without a Gumbel draw over the
-        whole (n, L, V) tensor every step.
+        whole (n, L, V) tensor every step — and the V-wide head runs only at those rows too.
 
         ``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
         when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact.
@@ -109,5 +109,17 @@ class MDLM(Method):
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
         if cond is not None:
             x = clamp(ABSORB, x, cond, 1.0, self.V)
-        return ancestral_sample(self.denoise, x, self.mask_id, steps, generator, self.p.float64_sampling,
+        return ancestral_sample(self.hidden, self.readout, x, self.mask_id, steps, generator, self.p.float64_sampling,
                                 cache=cache and not self.p.time_conditioning)
+
+    def hidden(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states at x_t (before the V-wide head): ``denoise`` is
+        log_softmax(head(hidden)). The sampler keeps these, (n, L, d), and runs the head only at
+        the positions it reveals — never an (n, L, V) tensor (at V = 50,257, L = 1,024 that is
+        0.2 GB per sequence, and its log-softmax as much again)."""
+        t = t if self.p.time_conditioning else torch.zeros_like(t)
+        return self.net(x_t, t, return_hidden=True)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """log p_θ(x_0 | x_t) at the rows ``h`` (R, d) of ``hidden``: the head at those rows only."""
+        return F.log_softmax(self.net.head(h).float(), dim=-1)

@@ -64,6 +64,7 @@ class Oracle(torch.nn.Module):
     def __init__(self, offset: float = 0.0):
         super().__init__()
         self.offset = offset
+        self.head = torch.nn.Identity()   # its output is the logits: the hidden states are too
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)   # a device for Method.device
         self.register_buffer("onehot", torch.nn.functional.one_hot(STATES, V).double())   # (S, L, V)
 

@@ -140,6 +140,7 @@ class FixedLogits(torch.nn.Module):
     def __init__(self, f: torch.Tensor):
         super().__init__()
         self.f = torch.nn.Parameter(f, requires_grad=False)
+        self.head = torch.nn.Identity()   # its output is the logits: the hidden states are too
 
     def forward(self, x, t=None, **_):
         return self.f.expand(x.shape[0], -1, -1).clone()

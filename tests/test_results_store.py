@@ -118,8 +118,8 @@ def test_an_unchanged_plot_is_not_drawn_again_and_a_changed_one_is(store, monkey
     assert plots.training_curves(list(runs.values()), png) == png
     first = png.read_bytes()
     drawn = []
-    real = plots._pyplot
-    monkeypatch.setattr(plots, "_pyplot", lambda: drawn.append(1) or real())
+    real = plots.pyplot
+    monkeypatch.setattr(plots, "pyplot", lambda: drawn.append(1) or real())
     plots.training_curves(list(runs.values()), png)
     assert not drawn and png.read_bytes() == first          # same inputs: not drawn, not touched
     write_record(store / "runs" / "r1" / "result.json", _record("r1", 1, 200.0, curve_shift=0.5))

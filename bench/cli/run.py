@@ -37,7 +37,7 @@ def cmd_run(args) -> int:
     out = out_dir(args, suite)
     t0 = time.time()
     status = run_suite(suite, specs, out, executor, cluster=args.cluster, max_running=args.max_running)
-    if any(s.eval.samples > 0 for s in specs):
+    if any(s.eval.samples > 0 or s.eval.infill is not None for s in specs):
         score_suite_dir(out, suite.metrics)
         log_scores(settings_of(suite), out, specs)
     text, problems = leaderboard.write(out, "md")

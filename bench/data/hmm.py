@@ -72,6 +72,11 @@ class HMMSource(Source):
             z = categorical(cA[z], rng.random(n))
         return out
 
+    def posterior(self):
+        from bench.data.posterior import HMMPosterior
+
+        return HMMPosterior(self.A, self.B, self.mu)
+
     def log_prob(self, blocks: np.ndarray) -> np.ndarray:
         """Exact log p(block) by the forward algorithm in log space (module doc), (N,)."""
         x = np.asarray(blocks, dtype=np.int64)

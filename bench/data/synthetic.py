@@ -93,6 +93,11 @@ class Source:
     def length_error(self, L: int) -> str | None:
         return None
 
+    def posterior(self):
+        """The forward–backward passes over blocks with hidden positions (bench.data.posterior),
+        or None where the source has none (the infill truth then shows "—")."""
+        return None
+
 
 def categorical(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
     """One draw per row of a row-wise CDF (n, V), by inversion with uniforms ``u`` (n,)."""
@@ -180,6 +185,11 @@ class MarkovSource(Source):
             p = p * self.P[s, g[:, j]]
             s = self._next_state(s, g[:, j])
         return p
+
+    def posterior(self):
+        from bench.data.posterior import MarkovPosterior
+
+        return MarkovPosterior(self.P, self.pi, self.p.vocab, self.p.order)
 
     def draw(self, n: int, L: int, rng: np.random.Generator) -> np.ndarray:
         V, k = self.p.vocab, self.p.order

@@ -24,9 +24,11 @@ import numpy as np
 
 from bench.config import DataConfig, DatasetRef, RunSpec
 from bench.errors import UserError
+from bench.infill import FILE as INFILL
 from bench.metrics import FLOORS, MetricsConfig, floor_note
 from bench.metrics.base import settings_id
 from bench.metrics.genppl import gen_ppl, scorer_tokens
+from bench.metrics.infill import score_infill
 from bench.metrics.mauve import featurizer_settings
 from bench.metrics.ngrams import diversity, mean_entropy, memorization, tokenize
 from bench.metrics.reference import source_truth, true_set
@@ -55,6 +57,7 @@ class ScoringSetup:
     featurizer: Any = None                 # loaded on first need (a set at or above mauve.min_samples)
     notes: dict = field(default_factory=dict)
     truth: Any = None                      # a bench.metrics.truth.Truth: a synthetic source scores itself
+    decode: Any = None                     # the samples' tokenizer's decode (infill texts, bench.metrics.infill)
     cache: dict = field(default_factory=dict)   # shared across runs: scorers, featurizer, indexes
 
 
@@ -225,6 +228,7 @@ def run_setup(run_dir: Path, spec: RunSpec, cfg: MetricsConfig, cache: dict) -> 
     tok = get_tokenizer(spec.data)
     setup.samples_tokenizer = tok.key
     setup.view = (tok.key, tok.encode_batch, tok.eos_id if tok.eos_id >= 0 else None)
+    setup.decode = tok.decode
     setup.truth = source_truth(spec, cfg)   # a synthetic source: scored by itself, no scorer, MAUVE or mem
     if setup.truth is not None:
         setup.notes["mem"] = f"{spec.data.train.name} is not a text corpus"
@@ -263,26 +267,26 @@ def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, writ
     """Score ``run_dir/samples.jsonl``; None when the run has no samples."""
     cache = {} if cache is None else cache
     run_dir = Path(run_dir)
-    path = run_dir / FILE
-    if not path.is_file():
+    path, fills = run_dir / FILE, run_dir / INFILL
+    if not path.is_file() and not fills.is_file():
         return None
     rec = read_record(run_dir / "result.json")
     spec = RunSpec(**rec["spec"])
-    sha = samples_sha(path)
     old = read_scores(run_dir)
     setup = run_setup(run_dir, spec, cfg, cache)
     scorer_key = setup.scorer.key if setup.scorer is not None else None
-    head = {"version": SCORES_VERSION, "samples_sha256": sha, "config": cfg.model_dump(mode="json"),
-            "scorer": scorer_key}
+    head = {"version": SCORES_VERSION, "samples_sha256": samples_sha(path) if path.is_file() else None,
+            "config": cfg.model_dump(mode="json"), "scorer": scorer_key,
+            **({"infill_sha256": samples_sha(fills)} if fills.is_file() else {})}
     if reuse and old and all(old.get(k) == v for k, v in head.items()):
         return old
-    samples = read_samples(path)
-    n = max(len(g) for g in budget_groups(samples).values())
+    samples = read_samples(path) if path.is_file() else []
+    n = max([len(g) for g in budget_groups(samples).values()] or [0])
     ref = DatasetRef(name=cfg.reference.dataset) if cfg.reference.dataset else spec.data.train
     try:
-        if setup.truth is None:
+        if samples and setup.truth is None:
             _human(setup, spec.data, spec.eval.packing, ref, n, cache)
-        else:   # the Source row: fresh true blocks, as many (bench.metrics.truth)
+        elif samples:   # the Source row: fresh true blocks, as many (bench.metrics.truth)
             setup.source, setup.ref_desc = true_set(setup.truth, spec.data, n, cfg.reference.seed)
     except UserError as e:
         setup.ref_note = str(e)
@@ -290,7 +294,10 @@ def score_run(run_dir: Path, cfg: MetricsConfig, cache: dict | None = None, writ
         log(f"scoring {rec['label']} {spec.size} seed={spec.seed}: {len(samples)} samples")
     self_scored = scorer_key is not None and setup.scorer.key == f"tdbench-ar:{spec.run_id}"
     res = {**head, "run_id": spec.run_id, "label": rec["label"], "size": spec.size, "seed": spec.seed,
-           "scorer_run": scorer_key, "reference": setup.ref_desc, **score_samples(samples, setup, self_scored)}
+           "scorer_run": scorer_key, "reference": setup.ref_desc,
+           **(score_samples(samples, setup, self_scored) if samples else {"budgets": []})}
+    if fills.is_file():   # eval.infill: the fills scored against the hidden text (bench.metrics.infill)
+        res["infill"] = score_infill(fills, setup, rec.get("infill"), cfg.reference.seed)
     res = json.loads(json.dumps(res))      # exactly what a reader of the file sees
     if write:
         write_json(run_dir / SCORES, res)
@@ -315,7 +322,7 @@ def score_dir(out: Path, cfg: MetricsConfig, reuse: bool = True, log=None) -> di
             r = read_record(p)
         except UserError:
             continue
-        if r["status"] == "complete" and (p.parent / FILE).is_file():
+        if r["status"] == "complete" and ((p.parent / FILE).is_file() or (p.parent / INFILL).is_file()):
             recs.append((p.parent, r))
     for rd, r in recs:
         try:
