@@ -17,51 +17,28 @@ Derivation: docs/methods.md#mdlm.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from bench.condition import condition
-from bench.method import Method, Params, gumbel_argmax
+from bench.method import Method, Params
 from bench.registry import register
 from methods._discrete import ABSORB, clamp
-from methods._masked import alpha, count_weight, elbo_weight, mask_m_subset, mask_tokens  # noqa: F401 (public here too)
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> log p(x_0|x_t), (B,L,V)
-
-
-def nelbo(x0, counted, t, denoise: Denoiser, mask_id: int) -> torch.Tensor:
-    """Per-sequence one-sample estimate of the continuous-time NELBO (nats), (B,)."""
-    x_t, masked = mask_tokens(x0, counted, t, mask_id)
-    log_p = denoise(x_t, t)
-    ce = -log_p.gather(-1, x0[..., None])[..., 0]
-    return elbo_weight(t) * (ce * masked).sum(1)
-
-
-def _weighted_ce(x0, x_t, masked, n, m, t, denoise: Denoiser):
-    log_p = denoise(x_t, t)
-    ce = -log_p.gather(-1, x0[..., None])[..., 0]
-    w = count_weight(n.to(ce.dtype), m.to(ce.dtype))
-    return torch.where(n > 0, w * (ce * masked).sum(1), torch.zeros_like(w))
-
-
-def nelbo_beta(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch.Tensor:
-    """Per-sequence one-sample estimate of the NELBO (MDLM eq. 10) with bounded weights n/m:
-    m = ⌈u·n⌉, a uniform m-subset masked, t ~ Beta(m, n−m+1) fed to the network, (B,)."""
-    x_t, masked, n, m = mask_m_subset(x0, counted, u, mask_id)
-    a, b = m.double(), (n - m + 1).clamp(min=1).double()
-    t = torch.distributions.Beta(a, b).sample().clamp(1e-6, 1 - 1e-6).to(u.dtype)
-    return _weighted_ce(x0, x_t, masked, n, m, t, denoise)
-
-
-def nelbo_masked_count(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch.Tensor:
-    """The pure masked-count form: as ``nelbo_beta`` but the network is fed t = m/n. Bounds the
-    any-order autoregressive model of the network at t = m/n, not the diffusion model (see the
-    module docstring), (B,)."""
-    x_t, masked, n, m = mask_m_subset(x0, counted, u, mask_id)
-    return _weighted_ce(x0, x_t, masked, n, m, (m / n.clamp(min=1)).to(u.dtype), denoise)
+from methods._masked import (  # noqa: F401 (public here too)
+    Denoiser,
+    alpha,
+    ancestral_sample,
+    count_weight,
+    elbo_weight,
+    mask_m_subset,
+    mask_tokens,
+    nelbo,
+    nelbo_beta,
+    nelbo_masked_count,
+)
 
 
 class MDLMParams(Params):
@@ -123,31 +100,17 @@ class MDLM(Method):
 
         ``cache`` reuses p_θ(x_0 | x_t) across steps that changed no token; it is used only
         when the denoiser is time-agnostic (``time_conditioning: false``), where it is exact.
+        The loop is the family's ``methods._masked.ancestral_sample``.
 
         ``given``/``keep`` (bench.condition): the kept positions start unmasked as the given ids
         (methods/_discrete.clamp, absorbing) and, never masked, stay so; every p_θ(x_0 | x_t) sees
         them — the model's any-order conditional of the rest (MDLM's infilling), same NFE."""
         cond = condition(self, n, given, keep)
-        cache = cache and not self.p.time_conditioning
-        f64 = self.p.float64_sampling
-        dt = torch.float64 if f64 else torch.float32
         x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
         if cond is not None:
             x = clamp(ABSORB, x, cond, 1.0, self.V)
-        h, stale = None, torch.ones(n, dtype=torch.bool, device=self.device)
-        for i in range(steps, 0, -1):
-            t, s = i / steps, (i - 1) / steps
-            tt = torch.full((n,), t, device=self.device)
-            if h is None or not cache:
-                h = self.hidden(x, tt)
-            elif stale.any():                 # recompute only the sequences that changed
-                h[stale] = self.hidden(x[stale], tt[stale])
-            u = torch.rand(x.shape, generator=generator, device=self.device, dtype=dt)
-            reveal = (x == self.mask_id) & (u < (t - s) / t)
-            log_p = F.log_softmax(self.net.head(h[reveal]).float(), dim=-1)   # the head at revealed rows only
-            x[reveal] = gumbel_argmax(log_p, generator, f64)
-            stale = reveal.any(1)
-        return x
+        return ancestral_sample(self.hidden, self.readout, x, self.mask_id, steps, generator, self.p.float64_sampling,
+                                cache=cache and not self.p.time_conditioning)
 
     def hidden(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The backbone's last hidden states at x_t (before the V-wide head): ``denoise`` is
@@ -156,3 +119,7 @@ class MDLM(Method):
         0.2 GB per sequence, and its log-softmax as much again)."""
         t = t if self.p.time_conditioning else torch.zeros_like(t)
         return self.net(x_t, t, return_hidden=True)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """log p_θ(x_0 | x_t) at the rows ``h`` (R, d) of ``hidden``: the head at those rows only."""
+        return F.log_softmax(self.net.head(h).float(), dim=-1)

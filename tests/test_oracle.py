@@ -27,7 +27,7 @@ import torch
 
 from bench.config import BackboneConfig
 from bench.evaluate import draw_u
-from methods import mdlm
+from methods import _masked, mdlm
 from methods.mdlm import MDLM
 
 V, L, M = 3, 4, 4000
@@ -210,15 +210,15 @@ def test_count_form_has_lower_variance_than_time_form(dist):
 
 
 def test_missing_weight_is_detected(dist, monkeypatch):
-    """Dropping the weight in the real mdlm.py (n/m → 1 in the count forms, 1/t → 1 in the time
-    form) must move the estimate far from −log p(x0)."""
+    """Dropping the weight in the real estimators MDLM uses (methods/_masked.py: n/m → 1 in the count
+    forms, 1/t → 1 in the time form) must move the estimate far from −log p(x0)."""
     X, p = dist
     j = 33
     truth = -math.log(p[j].item())
-    monkeypatch.setattr(mdlm, "count_weight", lambda n, m: torch.ones_like(m))
+    monkeypatch.setattr(_masked, "count_weight", lambda n, m: torch.ones_like(m))
     mean, se = estimate(model("beta", oracle(X, p)), X[j], seed=1)
     assert abs(mean - truth) > 8 * se, (mean, truth, se)
-    monkeypatch.setattr(mdlm, "elbo_weight", lambda t: torch.ones_like(t))
+    monkeypatch.setattr(_masked, "elbo_weight", lambda t: torch.ones_like(t))
     mean, se = estimate(model("time", oracle(X, p)), X[j], seed=2)
     assert abs(mean - truth) > 8 * se, (mean, truth, se)
 

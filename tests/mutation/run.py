@@ -50,6 +50,7 @@ CORA = "tests/test_conditioning_oracle.py"
 BD3 = "tests/test_bd3lm.py"
 BB = "tests/test_backbone.py"
 LMEV = "tests/test_lmeval.py"
+HFM = "tests/test_hf_masked_diffusion.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -58,10 +59,10 @@ MUTANTS = [
      [ORACLE, BD3]),
     ("mdlm-count-weight-n-over-m-plus-1", "methods/_masked.py", "    return n / m\n", "    return n / (m + 1)\n",
      [ORACLE, BD3]),
-    ("mdlm-feed-m-over-n (the old default)", "methods/mdlm.py",
-     "    return _weighted_ce(x0, x_t, masked, n, m, t, denoise)\n",
-     "    return _weighted_ce(x0, x_t, masked, n, m, (m / n.clamp(min=1)).to(u.dtype), denoise)\n", [ORACLE]),
-    ("mdlm-beta-parameters-swapped", "methods/mdlm.py",
+    ("mdlm-feed-m-over-n (the old default)", "methods/_masked.py",
+     "    return weighted_masked_ce(x0, x_t, masked, n, m, t, denoise)\n",
+     "    return weighted_masked_ce(x0, x_t, masked, n, m, (m / n.clamp(min=1)).to(u.dtype), denoise)\n", [ORACLE]),
+    ("mdlm-beta-parameters-swapped", "methods/_masked.py",
      "torch.distributions.Beta(a, b)", "torch.distributions.Beta(b, a)", [ORACLE]),
     ("mdlm-drop-time-weight", "methods/_masked.py", "    return 1 / t\n", "    return torch.ones_like(t)\n",
      [ORACLE, BD3]),
@@ -424,18 +425,20 @@ MUTANTS = [
      "h = torch.cat([self.latent_in(z.to(tokens.dtype)), tokens], 1)",
      "h = torch.cat([self.latent_in(0 * z.to(tokens.dtype)), tokens], 1)", [LATENT], "causal"),
     # ---------------------------------------------------------------- the absorbing samplers (reveal-only draws)
-    ("fast-mdlm-reveal-prob-doubled", "methods/mdlm.py", "reveal = (x == self.mask_id) & (u < (t - s) / t)",
-     "reveal = (x == self.mask_id) & (u < min(1.0, 2 * (t - s) / t))", [FAST]),
-    ("fast-mdlm-revealed-not-carried", "methods/mdlm.py", "reveal = (x == self.mask_id) & (u < (t - s) / t)",
+    ("fast-mdlm-reveal-prob-doubled", "methods/_masked.py", "reveal = (x == mask_id) & (u < (t - s) / t)",
+     "reveal = (x == mask_id) & (u < min(1.0, 2 * (t - s) / t))", [FAST]),
+    ("fast-mdlm-revealed-not-carried", "methods/_masked.py", "reveal = (x == mask_id) & (u < (t - s) / t)",
      "reveal = u < (t - s) / t", [FAST]),
-    ("fast-mdlm-gumbel-temperature", "methods/mdlm.py", "gumbel_argmax(log_p[reveal], generator, f64)",
-     "gumbel_argmax(2 * log_p[reveal], generator, f64)", [FAST]),
-    ("fast-mdlm-one-step-short", "methods/mdlm.py", "for i in range(steps, 0, -1):", "for i in range(steps - 1, 0, -1):",
+    ("fast-mdlm-gumbel-temperature", "methods/_masked.py", "gumbel_argmax(readout(h[reveal]), generator, float64)",
+     "gumbel_argmax(2 * readout(h[reveal]), generator, float64)", [FAST]),
+    ("fast-mdlm-one-step-short", "methods/_masked.py",
+     "    for i in range(steps, 0, -1):\n        t, s = i / steps, (i - 1) / steps\n        tt =",
+     "    for i in range(steps - 1, 0, -1):\n        t, s = i / steps, (i - 1) / steps\n        tt =", [FAST]),
+    ("fast-mdlm-step-off-by-one", "methods/_masked.py",
+     "        t, s = i / steps, (i - 1) / steps\n        tt =", "        t, s = (i + 1) / steps, i / steps\n        tt =",
      [FAST]),
-    ("fast-mdlm-step-off-by-one", "methods/mdlm.py", "t, s = i / steps, (i - 1) / steps", "t, s = (i + 1) / steps, i / steps",
-     [FAST]),
-    ("fast-mdlm-cache-recomputes-unchanged", "methods/mdlm.py", "            stale = reveal.any(1)\n",
-     "            stale = (x == self.mask_id).any(1)\n", [FAST], "cache"),
+    ("fast-mdlm-cache-recomputes-unchanged", "methods/_masked.py", "        stale = reveal.any(1)\n",
+     "        stale = (x == mask_id).any(1)\n", [FAST], "cache"),
     ("fast-d3pm-reveal-prob", "methods/d3pm.py", "(a_s - a_t) / (1 - a_t)", "(a_s - a_t) / (1 - a_s)", [FAST]),
     ("fast-d3pm-revealed-not-carried", "methods/d3pm.py", "reveal = (x == self.mask_id) & (u < p_reveal)",
      "reveal = u < p_reveal", [FAST]),
@@ -601,7 +604,7 @@ MUTANTS = [
      "simplex"),
     ("hf-retokenized-takes-a-context", "methods/hf_causal_lm.py", '            self.conditioning = "none"\n',
      "            pass\n", [COND], "hf_causal_lm_conditional"),
-    ("mdlm-bound-masks-the-context", "methods/mdlm.py",
+    ("mdlm-bound-masks-the-context", "methods/_masked.py",
      "score = torch.rand(x0.shape, device=x0.device).masked_fill(~counted, 2.0)",
      "score = torch.rand(x0.shape, device=x0.device)", [CORA], "nelbo"),
     # ---------------------------------------------------------------- lm-eval adapter (bench/lmeval*.py)
@@ -643,6 +646,25 @@ MUTANTS = [
      "generation_keeps"),
     ("lmeval-pretrained-row-needs-a-checkpoint", "bench/samples.py", "    if not get_method(spec.method).trains:",
      "    if False:", [LMEV], "lm_evals_hf"),
+    # ---------------------------------------------------------------- hf-masked-diffusion (+ methods/_masked.py)
+    ("hfmask-subs-keeps-the-mask-logit", "methods/_masked.py", "    logits[..., mask_id] = -torch.inf\n", "",
+     [HFM], "enumeration"),
+    ("hfmask-drop-count-weight", "methods/_masked.py", "    return n / m\n", "    return torch.ones_like(m)\n",
+     [HFM], "enumeration"),
+    ("hfmask-frame-counted", "methods/hf_masked_diffusion.py", "return ids, ~special & (ids != self.mask_id)",
+     "return ids, torch.ones_like(special)", [HFM], "enumeration"),
+    ("hfmask-logits-shifted", "methods/hf_masked_diffusion.py", 'self.p.logits == "shifted-subs")',
+     'self.p.logits != "shifted-subs")', [HFM], "enumeration"),
+    ("hfmask-sigma-not-taken", "methods/hf_masked_diffusion.py",
+     '-torch.log1p(-t) if self.time_value == "sigma" else t', "t", [HFM], "remote_code"),
+    ("hfmask-remote-code-trusted-when-loading", "methods/hf_masked_diffusion.py",
+     "trust_remote_code=p.trust_remote_code,", "trust_remote_code=True,", [HFM], "remote_code"),
+    ("hfmask-remote-code-not-checked-first", "methods/hf_masked_diffusion.py",
+     "if not p.trust_remote_code and ships_code(p):", "if False:", [HFM], "remote_code"),
+    ("confidence-least-confident-first", "methods/_masked.py", "conf.argsort(dim=1, descending=True, stable=True)",
+     "conf.argsort(dim=1, descending=False, stable=True)", [HFM], "confidence"),
+    ("confidence-two-per-step", "methods/_masked.py", "k = masked.sum(1) - torch.floor(total * s).long()",
+     "k = 2 * (masked.sum(1) - torch.floor(total * s).long())", [HFM], "confidence"),
 ]
 
 
