@@ -137,6 +137,12 @@ class Method(nn.Module):
         return cls.display or cls.name.upper()
 
     @classmethod
+    def planned_params(cls, params: BaseModel) -> int | None:
+        """The parameter count ``--dry-run`` costs a row that builds no network (``trains = False``:
+        its model is loaded, not built, and a dry run loads nothing); None: not known (n/a)."""
+        return None
+
+    @classmethod
     def check_compatible(cls, params: dict, data, where: str) -> None:
         """Raise UserError if this method cannot run on ``data`` (e.g. needs a tokenizer)."""
 

@@ -6,7 +6,9 @@ tokens; the forward+backward rule of thumb, Kaplan et al. 2020), evaluation FLOP
 2·N·(max_blocks × seq_len) per eval set and t-sample (an upper bound: a test set may have
 fewer blocks; unbounded when ``eval.max_blocks`` is null). GPU-hours = FLOPs / (MFU × peak ×
 3600). N counts every parameter, embeddings included, of the network the method builds,
-instantiated on PyTorch's ``meta`` device (exact, no memory). MFU and peak are assumptions,
+instantiated on PyTorch's ``meta`` device (exact, no memory); an evaluation-only row (a
+pretrained model, loaded rather than built) is costed by the count its row declares
+(``Method.planned_params``) with no training FLOPs, else "n/a". MFU and peak are assumptions,
 printed with every estimate and set with ``--mfu`` / ``--peak-tflops``.
 """
 from __future__ import annotations
@@ -39,15 +41,16 @@ def vocab_size(spec: RunSpec) -> int:
 
 
 def n_params(spec: RunSpec) -> int | None:
-    """Exact parameter count of the method's network, built on the meta device; None for a
-    method whose network is loaded rather than built (a pretrained model)."""
+    """Exact parameter count of the method's network, built on the meta device; for a method
+    whose network is loaded rather than built (a pretrained model) the count its row declares
+    (``Method.planned_params``: hf-masked-diffusion's ``n_params``), else None."""
     import torch
 
     from bench.registry import get_method
 
     cls = get_method(spec.method)
     if not cls.trains:
-        return None
+        return cls.planned_params(cls.Params(**spec.params))
     args = (cls.Params(**spec.params), spec.backbone, vocab_size(spec), spec.data.seq_len)
     try:
         with torch.device("meta"):
@@ -127,6 +130,7 @@ def render(suite: Suite, specs: list[RunSpec], executor: str, cluster: str | Non
                      f"{_si(e.train_tokens):>12s} {fl(e.train_flops):>11s} {fl(e.eval_flops):>10s} {gh:>8s} "
                      f"{wall:>7s}  {res}")
     lines += ["", f"total: {tot:,.1f} GPU-hours (wall-h = GPU-h / processes per run, one GPU each; n/a rows not "
-                  "included: a pretrained model is not loaded in a dry run; eval n/a: eval.max_blocks is null, "
+                  "included: a dry run loads no pretrained model; one is costed by the size its row declares; "
+                  "eval n/a: eval.max_blocks is null, "
                   "the whole test sets are scored)"]
     return "\n".join(lines)

@@ -3,7 +3,7 @@ leaderboard row, evaluated as given under the suite's protocol (nothing is train
 
     methods: [{method: hf-masked-diffusion, model: answerdotai/ModernBERT-base}]
     methods: [{method: hf-masked-diffusion, model: kuleshov-group/mdlm-owt, trust_remote_code: true,
-               mask_id: 50257, time_kwarg: timesteps, time_value: sigma}]
+               mask_id: 50257, time_kwarg: timesteps, time_value: zero}]
     methods: [{method: hf-masked-diffusion, model: GSAI-ML/LLaDA-8B-Base, trust_remote_code: true,
                auto_class: model, mask_id: 126336, sampler: confidence}]
 
@@ -24,11 +24,12 @@ Settings recorded beside the number (``method_info``): ``mask_id`` (default: the
 mask token, else the config's ``mask_token_id``; MDLM's is 50257, appended to GPT-2's
 vocabulary; LLaDA's 126336), ``time_kwarg`` (None: the model takes no time; else the keyword its
 forward takes t under, e.g. ``timesteps``) with ``time_value`` (``t``, or ``sigma`` = −log(1 − t),
-the log-linear σ(t)), ``logits`` (``subs``: raw logits at the position they predict; ``shifted-subs``:
-position i's token read from the logits at i − 1, Dream's AR-adapted head), ``auto_class``
-(``masked-lm``: AutoModelForMaskedLM; ``model``: AutoModel, LLaDA and Dream), the hub commit
-loaded and the weights' sha256. Modelling code shipped with a checkpoint runs only when the row
-says ``trust_remote_code: true`` (never by default: a one-line UserError otherwise).
+the log-linear σ(t), or ``zero``: a time-agnostic model whose forward still takes the keyword, as
+MDLM's released mdlm-owt trained with σ ≡ 0), ``logits`` (``subs``: raw logits at the position
+they predict; ``shifted-subs``: position i's token read from the logits at i − 1, Dream's
+AR-adapted head), ``auto_class`` (``masked-lm``: AutoModelForMaskedLM; ``model``: AutoModel,
+LLaDA and Dream), the hub commit loaded and the weights' sha256. Modelling code shipped with a
+checkpoint runs only when the row says ``trust_remote_code: true`` (never by default: a one-line UserError otherwise).
 
 Which ids: with the suite's tokenizer the model's own (or, with no tokenizer saved, GPT-2's
 with a vocabulary of at least GPT-2's 50257), the suite's ids are scored as they are; otherwise
@@ -75,7 +76,13 @@ class HFMaskedDiffusionParams(Params):
                                                            "else the config's mask_token_id)")
     time_kwarg: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64,
                                       description="None: time-agnostic; else the forward keyword t is passed as")
-    time_value: Literal["t", "sigma"] = Field("t", description="what time_kwarg receives: t, or sigma = -log(1-t)")
+    time_value: Literal["t", "sigma", "zero"] = Field(
+        "t", description="what time_kwarg receives: t, sigma = -log(1-t), or zero (a time-agnostic model whose "
+                         "forward still takes the keyword: MDLM's released mdlm-owt, trained with "
+                         "time_conditioning: False, i.e. sigma = 0)")
+    n_params: Optional[int] = Field(None, ge=1, description="the checkpoint's parameter count, for --dry-run's "
+                                                            "cost only (a dry run loads no model); the run "
+                                                            "records the count it loaded")
     logits: Literal["subs", "shifted-subs"] = Field(
         "subs", description="subs: logits at the position they predict; shifted-subs: at the position before (Dream)")
     special_tokens: bool = Field(True, description="retokenized text framed by the tokenizer's special tokens")
@@ -92,7 +99,7 @@ class HFMaskedDiffusionParams(Params):
 
 class MaskedLMNet(nn.Module):
     """The pretrained model as a network (x_t, t) → logits (B, L, V'), V' its output vocabulary:
-    t passed as the forward keyword ``time_kwarg`` (t or σ(t) = −log(1 − t)), the logits read
+    t passed as the forward keyword ``time_kwarg`` (t, σ(t) = −log(1 − t), or 0), the logits read
     from ``.logits`` (or the first output), shifted one position right for ``shifted-subs``
     (position 0 keeps its own). Its output is one tensor, so the harness counts its calls."""
 
@@ -104,7 +111,7 @@ class MaskedLMNet(nn.Module):
         kw = {}
         if self.time_kwarg:
             t = t.float().clamp(0.0, 1 - 1e-6)
-            kw[self.time_kwarg] = -torch.log1p(-t) if self.time_value == "sigma" else t
+            kw[self.time_kwarg] = {"sigma": -torch.log1p(-t), "zero": torch.zeros_like(t)}.get(self.time_value, t)
         out = self.model(input_ids=x_t, **kw)
         logits = getattr(out, "logits", None)
         if logits is None:
@@ -243,6 +250,15 @@ class HFMaskedDiffusion(Method):
         else:
             self.retokenized = not hf.same_tokenizer(tokenizer, self.net.model, self.hf_tok)
 
+    @property
+    def takes_time(self) -> bool:
+        """Whether p_θ(x_0 | x_t) depends on t (time_value zero: the keyword is passed, always 0)."""
+        return self.p.time_kwarg is not None and self.p.time_value != "zero"
+
+    @classmethod
+    def planned_params(cls, params) -> int | None:
+        return params.n_params
+
     def info(self) -> dict:
         """The settings the number depends on (module doc), the hub commit loaded (None for a
         local directory) and the weights' sha256 (bench.method.weights_sha256)."""
@@ -253,7 +269,8 @@ class HFMaskedDiffusion(Method):
                 "time_value": p.time_value if p.time_kwarg else None, "logits": p.logits,
                 "estimator": "beta (MDLM eq. 10: m = ceil(u n) masked, t ~ Beta(m, n-m+1), weight n/m)",
                 "retokenized": self.retokenized, "special_tokens": p.special_tokens if self.retokenized else None,
-                "counted_per": "suite token", "context": hf.context_length(self.net.model), "sampler": p.sampler}
+                "counted_per": "suite token", "context": hf.context_length(self.net.model), "sampler": p.sampler,
+                "n_params": sum(x.numel() for x in self.net.model.parameters())}
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cap: int | None = None) -> torch.Tensor:
         """log p_θ(x_0 | x_t) by SUBS (methods._masked.subs); ``cap``: ids ≥ cap excluded (samples
@@ -332,7 +349,7 @@ class HFMaskedDiffusion(Method):
             x = confidence_sample(den, x, self.mask_id, steps, generator, self.p.float64_sampling)
         else:
             x = ancestral_sample(self.net, lambda rows: self.readout(rows, cap), x, self.mask_id, steps, generator,
-                                 self.p.float64_sampling, cache=self.p.time_kwarg is None)
+                                 self.p.float64_sampling, cache=not self.takes_time)
         return x if not self.retokenized else self.to_suite_ids(x[:, len(pre):x.shape[1] - len(post)])
 
     def to_suite_ids(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,14 +53,19 @@ ROC_ROWS = [f"Story {i}: Tom wanted a dog. He saved his money. He went to the sh
             f"Tom was happy." for i in range(12)]
 WIKI_ROWS = [f"Article {i}\n\nArticle {i} is an encyclopedia entry about subject {i}. It has sections."
              for i in range(25)]
+AG_ROWS = [f"Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, story {i}, are seeing "
+           f"green again." for i in range(12)]
+# scientific_papers rows as the hub has them: word-tokenised, WikiText separators, spaced punctuation
+SCI_ROWS = [f"the mean age of the {i} patients was 45 @.@ 2 years ( range 20 @-@ 70 ) . \n results : we found "
+            f"that the rate of infection , as reported , was low ." for i in range(12)]
 
 
-def _parquet(path: Path, column: str, rows: list[str]) -> None:
+def _parquet(path: Path, column: str, rows: list[str], **more: list) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({column: rows}), path)
+    pq.write_table(pa.table({column: rows, **more}), path)
 
 
 def make(name: str, root: Path) -> Path:
@@ -101,6 +106,17 @@ def make(name: str, root: Path) -> Path:
                 w = csv.writer(f)
                 w.writerow(["text"])
                 w.writerows([[r] for r in ROC_ROWS])
+        return root
+    if name == "ag_news":  # fancyzhx/ag_news: data/{train,test}-*.parquet with text and label
+        for split in ("train", "test"):
+            _parquet(root / "data" / f"{split}-00000-of-00001.parquet", "text", AG_ROWS,
+                     label=[i % 4 for i in range(12)])
+        return root
+    if name in ("pubmed", "arxiv"):  # armanc/scientific_papers: <config>/<split>-*.parquet
+        for split in ("train", "validation", "test"):
+            rows = SCI_ROWS if split != "test" else [f"hub test row {i} ." for i in range(12)]  # MDLM scores validation
+            _parquet(root / name / f"{split}-00000-of-00001.parquet", "article", rows,
+                     abstract=["an abstract ."] * len(SCI_ROWS), section_names=["introduction"] * len(SCI_ROWS))
         return root
     if name == "wikipedia":
         _parquet(root / "20231101.en" / "train-00000-of-00001.parquet", "text", WIKI_ROWS)

@@ -67,6 +67,9 @@ EXPECT = {  # a string each dataset's decoded test blocks must contain (detokeni
     "wikipedia": ("Article 24 is an encyclopedia entry", "Article 3 is"),
     "rocstories": ("Tom wanted a dog", "\ufffd"),
     "text8": ("the french revolution", "\ufffd"),
+    "ag_news": ("Short-sellers, story 0, are seeing green again.", "\ufffd"),
+    "pubmed": ("was 45.2 years (range 20-70).", "hub test row"),   # MDLM's split: validation
+    "arxiv": ("infection, as reported, was low", " @.@ "),
 }
 
 

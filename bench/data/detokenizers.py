@@ -73,9 +73,16 @@ def lambada(s: str) -> str:
     return "\n" + s.replace("\u201c", '"').replace("\u201d", '"').strip()
 
 
+def scientific_papers(s: str) -> str:
+    """PubMed / arXiv articles (MDLM dataloader.py ``scientific_papers_detokenizer``): the
+    WikiText rules, then the LM1B rules."""
+    return lm1b(wikitext(s))
+
+
 def identity(s: str) -> str:
     return s
 
 
 DETOKENIZERS: dict[str, Callable[[str], str]] = {
-    "wikitext": wikitext, "ptb": ptb, "lm1b": lm1b, "lambada": lambada, "none": identity}
+    "wikitext": wikitext, "ptb": ptb, "lm1b": lm1b, "lambada": lambada,
+    "scientific_papers": scientific_papers, "none": identity}

@@ -28,6 +28,11 @@ Split rules (our ``train`` / ``valid`` / ``test``):
 - ``text8``: one 100 M-character string; characters [0, 0.9n) train, [0.9n, 0.95n) valid,
   [0.95n, n) test (90M / 5M / 5M on the real file, as D3PM, MDLM and MD4 split it).
 - ``rocstories``: the hub's train / test (``valid`` = ``test``), one five-sentence story per row.
+- ``ag_news``, ``pubmed``, ``arxiv``: MDLM's added zero-shot sets (Sahoo et al. 2024, Table 3),
+  split as MDLM's ``get_dataloaders`` scores them: AG News (field ``text``) its ``test`` split;
+  PubMed and arXiv (``scientific_papers``, field ``article``, MDLM's ``scientific_papers``
+  detokenizer: the WikiText rules then the LM1B rules) their ``validation`` split, which is our
+  ``test`` (= ``valid``) here.
 
 Hub names are as the reference code loads them (SEDD ``data.py``, MDLM ``dataloader.py``):
 the hub path is exercised only where the hub is reachable; tests run the same code on local
@@ -64,6 +69,7 @@ class HubSource:
 
 
 _TRAIN_VALID_TEST = {"train": "train", "valid": "validation", "test": "test"}
+_SCI = {"train": "train", "valid": "validation", "test": "validation"}   # MDLM scores the validation split
 
 SOURCES: dict[str, HubSource] = {
     "openwebtext": HubSource("Skylion007/openwebtext", None, "text", "none",
@@ -89,6 +95,13 @@ SOURCES: dict[str, HubSource] = {
     "rocstories": HubSource("mintujupally/ROCStories", None, "text", "none",
                             {"train": "train", "valid": "test", "test": "test"},
                             doc="ROCStories (Mostafazadeh et al. 2016), TEncDM's short-story set"),
+    "ag_news": HubSource("fancyzhx/ag_news", None, "text", "none",
+                         {"train": "train", "valid": "test", "test": "test"},
+                         doc="AG News (Zhang et al. 2015), MDLM's zero-shot set (test split)"),
+    "pubmed": HubSource("armanc/scientific_papers", "pubmed", "article", "scientific_papers", _SCI,
+                        doc="PubMed articles (Cohan et al. 2018), MDLM's zero-shot set (validation split)"),
+    "arxiv": HubSource("armanc/scientific_papers", "arxiv", "article", "scientific_papers", _SCI,
+                       doc="arXiv articles (Cohan et al. 2018), MDLM's zero-shot set (validation split)"),
     "wikipedia": HubSource("wikimedia/wikipedia", "20231101.en", "text", "none",
                            {"train": "train", "valid": "train", "test": "train"}, rule="heldout_tail",
                            heldout=10_000, doc="English Wikipedia (TEncDM's Wikipedia table)"),
