@@ -6,8 +6,8 @@ VDM notation (Kingma et al. 2021): a schedule is γ(t) = −log SNR(t), increasi
 - :func:`diffuse`: q(z_t | x) = N(α_t x, σ_t² I) (DDPM eq. 4 / VDM eq. 1).
 - :func:`posterior`: q(z_s | z_t, x), s < t (VDM eq. 3, App. A); DDPM ancestral and DDIM (Song
   et al. 2021, eq. 12, η = 0) steps on any grid (:func:`sample_loop`).
-- :func:`prior_kl` and (``methods/_vlb.py``) the diffusion term: the continuous-time bound
-  (VDM eq. 17), valid for any monotone γ with finite endpoints and any predictor x̂_θ.
+- :func:`prior_kl`, :func:`diffusion_term`: the continuous-time bound (VDM eq. 17), valid for
+  any monotone γ with finite endpoints and any predictor x̂_θ.
 - :class:`Schedule`: cosine (Nichol & Dhariwal 2021, eq. 17), sqrt (Li et al. 2022, App. A),
   tan-d (Shabalin et al. 2024), learned γ(t) (VDM §3.4 / PLAID), each with γ and γ′ in closed
   form; :class:`Parameterisation`: x0, ε (DDPM), v (Salimans & Ho 2022).
@@ -417,6 +417,12 @@ def nearest_embedding(x: torch.Tensor, E: torch.Tensor, block_bytes: int = NN_BY
 
 
 # ----------------------------------------------------------------------------- the bound
+def diffusion_term(x0, x0_hat, gamma_t, dgamma_t):
+    """½ γ'(t) e^{−γ(t)} ‖x0 − x̂0‖² summed over the last (feature) axis (VDM eq. 17); the
+    one-sample estimate of the continuous-time diffusion loss at t ~ U(0, 1)."""
+    return 0.5 * dgamma_t * torch.exp(-gamma_t) * ((x0 - x0_hat) ** 2).sum(-1)
+
+
 def prior_kl(x0, gamma_1):
     """KL(N(α_1 x0, σ_1² I) ‖ N(0, I)) summed over the last axis:
     ½ Σ_j (α_1² x_j² + σ_1² − 1 − log σ_1²)."""

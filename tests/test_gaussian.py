@@ -25,6 +25,7 @@ from methods._gaussian import (
     bcast,
     ddim_step,
     diffuse,
+    diffusion_term,
     nearest_embedding,
     posterior,
     prior_kl,
@@ -266,7 +267,7 @@ def _vlb(lam, N=200_000, seed=0):
         a, s2 = torch.sigmoid(-gam).sqrt(), torch.sigmoid(gam)
         z, _ = diffuse(x, a, s2.sqrt(), torch.randn(N, generator=g, dtype=torch.float64))
         x_hat = lam * _mix_denoiser(z, a, s2)
-        diff = 0.5 * dgam * torch.exp(-gam) * (x - x_hat) ** 2          # ½γ′e^{−γ}‖x − x̂‖² (VDM eq. 17)
+        diff = diffusion_term(x[:, None], x_hat[:, None], gam, dgam)
         g0, g1 = s.endpoints()
         g0, g1 = g0.double(), g1.double()
         a0, s0 = torch.sigmoid(-g0).sqrt(), torch.sigmoid(g0).sqrt()
