@@ -281,8 +281,6 @@ MUTANTS = [
     ("plaid-bound-in-float32", "methods/continuous.py", "        return estimate + prior_kl(e.double(), g1)\n",
      "        return (estimate + prior_kl(e.double(), g1)).float()\n", [CONT], "plaid_draw"),
     # the weights test rebuilds the estimate by hand: a wrong shared helper fails it too
-    ("gauss-diffusion-term-no-half", "methods/_gaussian.py", "0.5 * dgamma_t * torch.exp(-gamma_t)",
-     "dgamma_t * torch.exp(-gamma_t)", [GAUSS]),
     ("plaid-weights-diffusion-term-no-half", "methods/_vlb.py", "(0.5 * schedule.dgamma(u) * torch.exp(-g))",
      "(schedule.dgamma(u) * torch.exp(-g))", [CONT], "plaid_draw"),
     ("plaid-weights-prior-kl-logsigmoid-sign", "methods/_gaussian.py", "d * (s2 - 1 - F.logsigmoid(gamma_1))",
