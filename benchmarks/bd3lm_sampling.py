@@ -25,19 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.config import BackboneConfig  # noqa: E402
-from bench.registry import get_method  # noqa: E402
 from bench.samples import count_calls  # noqa: E402
+from benchmarks.sampler_throughput import build as _build  # noqa: E402
 
 
 def build(name: str, kw: dict, V: int, L: int):
-    cls = get_method(name)
-    torch.manual_seed(0)
-    m = cls(cls.Params(**kw), BackboneConfig(layers=2, hidden=128, heads=4), V, L)
-    for p in m.parameters():            # zero-initialised (flat logits): give them structure
-        if p.dim() > 1 and not p.any():
-            torch.nn.init.normal_(p, std=0.02)
-    return m.eval()
+    """The smoke-size model of benchmarks/sampler_throughput.py (2 × 128, structured weights)."""
+    return _build(name, kw, V, L)[1]
 
 
 def rows(blocks: list[int], V: int, L: int):
