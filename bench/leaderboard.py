@@ -411,7 +411,7 @@ def board(out: Path, compare: Path | None = None) -> Board:
                                                              for r in recs])
     scores = collect_scores(out, recs)
     st, it = sample_tidy(scores), infilltable.infill_tidy(scores)
-    ds = st["dataset"].fillna("")
+    ds = st["dataset"].astype(object).fillna("")
     tbs[:0] = [sample_table(st[ds == d], t, ds.nunique() > 1) for d in dict.fromkeys(ds)]   # one per reference set
     return Board(tbs + infilltable.infill_tables(it), t, st, recs, problems, it)
 

@@ -329,7 +329,7 @@ def _panel_rows(st) -> list[tuple[str, str, object]]:
     """(size, "\n<dataset>" or "", its rows) per size × sample reference dataset: one row of
     panels each (a suite with several training sets scores each run's samples on its own); the
     dataset goes on a second title line."""
-    ds = st["dataset"].fillna("").astype(str)
+    ds = st["dataset"].astype(object).fillna("").astype(str)
     several = ds.nunique() > 1
     return [(size, f"\n{d}" if several and d else "", st[(st["size"] == size) & (ds == d)])
             for size, d in dict.fromkeys(zip(st["size"], ds))]
