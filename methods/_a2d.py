@@ -133,8 +133,9 @@ def grow_embedding(emb: nn.Embedding) -> nn.Embedding:
     return new
 
 
-def build_a2d(name: str, V: int, L: int, where: str) -> tuple[A2DNet, dict]:
-    """(the A2D network of the causal LM ``name`` for a suite of V ids and blocks of L, facts
+def build_a2d(name: str, V: int, L: int, where: str, suite_tok=None) -> tuple[A2DNet, dict]:
+    """(the A2D network of the causal LM ``name`` for a suite of V ids (``suite_tok``, when
+    given, must encode as the model's tokenizer does) and blocks of L, facts
     to record: the pretrained weights' sha256 as loaded, a named model's identity). On the meta
     device (``--dry-run``) only the config is read: the network is built empty, with the
     parameter count of the real one."""
@@ -149,7 +150,11 @@ def build_a2d(name: str, V: int, L: int, where: str) -> tuple[A2DNet, dict]:
     body, out = lm.base_model, lm.get_output_embeddings()
     tied = out.weight is lm.get_input_embeddings().weight
     meta = torch.empty(0).device.type == "meta"
-    bos = hf.bos_id(lm, None if meta else hf.load_tokenizer(name))
+    hf_tok = None if meta else hf.load_tokenizer(name)
+    if suite_tok is not None and not hf.same_tokenizer(suite_tok, lm, hf_tok):
+        raise UserError(f"{where}: the suite's tokenizer ({suite_tok.key}) does not give {name}'s ids; use its "
+                        f"own: data.tokenizer: {{name: hf, model: {name}}}")
+    bos = hf.bos_id(lm, hf_tok)
     facts = {"init_from": name, "architecture": type(lm).__name__, "vocab_model": V_m, "mask_id": V_m,
              "first_context_id": bos, "tied_embeddings": tied, "mask_init": "mean of the pretrained input embeddings",
              "weights_sha256": None if meta else weights_sha256(lm),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_serializer, model_validator
 
 from bench.condition import condition
+from bench.errors import UserError
 from bench.method import Method, Params
 from bench.registry import register
 from methods._a2d import anneal_ratio, build_a2d
@@ -107,11 +108,22 @@ class MDLM(Method):
             return "any-order autoregressive model of the network at t = m/n (not the diffusion model)"
         return super().bounds()
 
+    @classmethod
+    def check_compatible(cls, params, data, where: str) -> None:
+        """With ``init_from``, the suite trains in the model's own ids: ``data.tokenizer`` must be
+        ``{name: hf, model: <the same model>}`` (or ``gpt2`` for a GPT-2 model: checked when built)."""
+        p = params if isinstance(params, MDLMParams) else cls.Params(**params)
+        tok = data.tokenizer
+        if p.init_from is not None and not (tok.name == "gpt2" or (tok.name == "hf" and tok.model == p.init_from)):
+            raise UserError(f"{where}.init_from: {p.init_from} reads its own token ids; set data.tokenizer: "
+                            f"{{name: hf, model: {p.init_from}}}")
+
     def build_network(self, cfg):
         """The shared backbone, or with ``init_from`` the pretrained causal LM as a denoiser (A2D)."""
         if self.p.init_from is None:
             return super().build_network(cfg)
-        net, self.a2d_facts = build_a2d(self.p.init_from, self.V, self.L, "methods[mdlm].init_from")
+        net, self.a2d_facts = build_a2d(self.p.init_from, self.V, self.L, "methods[mdlm].init_from",
+                                        self.context.tokenizer)
         return net
 
     @property
