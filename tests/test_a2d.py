@@ -222,3 +222,15 @@ def test_trains_through_the_harness_and_resumes_exactly(tiny, tmp_path, monkeypa
     assert again["train"]["resumed_from_step"] == 2
     assert metric_rows(again) == metric_rows(rec)
     assert again["train"]["final_loss"] == rec["train"]["final_loss"]
+
+
+def test_the_smollm2_suite_validates():
+    """suites/a2d-smollm2.yaml expands (no model loaded): the A2D row in SmolLM2's ids, time-agnostic."""
+    from conftest import REPO
+
+    from bench.suite import load_suite
+
+    _, specs = load_suite(REPO / "suites" / "a2d-smollm2.yaml")
+    a2d_row = next(s for s in specs if s.method == "mdlm")
+    assert a2d_row.params["init_from"] == "smollm2" and a2d_row.params["time_conditioning"] is False
+    assert a2d_row.data.tokenizer.model == "smollm2" and a2d_row.train.ema == 0.0
