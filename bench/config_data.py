@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_serializer, model_validator
 
 MAX_SEQ_LEN = 131_072      # 128 Ki tokens per sequence (SEDD/MDLM use 1024; long-context LMs 32-128 Ki)
 
@@ -44,11 +44,16 @@ class DatasetRef(BaseModel):
 
 
 class TokenizerConfig(Strict):
-    """``gpt2`` (offline, OpenAI ids), ``bpe`` (byte-level BPE trained on the train split) or
-    ``char`` (text8's 27 characters; needs ``eval.packing: none``)."""
+    """``gpt2`` (offline, OpenAI ids), ``bpe`` (byte-level BPE trained on the train split),
+    ``char`` (text8's 27 characters; needs ``eval.packing: none``) or ``hf`` (a pretrained
+    model's own tokenizer, ``model``: a named model such as ``smollm2``, a hub name or a
+    save_pretrained directory, resolved as every pretrained model is, bench.hf; its EOS
+    separates documents) — the tokenizer a row started from a causal LM (``mdlm``'s
+    ``init_from``) trains and is evaluated in."""
 
-    name: Literal["gpt2", "bpe", "char"] = "gpt2"
+    name: Literal["gpt2", "bpe", "char", "hf"] = "gpt2"
     vocab_size: Optional[PositiveInt] = None  # bpe only; default 8000
+    model: Optional[str] = Field(None, min_length=1, max_length=500)   # hf only: whose tokenizer
 
     @model_validator(mode="after")
     def _check(self):
@@ -57,7 +62,19 @@ class TokenizerConfig(Strict):
                              f"for the {self.name} tokenizer")
         if self.name == "bpe" and self.vocab_size is not None and self.vocab_size < 260:
             raise ValueError("a byte-level BPE needs vocab_size >= 260")
+        if self.name == "hf" and (self.model is None or self.vocab_size is not None):
+            raise ValueError("the hf tokenizer is a pretrained model's: give its model (e.g. smollm2), no vocab_size")
+        if self.name != "hf" and self.model is not None:
+            raise ValueError(f"model applies to the hf tokenizer only (this is {self.name})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_model(self, handler):
+        # ``model`` came later: absent from the spec (and the run id) of every other tokenizer
+        d = handler(self)
+        if isinstance(d, dict) and d.get("model") is None:
+            d.pop("model", None)
+        return d
 
 
 class DataConfig(Strict):
@@ -83,6 +100,8 @@ class DataConfig(Strict):
 
 
 def tokenizer_key(tok: TokenizerConfig) -> str:
+    if tok.name == "hf":
+        return f"hf:{tok.model}"
     return {"gpt2": "gpt2", "char": "char-text8"}.get(tok.name) or f"bpe-{tok.vocab_size or 8000}"
 
 

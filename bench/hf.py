@@ -153,11 +153,12 @@ def causal_lm_token_nll(model, ids: torch.LongTensor, first_context_id: int,
     return out
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None):
-    """The model's own tokenizer, or None when the directory holds none (or offline)."""
+def load_tokenizer(name_or_path: str, revision: str | None = None, where: str | None = None):
+    """The model's own tokenizer, or None when the directory holds none (or offline); ``where``
+    names the key in the error for a local path that is not a directory."""
     from transformers import AutoTokenizer
 
-    src, local = resolve_pretrained(name_or_path)
+    src, local = resolve_pretrained(name_or_path, where, "a tokenizer")
     if is_local_name(name_or_path) and not any((Path(src) / f).is_file() for f in TOKENIZER_FILES):
         return None  # (transformers would build an empty tokenizer from config.json alone)
     try:

@@ -40,7 +40,8 @@ every parameter) on ``stage_loss(stage, x0, counted, u)`` (default: ``loss``) wi
 optimizer, schedule, EMA and checkpoints; ``stage_defaults[stage]`` gives its default
 training settings (TrainConfig fields: steps, lr, batch_size, ...), which the suite's
 ``train: {stages: {<stage>: {...}}}`` overrides. The harness sets ``current_stage`` before
-each stage; ``forward`` routes to that stage's loss.
+each stage; ``forward`` routes to that stage's loss; ``before_step(stage, k)`` is called before
+each optimizer step k (a schedule keyed to the step, e.g. attention-mask annealing).
 
 Frozen parts: ``add_frozen(name, module, source)`` holds a pretrained module that is never
 trained: it is no child of the method, so it is outside ``parameters()``, ``state_dict()``,
@@ -162,6 +163,11 @@ class Method(nn.Module):
         exactly these during the stage and builds that stage's optimizer (and EMA) over them.
         Under DDP each of them must get a gradient from ``stage_loss(stage, ...)``."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def before_step(self, stage: str, step: int) -> None:
+        """Called by the training loop before optimizer step ``step`` (0-based, within
+        ``stage``; a resumed run starts at its checkpoint's step), on every rank: for a
+        curriculum keyed to the step (mdlm's ``anneal_steps``). Default: nothing."""
 
     def stage_loss(self, stage: str, x0: torch.Tensor, counted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The stage's scalar training loss (per counted token). Default: ``loss``."""

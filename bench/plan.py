@@ -32,11 +32,14 @@ class Estimate:
 
 
 def vocab_size(spec: RunSpec) -> int:
-    from bench.data import dataset_params, is_synthetic
+    """The run's vocabulary; a pretrained model's tokenizer (``hf``) is read from its files (no model)."""
+    from bench.data import dataset_params, get_tokenizer, is_synthetic
 
     if is_synthetic(spec.data.train):
         return dataset_params(spec.data.train).vocab
     t = spec.data.tokenizer
+    if t.name == "hf":
+        return get_tokenizer(spec.data).vocab_size
     return {"gpt2": 50257, "char": 27}.get(t.name) or (t.vocab_size or 8000)
 
 

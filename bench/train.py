@@ -292,6 +292,7 @@ class Stage:
         batch = self.training.data.batch(k, cfg.batch_size, self.seed)
         C = max(int(batch.counted.sum()), 1)
         u_all = batch_u(cfg.batch_size, torch.Generator().manual_seed(seed_of(self.seed, k, 1 << 20)))
+        self.training.method.before_step(self.name, k)
         self.model.train()
         loss = 0.0
         for j in range(plan.accum):

@@ -13,19 +13,27 @@ t = m/n and bounds the any-order autoregressive model instead (Ou et al. 2024); 
 t = u. Sampler: ancestral, revealing each masked token w.p. (t − s)/t; with
 ``time_conditioning: false`` it reuses p_θ(x_0 | x_t) for rows that did not change.
 
+``init_from`` (a named model such as ``smollm2``, a hub name or a save_pretrained directory of a
+causal LM): the network is that pretrained AR model turned into the denoiser (A2D: DiffuGPT /
+DiffuLLaMA, methods/_a2d.py) — bidirectional attention (``anneal_steps``: DiffuLLaMA's
+attention-mask annealing), p_θ(x_0^i | x_t) read from the output at i − 1, [MASK] a new input id,
+no time input (``time_conditioning`` is false). The suite's sizes do not apply to it.
+
 Derivation: docs/methods.md#mdlm.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from bench.condition import condition
+from bench.errors import UserError
 from bench.method import Method, Params
 from bench.registry import register
+from methods._a2d import anneal_ratio, build_a2d
 from methods._discrete import ABSORB, clamp
 from methods._masked import (  # noqa: F401 (public here too)
     Denoiser,
@@ -47,6 +55,38 @@ class MDLMParams(Params):
         "beta", description="eval form: beta (bounded weights, the NELBO), time (t = u), or count "
                             "(t = m/n: bounds the any-order AR model, not the diffusion model)")
     time_conditioning: bool = True  # false: the denoiser sees x_t only (t ≡ 0), sampler caches
+    init_from: Optional[str] = Field(
+        None, min_length=1, max_length=500,
+        description="start from this pretrained causal LM (named model, hub name or save_pretrained dir): "
+                    "A2D, methods/_a2d.py; the suite's tokenizer must be its own (data.tokenizer: {name: hf, "
+                    "model: ...})")
+    anneal_steps: int = Field(0, ge=0, description="init_from: attention-mask annealing from causal to full over "
+                                                   "the first N training steps (DiffuLLaMA); 0: full from the start")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _agnostic_when_pretrained(cls, d):
+        # a causal LM takes no t: with init_from, time_conditioning defaults to (and must be) false
+        if isinstance(d, dict) and d.get("init_from") is not None:
+            d = {"time_conditioning": False, **d}
+        return d
+
+    @model_validator(mode="after")
+    def _check_a2d(self):
+        if self.init_from is not None and self.time_conditioning:
+            raise ValueError("init_from: a pretrained causal LM takes no time; time_conditioning must be false")
+        if self.init_from is None and self.anneal_steps:
+            raise ValueError("anneal_steps applies only with init_from (a causal LM's attention annealed to full)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_a2d(self, handler):
+        # init_from and anneal_steps came later: absent from the spec (and the run id) of rows without them
+        d = handler(self)
+        if isinstance(d, dict) and d.get("init_from") is None:
+            d.pop("init_from", None)
+            d.pop("anneal_steps", None)
+        return d
 
 
 @register("mdlm")
@@ -67,6 +107,42 @@ class MDLM(Method):
         if self.p.estimator == "count":
             return "any-order autoregressive model of the network at t = m/n (not the diffusion model)"
         return super().bounds()
+
+    @classmethod
+    def check_compatible(cls, params, data, where: str) -> None:
+        """With ``init_from``, the suite trains in the model's own ids: ``data.tokenizer`` must be
+        ``{name: hf, model: <the same model>}`` (or ``gpt2`` for a GPT-2 model: checked when built)."""
+        p = params if isinstance(params, MDLMParams) else cls.Params(**params)
+        tok = data.tokenizer
+        if p.init_from is not None and not (tok.name == "gpt2" or (tok.name == "hf" and tok.model == p.init_from)):
+            raise UserError(f"{where}.init_from: {p.init_from} reads its own token ids; set data.tokenizer: "
+                            f"{{name: hf, model: {p.init_from}}}")
+
+    def build_network(self, cfg):
+        """The shared backbone, or with ``init_from`` the pretrained causal LM as a denoiser (A2D)."""
+        if self.p.init_from is None:
+            return super().build_network(cfg)
+        net, self.a2d_facts = build_a2d(self.p.init_from, self.V, self.L, "methods[mdlm].init_from",
+                                        self.context.tokenizer)
+        return net
+
+    @property
+    def mask_id(self) -> int:
+        """[MASK]: V, or with ``init_from`` the causal LM's vocabulary size (its appended row)."""
+        return self.net.mask_id if self.p.init_from is not None else self.V
+
+    def before_step(self, stage: str, step: int) -> None:
+        """With ``init_from``: the share of future keys open at this step (anneal_steps, _a2d.anneal_ratio)."""
+        if self.p.init_from is not None:
+            self.net.ratio = anneal_ratio(step, self.p.anneal_steps)
+
+    def info(self) -> dict:
+        """With ``init_from``: what the network started from (methods/_a2d.build_a2d)."""
+        out = super().info()
+        if self.p.init_from is not None:
+            out["a2d"] = {**self.a2d_facts, "anneal_steps": self.p.anneal_steps,
+                          "logits": "shifted: x_0^i read at i-1, BOS before position 0"}
+        return out
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t if self.p.time_conditioning else torch.zeros_like(t)

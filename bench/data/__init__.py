@@ -27,7 +27,7 @@ from bench.config_io import first_error
 from bench.data import blockcache, corpora, dyck, hmm, hub, synthetic
 from bench.data.detokenizers import DETOKENIZERS
 from bench.data.paths import cache_dir
-from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, Tokenizer, gpt2, train_bpe
+from bench.data.tokenizers import CharTokenizer, IdentityTokenizer, PretrainedTokenizer, Tokenizer, gpt2, train_bpe
 from bench.errors import UserError, did_you_mean
 
 CACHE_FORMAT = 2
@@ -111,7 +111,21 @@ def validate_data_config(data: DataConfig, train: str = "data.train") -> None:
 def get_tokenizer(data: DataConfig) -> Tokenizer:
     if is_synthetic(data.train):
         return IdentityTokenizer(dataset_params(data.train).vocab)
+    if data.tokenizer.name == "hf":
+        return _pretrained_tokenizer(data.tokenizer.model)
     return _text_tokenizer(data.tokenizer.name, data.tokenizer.vocab_size or 8000, data.train.name)
+
+
+@lru_cache(maxsize=4)
+def _pretrained_tokenizer(model: str) -> Tokenizer:
+    """``tokenizer: {name: hf, model: ...}``: the model's own tokenizer (bench.hf.load_tokenizer,
+    the one rule for local / hub / named models); a UserError naming the key when it has none."""
+    from bench import hf
+
+    tok = hf.load_tokenizer(model, where="data.tokenizer.model")
+    if tok is None:
+        raise UserError(f"data.tokenizer.model: {model}: no tokenizer found (save it beside the model)")
+    return PretrainedTokenizer(tok, model)
 
 
 @lru_cache(maxsize=8)

@@ -1,7 +1,7 @@
 """Tokenizers: GPT-2 BPE offline from the files shipped in the package (ids identical to
 OpenAI's), a byte-level BPE trained on the training split (cached, deterministic), the
-character-level tokenizer of text8 (27 symbols), and the identity "tokenizer" of synthetic
-sources."""
+character-level tokenizer of text8 (27 symbols), a pretrained model's own tokenizer
+(``PretrainedTokenizer``), and the identity "tokenizer" of synthetic sources."""
 from __future__ import annotations
 
 import json
@@ -39,6 +39,31 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts):
         return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids):
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained model's own tokenizer (``tokenizer: {name: hf, model: ...}``), a
+    ``transformers`` tokenizer: texts encoded without the special tokens it would add (a
+    Llama-style BOS), documents separated by its EOS (SmolLM2 converted: ``<|endoftext|>``,
+    id 0); ``vocab_size`` counts its added tokens too. ``key`` names it by the model and the
+    sha256 of its serialised vocabulary and rules (so a changed tokenizer is a new block cache)."""
+
+    def __init__(self, tok, model: str):
+        import hashlib
+
+        self._tok = tok
+        self.vocab_size = len(tok)
+        self.eos_id = tok.eos_token_id if isinstance(tok.eos_token_id, int) else -1
+        backend = getattr(tok, "backend_tokenizer", None)
+        rules = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or "model")[:40]
+        self.key = f"hf-{slug}-{hashlib.sha256(rules.encode()).hexdigest()[:12]}"
+
+    def encode_batch(self, texts):
+        return [list(ids) for ids in self._tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
     def decode(self, ids):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -205,6 +205,7 @@ def _human(setup: ScoringSetup, data: DataConfig, packing: str, ref: DatasetRef,
     setup.source = src or None
     setup.ref_desc = {"dataset": ref.key, "split": r.split, "seed": r.seed, "seq_len": data.seq_len,
                     "tokenizer": data.tokenizer.name if data.tokenizer.name == "gpt2" else
+                    f"hf:{data.tokenizer.model}" if data.tokenizer.name == "hf" else
                     f"bpe-{data.tokenizer.vocab_size or 8000}"}
 
 

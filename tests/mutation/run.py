@@ -51,6 +51,7 @@ BD3 = "tests/test_bd3lm.py"
 BB = "tests/test_backbone.py"
 LMEV = "tests/test_lmeval.py"
 HFM = "tests/test_hf_masked_diffusion.py"
+A2D = "tests/test_a2d.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -665,6 +666,23 @@ MUTANTS = [
      "conf.argsort(dim=1, descending=False, stable=True)", [HFM], "confidence"),
     ("confidence-two-per-step", "methods/_masked.py", "k = masked.sum(1) - torch.floor(total * s).long()",
      "k = 2 * (masked.sum(1) - torch.floor(total * s).long())", [HFM], "confidence"),
+    # ---------------------------------------------------------------- A2D: mdlm init_from (methods/_a2d.py)
+    ("a2d-no-shift", "methods/_a2d.py", "h = out.last_hidden_state[:, :L]", "h = out.last_hidden_state[:, 1:]",
+     [A2D], "step0"),
+    ("a2d-shift-the-wrong-way", "methods/_a2d.py", "h = out.last_hidden_state[:, :L]",
+     "h = torch.cat([out.last_hidden_state[:, 2:], out.last_hidden_state[:, -1:]], 1)", [A2D], "step0"),
+    ("a2d-annealing-open-at-step-0 (DiffuLLaMA's (k+1)/N)", "methods/_a2d.py", "min(1.0, step / steps)",
+     "min(1.0, (step + 1) / steps)", [A2D], "step0"),
+    ("a2d-bidirectional-in-training-from-the-start", "methods/_a2d.py",
+     "self.ratio if self.training else 1.0", "1.0", [A2D], "step0"),
+    ("a2d-never-bidirectional", "methods/_a2d.py", "self.ratio if self.training else 1.0",
+     "self.ratio if self.training else 0.0", [A2D], "bidirectional"),
+    ("a2d-head-predicts-mask", "methods/_a2d.py", "return self.tied.weight[:self.V], None",
+     "return self.tied.weight, None", [A2D], "step0 or mask_token"),
+    ("a2d-mask-row-zero", "methods/_a2d.py", "new.weight[V] = emb.weight.mean(0)", "new.weight[V] = 0",
+     [A2D], "mask_token"),
+    ("a2d-loop-never-tells-the-step", "bench/train.py", "        self.training.method.before_step(self.name, k)\n",
+     "", [A2D], "harness"),
 ]
 
 
