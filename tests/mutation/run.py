@@ -51,6 +51,8 @@ BD3 = "tests/test_bd3lm.py"
 BB = "tests/test_backbone.py"
 LMEV = "tests/test_lmeval.py"
 HFM = "tests/test_hf_masked_diffusion.py"
+HFB = "tests/test_hf_bd3lm.py"
+PUB = "tests/test_published_suite.py"
 
 # (id, file, old text, new text, tests to run [, pytest -k expression])
 MUTANTS = [
@@ -655,12 +657,33 @@ MUTANTS = [
      "return ids, torch.ones_like(special)", [HFM], "enumeration"),
     ("hfmask-logits-shifted", "methods/hf_masked_diffusion.py", 'self.p.logits == "shifted-subs")',
      'self.p.logits != "shifted-subs")', [HFM], "enumeration"),
-    ("hfmask-sigma-not-taken", "methods/hf_masked_diffusion.py",
-     '-torch.log1p(-t) if self.time_value == "sigma" else t', "t", [HFM], "remote_code"),
+    ("hfmask-sigma-not-taken", "methods/hf_masked_diffusion.py", '{"sigma": -torch.log1p(-t),', '{"sigma": t,',
+     [HFM], "remote_code"),
     ("hfmask-remote-code-trusted-when-loading", "methods/hf_masked_diffusion.py",
      "trust_remote_code=p.trust_remote_code,", "trust_remote_code=True,", [HFM], "remote_code"),
     ("hfmask-remote-code-not-checked-first", "methods/hf_masked_diffusion.py",
      "if not p.trust_remote_code and ships_code(p):", "if False:", [HFM], "remote_code"),
+    # ---------------------------------------------------------------- hf-masked-diffusion's BD3-LM rows (issue 23)
+    ("hfbd3-input-x0-first", "methods/hf_masked_diffusion.py", "self.net(torch.cat([x_t, x0], 1),",
+     "self.net(torch.cat([x0, x_t], 1),", [HFB], "bound"),
+    ("hfbd3-subs-keeps-the-mask-logit", "methods/_masked.py", "    logits[..., mask_id] = -torch.inf   # x_0 is never [MASK]\n",
+     "", [HFB], "bound"),
+    ("hfbd3-whole-sequence-bound", "methods/hf_masked_diffusion.py",
+     "return nelbo_blocks(x0, counted, u, self.block_ce, self.mask_id, self.p.block_size)",
+     "return nelbo_blocks(x0, counted, u, self.block_ce, self.mask_id, x0.shape[1])", [HFB], "bound"),
+    ("hfbd3-sampler-stale-context", "methods/_masked.py", "            x[:, s] = x_blk\n", "", [HFB], "sampler"),
+    ("hfbd3-sampler-reads-block-0", "methods/_masked.py", "            return block_logits(x, s)\n",
+     "            return block_logits(x, slice(0, x_blk.shape[1]))\n", [HFB], "sampler"),
+    ("hfbd3-config-model-length-unchecked", "methods/hf_masked_diffusion.py", "if isinstance(n, int) and n != self.L:",
+     "if False:", [HFB], "settings"),
+    ("hfbd3-run-ids-move", "methods/hf_masked_diffusion.py", 'if k != "block_size" or v is not None}', "}", [HFB],
+     "settings"),
+    ("hfbd3-transformers5-hint-lost", "bench/hf.py", 'if "all_tied_weights_keys" in first:', "if False:", [HFB],
+     "older"),
+    ("hfbd3-dry-run-counts-x_t-only", "methods/hf_masked_diffusion.py", "return 2 * seq_len if params.block_size else",
+     "return seq_len if params.block_size else", [PUB], "dry_run"),
+    ("compare-protocol-of-matched-cells-ignored", "bench/tables.py",
+     "and not (matched_protocols - set(mine_p)) else (", "else (", [PUB], "end_to_end"),
     ("confidence-least-confident-first", "methods/_masked.py", "conf.argsort(dim=1, descending=True, stable=True)",
      "conf.argsort(dim=1, descending=False, stable=True)", [HFM], "confidence"),
     ("confidence-two-per-step", "methods/_masked.py", "k = masked.sum(1) - torch.floor(total * s).long()",
