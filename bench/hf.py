@@ -81,6 +81,9 @@ def resolve_pretrained(name: str, where: str | None = None, what: str = "model")
 def failure(e: Exception, local: bool) -> str:
     """One line on why loading failed (hub names: which hub was tried)."""
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if "all_tied_weights_keys" in first:   # transformers >= 5 needs post_init(), which older remote code never calls
+        return f"{first} (its modelling code predates transformers 5 and never calls post_init(): run it under " \
+               f"transformers<5)"
     if local:
         return first
     how = "HF_HUB_OFFLINE is set: only the local hub cache was read" if hub_offline() else \

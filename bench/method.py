@@ -144,6 +144,13 @@ class Method(nn.Module):
         return None
 
     @classmethod
+    def planned_eval_tokens(cls, params: BaseModel, seq_len: int) -> int:
+        """The ids one ``nll`` pass feeds the network per block of ``seq_len`` (``--dry-run``'s
+        evaluation FLOPs are 2·N per id fed): ``seq_len``; 2·seq_len for an [x_t, x_0] input
+        (hf-masked-diffusion's BD3-LM rows)."""
+        return seq_len
+
+    @classmethod
     def check_compatible(cls, params: dict, data, where: str) -> None:
         """Raise UserError if this method cannot run on ``data`` (e.g. needs a tokenizer)."""
 

@@ -4,7 +4,8 @@ from the expanded run specs alone (no data is read, nothing is written, no model
 Compute model: training FLOPs = 6·N·D (N parameters, D = steps × batch × seq_len training
 tokens; the forward+backward rule of thumb, Kaplan et al. 2020), evaluation FLOPs =
 2·N·(max_blocks × seq_len) per eval set and t-sample (an upper bound: a test set may have
-fewer blocks; unbounded when ``eval.max_blocks`` is null). GPU-hours = FLOPs / (MFU × peak ×
+fewer blocks; unbounded when ``eval.max_blocks`` is null), seq_len read as the ids one pass
+feeds the network (``Method.planned_eval_tokens``: 2·seq_len for an [x_t, x_0] input). GPU-hours = FLOPs / (MFU × peak ×
 3600). N counts every parameter, embeddings included, of the network the method builds,
 instantiated on PyTorch's ``meta`` device (exact, no memory); an evaluation-only row (a
 pretrained model, loaded rather than built) is costed by the count its row declares
@@ -85,7 +86,8 @@ def estimate(specs: list[RunSpec], mfu: float, peak_tflops: float) -> list[Estim
         train = 6.0 * N * D if N else 0.0
         K = 1 if cls.likelihood == "exact" else s.eval.t_samples
         ev = None if s.eval.max_blocks is None or N is None else \
-            2.0 * N * s.eval.max_blocks * s.data.seq_len * K * len(s.data.eval)
+            2.0 * N * s.eval.max_blocks * cls.planned_eval_tokens(cls.Params(**s.params), s.data.seq_len) * K \
+            * len(s.data.eval)
         total = train + (ev or 0.0)
         out.append(Estimate(s, N, D, train, ev, total / (mfu * peak_tflops * 1e12 * 3600) if N else None))
     return out

@@ -235,7 +235,7 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
     head = [f"Ours vs published: {name} ({metric}; cell = ours / published (relative difference); "
             "— = no counterpart)", ""]
     body = []
-    matched, only_ours, only_theirs = 0, [], []
+    matched, only_ours, only_theirs, matched_protocols = 0, [], [], set()
     for size, model in rows:
         cells = [size, model]
         for c in cols:
@@ -245,6 +245,8 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
                 rel = f"{(va - vb) / vb:+.1%}" if va is not None and vb else "n/a"
                 cells.append(f"{fmt(a)} / {fmt(b)} ({rel})")
                 matched += 1
+                if "protocol" in b and not pd.isna(b["protocol"]):
+                    matched_protocols.add(str(b["protocol"]))
             elif a is not None:
                 cells.append(f"{fmt(a)} / —")
                 only_ours.append(f"{size} {model} {c}")
@@ -259,10 +261,11 @@ def _compare_metric(ours: pd.DataFrame, ref: pd.DataFrame, metric: str, name: st
         lines.append(f"No published counterpart ({len(only_ours)}): " + "; ".join(only_ours))
     if only_theirs:
         lines.append(f"Published, not in this leaderboard ({len(only_theirs)}): " + "; ".join(only_theirs))
-    pubs = sorted({str(p) for p in ref.get("protocol", pd.Series(dtype=str)).dropna()})
+    # the protocols of the matched cells (of the whole table when none matched)
+    pubs = sorted(matched_protocols or {str(p) for p in ref.get("protocol", pd.Series(dtype=str)).dropna()})
     if pubs:
         mine_p = sorted(set(our_presets)) or ["?"]
-        warn = "" if set(mine_p) <= set(pubs) else (
+        warn = "" if set(mine_p) <= set(pubs) and not (matched_protocols - set(mine_p)) else (
             " — NOT the same protocol: differences include the token-counting convention")
         lines.append(f"Published protocol: {', '.join(pubs)}; ours: {', '.join(mine_p)} (eval.protocol){warn}.")
     if source:

@@ -10,8 +10,13 @@ BD3-LM (methods/bd3lm.py), which is MDLM inside each block.
 - The NELBO's one-draw estimators given a denoiser (x_t, t) → log p_θ(x_0 | x_t): ``nelbo``
   (time form, MDLM eq. 10), ``nelbo_beta`` (bounded weights), ``nelbo_masked_count`` — MDLM's,
   and hf-masked-diffusion's for a pretrained masked LM.
-- SUBS (MDLM §3.2) for a network that outputs the [MASK] column too (``subs``), and the two
-  samplers of the family: ``ancestral_sample`` (MDLM's reverse process) and
+- The same NELBO per block of L′ tokens given the clean earlier blocks (BD3-LM's L_BD; its
+  methods/bd3lm.py and a released BD3-LM checkpoint read by hf-masked-diffusion):
+  ``block_times`` (one draw per block from the harness's one per sequence), ``nelbo_blocks``.
+- SUBS (MDLM §3.2) for a network that outputs the [MASK] column too (``subs``, and ``subs_ce``:
+  its cross-entropy without the (B, L, V) log-probabilities), and the samplers of the family:
+  ``ancestral_sample`` (MDLM's reverse process), ``block_ancestral`` (the same inside one block,
+  BD3-LM's Algorithm 2, with ``block_steps`` spreading a step budget over the blocks) and
   ``confidence_sample`` (confidence-ordered unmasking, LLaDA / Dream).
 """
 from __future__ import annotations
@@ -103,6 +108,35 @@ def nelbo_masked_count(x0, counted, u, denoise: Denoiser, mask_id: int) -> torch
     return weighted_masked_ce(x0, x_t, masked, n, m, (m / n.clamp(min=1)).to(u.dtype), denoise)
 
 
+# ----------------------------------------------------------------------------- per block (BD3-LM)
+def block_times(u: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(B, blocks): u_b = (u + b/blocks) mod 1 per block from one u (B,) per sequence, kept in
+    [1e-6, 1 − 1e-6] (the harness's own range) — a rotation of the block grid: each u_b is
+    U(0, 1), so each block's term is unbiased, and a stratified u stratifies every block."""
+    shift = torch.arange(blocks, device=u.device, dtype=u.dtype) / blocks
+    return torch.remainder(u[:, None] + shift, 1.0).clamp(1e-6, 1 - 1e-6)
+
+
+def nelbo_blocks(x0, counted, u, block_ce: Callable, mask_id: int, size: int, estimator: str = "beta"):
+    """Σ_b of one-draw estimates of block b's NELBO given the clean blocks before it (BD3-LM §3.1:
+    L_BD = Σ_b E_t (1/t) Σ_{masked ℓ in b} −log p_θ(x^{b,ℓ} | x_t^b, x^{<b})), (B,) nats, from one
+    draw t_b per block (``block_times`` of ``u``, (B,)). ``beta``: MDLM's bounded-weight form per
+    block — m_b = ⌈t_b·n_b⌉ of the block's n_b counted tokens masked as a uniform subset, weight
+    n_b/m_b (a denoiser that ignores t: no t is drawn); ``time``: each token masked w.p. t_b,
+    weight 1/t_b. ``block_ce(x_t, x0)`` → (B, L) −log p_θ(x_0 | x_t^b, x_0^{<b}) at every
+    position (all blocks from one pass over [x_t, x_0])."""
+    B, L = x0.shape
+    t = block_times(u, L // size)
+    if estimator == "beta":
+        x_t, masked, n, m = mask_m_subset(x0, counted, t, mask_id, block=size)
+        w = count_weight(n.to(t.dtype), m.to(t.dtype))
+    else:
+        x_t, masked = mask_tokens(x0, counted, t.repeat_interleave(size, dim=1), mask_id)
+        w = elbo_weight(t)
+    ce = block_ce(x_t, x0)
+    return (w * (ce * masked).view(B, -1, size).sum(-1)).sum(1)
+
+
 def subs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS (MDLM §3.2) on raw logits (B, L, V') that include the [MASK] column: log p_θ(x_0 | x_t)
     with the [MASK] logit at −∞ (x_0 is never [MASK]) and every unmasked position carried over
@@ -114,6 +148,16 @@ def subs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
     carried = torch.full_like(log_p[keep], -torch.inf).scatter_(-1, x_t[keep][:, None], 0.0)
     log_p[keep] = carried
     return log_p
+
+
+def subs_ce(logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """(B, L) −log p_θ(x_0 | x_t) under SUBS from raw logits (B, L, V') that include the [MASK]
+    column — ``-subs(logits, x_t, mask_id).gather(-1, x0)`` without the (B, L, V') log-probability
+    tensor: logsumexp over the columns but [MASK] minus the logit of x_0 at a [MASK] position, 0
+    at a carried-over one. ``logits`` is overwritten (pass a tensor nothing else reads)."""
+    logits[..., mask_id] = -torch.inf   # x_0 is never [MASK]
+    ce = torch.logsumexp(logits, dim=-1) - logits.gather(-1, x0[..., None])[..., 0]
+    return torch.where(x_t == mask_id, ce, torch.zeros_like(ce))
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -146,6 +190,48 @@ def ancestral_sample(features: Callable, readout: Callable, x: torch.Tensor, mas
         reveal = (x == mask_id) & (u < (t - s) / t)
         x[reveal] = gumbel_argmax(readout(h[reveal]), generator, float64)   # x_0 drawn only where revealed
         stale = reveal.any(1)
+    return x
+
+
+def block_steps(steps: int, blocks: int) -> list[int]:
+    """The step budget spread over the blocks (the first ``steps mod blocks`` get one more); at
+    least one call per block, so a budget below the block count takes one per block."""
+    base, extra = divmod(int(steps), blocks)
+    return [max(1, base + (b < extra)) for b in range(blocks)]
+
+
+def block_ancestral(logits_fn: Callable, x_t: torch.Tensor, mask_id: int, steps: int, generator=None,
+                    float64: bool = True, reuse: bool = True) -> torch.Tensor:
+    """MDLM's ancestral sampler on one block (BD3-LM §3.2, Algorithm 2) in ``steps`` steps,
+    t = i/steps → s = (i−1)/steps: each [MASK] of ``x_t`` (n, L′) revealed w.p. (t − s)/t = 1/i,
+    as a Gumbel-max draw from ``logits_fn(x_t, first)`` → (n, L′, V) logits of p_θ(x_0 | x_t^b,
+    x^{<b}) (``first``: the block's first call); kept positions stay. ``reuse``: a call whose
+    input did not change since the last one is skipped (exact: the denoiser ignores t)."""
+    logits, changed = None, True
+    for i in range(steps, 0, -1):
+        if logits is None or changed or not reuse:
+            logits = logits_fn(x_t, logits is None)
+        coin = torch.rand(x_t.shape, generator=generator, device=x_t.device,
+                          dtype=torch.float64 if float64 else torch.float32)
+        reveal = (x_t == mask_id) & (coin < 1 / i)
+        x_t[reveal] = gumbel_argmax(logits[reveal], generator, float64)
+        changed = bool(reveal.any())
+    return x_t
+
+
+def block_sample(block_logits: Callable, x: torch.Tensor, size: int, mask_id: int, steps: int, generator=None,
+                 float64: bool = True) -> torch.Tensor:
+    """BD3-LM's sampler (§3.2, Algorithm 2) without a cache: ``x`` (n, L) all [MASK] filled block
+    by block, ``block_ancestral`` inside each block over its share of ``steps`` (``block_steps``);
+    ``block_logits(x, s)`` → (n, L′, V) logits of p_θ(x_0 | x_t^b, x^{<b}) for the block at slice
+    ``s``, x holding the clean blocks before it and its current x_t there."""
+    for b, T in enumerate(block_steps(steps, x.shape[1] // size)):
+        s = slice(b * size, (b + 1) * size)
+
+        def logits(x_blk, first, s=s):
+            x[:, s] = x_blk
+            return block_logits(x, s)
+        x[:, s] = block_ancestral(logits, x[:, s].clone(), mask_id, steps=T, generator=generator, float64=float64)
     return x
 
 

@@ -52,9 +52,9 @@ from pydantic import Field, model_validator
 from bench.backbone import KVCache
 from bench.condition import condition
 from bench.errors import UserError
-from bench.method import Method, Params, gumbel_argmax
+from bench.method import Method, Params
 from bench.registry import register
-from methods._masked import count_weight, elbo_weight, mask_m_subset, mask_tokens
+from methods._masked import block_ancestral, block_steps, block_times, elbo_weight, mask_tokens, nelbo_blocks
 
 PPM = 1_000_000   # the searched clip window is held in an int64 buffer in millionths (EMA leaves it alone)
 
@@ -79,13 +79,6 @@ def prefix_mask(P: int, n_clean: int, size: int, device=None) -> torch.Tensor:
     clean = torch.cat([torch.ones(n_clean, P, dtype=torch.bool, device=device), blk[:, None] >= blk[None, :],
                        torch.zeros(n_clean, size, dtype=torch.bool, device=device)], 1)
     return torch.cat([clean, torch.ones(size, P + n_clean + size, dtype=torch.bool, device=device)], 0)
-
-
-def block_steps(steps: int, blocks: int) -> list[int]:
-    """The step budget spread over the blocks (the first ``steps mod blocks`` get one more); at
-    least one call per block, so a budget below the block count takes one per block."""
-    base, extra = divmod(int(steps), blocks)
-    return [max(1, base + (b < extra)) for b in range(blocks)]
 
 
 def clip_grid(widths, delta: float) -> list[tuple[float, float]]:
@@ -171,27 +164,16 @@ class BD3LM(Method):
         return self.net.head(h[:, :self.L], targets=x0)
 
     def block_times(self, u: torch.Tensor) -> torch.Tensor:
-        """(B, L/L′): u_b = (u + b/B) mod 1 per block, kept in [1e-6, 1 − 1e-6] (the harness's own range)."""
-        nb = self.L // self.p.block_size
-        shift = torch.arange(nb, device=u.device, dtype=u.dtype) / nb
-        return torch.remainder(u[:, None] + shift, 1.0).clamp(1e-6, 1 - 1e-6)
+        """(B, L/L′): u_b = (u + b/B) mod 1 per block (methods._masked.block_times)."""
+        return block_times(u, self.L // self.p.block_size)
 
     def per_token(self, v: torch.Tensor) -> torch.Tensor:
         return v.repeat_interleave(self.p.block_size, dim=1)
 
     # --- likelihood and training -----------------------------------------------------------
     def nll(self, x0, counted, u):
-        """Σ_b of one-draw estimates of block b's NELBO (module docstring), (B,) nats."""
-        B, size = x0.shape[0], self.p.block_size
-        t = self.block_times(u)
-        if self.p.estimator == "beta":
-            x_t, masked, n, m = mask_m_subset(x0, counted, t, self.mask_id, block=size)
-            w = count_weight(n.to(t.dtype), m.to(t.dtype))
-        else:
-            x_t, masked = mask_tokens(x0, counted, self.per_token(t), self.mask_id)
-            w = elbo_weight(t)
-        ce = self.block_ce(x_t, x0)
-        return (w * (ce * masked).view(B, -1, size).sum(-1)).sum(1)
+        """Σ_b of one-draw estimates of block b's NELBO (module docstring; methods._masked.nelbo_blocks), (B,) nats."""
+        return nelbo_blocks(x0, counted, u, self.block_ce, self.mask_id, self.p.block_size, self.p.estimator)
 
     def window(self) -> tuple[float, float]:
         """The training mask-rate window [β, ω]: ``clip``, or the last searched one."""
@@ -270,20 +252,10 @@ class BD3LM(Method):
         """MDLM's ancestral sampler on one block in T steps, t = i/T → s = (i−1)/T: each [MASK]
         revealed w.p. (t − s)/t = 1/i, from p_θ(x_0 | x_t^b, x^{<b}) (Gumbel-max at the revealed
         positions only). ``fixed`` (given, keep) of this block: kept positions start unmasked."""
-        f64 = self.p.float64_sampling
         x_t = torch.full((n, self.p.block_size), self.mask_id, dtype=torch.long, device=self.device)
         if fixed is not None:
             x_t = torch.where(fixed[1], fixed[0], x_t)
-        logits, changed = None, True
-        for i in range(T, 0, -1):
-            if logits is None or changed or not reuse:
-                logits = prefix.logits(x_t, first=logits is None)
-            coin = torch.rand(x_t.shape, generator=generator, device=self.device,
-                              dtype=torch.float64 if f64 else torch.float32)
-            reveal = (x_t == self.mask_id) & (coin < 1 / i)
-            x_t[reveal] = gumbel_argmax(logits[reveal], generator, f64)
-            changed = bool(reveal.any())
-        return x_t
+        return block_ancestral(prefix.logits, x_t, self.mask_id, T, generator, self.p.float64_sampling, reuse)
 
 
 class _Prefix:

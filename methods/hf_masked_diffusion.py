@@ -37,6 +37,11 @@ each block's counted tokens are detokenized and retokenized with the model's tok
 by its special tokens ([CLS] … [SEP]) as uncounted clean context (``special_tokens``), and the
 NELBO of that text is counted per suite token, as hf-causal-lm does.
 
+``block_size: L′`` (a released BD3-LM, kuleshov-group/bd3lm-owt-block_size*): BD3-LM's bound
+(Arriola et al. 2025, §3.1) L_BD = Σ_b E_t (1/t) Σ_{masked ℓ in b} −log p_θ(x^{b,ℓ} | x_t^b, x^{<b})
+by methods/bd3lm.py's estimator (methods._masked.nelbo_blocks) from the one pass over [x_t, x_0]
+(2L ids) its remote code takes, x_t's logits read with SUBS; BD3-LM's block sampler, uncached.
+
 Samplers (``sampler``): ``ancestral``, MDLM's reverse process (methods._masked.ancestral_sample;
 p_θ(x_0 | x_t) reused across unchanged steps when the model takes no time), or ``confidence``,
 confidence-ordered unmasking as LLaDA and Dream (methods._masked.confidence_sample). Samples are
@@ -50,15 +55,18 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from bench import hf, models
 from bench.errors import UserError
 from bench.method import Method, Params, weights_sha256
 from bench.registry import register
-from methods._masked import ancestral_sample, confidence_sample, nelbo_beta, subs
+from methods._masked import ancestral_sample, block_sample, confidence_sample, nelbo_beta, nelbo_blocks, subs, subs_ce
 
 WHERE = "methods[hf-masked-diffusion]"
+BETA_ESTIMATOR = "beta (MDLM eq. 10: m = ceil(u n) masked, t ~ Beta(m, n-m+1), weight n/m)"
+BLOCK_ESTIMATOR = ("per block (BD3-LM's L_BD): u_b = (u + b/B) mod 1, m_b = ceil(u_b n_b) masked, weight n_b/m_b; "
+                   "one [x_t, x_0] pass of 2L ids")
 GPT2_VOCAB = 50257
 
 
@@ -89,12 +97,24 @@ class HFMaskedDiffusionParams(Params):
     sampler: Literal["ancestral", "confidence"] = Field(
         "ancestral", description="ancestral: MDLM's reverse process; confidence: most confident first (LLaDA, Dream)")
     float64_sampling: bool = Field(True, description="Gumbel draws in float64")
+    block_size: Optional[int] = Field(None, ge=1, description="L′ of a BD3-LM checkpoint: BD3-LM's per-block bound "
+                                                              "from one [x_t, x_0] input of 2L ids; None: MDLM's "
+                                                              "whole-sequence bound from x_t")
 
     @model_validator(mode="after")
     def _time_value_needs_kwarg(self):
         if self.time_value != "t" and self.time_kwarg is None:
             raise ValueError("time_value applies only with time_kwarg (the model takes no time)")
+        if self.block_size and (self.time_kwarg and self.time_value != "zero" or self.sampler != "ancestral"
+                                or self.logits != "subs"):
+            raise ValueError("block_size: a BD3-LM row takes no time (time_value: zero, as the released ones were "
+                             "trained), reads logits: subs and samples with sampler: ancestral")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_no_blocks(self, handler):   # block_size came later: unset, the run ids stay as they were
+        d = handler(self)
+        return {k: v for k, v in d.items() if k != "block_size" or v is not None} if isinstance(d, dict) else d
 
 
 class MaskedLMNet(nn.Module):
@@ -200,6 +220,8 @@ class HFMaskedDiffusion(Method):
         if not p.trust_remote_code and ships_code(p):
             raise UserError(f"{where}.trust_remote_code: {p.model} ships its own modelling code, which runs only "
                             f"when this row says trust_remote_code: true")
+        if p.block_size and data is not None and data.seq_len % p.block_size:
+            raise UserError(f"{where}.block_size: {p.block_size} does not divide data.seq_len {data.seq_len}")
 
     def __init__(self, params, backbone, vocab_size, seq_len, context=None):
         super().__init__(params, backbone, vocab_size, seq_len, context)
@@ -208,6 +230,8 @@ class HFMaskedDiffusion(Method):
         if self.context.tokenizer is not None:
             self.choose_ids(self.context.tokenizer)
         self._mask = self.resolve_mask_id()
+        if self.p.block_size:
+            self.check_blocks()
 
     def build_network(self, cfg):
         model = load_masked_lm(self.p)
@@ -235,6 +259,20 @@ class HFMaskedDiffusion(Method):
             raise UserError(f"{WHERE}.mask_id: {mid} is outside {self.p.model}'s vocabulary of {vocab}")
         return mid
 
+    def check_blocks(self) -> None:
+        """A block row: the suite's ids as they are, L′ | L, and the config's ``block_size`` and
+        ``model_length`` (BD3-LM's mask is built for exactly 2·model_length ids) the row's and L."""
+        cfg, size, where = self.net.model.config, self.p.block_size, f"{WHERE}.block_size"
+        if self.retokenized or self.L % size:
+            raise UserError(f"{where}: {size} needs the suite's ids as they are (the model's tokenizer) and "
+                            f"dividing data.seq_len {self.L}")
+        own, n = getattr(cfg, "block_size", None), getattr(cfg, "model_length", None)
+        if isinstance(own, int) and own != size:
+            raise UserError(f"{where}: {size}, but {self.p.model} was trained with block_size {own} (its config)")
+        if isinstance(n, int) and n != self.L:
+            raise UserError(f"data.seq_len: {self.L}, but {self.p.model} takes [x_t, x_0] of exactly 2·{n} ids "
+                            f"(its config's model_length {n})")
+
     def choose_ids(self, tokenizer) -> None:
         """Score the suite's ids as they are when ``tokenizer`` is the model's own (with none
         saved: GPT-2's, and a vocabulary that holds it); else retokenize each block's text."""
@@ -259,6 +297,10 @@ class HFMaskedDiffusion(Method):
     def planned_params(cls, params) -> int | None:
         return params.n_params
 
+    @classmethod
+    def planned_eval_tokens(cls, params, seq_len: int) -> int:
+        return 2 * seq_len if params.block_size else seq_len   # a block row's pass reads [x_t, x_0]
+
     def info(self) -> dict:
         """The settings the number depends on (module doc), the hub commit loaded (None for a
         local directory) and the weights' sha256 (bench.method.weights_sha256)."""
@@ -267,7 +309,7 @@ class HFMaskedDiffusion(Method):
                 "weights_sha256": self.weights_sha256, "trust_remote_code": p.trust_remote_code,
                 "auto_class": p.auto_class, "mask_id": self.mask_id, "time_kwarg": p.time_kwarg,
                 "time_value": p.time_value if p.time_kwarg else None, "logits": p.logits,
-                "estimator": "beta (MDLM eq. 10: m = ceil(u n) masked, t ~ Beta(m, n-m+1), weight n/m)",
+                "estimator": BLOCK_ESTIMATOR if p.block_size else BETA_ESTIMATOR, "block_size": p.block_size,
                 "retokenized": self.retokenized, "special_tokens": p.special_tokens if self.retokenized else None,
                 "counted_per": "suite token", "context": hf.context_length(self.net.model), "sampler": p.sampler,
                 "n_params": sum(x.numel() for x in self.net.model.parameters())}
@@ -284,9 +326,11 @@ class HFMaskedDiffusion(Method):
         return logits
 
     def readout(self, logits: torch.Tensor, cap: int | None = None) -> torch.Tensor:
-        """log p_θ(x_0 | x_t) at masked rows (R, V') of the logits: SUBS's [MASK] logit at −∞."""
+        """log p_θ(x_0 | x_t) at masked rows (R, V') of the logits: SUBS's [MASK] logit at −∞ (when
+        the V' columns hold it)."""
         logits = self.capped(logits.float(), cap).clone()
-        logits[..., self.mask_id] = -torch.inf
+        if self.mask_id < logits.shape[-1]:
+            logits[..., self.mask_id] = -torch.inf
         return torch.log_softmax(logits, dim=-1)
 
     def check_length(self, n: int) -> None:
@@ -304,7 +348,16 @@ class HFMaskedDiffusion(Method):
         special = torch.tensor([enc.get("special_tokens_mask") or [0] * ids.shape[1]], dtype=torch.bool)
         return ids, ~special & (ids != self.mask_id)
 
+    def block_ce(self, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """(B, L) −log p_θ(x_0 | x_t^b, x_0^{<b}) from one pass over [x_t, x_0] (the checkpoint's own
+        block-diff mask), the x_t half's logits (the first L rows) read with SUBS."""
+        L = x0.shape[1]
+        logits = self.net(torch.cat([x_t, x0], 1), torch.zeros(len(x0), device=x0.device))[:, :L]
+        return subs_ce(logits.float(), x_t, x0, self.mask_id)
+
     def nll(self, x0, counted, u):
+        if self.p.block_size:
+            return nelbo_blocks(x0, counted, u, self.block_ce, self.mask_id, self.p.block_size)
         if not self.retokenized:
             self.check_length(x0.shape[1])
             return nelbo_beta(x0, counted, u, self.denoise, self.mask_id)
@@ -318,7 +371,8 @@ class HFMaskedDiffusion(Method):
         return out
 
     def sampler_info(self, steps):
-        return {"name": self.p.sampler, "retokenized": self.retokenized}
+        return {"name": self.p.sampler, "retokenized": self.retokenized,
+                **({"block_size": self.p.block_size} if self.p.block_size else {})}
 
     def frame(self) -> tuple[list[int], list[int]]:
         """The special tokens the model's tokenizer puts before and after a text ([CLS], [SEP])."""
@@ -336,6 +390,8 @@ class HFMaskedDiffusion(Method):
         ids between its special tokens when retokenized, then carried to the suite's ids."""
         if given is not None or keep is not None:
             raise UserError(f"{WHERE}: conditional sampling is not supported")
+        if self.p.block_size:
+            return self.sample_blocks(n, steps, generator)
         pre, post = self.frame() if self.retokenized else ([], [])
         width = min(self.L, hf.context_length(self.net.model)) - len(pre) - len(post)
         x = torch.full((n, width), self.mask_id, dtype=torch.long)
@@ -351,6 +407,14 @@ class HFMaskedDiffusion(Method):
             x = ancestral_sample(self.net, lambda rows: self.readout(rows, cap), x, self.mask_id, steps, generator,
                                  self.p.float64_sampling, cache=not self.takes_time)
         return x if not self.retokenized else self.to_suite_ids(x[:, len(pre):x.shape[1] - len(post)])
+
+    def sample_blocks(self, n: int, steps: int, generator=None) -> torch.Tensor:
+        """BD3-LM's sampler, uncached (methods._masked.block_sample), over the suite's V ids: block b
+        from a pass over [x, x] (x: clean blocks < b, its x_t, [MASK]; b sees its x_t and x_0 < b)."""
+        x = torch.full((n, self.L), self.mask_id, dtype=torch.long, device=self.device)
+        t = torch.zeros(n, device=self.device)
+        return block_sample(lambda x, s: self.readout(self.net(torch.cat([x, x], 1), t)[:, s, :self.V]), x,
+                            self.p.block_size, self.mask_id, steps, generator, self.p.float64_sampling)
 
     def to_suite_ids(self, x: torch.Tensor) -> torch.Tensor:
         """The model's ids decoded with its tokenizer and encoded with the suite's, L per row (cut,
