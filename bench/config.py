@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from bench.config_data import MAX_SEQ_LEN, DataConfig, DatasetRef, Strict, SuiteData, TokenizerConfig, tokenizer_key  # noqa: F401
+from bench.config_io import drop_defaults
 from bench.metrics import MetricsConfig
 from bench.names import Name
 
@@ -105,10 +106,7 @@ class TrainConfig(StageSettings):
     @model_serializer(mode="wrap")
     def _drop_no_stages(self, handler):
         # Without stages the dump (hence every single-stage run id) is what it was before them.
-        d = handler(self)
-        if isinstance(d, dict) and not d.get("stages"):
-            d.pop("stages", None)
-        return d
+        return drop_defaults(handler(self), stages={})
 
     def for_stage(self, stage: str) -> "TrainConfig":
         """The settings stage ``stage`` trains with (a run spec's resolved stage, or these)."""
@@ -257,18 +255,7 @@ class EvalConfig(Strict):
     def _drop_unset_preset(self, handler):
         # Without a preset the dump (hence every run id) is what it was before presets existed.
         # Likewise per_byte: off, it leaves every existing run id unchanged.
-        d = handler(self)
-        if isinstance(d, dict) and d.get("protocol") is None:
-            d.pop("protocol", None)
-        if isinstance(d, dict) and not d.get("per_byte", False):
-            d.pop("per_byte", None)
-        if isinstance(d, dict) and d.get("infill", 0) is None:
-            d.pop("infill", None)
-        if isinstance(d, dict):
-            for k, v in BOUND_SETTINGS.items():
-                if d.get(k, v) == v:
-                    d.pop(k, None)
-        return d
+        return drop_defaults(handler(self), protocol=None, per_byte=False, infill=None, **BOUND_SETTINGS)
 
     @property
     def infill_steps(self) -> list[int]:

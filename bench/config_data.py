@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_serializer, model_validator
 
+from bench.config_io import drop_defaults
+
 MAX_SEQ_LEN = 131_072      # 128 Ki tokens per sequence (SEDD/MDLM use 1024; long-context LMs 32-128 Ki)
 
 
@@ -71,10 +73,7 @@ class TokenizerConfig(Strict):
     @model_serializer(mode="wrap")
     def _drop_unset_model(self, handler):
         # ``model`` came later: absent from the spec (and the run id) of every other tokenizer
-        d = handler(self)
-        if isinstance(d, dict) and d.get("model") is None:
-            d.pop("model", None)
-        return d
+        return drop_defaults(handler(self), model=None)
 
 
 class DataConfig(Strict):

@@ -41,6 +41,17 @@ def _expanded(obj, memo: dict, active: set) -> int:
     return n
 
 
+def drop_defaults(d, **defaults):
+    """A pydantic dump ``d`` without the keys that hold the given values: a field added after run
+    ids existed is absent from the dump while at its default, so every older id stays what it
+    was (the wrap serializers of bench/config.py, bench/config_data.py and the methods' Params)."""
+    if isinstance(d, dict):
+        for k, v in defaults.items():
+            if k in d and d[k] == v:
+                del d[k]
+    return d
+
+
 def keypath(loc) -> str:
     out = ""
     for part in loc:

@@ -29,6 +29,7 @@ import torch
 from pydantic import Field, model_serializer
 
 from bench import hf, models
+from bench.config_io import drop_defaults
 from bench.method import Method, Params, weights_sha256
 from bench.registry import register
 
@@ -46,10 +47,7 @@ class HFCausalLMParams(Params):
     @model_serializer(mode="wrap")
     def _drop_unpinned(self, handler):
         # ``revision`` came later: absent from the spec (and the run id) of rows that do not pin one
-        d = handler(self)
-        if isinstance(d, dict) and d.get("revision") is None:
-            d.pop("revision", None)
-        return d
+        return drop_defaults(handler(self), revision=None)
 
 
 @register("hf-causal-lm")

@@ -58,6 +58,7 @@ import torch.nn as nn
 from pydantic import Field, model_serializer, model_validator
 
 from bench import hf, models
+from bench.config_io import drop_defaults
 from bench.errors import UserError
 from bench.method import Method, Params, weights_sha256
 from bench.registry import register
@@ -113,8 +114,7 @@ class HFMaskedDiffusionParams(Params):
 
     @model_serializer(mode="wrap")
     def _drop_no_blocks(self, handler):   # block_size came later: unset, the run ids stay as they were
-        d = handler(self)
-        return {k: v for k, v in d.items() if k != "block_size" or v is not None} if isinstance(d, dict) else d
+        return drop_defaults(handler(self), block_size=None)
 
 
 class MaskedLMNet(nn.Module):
