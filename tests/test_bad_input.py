@@ -40,7 +40,7 @@ CASES = [  # (path to change, new value, text the one-line message must contain)
     ("eval.t_samples", 0, "eval.t_samples: Input should be greater than 0"),
     ("eval.confidence", 1.5, "eval.confidence: Input should be less than 1"),
     ("data.seq_len", "long", "data.seq_len: Input should be a valid integer"),
-    ("data.tokenizer.name", "sentencepiece", "data.tokenizer.name: Input should be 'gpt2', 'bpe' or 'char'"),
+    ("data.tokenizer.name", "sentencepiece", "data.tokenizer.name: Input should be 'gpt2', 'bpe', 'char' or 'hf'"),
     ("launch.executor", "kubernetes", "launch.executor: Input should be 'local', 'debug' or 'slurm'"),
     ("methods.0", {"method": "mdlm", "float64_samplng": True}, "methods[0].float64_samplng: unknown key"),
     ("methods", [], "methods: List should have at least 1 item"),
