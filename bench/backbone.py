@@ -229,8 +229,8 @@ class Block(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"),
-                                 nn.Linear(cfg.mlp_ratio * d, d))
+        gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), gelu, nn.Linear(cfg.mlp_ratio * d, d))
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * d)
         nn.init.zeros_(self.adaLN.weight)
         nn.init.zeros_(self.adaLN.bias)

@@ -50,6 +50,16 @@ class BackboneConfig(Strict):
     cond_dim: int = Field(128, gt=0, le=MAX_WIDTH)
     mlp_ratio: int = Field(4, gt=0, le=64)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # The MLP's nonlinearity: GELU with the tanh approximation (GPT-2's gelu_new, MDLM's DiT) or
+    # the exact erf form (BERT's); they differ by at most 4.7e-4. On the 2-core AVX2 development
+    # CPU torch's tanh kernel is 3.8x slower (forward + backward) than the erf one: 11-14% of the
+    # smoke's CPU time (docs/performance.md). Absent from the dump at its default, so every older
+    # run id stays.
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+
+    @model_serializer(mode="wrap")
+    def _drop_default_activation(self, handler):
+        return drop_defaults(handler(self), activation="gelu_tanh")
 
     @model_validator(mode="after")
     def _heads_divide(self):

@@ -52,16 +52,25 @@ def reference(net: Backbone, tokens: torch.Tensor, t: torch.Tensor) -> torch.Ten
         a = torch.einsum("bhlm,bmhd->blhd", s.softmax(-1), v).reshape(B, L, D) @ blk.proj.weight.T
         x = x + (1 + g1[:, None]) * a
         h = ln(x) * (1 + sc2[:, None]) + sh2[:, None]
-        m = blk.mlp[2](F.gelu(blk.mlp[0](h), approximate="tanh"))
+        u = blk.mlp[0](h)
+        if cfg.activation == "gelu_tanh":   # GPT-2's gelu_new
+            u = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+        else:                               # exact: u Φ(u)
+            u = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
+        m = blk.mlp[2](u)
         x = x + (1 + g2[:, None]) * m
     sh, sc = net.adaLN_f(c).chunk(2, -1)
     return net.head(ln(x) * (1 + sc[:, None]) + sh[:, None])
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_backbone_matches_the_plain_reference(causal):
+@pytest.mark.parametrize("causal,activation", [(True, "gelu_tanh"), (False, "gelu_tanh"), (True, "gelu")])
+def test_backbone_matches_the_plain_reference(causal, activation):
+    """The two activations differ by up to 4.7e-4 (tanh-approximate against exact GELU, at
+    u ≈ 2.7), which moves the logits here by more than the 1e-5 tolerance: the test tells them
+    apart (checked: the exact-GELU case fails with the tanh kernel)."""
     torch.manual_seed(0)
-    net = Backbone(BackboneConfig(layers=2, hidden=64, heads=4, cond_dim=16), 101, 100, 32, causal=causal)
+    cfg = BackboneConfig(layers=2, hidden=64, heads=4, cond_dim=16, activation=activation)
+    net = Backbone(cfg, 101, 100, 32, causal=causal)
     with torch.no_grad():
         for p in net.parameters():  # the zero-initialised adaLN/head would hide their paths
             p.normal_(std=0.1)
@@ -73,6 +82,13 @@ def test_backbone_matches_the_plain_reference(causal):
     g2 = torch.autograd.grad(want.square().sum(), list(net.parameters()))
     for a, b in zip(g1, g2):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1e-12)
+
+
+def test_the_activation_is_in_the_run_id_only_when_not_the_default():
+    """At its default the field is absent from the dump (so every run id made before it stays);
+    set to the exact GELU it is recorded."""
+    assert "activation" not in BackboneConfig(layers=2, hidden=64, heads=4).model_dump()
+    assert BackboneConfig(layers=2, hidden=64, heads=4, activation="gelu").model_dump()["activation"] == "gelu"
 
 
 @pytest.mark.parametrize("bias", [True, False])
