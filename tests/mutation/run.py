@@ -122,6 +122,12 @@ MUTANTS = [
      "return rotary_tables(positions.shape[0], hd, device)", [BB, BD3]),
     ("backbone-mask-dropped-with-cache", "bench/backbone.py", "                if causal and L > 1:",
      "                mask = None\n                if causal and L > 1:", [BB, BD3]),
+    ("backbone-activation-ignored", "bench/backbone.py",
+     'gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")',
+     'gelu = nn.GELU(approximate="tanh")', [BB]),
+    ("backbone-activation-swapped", "bench/backbone.py",
+     'gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")',
+     'gelu = nn.GELU(approximate="none" if cfg.activation == "gelu_tanh" else "tanh")', [BB]),
     # ---------------------------------------------------------------- methods/d3pm.py
     ("d3pm-hybrid-T-times-KL (the old weighting)", "methods/d3pm.py",
      "return (kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n", "return (self.p.T * kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n",
