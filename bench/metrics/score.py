@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.config import DataConfig, DatasetRef, RunSpec
+from bench.config_data import tokenizer_key
 from bench.errors import UserError
 from bench.infill import FILE as INFILL
 from bench.metrics import FLOORS, MetricsConfig, floor_note
@@ -204,9 +205,7 @@ def _human(setup: ScoringSetup, data: DataConfig, packing: str, ref: DatasetRef,
     setup.reference, src = cache[key]
     setup.source = src or None
     setup.ref_desc = {"dataset": ref.key, "split": r.split, "seed": r.seed, "seq_len": data.seq_len,
-                    "tokenizer": data.tokenizer.name if data.tokenizer.name == "gpt2" else
-                    f"hf:{data.tokenizer.model}" if data.tokenizer.name == "hf" else
-                    f"bpe-{data.tokenizer.vocab_size or 8000}"}
+                    "tokenizer": tokenizer_key(data.tokenizer)}
 
 
 def find_baseline(out: Path, spec: RunSpec) -> Path | None:
