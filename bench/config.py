@@ -52,9 +52,9 @@ class BackboneConfig(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # The MLP's nonlinearity: GELU with the tanh approximation (GPT-2's gelu_new, MDLM's DiT) or
     # the exact erf form (BERT's); they differ by at most 4.7e-4. On the 2-core AVX2 development
-    # CPU torch's tanh kernel is 3.8x slower (forward + backward) than the erf one: 11-14% of the
-    # smoke's CPU time (docs/performance.md). Absent from the dump at its default, so every older
-    # run id stays.
+    # CPU torch's tanh kernel is 3.8x slower (forward + backward) than the erf one: 4-6% of the
+    # cold smoke's CPU time (docs/performance.md). Absent from the dump at its default, so every
+    # older run id stays.
     activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
 
     @model_serializer(mode="wrap")
