@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from bench.condition import continuation
 from bench.config import Protocol
 from bench.errors import UserError
+from bench.tdist import t_quantile
 
 
 def layout(K: int, scheme: str) -> tuple[int, int]:
@@ -205,13 +206,11 @@ def summarize_joint(nll: np.ndarray, ntok: np.ndarray, strata: np.ndarray, confi
     M = len(y)
     se, lo, hi = None, r, r
     if M >= 2:
-        from scipy.special import stdtrit
-
         pairs = M // 2 - M % 2                                # odd M: the last three are one group
         groups = [y[2 * j:2 * j + 2] for j in range(pairs)] + ([y[2 * pairs:]] if 2 * pairs < M else [])
         var = sum(len(g) / (len(g) - 1) * ((g - g.mean()) ** 2).sum() for g in groups) / K ** 2
         se = math.sqrt(var) / C
-        q = float(stdtrit(M - len(groups), 0.5 + confidence / 2))   # M − #groups degrees of freedom
+        q = t_quantile(confidence, M - len(groups))   # M − #groups degrees of freedom
         lo, hi = r - q * se, r + q * se
     return {"nll_per_token": r, "se_nll_per_token": se, "ci_low_nll": lo, "ci_high_nll": hi,
             "n_tokens": int(C), "n_seqs": int(N), "t_samples": K}

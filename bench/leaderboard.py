@@ -20,6 +20,7 @@ import pandas as pd
 from bench import infilltable, tables
 from bench.records import JSON_ERRORS
 from bench.tables import SOURCE_BLOCKS_LABEL, SOURCE_LABEL, SOURCE_LABELS, Table, md_table
+from bench.tdist import t_quantile
 
 COLUMNS = ["size", "model", "dataset", "metric", "value", "ci_low", "ci_high", "bound", "n_seeds",
            "std", "protocol", "params", "estimate"]
@@ -41,12 +42,6 @@ def collect(out: Path) -> tuple[list[dict], list[str], list[dict]]:
     recs = [r for r in runs.values() if r["status"] == "complete"]
     failed = [r for r in runs.values() if r["status"] == "failed"]
     return recs, problems, failed
-
-
-def _t_quantile(conf: float, df: int) -> float:
-    # scipy.special, not scipy.stats: the same quantile without the slow import of scipy.stats
-    from scipy.special import stdtrit  # noqa: PLC0415 - optional; falls back to normal
-    return float(stdtrit(df, 0.5 + conf / 2))
 
 
 def tidy(recs: list[dict]) -> pd.DataFrame:
@@ -83,12 +78,7 @@ def tidy(recs: list[dict]) -> pd.DataFrame:
             row.update(value=vals.iloc[0], ci_low=g["ci_low"].iloc[0], ci_high=g["ci_high"].iloc[0], std=None)
         else:
             mean, sd = float(vals.mean()), float(vals.std(ddof=1))
-            try:
-                q = _t_quantile(float(g["conf"].iloc[0]), n - 1)
-            except ImportError:
-                from statistics import NormalDist
-                q = NormalDist().inv_cdf(0.5 + float(g["conf"].iloc[0]) / 2)
-            half = q * sd / math.sqrt(n)
+            half = t_quantile(float(g["conf"].iloc[0]), n - 1) * sd / math.sqrt(n)
             row.update(value=mean, ci_low=mean - half, ci_high=mean + half, std=sd)
         out.append(row)
     t = pd.DataFrame(out)[COLUMNS]
@@ -267,7 +257,7 @@ def sample_tidy(scores: list[dict]) -> pd.DataFrame:
                        std=float(sd.iloc[0]) if len(sd) else None)
         else:
             mean, sd = float(vals.mean()), float(vals.std(ddof=1))
-            half = _t_quantile(0.95, len(vals) - 1) * sd / math.sqrt(len(vals))
+            half = t_quantile(0.95, len(vals) - 1) * sd / math.sqrt(len(vals))
             row.update(value=mean, ci_low=mean - half, ci_high=mean + half, std=sd)
         out.append(row)
     t = pd.DataFrame(out)[cols]

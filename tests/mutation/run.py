@@ -49,6 +49,7 @@ COND = "tests/test_conditioning.py"
 CORA = "tests/test_conditioning_oracle.py"
 BD3 = "tests/test_bd3lm.py"
 BB = "tests/test_backbone.py"
+TDIST = "tests/test_tdist.py"
 LMEV = "tests/test_lmeval.py"
 HFM = "tests/test_hf_masked_diffusion.py"
 A2D = "tests/test_a2d.py"
@@ -128,6 +129,14 @@ MUTANTS = [
     ("backbone-activation-swapped", "bench/backbone.py",
      'gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")',
      'gelu = nn.GELU(approximate="none" if cfg.activation == "gelu_tanh" else "tanh")', [BB]),
+    # ---------------------------------------------------------------- bench/tdist.py
+    ("tdist-even-series-odd-ratio", "bench/tdist.py", "term *= (2 * k - 1) / (2 * k) * c2",
+     "term *= (2 * k) / (2 * k + 1) * c2", [TDIST]),
+    ("tdist-odd-series-one-term-short", "bench/tdist.py", "for k in range(1, (nu - 1) // 2):",
+     "for k in range(1, (nu - 1) // 2 - 1):", [TDIST]),
+    ("tdist-cornish-fisher-no-g3", "bench/tdist.py", "g3 / nu ** 3 + g4 / nu ** 4", "g4 / nu ** 4", [TDIST]),
+    ("tdist-one-sided", "bench/tdist.py", "z = NormalDist().inv_cdf(0.5 + conf / 2)",
+     "z = NormalDist().inv_cdf(conf)", [TDIST]),
     # ---------------------------------------------------------------- methods/d3pm.py
     ("d3pm-hybrid-T-times-KL (the old weighting)", "methods/d3pm.py",
      "return (kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n", "return (self.p.T * kl_t.sum() + self.p.hybrid_lambda * ce.sum()) / n",
