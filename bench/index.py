@@ -136,6 +136,59 @@ def _read(path: str, hit) -> tuple[list | None, dict | None, bytes | None]:
         os.close(fd)
 
 
+PARALLEL_MIN = 2000   # records to parse before a cold scan shares them with a second process
+
+
+def _scan_part(dirs: list[tuple[str, str]], old: dict) -> list[tuple[str, str, object]]:
+    """[(run id, "hit" | "new" | "problem" | "changed-problem", entry or message)] for the run
+    directories ``dirs`` ((name, path) pairs) against the index entries ``old``."""
+    out = []
+    with _gc_paused():
+        for name, path in dirs:
+            p = os.path.join(path, "result.json")
+            try:
+                key, hit, raw = _read(p, old.get(name))
+                if key is None:
+                    continue
+                if hit is not None:
+                    out.append((name, "hit", hit))
+                    continue
+                out.append((name, "new", _entry(key, check_record(raw, p))))
+            except OSError as err:
+                out.append((name, "changed-problem", f"{p}: corrupt run record ({json_error(err)})"))
+            except UserError as err:
+                out.append((name, "problem", str(err)))
+    return out
+
+
+def _scan_parts(dirs: list[tuple[str, str]], old: dict) -> list[tuple[str, str, object]]:
+    """:func:`_scan_part` over ``dirs``; with no index to reuse, at least PARALLEL_MIN records and
+    two cores, the second half is parsed in a spawned process (not forked: the caller may hold
+    threads, e.g. a run's lease heartbeats) while this one parses the first — the parse is the
+    cold scan's cost (docs/performance.md). Any failure of the helper process falls back to
+    parsing its half here."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if old or len(dirs) < PARALLEL_MIN or cores < 2:
+        return _scan_part(dirs, old)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    half = len(dirs) // 2
+    try:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        future = pool.submit(_scan_part, dirs[half:], {})
+    except (OSError, RuntimeError):
+        return _scan_part(dirs, old)
+    first = _scan_part(dirs[:half], {})
+    try:
+        second = future.result()
+    except Exception:  # noqa: BLE001 - a helper that died (killed, out of memory): parse its half here
+        second = _scan_part(dirs[half:], {})
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return first + second
+
+
 def scan(out: Path, write: bool = True) -> tuple[dict[str, dict], list[str]]:
     """({run_id: summary of its record}, problems as one-line messages naming the file).
     Corrupt records are reported, never indexed."""
@@ -147,23 +200,13 @@ def scan(out: Path, write: bool = True) -> tuple[dict[str, dict], list[str]]:
         old = _load(out)
         runs, problems, changed = {}, [], False
         with os.scandir(runs_dir) as it:
-            entries = sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
-        for e in entries:
-            p = os.path.join(e.path, "result.json")
-            try:
-                key, hit, raw = _read(p, old.get(e.name))
-                if key is None:
-                    continue
-                if hit is not None:
-                    runs[e.name] = hit
-                    continue
-                changed = True
-                runs[e.name] = _entry(key, check_record(raw, p))
-            except OSError as err:
-                changed = True
-                problems.append(f"{p}: corrupt run record ({json_error(err)})")
-            except UserError as err:
-                problems.append(str(err))
+            dirs = sorted((e.name, e.path) for e in it if e.is_dir())
+        for name, kind, value in _scan_parts(dirs, old):
+            if kind in ("hit", "new"):
+                runs[name] = value
+            else:
+                problems.append(value)
+            changed = changed or kind in ("new", "changed-problem")
         if set(old) - set(runs):
             changed = True
         if write and changed:

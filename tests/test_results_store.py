@@ -22,6 +22,7 @@ import sys
 import pytest
 
 from bench.index import INDEX, scan
+from bench.index import _scan_part as _real_scan_part
 from bench.records import write_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,72 @@ def test_warm_scan_equals_cold_scan_and_reads_no_record(store, monkeypatch):
     monkeypatch.setattr(bench.index, "check_record", no_read)
     warm, problems = scan(store)
     assert not problems and warm == cold     # exactly: the index holds the summaries as parsed
+
+
+_SCAN_CALLS: list[int] = []
+
+
+def _counting_scan_part(dirs, old):
+    """bench.index._scan_part, counting the records it is given in this process (a spawned
+    helper imports this module afresh: its calls land in its own copy of the list)."""
+    _SCAN_CALLS.append(len(dirs))
+    return _real_scan_part(dirs, old)
+
+
+def test_a_cold_scan_shared_with_a_second_process_equals_one_process(tmp_path, monkeypatch):
+    """With PARALLEL_MIN lowered to 8, a cold scan of 24 records (two of them corrupt, one in each
+    half) parses the second half in a spawned process: the same runs, summaries and problems, in
+    the same order, as the scan of one process; the index it writes is what one process writes.
+    A helper that cannot be used (its pool refuses to start) leaves the scan to this process."""
+    import bench.index
+
+    for i in range(24):
+        write_record(tmp_path / "runs" / f"r{i:02d}" / "result.json", _record(f"r{i:02d}", i, 100.0 + i))
+    for torn in ("r03", "r20"):
+        p = tmp_path / "runs" / torn / "result.json"
+        p.write_bytes(p.read_bytes()[:-40])
+    one, p1 = scan(tmp_path, write=True)
+    index_one = (tmp_path / INDEX).read_bytes()
+    (tmp_path / INDEX).unlink()
+
+    calls = _SCAN_CALLS
+    calls.clear()
+    monkeypatch.setattr(bench.index, "PARALLEL_MIN", 8)
+    monkeypatch.setattr(bench.index, "_scan_part", _counting_scan_part)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    two, p2 = scan(tmp_path, write=True)
+    assert calls == [12], calls            # this process parsed 12; the spawned one the other 12
+    assert two == one and list(two) == list(one) and p2 == p1 and len(p1) == 2
+    assert "r03" in p1[0] and "r20" in p1[1]
+    assert (tmp_path / INDEX).read_bytes() == index_one
+
+    real_check = bench.index.check_record
+
+    def no_read(raw, path):   # a warm scan reuses the index (no helper): it parses only the torn two
+        if "r03" in str(path) or "r20" in str(path):
+            return real_check(raw, path)
+        raise AssertionError(f"a warm scan parsed {path}")
+
+    monkeypatch.setattr(bench.index, "check_record", no_read)
+    calls.clear()
+    warm, pw = scan(tmp_path, write=True)
+    assert calls == [24] and warm == one and pw == p1
+    monkeypatch.undo()
+    monkeypatch.setattr(bench.index, "PARALLEL_MIN", 8)
+    monkeypatch.setattr(bench.index, "_scan_part", _counting_scan_part)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+
+    (tmp_path / INDEX).unlink()
+    calls.clear()
+
+    class Refused:
+        def __init__(self, *a, **k):
+            raise OSError("no processes")
+
+    import concurrent.futures
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Refused)
+    three, p3 = scan(tmp_path, write=True)
+    assert calls == [24] and three == one and p3 == p1
 
 
 def test_an_in_place_edit_of_the_index_is_caught(store):

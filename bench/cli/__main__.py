@@ -3,4 +3,5 @@ import sys
 
 from bench.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":   # not when a spawned helper process imports it
+    sys.exit(main())

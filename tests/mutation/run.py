@@ -50,6 +50,7 @@ CORA = "tests/test_conditioning_oracle.py"
 BD3 = "tests/test_bd3lm.py"
 BB = "tests/test_backbone.py"
 TDIST = "tests/test_tdist.py"
+STORE = "tests/test_results_store.py"
 LMEV = "tests/test_lmeval.py"
 HFM = "tests/test_hf_masked_diffusion.py"
 A2D = "tests/test_a2d.py"
@@ -129,6 +130,12 @@ MUTANTS = [
     ("backbone-activation-swapped", "bench/backbone.py",
      'gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")',
      'gelu = nn.GELU(approximate="none" if cfg.activation == "gelu_tanh" else "tanh")', [BB]),
+    # ---------------------------------------------------------------- bench/index.py: two-process cold scan
+    ("index-parts-out-of-order", "bench/index.py", "    return first + second", "    return second + first", [STORE]),
+    ("index-helper-skips-a-record", "bench/index.py", "future = pool.submit(_scan_part, dirs[half:], {})",
+     "future = pool.submit(_scan_part, dirs[half + 1:], {})", [STORE]),
+    ("index-helper-reuses-nothing-but-parses-old", "bench/index.py",
+     "    if old or len(dirs) < PARALLEL_MIN or cores < 2:", "    if len(dirs) < PARALLEL_MIN or cores < 2:", [STORE]),
     # ---------------------------------------------------------------- bench/tdist.py
     ("tdist-even-series-odd-ratio", "bench/tdist.py", "term *= (2 * k - 1) / (2 * k) * c2",
      "term *= (2 * k) / (2 * k + 1) * c2", [TDIST]),
