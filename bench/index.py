@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.records import JSON_ERRORS, atomic_write_text, check_record, json_error, sealed_hash
+from bench.records import JSON_ERRORS, atomic_write_text, check_record, json_error, sealed_hash, usable_cores
 
 INDEX = "index.json"
 # 2: the train curve (learning.png) is kept; 3: the protocol keeps its preset; 4: its text_crossing;
@@ -167,8 +167,7 @@ def _scan_parts(dirs: list[tuple[str, str]], old: dict) -> list[tuple[str, str, 
     threads, e.g. a run's lease heartbeats) while this one parses the first — the parse is the
     cold scan's cost (docs/performance.md). Any failure of the helper process falls back to
     parsing its half here."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if old or len(dirs) < PARALLEL_MIN or cores < 2:
+    if old or len(dirs) < PARALLEL_MIN or usable_cores() < 2:
         return _scan_part(dirs, old)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor

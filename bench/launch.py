@@ -17,7 +17,6 @@ recorded here as failed with its log tail; one failed run never stops the others
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import secrets
 import signal
@@ -30,7 +29,7 @@ from pathlib import Path
 from bench.config import RunSpec, Suite
 from bench.errors import UserError
 from bench.lease import describe_lease, lease_state, read_lease
-from bench.records import private_dir, read_record, record_status, write_record
+from bench.records import private_dir, read_record, record_status, usable_cores, write_record
 from bench.rundir import check_run_dirs, holders, plan, run_dir
 from bench.runner import execute, now, record_header
 from bench.tracking import check_installed, settings_of
@@ -38,13 +37,6 @@ from bench.tracking import check_installed, settings_of
 
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _record_crash(rd: Path, spec: RunSpec, error: str, log_tail: str) -> None:
@@ -106,7 +98,7 @@ def _outcome(rd: Path) -> str | None:
 def run_local(specs: list[RunSpec], out: Path, suite: Suite, progress) -> dict[str, str]:
     import submitit
 
-    cores = _cores()
+    cores = usable_cores()
     tasks = world_size(suite)
     parallel = suite.launch.parallel or max(1, min(len(specs), cores // tasks))
     threads = suite.launch.threads or max(1, cores // (parallel * tasks))

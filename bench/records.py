@@ -172,6 +172,14 @@ def record_status(run_dir: Path) -> str:
         return "corrupt"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a Slurm allocation), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def git_sha() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from bench.data.packing import pack_stream
+from bench.records import usable_cores
 
 
 @contextmanager
@@ -47,11 +48,7 @@ def default_num_proc(n_rows: int) -> int:
     env = os.environ.get("TDBENCH_NUM_PROC")
     if env:
         return max(1, min(int(env), max(1, n_rows)))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, n_rows // 20_000)) if n_rows >= 40_000 else 1
+    return max(1, min(usable_cores(), n_rows // 20_000)) if n_rows >= 40_000 else 1
 
 
 def is_built(d: Path) -> bool:

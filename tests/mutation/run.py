@@ -135,7 +135,8 @@ MUTANTS = [
     ("index-helper-skips-a-record", "bench/index.py", "future = pool.submit(_scan_part, dirs[half:], {})",
      "future = pool.submit(_scan_part, dirs[half + 1:], {})", [STORE]),
     ("index-helper-reuses-nothing-but-parses-old", "bench/index.py",
-     "    if old or len(dirs) < PARALLEL_MIN or cores < 2:", "    if len(dirs) < PARALLEL_MIN or cores < 2:", [STORE]),
+     "    if old or len(dirs) < PARALLEL_MIN or usable_cores() < 2:",
+     "    if len(dirs) < PARALLEL_MIN or usable_cores() < 2:", [STORE]),
     # ---------------------------------------------------------------- bench/tdist.py
     ("tdist-even-series-odd-ratio", "bench/tdist.py", "term *= (2 * k - 1) / (2 * k) * c2",
      "term *= (2 * k) / (2 * k + 1) * c2", [TDIST]),
